@@ -1,0 +1,71 @@
+"""Tokenization, length bucketing and padding shared by the engine, evaluation and training."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class Encoded:
+    """Token ids of a list of inputs, unpadded (one list per input)."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
+
+
+def encode(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    text_pairs: Sequence[str] | None,
+    max_length: int | None,
+) -> Encoded:
+    """Tokenize texts (and optional second segments) with [CLS]/[SEP], truncated to
+    ``max_length`` tokens when it is given (longest-first for pairs)."""
+    enc = tokenizer(
+        list(texts),
+        list(text_pairs) if text_pairs is not None else None,
+        truncation=max_length is not None,
+        max_length=max_length,
+        return_token_type_ids=True,
+        return_attention_mask=False,
+    )
+    return Encoded(enc["input_ids"], enc["token_type_ids"])
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), to limit padding."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collate(
+    encoded: Encoded, indices: Sequence[int], pad_token_id: int, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-pad the selected inputs to their longest member.
+
+    Returns:
+        input_ids, attention_mask, token_type_ids: (len(indices), max_len) int64; the mask is
+        1 for real tokens.
+    """
+    max_len = max(len(encoded.input_ids[i]) for i in indices)
+    input_ids = torch.full((len(indices), max_len), pad_token_id, dtype=torch.long)
+    token_type_ids = torch.zeros((len(indices), max_len), dtype=torch.long)
+    attention_mask = torch.zeros((len(indices), max_len), dtype=torch.long)
+    for row, i in enumerate(indices):
+        n = len(encoded.input_ids[i])
+        input_ids[row, :n] = torch.tensor(encoded.input_ids[i])
+        token_type_ids[row, :n] = torch.tensor(encoded.token_type_ids[i])
+        attention_mask[row, :n] = 1
+    return input_ids.to(device), attention_mask.to(device), token_type_ids.to(device)

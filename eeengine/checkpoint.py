@@ -1,0 +1,196 @@
+"""The checkpoint directory (DESIGN.md, "Checkpoint format").
+
+::
+
+    eeengine.json       format version, backbone, task, exit heads, default policy, max length,
+                        token-pruning schedule, training recipe and per-exit dev metrics
+    config.json         the Hugging Face backbone config
+    model.safetensors   backbone (``bert.*``) and exit heads (``exit_heads.{l}.*``)
+    tokenizer files     as saved by the Hugging Face tokenizer
+    calibration.json    per policy, threshold -> dev metric, average exit layer, speed-up
+
+Saving is atomic: everything is written to a temporary sibling directory that is renamed into
+place, so a crash never leaves a half-written checkpoint where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerBase
+
+from eeengine.modeling_multiexit import MultiExitBert
+
+FORMAT_VERSION = 1
+MANIFEST = "eeengine.json"
+CALIBRATION = "calibration.json"
+
+# field -> required type(s) in eeengine.json
+_REQUIRED = {
+    "format_version": int,
+    "backbone": str,
+    "task": dict,
+    "exit_heads": dict,
+    "policy": dict,
+    "max_seq_length": int,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, incomplete or corrupt; the message names the file
+    and the field."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint.
+
+    Attributes:
+        model: the multi-exit model, in eval mode, on CPU.
+        tokenizer: the Hugging Face tokenizer saved with it.
+        manifest: the content of ``eeengine.json``.
+        calibration: the content of ``calibration.json`` ({} when there is none).
+    """
+
+    model: MultiExitBert
+    tokenizer: PreTrainedTokenizerBase
+    manifest: dict
+    calibration: dict = field(default_factory=dict)
+
+    @property
+    def label_names(self) -> list[str] | None:
+        return self.manifest["task"].get("label_names")
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: MultiExitBert,
+    tokenizer: PreTrainedTokenizerBase,
+    manifest: dict,
+    calibration: dict | None = None,
+) -> Path:
+    """Write a checkpoint directory atomically (temp dir, then rename).
+
+    An existing checkpoint at ``path`` is replaced only once the new one is complete.
+
+    Returns:
+        The checkpoint path.
+    """
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    manifest = {"format_version": FORMAT_VERSION, **manifest}
+    _validate_manifest(manifest, path / MANIFEST)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if calibration is not None:
+            (tmp / CALIBRATION).write_text(json.dumps(calibration, indent=2) + "\n")
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+            path.rename(old)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load and validate a checkpoint directory.
+
+    Raises:
+        FileNotFoundError: the directory or one of its files does not exist (named).
+        CheckpointError: a file is corrupt or a field is missing or wrong (file and field named).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    manifest = _read_json(path / MANIFEST)
+    _validate_manifest(manifest, path / MANIFEST)
+    try:
+        config = BertConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path / 'config.json'}: cannot read the backbone config: {e}"
+        ) from None
+    task = manifest["task"]
+    num_labels = len(task["label_names"]) if task["type"] == "classification" else 1
+    model = MultiExitBert(config, num_labels, pooling=manifest["exit_heads"]["pooling"])
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found")
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights}: corrupt or unreadable safetensors file: {e}") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights}: weights do not match config.json and {MANIFEST}: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot load the tokenizer files: {e}") from None
+    calibration = _read_json(path / CALIBRATION) if (path / CALIBRATION).exists() else {}
+    return Checkpoint(model, tokenizer, manifest, calibration)
+
+
+def _read_json(file: Path) -> dict:
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: not an eeengine checkpoint")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _validate_manifest(manifest: dict, file: Path) -> None:
+    for name, kind in _REQUIRED.items():
+        if name not in manifest:
+            raise CheckpointError(f"{file}: field {name!r} is missing")
+        if not isinstance(manifest[name], kind):
+            raise CheckpointError(
+                f"{file}: field {name!r} must be {kind.__name__}, "
+                f"got {type(manifest[name]).__name__}"
+            )
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{file}: format_version {manifest['format_version']} is newer than this eeengine "
+            f"understands ({FORMAT_VERSION})"
+        )
+    if manifest["backbone"] != "bert":
+        raise CheckpointError(
+            f"{file}: field 'backbone' = {manifest['backbone']!r}, expected 'bert'"
+        )
+    task = manifest["task"]
+    if task.get("type") not in ("classification", "regression"):
+        raise CheckpointError(f"{file}: field 'task.type' must be 'classification' or 'regression'")
+    if task["type"] == "classification":
+        names = task.get("label_names")
+        if not (
+            isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)
+        ):
+            raise CheckpointError(f"{file}: field 'task.label_names' must list >= 2 label names")
+    if manifest["exit_heads"].get("pooling") not in ("mean", "cls"):
+        raise CheckpointError(f"{file}: field 'exit_heads.pooling' must be 'mean' or 'cls'")
+    if not isinstance(manifest["policy"].get("name"), str):
+        raise CheckpointError(f"{file}: field 'policy.name' is missing")

@@ -1,0 +1,252 @@
+"""``Engine``: load a multi-exit checkpoint and predict with per-sample early exit."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from eeengine.batching import collate, encode, length_sorted_batches
+from eeengine.checkpoint import load_checkpoint
+from eeengine.data import Split
+from eeengine.evaluation import choose_operating_point
+from eeengine.inputs import Example, normalize_inputs
+from eeengine.metrics import METRICS
+from eeengine.policies import ExitPolicy, make_policy
+from eeengine.runtime import early_exit_forward
+
+# Inputs tokenized and bucketed at a time: bounds memory for any number of texts.
+_CHUNK_BATCHES = 64
+
+
+@dataclass
+class Prediction:
+    """The engine's answer for one input.
+
+    Attributes:
+        label: predicted label name (classification), else None.
+        score: probability of the predicted label (classification), else None.
+        probs: softmax probabilities per label name (classification), else None.
+        value: predicted value (regression), else None.
+        exit_layer: 1-based layer whose exit head produced the answer.
+        num_layers: depth of the model (exit_layer == num_layers means full depth).
+        logits: raw logits of the exit taken, float32 values.
+        tokens_kept: tokens left per layer under token-wise exit (None: no token pruning).
+    """
+
+    label: str | None
+    score: float | None
+    probs: dict[str, float] | None
+    value: float | None
+    exit_layer: int
+    num_layers: int
+    logits: list[float] = field(repr=False)
+    tokens_kept: list[int] | None = None
+
+
+class Engine:
+    """Serve a multi-exit checkpoint with per-sample early exit.
+
+    Args:
+        checkpoint: path of a checkpoint directory (see :mod:`eeengine.checkpoint`).
+        policy: exit policy name (``entropy``, ``normalized_entropy``, ``pcee``, ``none``);
+            None uses the checkpoint's default, chosen at training time on the dev set.
+        threshold: the policy's threshold (entropy in nats for ``entropy``; normalized entropy
+            in [0, 1] for ``normalized_entropy`` and ``pcee``), or one per layer. None: the
+            checkpoint's value for that policy (its default policy, or else the fastest
+            calibrated point within 0.5 points of full depth).
+        patience: consecutive confident layers for ``pcee``.
+        device: a torch device string ("cpu", "cuda", "cuda:1").
+        max_length: tokens per input (default: the checkpoint's ``max_seq_length``); longer
+            inputs are truncated with a warning.
+
+    Raises:
+        FileNotFoundError, eeengine.checkpoint.CheckpointError: bad checkpoint (file and field
+            named).
+        ValueError: unknown policy, threshold out of range, unknown or unavailable device.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        policy: str | None = None,
+        threshold: float | Sequence[float] | None = None,
+        patience: int | None = None,
+        device: str = "cpu",
+        max_length: int | None = None,
+    ) -> None:
+        self.device = _resolve_device(device)
+        ckpt = load_checkpoint(checkpoint)
+        self.path = Path(checkpoint)
+        self.manifest = ckpt.manifest
+        self.calibration = ckpt.calibration
+        self.tokenizer = ckpt.tokenizer
+        self.label_names = ckpt.label_names
+        self.model = ckpt.model.to(self.device)
+        self.max_length = max_length or ckpt.manifest["max_seq_length"]
+        limit = self.model.config.max_position_embeddings
+        if not 2 < self.max_length <= limit:
+            raise ValueError(f"max_length={self.max_length} must be in [3, {limit}]")
+        self.policy = self._make_policy(policy, threshold, patience)
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_layers
+
+    @property
+    def backend(self) -> str:
+        """Which implementation runs the exit step ("reference": plain torch)."""
+        return "reference"
+
+    def _make_policy(
+        self, name: str | None, threshold: float | Sequence[float] | None, patience: int | None
+    ) -> ExitPolicy:
+        default = self.manifest["policy"]
+        name = name or default["name"]
+        params = {"threshold": threshold, "patience": patience}
+        stored = None
+        if name == default["name"]:
+            stored = default
+        elif self.calibration:
+            chosen = choose_operating_point(self.calibration, policy=name)
+            stored = chosen[1] if chosen else None
+        if stored is not None:
+            for key in params:
+                if params[key] is None and stored.get(key) is not None:
+                    params[key] = stored[key]
+        policy = make_policy(name, **params)
+        policy.validate(self.model.num_labels, self.num_layers)
+        return policy
+
+    def predict(
+        self, inputs: str | tuple[str, str] | list, batch_size: int = 32
+    ) -> Prediction | list[Prediction]:
+        """Predict with per-sample early exit.
+
+        Args:
+            inputs: a text, a (text, text_pair) tuple, or a list of them.
+            batch_size: rows per forward pass; each row exits on its own and exited rows leave
+                the batch. Results do not depend on it.
+
+        Returns:
+            One :class:`Prediction` for a single input, else a list in input order.
+
+        Raises:
+            TypeError / ValueError: a bad input (its index is named); nothing is run then.
+        """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        examples, single = normalize_inputs(inputs)
+        predictions: list[Prediction] = []
+        chunk = batch_size * _CHUNK_BATCHES
+        for start in range(0, len(examples), chunk):
+            predictions += self._predict_chunk(examples[start : start + chunk], start, batch_size)
+        return predictions[0] if single else predictions
+
+    def _predict_chunk(
+        self, examples: list[Example], offset: int, batch_size: int
+    ) -> list[Prediction]:
+        texts = [text for text, _ in examples]
+        pairs = [pair for _, pair in examples]
+        has_pairs = any(pair is not None for pair in pairs)
+        if has_pairs and not all(pair is not None for pair in pairs):
+            raise ValueError("mix of single texts and (text, text_pair) inputs in one call")
+        encoded = encode(self.tokenizer, texts, pairs if has_pairs else None, None)
+        too_long = [i for i, n in enumerate(encoded.lengths) if n > self.max_length]
+        if too_long:
+            warnings.warn(
+                f"{len(too_long)} input(s) longer than {self.max_length} tokens were truncated "
+                f"(indices {[offset + i for i in too_long[:10]]})",
+                stacklevel=3,
+            )
+            truncated = encode(
+                self.tokenizer,
+                [texts[i] for i in too_long],
+                [pairs[i] for i in too_long] if has_pairs else None,
+                self.max_length,
+            )
+            for j, i in enumerate(too_long):
+                encoded.input_ids[i] = truncated.input_ids[j]
+                encoded.token_type_ids[i] = truncated.token_type_ids[j]
+
+        results: list[Prediction | None] = [None] * len(examples)
+        for indices in length_sorted_batches(encoded.lengths, batch_size):
+            batch = collate(encoded, indices, self.tokenizer.pad_token_id, self.device)
+            out = early_exit_forward(self.model, self.policy, *batch)
+            for row, i in enumerate(indices):
+                results[i] = self._prediction(out.logits[row], int(out.exit_layer[row]))
+        return results
+
+    def _prediction(self, logits: torch.Tensor, exit_layer: int) -> Prediction:
+        if self.label_names is None:
+            return Prediction(
+                None, None, None, logits[0].item(), exit_layer, self.num_layers, logits.tolist()
+            )
+        probs = torch.softmax(logits, -1)
+        best = int(probs.argmax())
+        return Prediction(
+            label=self.label_names[best],
+            score=probs[best].item(),
+            probs=dict(zip(self.label_names, probs.tolist(), strict=True)),
+            value=None,
+            exit_layer=exit_layer,
+            num_layers=self.num_layers,
+            logits=logits.tolist(),
+        )
+
+    def evaluate(self, split: Split, metric: str, batch_size: int = 32) -> dict:
+        """Run :meth:`predict` on a labelled split and score it.
+
+        Args:
+            split: texts, optional text pairs and labels (see :func:`eeengine.data.load_split`).
+            metric: name in :data:`eeengine.metrics.METRICS`.
+
+        Returns:
+            ``{"metric", "value", "avg_exit_layer" (layers), "layer_saving" (1 - avg / L),
+            "speedup" (L / avg), "seconds"}``.
+        """
+        inputs = (
+            split.texts
+            if split.text_pairs is None
+            else list(zip(split.texts, split.text_pairs, strict=True))
+        )
+        started = time.perf_counter()
+        predictions = self.predict(inputs, batch_size=batch_size)
+        seconds = time.perf_counter() - started
+        if self.label_names is None:
+            outputs = [p.value for p in predictions]
+        else:
+            outputs = [self.label_names.index(p.label) for p in predictions]
+        avg = sum(p.exit_layer for p in predictions) / len(predictions)
+        return {
+            "metric": metric,
+            "value": METRICS[metric](outputs, split.labels),
+            "avg_exit_layer": avg,
+            "layer_saving": 1.0 - avg / self.num_layers,
+            "speedup": self.num_layers / avg,
+            "seconds": seconds,
+        }
+
+    def __repr__(self) -> str:
+        return f"Engine({str(self.path)!r}, policy={self.policy!r}, device={str(self.device)!r})"
+
+
+def _resolve_device(device: str) -> torch.device:
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda[:N]'") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} is not available: torch sees no CUDA GPU")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r} is not available: {torch.cuda.device_count()} GPU(s) present"
+            )
+    elif resolved.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported; use 'cpu' or 'cuda[:N]'")
+    return resolved

@@ -1,0 +1,127 @@
+"""Dev-set evaluation of every exit, and threshold sweeps of the exit policies.
+
+Sweeps run the policies on the logits of all exits computed once (``run_policy``), which gives
+exactly what the engine would do row by row, at the cost of one full-depth pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from eeengine.batching import collate, encode, length_sorted_batches
+from eeengine.metrics import METRICS
+from eeengine.modeling_multiexit import MultiExitBert
+from eeengine.policies import make_policy, run_policy
+
+# Threshold grids per policy, in the policy's own units.
+SWEEP_GRIDS: dict[str, list[float]] = {
+    "entropy": [round(0.025 * i, 3) for i in range(1, 28)],  # nats, up to 0.675 < log 2
+    "normalized_entropy": [round(0.025 * i, 3) for i in range(1, 40)],
+    "pcee": [round(0.025 * i, 3) for i in range(1, 40)],
+}
+SWEEP_PATIENCE = {"pcee": (1, 2, 3)}
+
+
+@torch.inference_mode()
+def all_exit_logits(
+    model: MultiExitBert,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    text_pairs: Sequence[str] | None,
+    max_length: int,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> Tensor:
+    """Full-depth logits of every exit.
+
+    Returns:
+        (num_layers, len(texts), num_labels) float32, rows in input order.
+    """
+    model.eval()
+    encoded = encode(tokenizer, texts, text_pairs, max_length)
+    out = torch.empty(model.num_layers, len(texts), model.num_labels)
+    batches = length_sorted_batches(encoded.lengths, batch_size)
+    for indices in tqdm(batches, desc="evaluating", disable=not progress, leave=False):
+        logits = model(*collate(encoded, indices, tokenizer.pad_token_id))
+        out[:, indices] = logits.float()
+    return out
+
+
+def predictions_of(logits: Tensor) -> list:
+    """Class indices (classification) or values (regression, num_labels == 1)."""
+    if logits.shape[-1] == 1:
+        return logits[..., 0].tolist()
+    return logits.argmax(-1).tolist()
+
+
+def exit_metrics(all_logits: Tensor, labels: Sequence, metric: str) -> list[float]:
+    """The task metric of each exit on its own; one float per layer, layer 1 first."""
+    return [METRICS[metric](predictions_of(layer_logits), labels) for layer_logits in all_logits]
+
+
+def sweep(all_logits: Tensor, labels: Sequence, metric: str) -> dict:
+    """Every policy over its threshold grid, on precomputed logits of all exits.
+
+    Returns:
+        ``{"metric", "num_layers", "full_depth", "policies": {name: [point, ...]}}`` where a
+        point holds the policy's parameters, ``metric`` (the task metric), ``avg_exit_layer``
+        (layers), ``layer_saving`` (1 - avg / L) and ``speedup`` (L / avg).
+    """
+    num_layers = all_logits.shape[0]
+    result = {
+        "metric": metric,
+        "num_layers": num_layers,
+        "full_depth": METRICS[metric](predictions_of(all_logits[-1]), labels),
+        "policies": {},
+    }
+    for name, grid in SWEEP_GRIDS.items():
+        points = []
+        for patience in SWEEP_PATIENCE.get(name, (None,)):
+            for threshold in grid:
+                policy = make_policy(name, threshold=threshold, patience=patience)
+                exit_layer, logits = run_policy(policy, all_logits)
+                avg = exit_layer.double().mean().item()
+                points.append(
+                    {
+                        **policy.params(),
+                        "metric": METRICS[metric](predictions_of(logits), labels),
+                        "avg_exit_layer": avg,
+                        "layer_saving": 1.0 - avg / num_layers,
+                        "speedup": num_layers / avg,
+                    }
+                )
+        result["policies"][name] = points
+    return result
+
+
+def choose_operating_point(
+    calibration: dict, max_drop: float = 0.5, policy: str | None = None
+) -> tuple[str, dict] | None:
+    """The fastest swept point whose metric is within ``max_drop`` points of full depth.
+
+    Args:
+        calibration: the result of :func:`sweep` (``calibration.json``).
+        max_drop: allowed loss in metric points (for accuracy, percentage points).
+        policy: restrict to one policy; None searches all of them.
+
+    Returns:
+        (policy name, point) or None when no point qualifies. Ties in speed go to the higher
+        metric.
+    """
+    floor = calibration["full_depth"] - max_drop
+    best = None
+    for name, points in calibration["policies"].items():
+        if policy is not None and name != policy:
+            continue
+        for point in points:
+            if point["metric"] < floor - 1e-9:
+                continue
+            key = (point["avg_exit_layer"], -point["metric"])
+            if best is None or key < best[0]:
+                best = (key, name, point)
+    return None if best is None else (best[1], best[2])

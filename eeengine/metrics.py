@@ -1,0 +1,48 @@
+"""The official GLUE metrics (Wang et al. 2019), on plain Python/torch values."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    """Fraction of predictions equal to the label, in percent (0-100)."""
+    p, y = torch.as_tensor(predictions), torch.as_tensor(labels)
+    return 100.0 * (p == y).double().mean().item()
+
+
+def f1(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    """F1 of the positive class (label 1), in percent."""
+    p, y = torch.as_tensor(predictions), torch.as_tensor(labels)
+    tp = ((p == 1) & (y == 1)).sum().item()
+    fp = ((p == 1) & (y == 0)).sum().item()
+    fn = ((p == 0) & (y == 1)).sum().item()
+    return 100.0 * 2 * tp / max(2 * tp + fp + fn, 1)
+
+
+def matthews(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    """Matthews correlation coefficient of binary predictions, times 100."""
+    p, y = torch.as_tensor(predictions), torch.as_tensor(labels)
+    tp = ((p == 1) & (y == 1)).sum().item()
+    tn = ((p == 0) & (y == 0)).sum().item()
+    fp = ((p == 1) & (y == 0)).sum().item()
+    fn = ((p == 0) & (y == 1)).sum().item()
+    denominator = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+    return 100.0 * (tp * tn - fp * fn) / denominator if denominator else 0.0
+
+
+def pearson(predictions: Sequence[float], labels: Sequence[float]) -> float:
+    """Pearson correlation, times 100."""
+    p = torch.as_tensor(predictions, dtype=torch.float64)
+    y = torch.as_tensor(labels, dtype=torch.float64)
+    return 100.0 * torch.corrcoef(torch.stack([p, y]))[0, 1].item()
+
+
+METRICS = {
+    "accuracy": accuracy,
+    "f1": f1,
+    "matthews": matthews,
+    "pearson": pearson,
+}

@@ -1,0 +1,21 @@
+"""Full depth: no early exit (the baseline every speed-up is measured against)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from eeengine.policies.base import ExitPolicy, State
+
+
+class NoExitPolicy(ExitPolicy):
+    """Never exit before the last layer."""
+
+    name = "none"
+    needs_threshold = False
+
+    def step(self, logits: Tensor, layer: int, state: State) -> tuple[Tensor, State]:
+        return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device), state
+
+    def params(self) -> dict:
+        return {}

@@ -1,0 +1,41 @@
+"""Patient and confident early exit (PCEE-BERT, Zhang et al. 2022, Sec. 3, eq. 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from eeengine.policies.base import ExitPolicy, State, normalized_entropy
+
+
+class PceePolicy(ExitPolicy):
+    """Exit when ``patience`` consecutive layers were confident.
+
+    pct_0 = 0;  pct_l = pct_{l-1} + 1 if H(z_l)/log C < τ_l else 0;  exit at the first l with
+    pct_l = t (the patience). With t = 1 this is :class:`NormalizedEntropyPolicy`.
+
+    Args:
+        threshold: τ in [0, 1] (normalized entropy), one or per layer.
+        patience: t >= 1, number of consecutive confident layers.
+    """
+
+    name = "pcee"
+
+    def __init__(self, threshold: float | Sequence[float] | None = None, patience: int = 2) -> None:
+        super().__init__(threshold)
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"policy 'pcee': patience must be an integer >= 1, got {patience!r}")
+        self.patience = patience
+
+    def init_state(self, batch_size: int, device: torch.device) -> State:
+        return {"counter": torch.zeros(batch_size, dtype=torch.long, device=device)}
+
+    def step(self, logits: Tensor, layer: int, state: State) -> tuple[Tensor, State]:
+        confident = normalized_entropy(logits) < self.threshold_at(layer)
+        counter = torch.where(confident, state["counter"] + 1, 0)
+        return counter >= self.patience, {"counter": counter}
+
+    def params(self) -> dict:
+        return {"threshold": self.threshold, "patience": self.patience}
