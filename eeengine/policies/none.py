@@ -13,6 +13,7 @@ class NoExitPolicy(ExitPolicy):
 
     name = "none"
     needs_threshold = False
+    supports_regression = True
 
     def step(self, logits: Tensor, layer: int, state: State) -> tuple[Tensor, State]:
         return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device), state

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from eeengine.policies.base import ExitPolicy, State, normalized_entropy
+from eeengine.policies.base import ExitPolicy, State, check_int, normalized_entropy
 
 
 class PceePolicy(ExitPolicy):
@@ -19,15 +19,16 @@ class PceePolicy(ExitPolicy):
     Args:
         threshold: τ in [0, 1] (normalized entropy), one or per layer.
         patience: t >= 1, number of consecutive confident layers.
+
+    Raises:
+        ValueError: a missing threshold or a bad patience.
     """
 
     name = "pcee"
 
     def __init__(self, threshold: float | Sequence[float] | None = None, patience: int = 2) -> None:
         super().__init__(threshold)
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"policy 'pcee': patience must be an integer >= 1, got {patience!r}")
-        self.patience = patience
+        self.patience = check_int(self.name, "patience", patience, 1)
 
     def init_state(self, batch_size: int, device: torch.device) -> State:
         return {"counter": torch.zeros(batch_size, dtype=torch.long, device=device)}
