@@ -1,20 +1,42 @@
-"""Exit policies by name; see DESIGN.md for the table of rules."""
+"""Exit policies by name; see DESIGN.md for the table of rules.
+
+The signal functions (``entropy``, ``normalized_entropy``) live in
+:mod:`eeengine.policies.base`; the package attributes of those names are the policy modules.
+"""
 
 from __future__ import annotations
 
-from eeengine.policies.base import ExitPolicy, entropy, normalized_entropy, run_policy
+from eeengine.policies.base import ExitPolicy, run_policy
+from eeengine.policies.budget import BudgetPolicy
+from eeengine.policies.elbert import ElbertPolicy
 from eeengine.policies.entropy import EntropyPolicy
+from eeengine.policies.lte import LtePolicy
+from eeengine.policies.max_prob import MaxProbPolicy
+from eeengine.policies.mpee import MpeePolicy
 from eeengine.policies.none import NoExitPolicy
 from eeengine.policies.normalized_entropy import NormalizedEntropyPolicy
+from eeengine.policies.patience import PatiencePolicy
 from eeengine.policies.pcee import PceePolicy
 
 POLICIES: dict[str, type[ExitPolicy]] = {
-    cls.name: cls for cls in (EntropyPolicy, NormalizedEntropyPolicy, PceePolicy, NoExitPolicy)
+    cls.name: cls
+    for cls in (
+        EntropyPolicy,
+        NormalizedEntropyPolicy,
+        MaxProbPolicy,
+        PatiencePolicy,
+        PceePolicy,
+        ElbertPolicy,
+        LtePolicy,
+        MpeePolicy,
+        BudgetPolicy,
+        NoExitPolicy,
+    )
 }
 
 
 def make_policy(name: str, **params) -> ExitPolicy:
-    """Build a policy from its name and parameters (``threshold``, ``patience``).
+    """Build a policy from its name and parameters (``threshold``, ``patience``, ...).
 
     Parameters that are None are left at the policy's default.
 
@@ -36,8 +58,6 @@ def make_policy(name: str, **params) -> ExitPolicy:
 __all__ = [
     "POLICIES",
     "ExitPolicy",
-    "entropy",
     "make_policy",
-    "normalized_entropy",
     "run_policy",
 ]
