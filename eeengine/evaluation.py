@@ -6,7 +6,7 @@ exactly what the engine would do row by row, at the cost of one full-depth pass.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -16,15 +16,38 @@ from transformers import PreTrainedTokenizerBase
 from eeengine.batching import collate, encode, length_sorted_batches
 from eeengine.metrics import METRICS
 from eeengine.modeling_multiexit import MultiExitBert
-from eeengine.policies import make_policy, run_policy
+from eeengine.policies import POLICIES, make_policy, run_policy
 
 # Threshold grids per policy, in the policy's own units.
 SWEEP_GRIDS: dict[str, list[float]] = {
     "entropy": [round(0.025 * i, 3) for i in range(1, 28)],  # nats, up to 0.675 < log 2
     "normalized_entropy": [round(0.025 * i, 3) for i in range(1, 40)],
+    "max_prob": [round(0.5 + 0.0125 * i, 4) for i in range(40)],  # probability, 0.5 to 0.9875
     "pcee": [round(0.025 * i, 3) for i in range(1, 40)],
+    "elbert": [round(0.025 * i, 3) for i in range(1, 40)],  # normalized entropy, stage 1
+    "mpee": [round(0.025 * i, 3) for i in range(1, 28)],  # nats, entropy of the memory
+    "lte": [round(0.025 * i, 3) for i in range(1, 40)],  # LTE score
+    # Regression only: δ in the label's units (STS-B: 0-5). Classification compares argmax.
+    "patience": [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0],
 }
-SWEEP_PATIENCE = {"pcee": (1, 2, 3)}
+SWEEP_PATIENCE = {"pcee": (1, 2, 3), "patience": (1, 2, 3, 4)}
+# Swept policies: those with a grid, and "budget" over layers 1 … L-1.
+SWEPT_POLICIES = (*SWEEP_GRIDS, "budget")
+
+
+def sweep_params(name: str, num_labels: int, num_layers: int) -> list[dict]:
+    """The parameter sets :func:`sweep` tries for policy ``name`` on a model with
+    ``num_labels`` classes (1: regression) and ``num_layers`` layers."""
+    if name == "budget":
+        return [{"layer": layer} for layer in range(1, num_layers)]
+    thresholds: list[float | None] = list(SWEEP_GRIDS[name])
+    if name == "patience" and num_labels > 1:
+        thresholds = [None]
+    return [
+        {"threshold": threshold, "patience": patience}
+        for patience in SWEEP_PATIENCE.get(name, (None,))
+        for threshold in thresholds
+    ]
 
 
 @torch.inference_mode()
@@ -64,37 +87,56 @@ def exit_metrics(all_logits: Tensor, labels: Sequence, metric: str) -> list[floa
     return [METRICS[metric](predictions_of(layer_logits), labels) for layer_logits in all_logits]
 
 
-def sweep(all_logits: Tensor, labels: Sequence, metric: str) -> dict:
-    """Every policy over its threshold grid, on precomputed logits of all exits.
+def sweep(
+    all_logits: Tensor,
+    labels: Sequence,
+    metric: str,
+    signals: Mapping[str, Tensor] | None = None,
+) -> dict:
+    """Every policy that applies over its grid, on precomputed logits of all exits.
+
+    A policy applies when it supports the task (regression: num_labels == 1) and every signal
+    it needs is in ``signals`` (``lte`` needs ``lte_score``).
+
+    Args:
+        all_logits: (num_layers, num_examples, num_labels).
+        labels: one label (class index or value) per example.
+        metric: a key of :data:`eeengine.metrics.METRICS`.
+        signals: extra per-layer signals, each (num_layers, num_examples).
 
     Returns:
         ``{"metric", "num_layers", "full_depth", "policies": {name: [point, ...]}}`` where a
         point holds the policy's parameters, ``metric`` (the task metric), ``avg_exit_layer``
         (layers), ``layer_saving`` (1 - avg / L) and ``speedup`` (L / avg).
     """
-    num_layers = all_logits.shape[0]
+    signals = signals or {}
+    num_layers, _, num_labels = all_logits.shape
     result = {
         "metric": metric,
         "num_layers": num_layers,
         "full_depth": METRICS[metric](predictions_of(all_logits[-1]), labels),
         "policies": {},
     }
-    for name, grid in SWEEP_GRIDS.items():
+    for name in SWEPT_POLICIES:
+        cls = POLICIES[name]
+        if num_labels == 1 and not cls.supports_regression:
+            continue
+        if any(signal not in signals for signal in cls.needs):
+            continue
         points = []
-        for patience in SWEEP_PATIENCE.get(name, (None,)):
-            for threshold in grid:
-                policy = make_policy(name, threshold=threshold, patience=patience)
-                exit_layer, logits = run_policy(policy, all_logits)
-                avg = exit_layer.double().mean().item()
-                points.append(
-                    {
-                        **policy.params(),
-                        "metric": METRICS[metric](predictions_of(logits), labels),
-                        "avg_exit_layer": avg,
-                        "layer_saving": 1.0 - avg / num_layers,
-                        "speedup": num_layers / avg,
-                    }
-                )
+        for params in sweep_params(name, num_labels, num_layers):
+            policy = make_policy(name, **params)
+            exit_layer, logits = run_policy(policy, all_logits, signals)
+            avg = exit_layer.double().mean().item()
+            points.append(
+                {
+                    **policy.params(),
+                    "metric": METRICS[metric](predictions_of(logits), labels),
+                    "avg_exit_layer": avg,
+                    "layer_saving": 1.0 - avg / num_layers,
+                    "speedup": num_layers / avg,
+                }
+            )
         result["policies"][name] = points
     return result
 

@@ -1,0 +1,58 @@
+"""Calibration sweeps over every policy that applies to the model."""
+
+import torch
+
+from eeengine.evaluation import (
+    SWEEP_GRIDS,
+    SWEEP_PATIENCE,
+    choose_operating_point,
+    sweep,
+    sweep_params,
+)
+from eeengine.policies import POLICIES
+
+NUM_LAYERS, NUM_EXAMPLES = 4, 40
+
+
+def _random_logits(num_labels: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(NUM_LAYERS, NUM_EXAMPLES, num_labels, generator=generator) * 3
+
+
+def test_classification_sweeps_every_policy_but_lte_unless_given_scores():
+    logits = _random_logits(2)
+    labels = logits[-1].argmax(-1).tolist()
+    result = sweep(logits, labels, "accuracy")
+    assert set(result["policies"]) == set(POLICIES) - {"lte", "none"}
+    assert result["full_depth"] == 100.0
+    budget = result["policies"]["budget"]
+    assert [p["layer"] for p in budget] == [1, 2, 3]
+    assert [p["avg_exit_layer"] for p in budget] == [1.0, 2.0, 3.0]
+    patience = result["policies"]["patience"]
+    assert [(p["patience"], p["threshold"]) for p in patience] == [
+        (t, None) for t in SWEEP_PATIENCE["patience"]
+    ]
+    assert len(result["policies"]["elbert"]) == len(SWEEP_GRIDS["elbert"])
+
+    scores = torch.rand(NUM_LAYERS, NUM_EXAMPLES, generator=torch.Generator().manual_seed(1))
+    with_lte = sweep(logits, labels, "accuracy", signals={"lte_score": scores})
+    assert len(with_lte["policies"]["lte"]) == len(SWEEP_GRIDS["lte"])
+    name, point = choose_operating_point(with_lte, max_drop=100.0)
+    assert point["avg_exit_layer"] == 1.0  # anything goes: the fastest point
+
+
+def test_regression_sweeps_only_policies_that_support_it():
+    logits = _random_logits(1)
+    labels = logits[-1, :, 0].tolist()
+    result = sweep(logits, labels, "pearson")
+    assert set(result["policies"]) == {"patience", "budget"}
+    patience = result["policies"]["patience"]
+    assert len(patience) == len(SWEEP_PATIENCE["patience"]) * len(SWEEP_GRIDS["patience"])
+    assert all(p["threshold"] is not None for p in patience)
+
+
+def test_sweep_params_of_budget_follow_the_depth():
+    assert sweep_params("budget", 2, 6) == [{"layer": k} for k in range(1, 6)]
+    assert sweep_params("patience", 3, 6) == [
+        {"threshold": None, "patience": t} for t in SWEEP_PATIENCE["patience"]
+    ]
