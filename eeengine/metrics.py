@@ -40,9 +40,30 @@ def pearson(predictions: Sequence[float], labels: Sequence[float]) -> float:
     return 100.0 * torch.corrcoef(torch.stack([p, y]))[0, 1].item()
 
 
+def _average_ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks; tied values all get the mean of the ranks they span."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman(predictions: Sequence[float], labels: Sequence[float]) -> float:
+    """Spearman rank correlation (Pearson of the ranks, ties get average ranks), times 100."""
+    return pearson(_average_ranks(predictions), _average_ranks(labels))
+
+
 METRICS = {
     "accuracy": accuracy,
     "f1": f1,
     "matthews": matthews,
     "pearson": pearson,
+    "spearman": spearman,
 }
