@@ -15,6 +15,9 @@ always exits there (the runtime enforces that, not the policy, and ignores the m
 state update still matters to policies whose output depends on it. The logits a row exits
 with are :meth:`ExitPolicy.output_logits` of the layer it exits at: the exit head's logits
 for every policy except ``mpee``, whose output is its classifier memory.
+
+Signals are computed in fp32 and compared with thresholds in fp32 (a Python float threshold is
+rounded to fp32 by the comparison); a fused op must do the same to take the same exits.
 """
 
 from __future__ import annotations
