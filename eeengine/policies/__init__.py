@@ -1,8 +1,12 @@
-"""Exit policies by name; see DESIGN.md for the table of rules."""
+"""Exit policies by name; see DESIGN.md for the table of rules.
+
+The signal functions (``entropy``, ``normalized_entropy``) live in
+:mod:`eeengine.policies.base`; the package attributes of those names are the policy modules.
+"""
 
 from __future__ import annotations
 
-from eeengine.policies.base import ExitPolicy, entropy, normalized_entropy, run_policy
+from eeengine.policies.base import ExitPolicy, run_policy
 from eeengine.policies.entropy import EntropyPolicy
 from eeengine.policies.none import NoExitPolicy
 from eeengine.policies.normalized_entropy import NormalizedEntropyPolicy
@@ -36,8 +40,6 @@ def make_policy(name: str, **params) -> ExitPolicy:
 __all__ = [
     "POLICIES",
     "ExitPolicy",
-    "entropy",
     "make_policy",
-    "normalized_entropy",
     "run_policy",
 ]
