@@ -136,12 +136,20 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         state = load_file(weights)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights}: corrupt or unreadable safetensors file: {e}") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    mismatched = sorted(
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    )
+    if missing or unexpected or mismatched:
         raise CheckpointError(
-            f"{weights}: weights do not match config.json and {MANIFEST}: "
-            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            f"{weights}: weights do not match config.json and {MANIFEST}: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, shape mismatch {mismatched[:3]}"
         )
+    model.load_state_dict(state)
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from eeengine.training.recipes import get_recipe
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
@@ -26,6 +25,7 @@ from eeengine.checkpoint import save_checkpoint
 from eeengine.data import get_task, load_split
 from eeengine.evaluation import all_exit_logits, choose_operating_point, exit_metrics, sweep
 from eeengine.modeling_multiexit import MultiExitBert, load_bert_weights
+from eeengine.training.recipes import get_recipe
 
 
 @dataclass
@@ -40,7 +40,7 @@ class TrainConfig:
         max_train_examples: use only the first N examples of a seeded shuffle (None: all).
         lr, head_lr: AdamW learning rates of the backbone and of the exit heads.
         max_seq_length: truncation length in training (tokens); inference uses
-            ``eval_max_seq_length``.
+            ``eval_max_seq_length``. Both are capped at the model's position embeddings.
         max_drop: the default policy is the fastest within this many metric points of full
             depth on dev.
     """
@@ -94,6 +94,9 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     num_labels = len(task.label_names) if task.label_names else 1
     model = MultiExitBert(bert_config, num_labels, pooling=config.pooling)
     model.bert.load_state_dict(bert_state)
+    # Lengths cannot exceed the model's position embeddings.
+    max_seq_length = min(config.max_seq_length, bert_config.max_position_embeddings)
+    eval_max_seq_length = min(config.eval_max_seq_length, bert_config.max_position_embeddings)
 
     train_split = load_split(task, "train")
     order = list(range(len(train_split.texts)))
@@ -102,7 +105,7 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     texts = [train_split.texts[i] for i in order]
     pairs = [train_split.text_pairs[i] for i in order] if train_split.text_pairs else None
     labels = torch.tensor([train_split.labels[i] for i in order])
-    encoded = encode(tokenizer, texts, pairs, config.max_seq_length)
+    encoded = encode(tokenizer, texts, pairs, max_seq_length)
 
     steps_per_epoch = math.ceil(len(texts) / config.batch_size)
     total_steps = max(1, round(config.epochs * steps_per_epoch))
@@ -122,7 +125,7 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
 
     model.train()
     bar = tqdm(total=total_steps, desc=f"training {task.name}", disable=not progress, unit="step")
-    step, seen = 0, 0
+    step, seen, loop_started = 0, 0, time.perf_counter()
     while step < total_steps:
         for indices in _batches(encoded.lengths, config.batch_size, rng):
             if step == total_steps:
@@ -137,15 +140,14 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             seen += len(indices)
-            bar.set_postfix(
-                loss=f"{loss.item():.3f}", ex_per_s=f"{seen / bar.format_dict['elapsed']:.0f}"
-            )
+            rate = seen / max(time.perf_counter() - loop_started, 1e-9)
+            bar.set_postfix(loss=f"{loss.item():.3f}", ex_per_s=f"{rate:.0f}")
             bar.update()
     bar.close()
 
     dev = load_split(task, "dev")
     dev_logits = all_exit_logits(
-        model, tokenizer, dev.texts, dev.text_pairs, config.eval_max_seq_length, progress=progress
+        model, tokenizer, dev.texts, dev.text_pairs, eval_max_seq_length, progress=progress
     )
     per_exit = exit_metrics(dev_logits, dev.labels, task.metric)
     calibration = sweep(dev_logits, dev.labels, task.metric)
@@ -165,7 +167,7 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
         "exit_heads": {"layout": "per_layer", "pooling": config.pooling},
         "policy": policy,
         "token_pruning": None,
-        "max_seq_length": config.eval_max_seq_length,
+        "max_seq_length": eval_max_seq_length,
         "training": {
             "recipe": config.recipe,
             "config": {**asdict(config), "base_model": str(config.base_model)},

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from eeengine.training.recipes.weighted import weighted_loss
 from torch import Tensor
+
+from eeengine.training.recipes.weighted import weighted_loss
 
 RECIPES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"weighted": weighted_loss}
 

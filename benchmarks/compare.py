@@ -1,0 +1,305 @@
+"""eeengine against what a practitioner would deploy instead, side by side in one process.
+
+Providers (all on the same fine-tuned checkpoint, the same inputs, tokenization included):
+
+- ``hf_eager``: Hugging Face ``transformers.BertModel`` (SDPA) + the checkpoint's last exit head,
+  full depth.
+- ``hf_compile``: the same under ``torch.compile`` (dynamic shapes).
+- ``onnxruntime``: the same model exported to ONNX and optimized with ONNX Runtime's BERT graph
+  fusions (``onnxruntime.transformers.optimizer``), full depth.
+- ``papers_loop``: the papers' control flow: batch 1, after every layer an unfused head, the
+  entropy, and a host check (``.item()``) whether to stop; run on eeengine's layers (HF's
+  modules would only add overhead, so this is a lower bound on that loop's cost).
+- ``eeengine_full``: eeengine with policy ``none``.
+- ``eeengine_drop0.5`` / ``eeengine_drop1.0``: eeengine at the checkpoint's calibrated operating
+  points within 0.5 / 1.0 accuracy points of full depth.
+
+Batch-1 latency is measured interleaved: for each input, every provider runs once, in an order
+that rotates from input to input. Throughput runs each provider over the same batches in turn,
+repeated and interleaved. Results are reported as ratios to ``hf_eager``.
+
+    python benchmarks/compare.py --out benchmarks/results/compare_sst2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import BertModel as HFBertModel
+
+from eeengine import Engine
+from eeengine.data import get_task, load_split
+from eeengine.defaults import default_checkpoint
+from eeengine.evaluation import choose_operating_point
+from eeengine.metrics import accuracy
+from eeengine.policies.base import entropy
+
+Predict = Callable[[list[str]], list[int]]
+
+
+class FullDepth(torch.nn.Module):
+    """transformers.BertModel with the checkpoint's last exit head: logits (batch, C)."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__()
+        self.bert = HFBertModel(engine.model.config, add_pooling_layer=False)
+        self.bert.load_state_dict(engine.model.bert.state_dict())
+        self.head = engine.model.exit_heads[-1]
+        self.eval()
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        hidden = self.bert(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
+        return self.head(hidden, attention_mask)
+
+
+def _tokenize(engine: Engine, texts: list[str]) -> dict[str, torch.Tensor]:
+    return engine.tokenizer(
+        texts, padding=True, truncation=True, max_length=engine.max_length, return_tensors="pt"
+    )
+
+
+def torch_provider(engine: Engine, module: Callable) -> Predict:
+    @torch.inference_mode()
+    def predict(texts: list[str]) -> list[int]:
+        enc = _tokenize(engine, texts)
+        logits = module(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+        return logits.argmax(-1).tolist()
+
+    return predict
+
+
+def onnxruntime_provider(engine: Engine, model: FullDepth, workdir: Path) -> Predict:
+    import onnxruntime
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    raw, optimized = workdir / "model.onnx", workdir / "model.opt.onnx"
+    enc = _tokenize(engine, ["a dummy input", "another one for the batch axis"])
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    torch.onnx.export(
+        model,
+        tuple(enc[n] for n in names),
+        str(raw),
+        input_names=names,
+        output_names=["logits"],
+        dynamic_axes={**axes, "logits": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    config = engine.model.config
+    optimize_model(
+        str(raw),
+        model_type="bert",
+        num_heads=config.num_attention_heads,
+        hidden_size=config.hidden_size,
+    ).save_model_to_file(str(optimized))
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(
+        str(optimized), options, providers=["CPUExecutionProvider"]
+    )
+
+    def predict(texts: list[str]) -> list[int]:
+        enc = engine.tokenizer(
+            texts, padding=True, truncation=True, max_length=engine.max_length, return_tensors="np"
+        )
+        (logits,) = session.run(None, {n: enc[n] for n in names})
+        return logits.argmax(-1).tolist()
+
+    return predict
+
+
+def papers_loop_provider(engine: Engine, threshold: float) -> Predict:
+    """One sample at a time, host check per layer (DeeBERT / PABEE style, raw entropy)."""
+    model = engine.model
+
+    @torch.inference_mode()
+    def predict(texts: list[str]) -> list[int]:
+        labels = []
+        for text in texts:
+            enc = _tokenize(engine, [text])
+            hidden = model.bert.embeddings(enc["input_ids"], enc["token_type_ids"])
+            for layer, head in zip(model.bert.encoder.layer, model.exit_heads, strict=True):
+                hidden = layer(hidden, None)
+                logits = head(hidden, enc["attention_mask"])
+                if entropy(logits).item() < threshold:
+                    break
+            labels.append(int(logits.argmax(-1).item()))
+        return labels
+
+    return predict
+
+
+def engine_provider(engine: Engine) -> Predict:
+    names = engine.label_names
+
+    def predict(texts: list[str]) -> list[int]:
+        return [names.index(p.label) for p in engine.predict(texts, batch_size=len(texts))]
+
+    return predict
+
+
+def build_providers(ckpt: Path, workdir: Path) -> tuple[dict[str, Predict], dict[str, dict]]:
+    base = Engine(ckpt, policy="none")
+    full = FullDepth(base)
+    providers = {
+        "hf_eager": torch_provider(base, full),
+        "hf_compile": torch_provider(base, torch.compile(full, dynamic=True)),
+        "onnxruntime": onnxruntime_provider(base, full, workdir),
+        "eeengine_full": engine_provider(base),
+    }
+    settings = {name: {"policy": "none"} for name in providers}
+    for drop in (0.5, 1.0):
+        chosen = choose_operating_point(base.calibration, max_drop=drop)
+        if chosen is None:
+            continue
+        name, point = chosen
+        params = {k: point[k] for k in ("threshold", "patience") if k in point}
+        engine = Engine(ckpt, policy=name, **params)
+        providers[f"eeengine_drop{drop}"] = engine_provider(engine)
+        settings[f"eeengine_drop{drop}"] = {"policy": name, **params}
+    # The papers' loop at the raw-entropy point within 0.5 points, when the sweep has one.
+    entropy_point = choose_operating_point(base.calibration, max_drop=0.5, policy="entropy")
+    if entropy_point is not None:
+        threshold = entropy_point[1]["threshold"]
+        providers["papers_loop"] = papers_loop_provider(base, threshold)
+        settings["papers_loop"] = {"policy": "entropy", "threshold": threshold}
+    return providers, settings
+
+
+def latency_batch1(
+    providers: dict[str, Predict], texts: list[str]
+) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Per-input latency in ms and the predicted labels, interleaved across providers."""
+    names = list(providers)
+    times = {n: [] for n in names}
+    labels = {n: [] for n in names}
+    for i, text in enumerate(texts):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            start = time.perf_counter()
+            labels[name] += providers[name]([text])
+            times[name].append(1000 * (time.perf_counter() - start))
+    return times, labels
+
+
+def throughput(
+    providers: dict[str, Predict], texts: list[str], batch_size: int, repeats: int
+) -> dict[str, float]:
+    """Sentences per second over ``texts`` in batches, best of interleaved repeats."""
+    batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
+    best = {n: 0.0 for n in providers}
+    names = list(providers)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            for batch in batches:
+                providers[name](batch)
+            best[name] = max(best[name], len(texts) / (time.perf_counter() - start))
+    return best
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ckpt", type=Path, help="checkpoint (default: the cached SST-2 one)")
+    parser.add_argument("--task", default="sst2")
+    parser.add_argument("--limit", type=int, help="use the first N dev inputs (default: all)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compare_sst2"))
+    args = parser.parse_args()
+
+    ckpt = args.ckpt or default_checkpoint()
+    dev = load_split(get_task(args.task), "dev")
+    if dev.text_pairs is not None:
+        raise SystemExit("compare.py handles single-text tasks (sst2, cola)")
+    texts, gold = dev.texts[: args.limit], dev.labels[: args.limit]
+    with tempfile.TemporaryDirectory() as workdir:
+        providers, settings = build_providers(ckpt, Path(workdir))
+        for predict in providers.values():  # warm up (and compile) on other shapes
+            for text in dev.texts[-args.warmup :]:
+                predict([text])
+            predict(dev.texts[: max(args.batch_sizes)])
+        times, labels = latency_batch1(providers, texts)
+        rates = {b: throughput(providers, texts, b, args.repeats) for b in args.batch_sizes}
+
+    rows = {}
+    for name in providers:
+        median = statistics.median(times[name])
+        rows[name] = {
+            **settings[name],
+            "accuracy": accuracy(labels[name], gold),
+            "median_ms": median,
+            "p90_ms": _percentile(times[name], 90),
+            "speedup_median_vs_hf": statistics.median(times["hf_eager"]) / median,
+            **{f"sentences_per_s_b{b}": rates[b][name] for b in args.batch_sizes},
+            **{
+                f"throughput_vs_hf_b{b}": rates[b][name] / rates[b]["hf_eager"]
+                for b in args.batch_sizes
+            },
+        }
+    report = {
+        "task": args.task,
+        "inputs": len(texts),
+        "threads": torch.get_num_threads(),
+        "checkpoint": str(ckpt),
+        "providers": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    table = _markdown(report, args.batch_sizes)
+    args.out.with_suffix(".md").write_text(table)
+    _plot(report, args.batch_sizes[0], args.out.with_suffix(".png"))
+    print(table)
+
+
+def _markdown(report: dict, batch_sizes: list[int]) -> str:
+    head = "| provider | policy | accuracy | median ms (b=1) | p90 ms | × HF (median) |"
+    head += "".join(f" sent/s b={b} | × HF b={b} |" for b in batch_sizes)
+    lines = [head, "|" + "---|" * (6 + 2 * len(batch_sizes))]
+    for name, r in report["providers"].items():
+        policy = r["policy"] + "".join(f" {k}={r[k]}" for k in ("threshold", "patience") if k in r)
+        line = (
+            f"| {name} | {policy} | {r['accuracy']:.2f} | {r['median_ms']:.2f} | "
+            f"{r['p90_ms']:.2f} | {r['speedup_median_vs_hf']:.2f} |"
+        )
+        line += "".join(
+            f" {r[f'sentences_per_s_b{b}']:.0f} | {r[f'throughput_vs_hf_b{b}']:.2f} |"
+            for b in batch_sizes
+        )
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def _plot(report: dict, batch_size: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in report["providers"].items():
+        ax.scatter(r[f"sentences_per_s_b{batch_size}"], r["accuracy"])
+        ax.annotate(name, (r[f"sentences_per_s_b{batch_size}"], r["accuracy"]), fontsize=8)
+    ax.set_xlabel(f"sentences / s at batch {batch_size} ({report['threads']} threads)")
+    ax.set_ylabel(f"{report['task']} dev accuracy (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The eeengine command: predict, eval, info, and the default checkpoint on first use."""
+
+import json
+
+import pytest
+
+import eeengine.defaults
+from eeengine.cli import main
+from eeengine.training import TrainConfig
+
+
+def test_predict_prints_label_and_exit_layer(tiny_ckpt, capsys):
+    assert main(["predict", "--ckpt", str(tiny_ckpt), "great fun", "a dull mess"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    assert "exit " in lines[0] and lines[0].endswith("great fun")
+    assert lines[0].split()[0] in ("negative", "positive")
+
+
+def test_predict_json(tiny_ckpt, capsys):
+    assert main(["predict", "--ckpt", str(tiny_ckpt), "--json", "great fun"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["text"] == "great fun"
+    assert set(row) >= {"label", "score", "probs", "exit_layer", "num_layers"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--policy", "nope"], "unknown policy 'nope'"),
+        (["--threshold", "9"], "out of range"),
+        (["--device", "cuda:3"], "not available"),
+    ],
+)
+def test_errors_exit_2_with_a_message(tiny_ckpt, capsys, args, message):
+    assert main(["predict", "--ckpt", str(tiny_ckpt), *args, "text"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_empty_text_is_an_error(tiny_ckpt, capsys):
+    assert main(["predict", "--ckpt", str(tiny_ckpt), " "]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    assert main(["predict", "--ckpt", str(tmp_path / "none"), "text"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_eval_prints_per_exit_table_and_policy(tiny_ckpt, capsys):
+    assert main(["eval", "--ckpt", str(tiny_ckpt), "--task", "sst2"]) == 0
+    out = capsys.readouterr().out
+    assert "| exit layer | 1 | 2 | 3 | 4 |" in out
+    assert "average exit layer" in out and "speed-up" in out
+
+
+def test_eval_json(tiny_ckpt, capsys):
+    assert main(["eval", "--ckpt", str(tiny_ckpt), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["examples"] == 872 and len(report["per_exit"]) == 4
+    assert 1.0 <= report["avg_exit_layer"] <= 4.0
+    assert report["layer_saving"] == pytest.approx(1 - report["avg_exit_layer"] / 4)
+
+
+def test_info(tiny_ckpt, capsys):
+    assert main(["info", str(tiny_ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "backend     reference" in out and "4 layers" in out
+
+
+def test_default_checkpoint_is_trained_once_then_cached(
+    tiny_bert_dir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("EEENGINE_HOME", str(tmp_path))
+    monkeypatch.setattr(
+        eeengine.defaults,
+        "default_config",
+        lambda: TrainConfig(base_model=str(tiny_bert_dir), max_train_examples=32),
+    )
+    assert main(["predict", "good"]) == 0
+    captured = capsys.readouterr()
+    assert "no default checkpoint" in captured.err
+    assert (tmp_path / eeengine.defaults.DEFAULT_CHECKPOINT / "eeengine.json").is_file()
+    assert main(["predict", "good"]) == 0
+    assert "no default checkpoint" not in capsys.readouterr().err

@@ -1,0 +1,47 @@
+"""Opt-in (``pytest -m slow``): the real default checkpoint, trained on first use (~10-15 min
+on 2 CPU cores) and cached in $EEENGINE_HOME. Checks issue 3's acceptance criteria."""
+
+import pytest
+
+from eeengine import Engine
+from eeengine.data import get_task, load_split
+from eeengine.defaults import default_checkpoint
+from eeengine.evaluation import all_exit_logits, exit_metrics
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(default_checkpoint())
+
+
+@pytest.fixture(scope="module")
+def dev():
+    return load_split(get_task("sst2"), "dev")
+
+
+def test_sentences_we_wrote(engine):
+    positive, negative = engine.predict(
+        ["a gorgeous, witty, seductive movie.", "the plot is tedious and the acting is wooden."]
+    )
+    assert positive.label == "positive"
+    assert negative.label == "negative"
+
+
+def test_accuracy_and_speedup(engine, dev):
+    full_depth = exit_metrics(
+        all_exit_logits(engine.model, engine.tokenizer, dev.texts, None, engine.max_length),
+        dev.labels,
+        "accuracy",
+    )[-1]
+    result = engine.evaluate(dev, "accuracy")
+    assert full_depth >= 88.0
+    assert result["avg_exit_layer"] <= 3.5
+    assert result["value"] >= full_depth - 0.5
+
+
+def test_batched_equals_one_by_one_on_the_whole_dev_set(engine, dev):
+    batched = engine.predict(dev.texts, batch_size=64)
+    alone = [engine.predict(text) for text in dev.texts]
+    assert [(p.label, p.exit_layer) for p in batched] == [(p.label, p.exit_layer) for p in alone]

@@ -1,0 +1,116 @@
+"""Engine: predictions, per-sample exit, and bad input (clear error, engine still usable)."""
+
+import math
+
+import pytest
+import torch
+
+from eeengine import Engine, Prediction
+from eeengine.batching import collate, encode
+from eeengine.checkpoint import load_checkpoint
+from eeengine.policies import make_policy, run_policy
+from tests.conftest import SENTENCES
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_ckpt):
+    return Engine(tiny_ckpt)
+
+
+def test_single_and_list(engine):
+    single = engine.predict(SENTENCES[0])
+    assert isinstance(single, Prediction)
+    assert single.label in ("negative", "positive")
+    assert math.isclose(sum(single.probs.values()), 1.0, rel_tol=1e-6)
+    assert single.score == max(single.probs.values())
+    assert 1 <= single.exit_layer <= single.num_layers == 4
+    many = engine.predict(SENTENCES)
+    assert [p.label for p in many][0] == single.label
+    assert engine.predict([]) == []
+
+
+def test_predictions_match_the_reference(engine, tiny_ckpt, tokenizer):
+    """Engine output equals the policy applied to the full-depth logits of each input."""
+    ckpt = load_checkpoint(tiny_ckpt)
+    batch = collate(encode(tokenizer, SENTENCES, None, 64), range(len(SENTENCES)), 0)
+    with torch.inference_mode():
+        all_logits = ckpt.model(*batch)
+    exit_layer, logits = run_policy(make_policy("entropy", threshold=0.4), all_logits)
+    predictions = engine.predict(SENTENCES, batch_size=3)
+    assert [p.exit_layer for p in predictions] == exit_layer.tolist()
+    torch.testing.assert_close(torch.tensor([p.logits for p in predictions]), logits)
+    labels = ["negative", "positive"]
+    assert [p.label for p in predictions] == [labels[i] for i in logits.argmax(-1).tolist()]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5, 64])
+def test_batch_size_does_not_change_results(engine, batch_size):
+    expected = engine.predict(SENTENCES, batch_size=1)
+    actual = engine.predict(SENTENCES, batch_size=batch_size)
+    assert [(p.label, p.exit_layer) for p in actual] == [(p.label, p.exit_layer) for p in expected]
+
+
+def test_sentence_pairs(engine):
+    pair = ("a man is playing a guitar .", "someone plays an instrument .")
+    one = engine.predict(pair)
+    assert one.label in ("negative", "positive")
+    assert engine.predict([pair, pair])[1].logits == pytest.approx(one.logits, abs=1e-5)
+
+
+def test_policy_override_and_defaults(tiny_ckpt):
+    assert Engine(tiny_ckpt).policy.threshold == 0.4  # the checkpoint's default
+    assert Engine(tiny_ckpt, threshold=0.1).policy.threshold == 0.1
+    full = Engine(tiny_ckpt, policy="none").predict(SENTENCES)
+    assert {p.exit_layer for p in full} == {4}
+    pcee = Engine(tiny_ckpt, policy="pcee", threshold=0.75, patience=2)
+    assert pcee.policy.patience == 2
+    with pytest.raises(ValueError, match="needs a threshold"):
+        Engine(tiny_ckpt, policy="normalized_entropy")  # no calibration in the tiny checkpoint
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"policy": "fastest"}, ValueError, "unknown policy 'fastest'"),
+        ({"threshold": 2.0}, ValueError, "out of range"),
+        ({"threshold": -1.0}, ValueError, "out of range"),
+        ({"device": "tpu"}, ValueError, "unknown device 'tpu'"),
+        ({"device": "cuda:7"}, ValueError, "not available"),
+        ({"max_length": 1000}, ValueError, "max_length=1000"),
+    ],
+)
+def test_bad_engine_arguments(tiny_ckpt, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        Engine(tiny_ckpt, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "error", "message"),
+    [
+        ("", ValueError, "input is empty or whitespace-only"),
+        ("  \t\n", ValueError, "input is empty or whitespace-only"),
+        (42, TypeError, "got int"),
+        (["fine", None], TypeError, r"inputs\[1\] must be a str"),
+        (["fine", "ok", " "], ValueError, r"inputs\[2\] is empty"),
+        (("a", 3), TypeError, r"input\[1\] must be a str"),
+        (("a", "b", "c"), TypeError, "pair"),
+        ([("a", "b"), "c"], ValueError, "mix of single texts"),
+    ],
+)
+def test_bad_input_then_engine_still_works(engine, inputs, error, message):
+    with pytest.raises(error, match=message):
+        engine.predict(inputs)
+    assert engine.predict("still works").label in ("negative", "positive")
+
+
+def test_bad_batch_size(engine):
+    with pytest.raises(ValueError, match="batch_size"):
+        engine.predict("x", batch_size=0)
+
+
+def test_long_input_is_truncated_with_a_warning(engine):
+    long_text = "good " * 500
+    with pytest.warns(UserWarning, match=r"longer than 64 tokens were truncated \(indices \[1\]\)"):
+        predictions = engine.predict(["short", long_text])
+    truncated = engine.predict(" ".join(["good"] * 62))  # 62 words + [CLS] + [SEP] = 64
+    assert predictions[1].logits == pytest.approx(truncated.logits, abs=1e-5)

@@ -1,0 +1,62 @@
+"""The batched early-exit loop against the policy applied to full-depth logits, and against
+running each row alone."""
+
+import pytest
+import torch
+
+from eeengine.batching import collate, encode
+from eeengine.policies import make_policy, run_policy
+from eeengine.runtime import early_exit_forward
+from tests.conftest import SENTENCES, make_tiny_model
+
+POLICIES = [
+    ("entropy", {"threshold": 0.5}),
+    ("entropy", {"threshold": [0.45, 0.15, 0.6, 0.6]}),
+    ("normalized_entropy", {"threshold": 0.7}),
+    ("pcee", {"threshold": 0.75, "patience": 2}),
+    ("none", {}),
+]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bert_dir):
+    return make_tiny_model(tiny_bert_dir)
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+    return collate(encode(tokenizer, SENTENCES, None, 64), range(len(SENTENCES)), 0)
+
+
+@pytest.mark.parametrize(("name", "params"), POLICIES)
+def test_loop_matches_policy_on_full_depth_logits(model, batch, name, params):
+    policy = make_policy(name, **params)
+    with torch.inference_mode():
+        all_logits = model(*batch)
+    expected_layer, expected_logits = run_policy(policy, all_logits)
+    out = early_exit_forward(model, policy, *batch)
+    assert out.exit_layer.tolist() == expected_layer.tolist()
+    torch.testing.assert_close(out.logits, expected_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_exits_are_spread_over_layers(model, batch):
+    """The fixture model is useful only if rows exit at different layers."""
+    policy = make_policy("entropy", threshold=[0.45, 0.15, 0.6, 0.6])
+    out = early_exit_forward(model, policy, *batch)
+    assert len(set(out.exit_layer.tolist())) >= 3
+
+
+@pytest.mark.parametrize(("name", "params"), POLICIES)
+def test_batch_equals_one_by_one(model, tokenizer, name, params):
+    policy = make_policy(name, **params)
+    encoded = encode(tokenizer, SENTENCES, None, 64)
+    together = early_exit_forward(model, policy, *collate(encoded, range(len(SENTENCES)), 0))
+    for i in range(len(SENTENCES)):
+        alone = early_exit_forward(model, policy, *collate(encoded, [i], 0))
+        assert alone.exit_layer.item() == together.exit_layer[i].item()
+        torch.testing.assert_close(alone.logits[0], together.logits[i], atol=1e-5, rtol=1e-5)
+
+
+def test_all_rows_exit_at_layer_one(model, batch):
+    out = early_exit_forward(model, make_policy("normalized_entropy", threshold=1.0), *batch)
+    assert out.exit_layer.tolist() == [1] * len(SENTENCES)
