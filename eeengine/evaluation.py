@@ -33,6 +33,8 @@ SWEEP_GRIDS: dict[str, list[float]] = {
 SWEEP_PATIENCE = {"pcee": (1, 2, 3), "patience": (1, 2, 3, 4)}
 # Swept policies: those with a grid, and "budget" over layers 1 … L-1.
 SWEPT_POLICIES = (*SWEEP_GRIDS, "budget")
+# Keys of a sweep point that are measurements, not parameters of the policy.
+POINT_MEASUREMENTS = ("metric", "avg_exit_layer", "layer_saving", "speedup")
 
 
 def sweep_params(name: str, num_labels: int, num_layers: int) -> list[dict]:
@@ -85,6 +87,13 @@ def predictions_of(logits: Tensor) -> list:
 def exit_metrics(all_logits: Tensor, labels: Sequence, metric: str) -> list[float]:
     """The task metric of each exit on its own; one float per layer, layer 1 first."""
     return [METRICS[metric](predictions_of(layer_logits), labels) for layer_logits in all_logits]
+
+
+def policy_params(point: dict) -> dict:
+    """The parameters of the policy in a sweep point (or in ``eeengine.json``'s ``policy``):
+    every key but the measurements and ``name``, e.g. ``layer`` for ``budget`` or ``window``
+    for ``elbert``, ready for :func:`eeengine.policies.make_policy`."""
+    return {k: v for k, v in point.items() if k not in POINT_MEASUREMENTS and k != "name"}
 
 
 def sweep(

@@ -6,10 +6,11 @@ from eeengine.evaluation import (
     SWEEP_GRIDS,
     SWEEP_PATIENCE,
     choose_operating_point,
+    policy_params,
     sweep,
     sweep_params,
 )
-from eeengine.policies import POLICIES
+from eeengine.policies import POLICIES, make_policy
 
 NUM_LAYERS, NUM_EXAMPLES = 4, 40
 
@@ -56,3 +57,14 @@ def test_sweep_params_of_budget_follow_the_depth():
     assert sweep_params("patience", 3, 6) == [
         {"threshold": None, "patience": t} for t in SWEEP_PATIENCE["patience"]
     ]
+
+
+def test_every_swept_point_rebuilds_its_policy():
+    logits = _random_logits(5)
+    scores = torch.rand(NUM_LAYERS, NUM_EXAMPLES, generator=torch.Generator().manual_seed(1))
+    result = sweep(logits, logits[-1].argmax(-1).tolist(), "accuracy", {"lte_score": scores})
+    for name, points in result["policies"].items():
+        for point in points:
+            params = policy_params(point)
+            assert make_policy(name, **params).params() == params
+    assert policy_params({"name": "budget", "layer": 3}) == {"layer": 3}
