@@ -17,8 +17,8 @@ class PatiencePolicy(ExitPolicy):
 
     cnt_1 = 0 (layer 1 has no previous prediction to agree with);
     cnt_l = cnt_{l-1} + 1 if same(l, l-1) else 0 for l >= 2; exit at the first l with
-    cnt_l = t. So the earliest exit is layer t + 1, as in PABEE's reference code and in
-    PCEE-BERT's Table 1, where t = 11 on a 12-layer BERT averages exactly 12 layers.
+    cnt_l = t. So the earliest exit is layer t + 1, which matches PABEE's numbers in
+    PCEE-BERT's Table 1: t = 11 on a 12-layer BERT averages exactly 12 layers.
 
     same(l, l-1) is argmax z_l == argmax z_{l-1} (first index on ties) for classification,
     and |v_l - v_{l-1}| < δ_l (strict) for regression (num_labels == 1, v the single output).
