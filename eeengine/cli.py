@@ -20,7 +20,14 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", help="checkpoint directory (default: the cached SST-2 model)")
     parser.add_argument("--policy", help="exit policy (default: the checkpoint's)")
     parser.add_argument("--threshold", type=float, help="policy threshold")
-    parser.add_argument("--patience", type=int, help="patience (pcee)")
+    parser.add_argument("--patience", type=int, help="patience (pcee, patience)")
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="another policy parameter, e.g. --param layer=3 (budget), --param window=2 (elbert)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=32)
 
@@ -33,7 +40,19 @@ def _engine(args: argparse.Namespace) -> Engine:
         threshold=args.threshold,
         patience=args.patience,
         device=args.device,
+        **dict(_parse_param(p) for p in args.param),
     )
+
+
+def _parse_param(text: str) -> tuple[str, object]:
+    """``name=value`` with value parsed as JSON when it is JSON (numbers, lists), else a string."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"--param {text!r}: expected NAME=VALUE")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

@@ -13,7 +13,7 @@ import torch
 from eeengine.batching import collate, encode, length_sorted_batches
 from eeengine.checkpoint import load_checkpoint
 from eeengine.data import Split
-from eeengine.evaluation import choose_operating_point
+from eeengine.evaluation import choose_operating_point, policy_params
 from eeengine.inputs import Example, normalize_inputs
 from eeengine.metrics import METRICS
 from eeengine.policies import ExitPolicy, make_policy
@@ -53,16 +53,19 @@ class Engine:
 
     Args:
         checkpoint: path of a checkpoint directory (see :mod:`eeengine.checkpoint`).
-        policy: exit policy name (``entropy``, ``normalized_entropy``, ``pcee``, ``none``);
+        policy: exit policy name (see :data:`eeengine.policies.POLICIES`);
             None uses the checkpoint's default, chosen at training time on the dev set.
         threshold: the policy's threshold (entropy in nats for ``entropy``; normalized entropy
             in [0, 1] for ``normalized_entropy`` and ``pcee``), or one per layer. None: the
             checkpoint's value for that policy (its default policy, or else the fastest
             calibrated point within 0.5 points of full depth).
-        patience: consecutive confident layers for ``pcee``.
+        patience: consecutive confident (``pcee``) or agreeing (``patience``) layers.
         device: a torch device string ("cpu", "cuda", "cuda:1").
         max_length: tokens per input (default: the checkpoint's ``max_seq_length``); longer
             inputs are truncated with a warning.
+        **policy_kwargs: other parameters of the policy, e.g. ``layer`` for ``budget``,
+            ``window`` / ``window_test`` / ``window_range`` for ``elbert``, ``memory_weight``
+            for ``mpee`` (see :mod:`eeengine.policies`).
 
     Raises:
         FileNotFoundError, eeengine.checkpoint.CheckpointError: bad checkpoint (file and field
@@ -78,6 +81,7 @@ class Engine:
         patience: int | None = None,
         device: str = "cpu",
         max_length: int | None = None,
+        **policy_kwargs: object,
     ) -> None:
         self.device = _resolve_device(device)
         ckpt = load_checkpoint(checkpoint)
@@ -91,7 +95,9 @@ class Engine:
         limit = self.model.config.max_position_embeddings
         if not 2 < self.max_length <= limit:
             raise ValueError(f"max_length={self.max_length} must be in [3, {limit}]")
-        self.policy = self._make_policy(policy, threshold, patience)
+        self.policy = self._make_policy(
+            policy, {"threshold": threshold, "patience": patience, **policy_kwargs}
+        )
 
     @property
     def num_layers(self) -> int:
@@ -102,23 +108,17 @@ class Engine:
         """Which implementation runs the exit step ("reference": plain torch)."""
         return "reference"
 
-    def _make_policy(
-        self, name: str | None, threshold: float | Sequence[float] | None, patience: int | None
-    ) -> ExitPolicy:
+    def _make_policy(self, name: str | None, given: dict) -> ExitPolicy:
         default = self.manifest["policy"]
         name = name or default["name"]
-        params = {"threshold": threshold, "patience": patience}
-        stored = None
+        stored = {}
         if name == default["name"]:
-            stored = default
+            stored = policy_params(default)
         elif self.calibration:
             chosen = choose_operating_point(self.calibration, policy=name)
-            stored = chosen[1] if chosen else None
-        if stored is not None:
-            for key in params:
-                if params[key] is None and stored.get(key) is not None:
-                    params[key] = stored[key]
-        policy = make_policy(name, **params)
+            stored = policy_params(chosen[1]) if chosen else {}
+        overrides = {k: v for k, v in given.items() if v is not None}
+        policy = make_policy(name, **{**stored, **overrides})
         policy.validate(self.model.num_labels, self.num_layers)
         return policy
 

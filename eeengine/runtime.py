@@ -63,14 +63,15 @@ def early_exit_forward(
     for layer in range(1, num_layers + 1):
         hidden_states = model.bert.encoder.layer[layer - 1](hidden_states, bias)
         logits = model.exit_heads[layer - 1](hidden_states, attention_mask)
+        exit_mask, state = policy.step(logits, layer, state)
+        outputs = policy.output_logits(logits, state)  # the logits, or MPEE's memory
         if layer == num_layers:
-            out_logits[rows] = logits.float()
+            out_logits[rows] = outputs.float()
             out_layer[rows] = layer
             break
-        exit_mask, state = policy.step(logits, layer, state)
         if not bool(exit_mask.any()):
             continue
-        out_logits[rows[exit_mask]] = logits[exit_mask].float()
+        out_logits[rows[exit_mask]] = outputs[exit_mask].float()
         out_layer[rows[exit_mask]] = layer
         keep = ~exit_mask
         if not bool(keep.any()):

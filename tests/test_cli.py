@@ -83,3 +83,25 @@ def test_default_checkpoint_is_trained_once_then_cached(
     assert (tmp_path / eeengine.defaults.DEFAULT_CHECKPOINT / "eeengine.json").is_file()
     assert main(["predict", "good"]) == 0
     assert "no default checkpoint" not in capsys.readouterr().err
+
+
+def test_extra_policy_parameters(tiny_ckpt, capsys):
+    assert (
+        main(
+            [
+                "predict",
+                "--ckpt",
+                str(tiny_ckpt),
+                "--policy",
+                "budget",
+                "--param",
+                "layer=3",
+                "--json",
+                "x",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)[0]["exit_layer"] == 3
+    assert main(["predict", "--ckpt", str(tiny_ckpt), "--param", "nolayer", "x"]) == 2
+    assert "expected NAME=VALUE" in capsys.readouterr().err

@@ -114,3 +114,13 @@ def test_long_input_is_truncated_with_a_warning(engine):
         predictions = engine.predict(["short", long_text])
     truncated = engine.predict(" ".join(["good"] * 62))  # 62 words + [CLS] + [SEP] = 64
     assert predictions[1].logits == pytest.approx(truncated.logits, abs=1e-5)
+
+
+def test_policy_keyword_parameters(tiny_ckpt):
+    assert {
+        p.exit_layer for p in Engine(tiny_ckpt, policy="budget", layer=2).predict(SENTENCES)
+    } == {2}
+    with pytest.raises(ValueError, match="does not take"):
+        Engine(tiny_ckpt, policy="budget", layer=2, window=3)
+    with pytest.raises(ValueError, match="LTE module"):
+        Engine(tiny_ckpt, policy="lte", threshold=0.5)

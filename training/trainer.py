@@ -23,7 +23,13 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 from eeengine.batching import collate, encode
 from eeengine.checkpoint import save_checkpoint
 from eeengine.data import get_task, load_split
-from eeengine.evaluation import all_exit_logits, choose_operating_point, exit_metrics, sweep
+from eeengine.evaluation import (
+    all_exit_logits,
+    choose_operating_point,
+    exit_metrics,
+    policy_params,
+    sweep,
+)
 from eeengine.modeling_multiexit import MultiExitBert, load_bert_weights
 from eeengine.training.recipes import get_recipe
 
@@ -152,9 +158,7 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     per_exit = exit_metrics(dev_logits, dev.labels, task.metric)
     calibration = sweep(dev_logits, dev.labels, task.metric)
     chosen = choose_operating_point(calibration, config.max_drop)
-    policy = (
-        {"name": "none"} if chosen is None else {"name": chosen[0], **_policy_params(chosen[1])}
-    )
+    policy = {"name": "none"} if chosen is None else {"name": chosen[0], **policy_params(chosen[1])}
 
     manifest = {
         "backbone": "bert",
@@ -179,7 +183,3 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
         },
     }
     return save_checkpoint(out, model, tokenizer, manifest, calibration)
-
-
-def _policy_params(point: dict) -> dict:
-    return {k: point[k] for k in ("threshold", "patience") if k in point}
