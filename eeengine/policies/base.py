@@ -48,6 +48,10 @@ class ExitPolicy:
 
     name: str = ""
     needs_threshold: bool = True
+    # The fused op eeengine._custom_ops.exit_head_step implements policies with an op_code
+    # (a PolicyCode); it takes op_params(layer) and the state tensors op_state_keys, in order.
+    op_code: int | None = None
+    op_state_keys: tuple[str, ...] = ()
 
     def __init__(self, threshold: float | Sequence[float] | None = None) -> None:
         if self.needs_threshold and threshold is None:
@@ -106,6 +110,10 @@ class ExitPolicy:
             state: the updated state.
         """
         raise NotImplementedError
+
+    def op_params(self, layer: int) -> list[float]:
+        """The ``params`` of the fused op at 1-based ``layer`` (see ``PolicyCode``)."""
+        return [self.threshold_at(layer)]
 
     def params(self) -> dict:
         """The policy's parameters as stored in ``eeengine.json``."""
