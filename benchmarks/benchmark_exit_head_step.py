@@ -1,6 +1,6 @@
 """Fused exit_head_step (provider "eeengine") vs the unfused torch head + policy + latch
 (provider "torch", :func:`eeengine.runtime.exit_head_step_reference`), with one encoder layer
-for scale.
+and the whole early-exit loop (both backends, full depth) for scale.
 
 Run: ``pytest benchmarks/benchmark_exit_head_step.py --benchmark-only`` (one group per
 shape, providers side by side; add ``--benchmark-json=PATH`` for the raw numbers).
@@ -15,8 +15,10 @@ from transformers import BertConfig
 from eeengine._custom_ops import HAS_C, LOAD_ERROR, exit_head_step
 from eeengine.heads import ExitHead
 from eeengine.modeling_bert import BertLayer, attention_bias
+from eeengine.modeling_multiexit import MultiExitBert
+from eeengine.policies.none import NoExitPolicy
 from eeengine.policies.pcee import PceePolicy
-from eeengine.runtime import exit_head_step_reference
+from eeengine.runtime import early_exit_forward, exit_head_step_reference
 
 SEQ_LEN = 64
 NUM_LAYERS = 6
@@ -69,17 +71,40 @@ def test_exit_head_step(
             )  # fmt: skip
 
 
-def test_encoder_layer(benchmark) -> None:
-    """One all-MiniLM-L6-v2-sized BertLayer (hidden 384, 12 heads, intermediate 1536), random
-    weights, batch 1, seq 64: the work one exit step sits between."""
-    torch.manual_seed(0)
-    config = BertConfig(
-        hidden_size=384, num_attention_heads=12, intermediate_size=1536, hidden_act="gelu"
+def minilm_config() -> BertConfig:
+    """all-MiniLM-L6-v2's shape (6 layers, hidden 384, 12 heads, intermediate 1536)."""
+    return BertConfig(
+        num_hidden_layers=NUM_LAYERS,
+        hidden_size=384,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        hidden_act="gelu",
     )
-    layer = BertLayer(config).eval()
+
+
+def test_encoder_layer(benchmark) -> None:
+    """One MiniLM-sized BertLayer, random weights, batch 1, seq 64: the work one exit step sits
+    between."""
+    torch.manual_seed(0)
+    layer = BertLayer(minilm_config()).eval()
     hidden = torch.randn(1, SEQ_LEN, 384)
     bias = attention_bias(torch.ones(1, SEQ_LEN, dtype=torch.long))
     benchmark.group = "encoder layer H=384 B=1 N=64"
     benchmark.extra_info.update(provider="torch", seq_len=SEQ_LEN)
     with torch.inference_mode():
         benchmark(layer, hidden, bias)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_early_exit_forward(benchmark, backend: str) -> None:
+    """The whole loop on a random MiniLM-sized model, batch 1, seq 64, full depth (policy
+    "none"): 6 encoder layers and 6 exit steps."""
+    if backend == "cpp" and not HAS_C:
+        pytest.skip(f"C++ extension not available: {LOAD_ERROR}")
+    torch.manual_seed(0)
+    model = MultiExitBert(minilm_config(), num_labels=2).eval()
+    input_ids = torch.randint(1000, 2000, (1, SEQ_LEN))
+    ones = torch.ones_like(input_ids)
+    benchmark.group = "early_exit_forward MiniLM-sized B=1 N=64 full depth"
+    benchmark.extra_info.update(provider=backend, seq_len=SEQ_LEN)
+    benchmark(early_exit_forward, model, NoExitPolicy(), input_ids, ones, ones * 0, backend)

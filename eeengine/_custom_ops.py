@@ -141,7 +141,7 @@ if HAS_C:
 _warned: set[str] = set()  # reasons already warned about: one warning each per process
 
 
-def resolve_backend(requested: str | None, policy: object) -> str:
+def resolve_backend(requested: str | None, policy: object, num_labels: int) -> str:
     """Pick the backend of the exit step once, at engine construction.
 
     Args:
@@ -150,6 +150,8 @@ def resolve_backend(requested: str | None, policy: object) -> str:
             that says why).
         policy: an :class:`eeengine.policies.ExitPolicy`; the op implements the policies whose
             ``op_code`` is not None.
+        num_labels: the model's number of classes C; policies that read the softmax need C >= 2
+            in the op (regression, C = 1, runs on the reference).
 
     Returns:
         "cpp" or "reference".
@@ -162,10 +164,13 @@ def resolve_backend(requested: str | None, policy: object) -> str:
         raise ValueError(f"unknown backend {requested!r}; available: {', '.join(BACKENDS)}")
     if requested == "reference":
         return "reference"
+    op_code = getattr(policy, "op_code", None)
     if not HAS_C:
         reason = LOAD_ERROR
-    elif getattr(policy, "op_code", None) is None:
+    elif op_code is None:
         reason = f"the C++ exit op does not implement policy {getattr(policy, 'name', policy)!r}"
+    elif num_labels < 2 and op_code not in (PolicyCode.NONE, PolicyCode.BUDGET):
+        reason = f"the C++ exit op needs >= 2 classes for policy {policy.name!r} (regression)"
     else:
         return "cpp"
     if requested == "cpp":

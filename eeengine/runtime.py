@@ -143,10 +143,12 @@ def early_exit_forward(
         :func:`eeengine.policies.run_policy` on the full-depth logits.
 
     Raises:
-        ValueError: an unknown backend, or "cpp" where the extension is missing or does not
-            implement the policy.
+        ValueError: an unknown backend; "cpp" where the extension is missing or does not
+            implement the policy, or with the model in training mode.
     """
-    backend = _custom_ops.resolve_backend(backend, policy)
+    backend = _custom_ops.resolve_backend(backend, policy, model.num_labels)
+    if backend == "cpp" and model.training:
+        raise ValueError("backend 'cpp' runs the exit heads without dropout: call model.eval()")
     batch_size = input_ids.shape[0]
     device = input_ids.device
     num_layers = model.num_layers

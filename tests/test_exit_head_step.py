@@ -20,7 +20,13 @@ from eeengine import _custom_ops
 from eeengine._custom_ops import HAS_C, LOAD_ERROR, PolicyCode, exit_head_step, resolve_backend
 from eeengine.heads import ExitHead
 from eeengine.modeling_multiexit import MultiExitBert
-from eeengine.policies.base import ExitPolicy, State, entropy, normalized_entropy
+from eeengine.policies.base import (
+    ExitPolicy,
+    State,
+    entropy,
+    normalized_entropy,
+    run_policy,
+)
 from eeengine.policies.entropy import EntropyPolicy
 from eeengine.policies.none import NoExitPolicy
 from eeengine.policies.normalized_entropy import NormalizedEntropyPolicy
@@ -417,7 +423,7 @@ def test_torch_compile_fullgraph() -> None:
     buffers = [(torch.zeros(4, dtype=torch.long), torch.zeros(4, 3), torch.zeros(4).long())]
     buffers.append(tuple(t.clone() for t in buffers[0]))
     expected = step(hidden, *buffers[0])
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True)
     assert torch.equal(compiled(hidden, *buffers[1]), expected)
     for eager, traced in zip(*buffers, strict=True):  # the in-place updates happened too
         assert torch.equal(traced, eager)
@@ -453,6 +459,10 @@ def test_runtime_cpp_backend_matches_reference(pooling: str, policy: ExitPolicy)
     batch = (input_ids * attention_mask, attention_mask, torch.zeros_like(input_ids))
     ref = early_exit_forward(model, policy, *batch, backend="reference")
     got = early_exit_forward(model, policy, *batch, backend="cpp")
+    with torch.inference_mode():  # both equal the policy's definition on full-depth logits
+        exit_layer, logits = run_policy(policy, model(*batch))
+    assert torch.equal(ref.exit_layer, exit_layer)
+    torch.testing.assert_close(ref.logits, logits, **TOLERANCES[torch.float32])
     assert torch.equal(got.exit_layer, ref.exit_layer)
     torch.testing.assert_close(got.logits, ref.logits, **TOLERANCES[torch.float32])
     if policy.name != "none":
@@ -461,12 +471,12 @@ def test_runtime_cpp_backend_matches_reference(pooling: str, policy: ExitPolicy)
 
 def test_resolve_backend() -> None:
     policy = EntropyPolicy(0.5)
-    assert resolve_backend("reference", policy) == "reference"
+    assert resolve_backend("reference", policy, 2) == "reference"
     with pytest.raises(ValueError, match="unknown backend 'gpu'"):
-        resolve_backend("gpu", policy)
+        resolve_backend("gpu", policy, 2)
     if HAS_C:
-        assert resolve_backend(None, policy) == "cpp"
-        assert resolve_backend("cpp", policy) == "cpp"
+        assert resolve_backend(None, policy, 2) == "cpp"
+        assert resolve_backend("cpp", policy, 2) == "cpp"
 
 
 def test_fallback_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -475,12 +485,12 @@ def test_fallback_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_custom_ops, "_warned", set())
     policy = EntropyPolicy(0.5)
     with pytest.warns(UserWarning, match="reference backend .*not built"):
-        assert resolve_backend(None, policy) == "reference"
+        assert resolve_backend(None, policy, 2) == "reference"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert resolve_backend(None, policy) == "reference"  # no second warning
+        assert resolve_backend(None, policy, 2) == "reference"  # no second warning
     with pytest.raises(ValueError, match="backend 'cpp' is not available: .*not built"):
-        resolve_backend("cpp", policy)
+        resolve_backend("cpp", policy, 2)
 
 
 def test_unsupported_policy_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -488,6 +498,17 @@ def test_unsupported_policy_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     policy = EntropyPolicy(0.5)
     monkeypatch.setattr(policy, "op_code", None)
     with pytest.warns(UserWarning, match="reference backend"):
-        assert resolve_backend(None, policy) == "reference"
+        assert resolve_backend(None, policy, 2) == "reference"
     with pytest.raises(ValueError, match="backend 'cpp' is not available"):
-        resolve_backend("cpp", policy)
+        resolve_backend("cpp", policy, 2)
+
+
+@requires_c
+def test_regression_and_training_mode_refuse_cpp() -> None:
+    with pytest.raises(ValueError, match="needs >= 2 classes"):
+        resolve_backend("cpp", PceePolicy(0.5, 2), 1)
+    assert resolve_backend("cpp", NoExitPolicy(), 1) == "cpp"
+    model = tiny_model("mean").train()
+    ones = torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="model.eval"):
+        early_exit_forward(model, NoExitPolicy(), ones, ones, ones * 0, backend="cpp")
