@@ -8,6 +8,7 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from eeengine._custom_ops import HAS_C, LOAD_ERROR
 from eeengine.checkpoint import CheckpointError
 from eeengine.data import get_task, load_split
 from eeengine.defaults import default_checkpoint, minilm_dir
@@ -29,6 +30,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="another policy parameter, e.g. --param layer=3 (budget), --param window=2 (elbert)",
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", choices=("cpp", "reference"), help="default: cpp if built")
     parser.add_argument("--batch-size", type=int, default=32)
 
 
@@ -40,6 +42,7 @@ def _engine(args: argparse.Namespace) -> Engine:
         threshold=args.threshold,
         patience=args.patience,
         device=args.device,
+        backend=args.backend,
         **dict(_parse_param(p) for p in args.param),
     )
 
@@ -124,7 +127,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"task        {m['task']['name']} ({m['task']['type']}), labels {engine.label_names}")
     print(f"exit heads  {m['exit_heads']}")
     print(f"policy      {engine.policy!r}")
-    print(f"backend     {engine.backend}")
+    print(f"backend     {engine.backend}" + ("" if HAS_C else f" ({LOAD_ERROR})"))
     if training:
         metrics = ", ".join(f"{v:.2f}" for v in training.get("dev_exit_metrics", []))
         print(

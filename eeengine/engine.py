@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from eeengine._custom_ops import resolve_backend
 from eeengine.batching import collate, encode, length_sorted_batches
 from eeengine.checkpoint import load_checkpoint
 from eeengine.data import Split
@@ -63,6 +64,9 @@ class Engine:
         device: a torch device string ("cpu", "cuda", "cuda:1").
         max_length: tokens per input (default: the checkpoint's ``max_seq_length``); longer
             inputs are truncated with a warning.
+        backend: how the exit head + policy step runs: "cpp" (the fused C++ op), "reference"
+            (plain torch), or None for "cpp" when the extension is built and implements the
+            policy, else "reference" with one warning saying why.
         **policy_kwargs: other parameters of the policy, e.g. ``layer`` for ``budget``,
             ``window`` / ``window_test`` / ``window_range`` for ``elbert``, ``memory_weight``
             for ``mpee`` (see :mod:`eeengine.policies`).
@@ -70,7 +74,8 @@ class Engine:
     Raises:
         FileNotFoundError, eeengine.checkpoint.CheckpointError: bad checkpoint (file and field
             named).
-        ValueError: unknown policy, threshold out of range, unknown or unavailable device.
+        ValueError: unknown policy, threshold out of range, unknown or unavailable device,
+            unknown backend or "cpp" where it cannot run.
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class Engine:
         patience: int | None = None,
         device: str = "cpu",
         max_length: int | None = None,
+        backend: str | None = None,
         **policy_kwargs: object,
     ) -> None:
         self.device = _resolve_device(device)
@@ -98,6 +104,7 @@ class Engine:
         self.policy = self._make_policy(
             policy, {"threshold": threshold, "patience": patience, **policy_kwargs}
         )
+        self._backend = resolve_backend(backend, self.policy, self.model.num_labels)
 
     @property
     def num_layers(self) -> int:
@@ -105,8 +112,8 @@ class Engine:
 
     @property
     def backend(self) -> str:
-        """Which implementation runs the exit step ("reference": plain torch)."""
-        return "reference"
+        """Which implementation runs the exit step: "cpp" (fused op) or "reference"."""
+        return self._backend
 
     def _make_policy(self, name: str | None, given: dict) -> ExitPolicy:
         default = self.manifest["policy"]
@@ -176,7 +183,7 @@ class Engine:
         results: list[Prediction | None] = [None] * len(examples)
         for indices in length_sorted_batches(encoded.lengths, batch_size):
             batch = collate(encoded, indices, self.tokenizer.pad_token_id, self.device)
-            out = early_exit_forward(self.model, self.policy, *batch)
+            out = early_exit_forward(self.model, self.policy, *batch, backend=self._backend)
             for row, i in enumerate(indices):
                 results[i] = self._prediction(out.logits[row], int(out.exit_layer[row]))
         return results

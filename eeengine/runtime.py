@@ -3,6 +3,10 @@
 Per layer l: encoder layer on the live rows -> exit head -> policy step -> latch the logits and
 exit layer of rows that exit -> drop them from the working batch (hidden states, mask, policy
 state, and the index map back to the caller's rows). Later layers compute only on live rows.
+
+The exit head, policy step and latch run either in plain torch (backend "reference",
+:func:`exit_head_step_reference`) or as one fused C++ op (backend "cpp",
+:func:`eeengine._custom_ops.exit_head_step`); both give the same exits and logits.
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from eeengine import _custom_ops
+from eeengine.heads import ExitHead
 from eeengine.modeling_bert import attention_bias
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import ExitPolicy
+from eeengine.policies.base import State
 
 
 @dataclass
@@ -30,6 +37,87 @@ class ExitOutput:
     exit_layer: Tensor
 
 
+def exit_head_step_reference(
+    head: ExitHead,
+    policy: ExitPolicy,
+    hidden_states: Tensor,
+    attention_mask: Tensor,
+    layer: int,
+    num_layers: int,
+    state: State,
+    rows: Tensor,
+    out_logits: Tensor,
+    out_layer: Tensor,
+) -> tuple[Tensor, Tensor, State]:
+    """Exit head, policy step and latch in plain torch: the twin of the fused op
+    :func:`eeengine._custom_ops.exit_head_step`, and the ground truth it is tested against.
+
+    Args:
+        head: the exit head of ``layer``, in eval mode.
+        policy: the exit policy.
+        hidden_states: (batch_size, seq_len, hidden_size), the live rows after ``layer``.
+        attention_mask: (batch_size, seq_len), 1 for real tokens.
+        layer: 1-based layer index; every row exits at ``layer == num_layers``.
+        num_layers: depth of the model.
+        state: the policy's state, rows aligned with ``hidden_states``.
+        rows: (batch_size,) int64, each live row's index into ``out_logits`` / ``out_layer``.
+        out_logits: (batch_size_0, num_labels) float32; exiting rows are written in place.
+        out_layer: (batch_size_0,) int64; exiting rows get ``layer``, in place.
+
+    Returns:
+        logits: (batch_size, num_labels), the dtype of the head.
+        exit_mask: (batch_size,) bool, True for rows that exit at this layer.
+        state: the updated state.
+    """
+    logits = head(hidden_states, attention_mask)
+    exit_mask, state = policy.step(logits, layer, state)
+    if layer == num_layers:
+        exit_mask = torch.ones_like(exit_mask)
+    if bool(exit_mask.any()):
+        outputs = policy.output_logits(logits, state)  # the logits, or MPEE's memory
+        out_logits[rows[exit_mask]] = outputs[exit_mask].float()
+        out_layer[rows[exit_mask]] = layer
+    return logits, exit_mask, state
+
+
+def _exit_head_step_cpp(
+    head: ExitHead,
+    policy: ExitPolicy,
+    hidden_states: Tensor,
+    attention_mask: Tensor,
+    layer: int,
+    num_layers: int,
+    state: State,
+    rows: Tensor,
+    out_logits: Tensor,
+    out_layer: Tensor,
+) -> Tensor:
+    """:func:`exit_head_step_reference` through the fused C++ op; updates ``state`` in place.
+
+    Returns:
+        exit_mask: (batch_size,) bool.
+    """
+    if head.pooler is None:  # mean pooling, fused into the op
+        pooled, mask = hidden_states, attention_mask
+    else:
+        pooled, mask = head.pooler(hidden_states), None
+    _, exit_mask = _custom_ops.exit_head_step(
+        pooled,
+        mask,
+        head.classifier.weight,
+        head.classifier.bias,
+        policy.op_code,
+        policy.op_params(layer),
+        layer,
+        num_layers,
+        [state[key] for key in policy.op_state_keys],
+        rows,
+        out_logits,
+        out_layer,
+    )
+    return exit_mask
+
+
 @torch.inference_mode()
 def early_exit_forward(
     model: MultiExitBert,
@@ -37,6 +125,7 @@ def early_exit_forward(
     input_ids: Tensor,
     attention_mask: Tensor,
     token_type_ids: Tensor,
+    backend: str = "reference",
 ) -> ExitOutput:
     """Run the multi-exit model with per-sample early exit and batch compaction.
 
@@ -45,11 +134,21 @@ def early_exit_forward(
         policy: decides after each layer which rows exit.
         input_ids, attention_mask, token_type_ids: (batch_size, seq_len); the mask is 1 for
             real tokens.
+        backend: how each layer's exit head and policy step run: "reference" (plain torch,
+            :func:`exit_head_step_reference`) or "cpp" (the fused op; see
+            :func:`eeengine._custom_ops.resolve_backend`).
 
     Returns:
         :class:`ExitOutput`. Equal, row by row, to running each row alone, and to
         :func:`eeengine.policies.run_policy` on the full-depth logits.
+
+    Raises:
+        ValueError: an unknown backend; "cpp" where the extension is missing or does not
+            implement the policy, or with the model in training mode.
     """
+    backend = _custom_ops.resolve_backend(backend, policy, model.num_labels)
+    if backend == "cpp" and model.training:
+        raise ValueError("backend 'cpp' runs the exit heads without dropout: call model.eval()")
     batch_size = input_ids.shape[0]
     device = input_ids.device
     num_layers = model.num_layers
@@ -62,17 +161,16 @@ def early_exit_forward(
     state = policy.init_state(batch_size, device)
     for layer in range(1, num_layers + 1):
         hidden_states = model.bert.encoder.layer[layer - 1](hidden_states, bias)
-        logits = model.exit_heads[layer - 1](hidden_states, attention_mask)
-        exit_mask, state = policy.step(logits, layer, state)
-        outputs = policy.output_logits(logits, state)  # the logits, or MPEE's memory
-        if layer == num_layers:
-            out_logits[rows] = outputs.float()
-            out_layer[rows] = layer
-            break
+        step_args = (hidden_states, attention_mask, layer, num_layers, state, rows)
+        head = model.exit_heads[layer - 1]
+        if backend == "cpp":
+            exit_mask = _exit_head_step_cpp(head, policy, *step_args, out_logits, out_layer)
+        else:
+            _, exit_mask, state = exit_head_step_reference(
+                head, policy, *step_args, out_logits, out_layer
+            )
         if not bool(exit_mask.any()):
             continue
-        out_logits[rows[exit_mask]] = outputs[exit_mask].float()
-        out_layer[rows[exit_mask]] = layer
         keep = ~exit_mask
         if not bool(keep.any()):
             break

@@ -65,7 +65,7 @@ def test_eval_json(tiny_ckpt, capsys):
 def test_info(tiny_ckpt, capsys):
     assert main(["info", str(tiny_ckpt)]) == 0
     out = capsys.readouterr().out
-    assert "backend     reference" in out and "4 layers" in out
+    assert "backend     cpp" in out and "4 layers" in out
 
 
 def test_default_checkpoint_is_trained_once_then_cached(

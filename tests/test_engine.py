@@ -124,3 +124,24 @@ def test_policy_keyword_parameters(tiny_ckpt):
         Engine(tiny_ckpt, policy="budget", layer=2, window=3)
     with pytest.raises(ValueError, match="LTE module"):
         Engine(tiny_ckpt, policy="lte", threshold=0.5)
+
+
+@pytest.mark.parametrize("name", ["entropy", "pcee", "max_prob", "patience", "budget", "mpee"])
+def test_backends_agree(tiny_ckpt, name):
+    params = {
+        "entropy": {"threshold": 0.5},
+        "pcee": {"threshold": 0.75, "patience": 2},
+        "max_prob": {"threshold": 0.75},
+        "patience": {"patience": 1},
+        "budget": {"layer": 3},
+        "mpee": {"threshold": 0.3},
+    }[name]
+    reference = Engine(tiny_ckpt, policy=name, backend="reference", **params)
+    assert reference.backend == "reference"
+    default = Engine(tiny_ckpt, policy=name, **params)  # cpp where the op implements it
+    expected = reference.predict(SENTENCES, batch_size=3)
+    actual = default.predict(SENTENCES, batch_size=3)
+    assert [p.exit_layer for p in actual] == [p.exit_layer for p in expected]
+    torch.testing.assert_close(
+        torch.tensor([p.logits for p in actual]), torch.tensor([p.logits for p in expected])
+    )

@@ -110,6 +110,10 @@ class ExitPolicy:
     needs_threshold: bool = True
     supports_regression: bool = False
     needs: tuple[str, ...] = ()
+    # The fused op eeengine._custom_ops.exit_head_step implements policies with an op_code
+    # (a PolicyCode); it takes op_params(layer) and the state tensors op_state_keys, in order.
+    op_code: int | None = None
+    op_state_keys: tuple[str, ...] = ()
 
     def __init__(self, threshold: float | Sequence[float] | None = None) -> None:
         if self.needs_threshold and threshold is None:
@@ -194,6 +198,10 @@ class ExitPolicy:
         """The logits a row exits with, given this layer's logits and the state :meth:`step`
         returned for it: (batch_size, num_labels). The exit head's logits unless overridden."""
         return logits
+
+    def op_params(self, layer: int) -> list[float]:
+        """The ``params`` of the fused op at 1-based ``layer`` (see ``PolicyCode``)."""
+        return [self.threshold_at(layer)]
 
     def params(self) -> dict:
         """The policy's parameters as stored in ``eeengine.json``."""

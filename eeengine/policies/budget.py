@@ -8,6 +8,7 @@ from collections.abc import Collection
 import torch
 from torch import Tensor
 
+from eeengine._custom_ops import PolicyCode
 from eeengine.policies.base import ExitPolicy, State, check_int
 
 
@@ -23,6 +24,7 @@ class BudgetPolicy(ExitPolicy):
     """
 
     name = "budget"
+    op_code = PolicyCode.BUDGET
     needs_threshold = False
     supports_regression = True
 
@@ -40,7 +42,10 @@ class BudgetPolicy(ExitPolicy):
             )
 
     def step(self, logits: Tensor, layer: int, state: State) -> tuple[Tensor, State]:
-        return torch.full((logits.shape[0],), layer == self.layer, device=logits.device), state
+        return torch.full((logits.shape[0],), layer >= self.layer, device=logits.device), state
+
+    def op_params(self, layer: int) -> list[float]:
+        return [self.layer]
 
     def params(self) -> dict:
         return {"layer": self.layer}

@@ -6,6 +6,7 @@ import math
 
 from torch import Tensor
 
+from eeengine._custom_ops import PolicyCode
 from eeengine.policies.base import ExitPolicy, State, entropy
 
 
@@ -16,6 +17,7 @@ class EntropyPolicy(ExitPolicy):
     """
 
     name = "entropy"
+    op_code = PolicyCode.ENTROPY
 
     def threshold_range(self, num_labels: int) -> tuple[float, float]:
         return (0.0, math.log(max(num_labels, 2)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from eeengine._custom_ops import PolicyCode
 from eeengine.policies.base import ExitPolicy, State, probabilities
 
 
@@ -22,6 +23,7 @@ class MaxProbPolicy(ExitPolicy):
     """
 
     name = "max_prob"
+    op_code = PolicyCode.MAX_PROB
 
     def step(self, logits: Tensor, layer: int, state: State) -> tuple[Tensor, State]:
         return probabilities(logits).amax(-1) >= self.threshold_at(layer), state

@@ -29,6 +29,7 @@ class MpeePolicy(EntropyPolicy):
     """
 
     name = "mpee"
+    op_code = None  # the fused op has no classifier memory: not EntropyPolicy's code
 
     def __init__(
         self, threshold: float | Sequence[float] | None = None, memory_weight: float = 0.9

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from eeengine._custom_ops import PolicyCode
 from eeengine.policies.base import ExitPolicy, State
 
 
@@ -14,9 +15,13 @@ class NoExitPolicy(ExitPolicy):
     name = "none"
     needs_threshold = False
     supports_regression = True
+    op_code = PolicyCode.NONE
 
     def step(self, logits: Tensor, layer: int, state: State) -> tuple[Tensor, State]:
         return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device), state
+
+    def op_params(self, layer: int) -> list[float]:
+        return []
 
     def params(self) -> dict:
         return {}

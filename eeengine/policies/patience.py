@@ -9,6 +9,7 @@ from collections.abc import Collection, Sequence
 import torch
 from torch import Tensor
 
+from eeengine._custom_ops import PolicyCode
 from eeengine.policies.base import ExitPolicy, State, check_int
 
 
@@ -33,6 +34,8 @@ class PatiencePolicy(ExitPolicy):
     """
 
     name = "patience"
+    op_code = PolicyCode.PATIENCE
+    op_state_keys = ("counter", "previous")
     needs_threshold = False
     supports_regression = True
 
@@ -57,7 +60,11 @@ class PatiencePolicy(ExitPolicy):
         super().validate(num_labels, num_layers, signals)
 
     def init_state(self, batch_size: int, device: torch.device) -> State:
-        return {"counter": torch.zeros(batch_size, dtype=torch.long, device=device)}
+        # previous = -1: no class yet (the fused op compares argmax with it at layer 1).
+        return {
+            "counter": torch.zeros(batch_size, dtype=torch.long, device=device),
+            "previous": torch.full((batch_size,), -1, dtype=torch.long, device=device),
+        }
 
     def step(self, logits: Tensor, layer: int, state: State) -> tuple[Tensor, State]:
         if logits.shape[-1] == 1:
@@ -72,6 +79,9 @@ class PatiencePolicy(ExitPolicy):
             same = current == state["previous"]
         counter = torch.where(same, state["counter"] + 1, 0)
         return counter >= self.patience, {"counter": counter, "previous": current}
+
+    def op_params(self, layer: int) -> list[float]:
+        return [self.patience]
 
     def params(self) -> dict:
         return {"threshold": self.threshold, "patience": self.patience}

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from eeengine._custom_ops import PolicyCode
 from eeengine.policies.base import ExitPolicy, State, check_int, normalized_entropy
 
 
@@ -25,6 +26,8 @@ class PceePolicy(ExitPolicy):
     """
 
     name = "pcee"
+    op_code = PolicyCode.PCEE
+    op_state_keys = ("counter",)
 
     def __init__(self, threshold: float | Sequence[float] | None = None, patience: int = 2) -> None:
         super().__init__(threshold)
@@ -37,6 +40,9 @@ class PceePolicy(ExitPolicy):
         confident = normalized_entropy(logits) < self.threshold_at(layer)
         counter = torch.where(confident, state["counter"] + 1, 0)
         return counter >= self.patience, {"counter": counter}
+
+    def op_params(self, layer: int) -> list[float]:
+        return [self.threshold_at(layer), self.patience]
 
     def params(self) -> dict:
         return {"threshold": self.threshold, "patience": self.patience}

@@ -1,0 +1,364 @@
+// exit_head_step on CPU: per row, masked mean pooling -> linear head -> softmax statistics ->
+// exit policy state update -> latch of the row's logits and exit layer when it exits.
+// One pass over each row's hidden states, fp32 accumulation whatever the input dtype,
+// rows in parallel (at::parallel_for) when the batch carries enough work.
+//
+// Reference semantics (plain torch, the ground truth of the tests): eeengine.heads.ExitHead
+// (eval mode, so dropout is the identity) followed by the policy's step in eeengine.policies.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "ops.h"
+
+// The inner loops are compiled for AVX-512, AVX2+FMA and baseline x86-64, chosen at load time
+// (GCC/Clang function multi-versioning), so one wheel runs everywhere at full width.
+#if defined(__linux__) && defined(__x86_64__) && defined(__GNUC__)
+#define EE_SIMD __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define EE_SIMD
+#endif
+
+namespace eeengine {
+namespace {
+
+constexpr int64_t kLanes = 16;
+// Minimum number of hidden-state elements per parallel chunk; below it threads cost more
+// than they save.
+constexpr int64_t kGrainElements = 1 << 15;
+
+// sum_i a[i] * b[i] with kLanes independent partial sums, so the loop vectorizes without
+// reassociating floating-point additions (no -ffast-math).
+EE_SIMD float dot(const float* a, const float* b, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += a[i + j] * b[i + j];
+  }
+  float sum = 0.0f;
+  for (int64_t j = 0; j < kLanes; ++j) sum += acc[j];
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// y[i] += alpha * x[i], one overload per hidden-state dtype (x converted to fp32).
+EE_SIMD void axpy(float alpha, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+EE_SIMD void axpy(float alpha, const c10::Half* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * static_cast<float>(x[i]);
+}
+EE_SIMD void axpy(float alpha, const c10::BFloat16* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * static_cast<float>(x[i]);
+}
+
+EE_SIMD void divide(float* y, float d, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] /= d;
+}
+
+// The policy and its parameters, decoded and validated once per call.
+struct PolicyConfig {
+  PolicyCode code;
+  float threshold = 0.0f;  // entropy, normalized_entropy, max_prob, pcee
+  int64_t patience = 0;    // patience, pcee
+  int64_t budget = 0;      // budget: the exit layer k
+  int64_t layer;
+  int64_t num_layers;
+  float log_num_labels;
+};
+
+// Everything a row needs, as raw pointers (sizes validated by the caller).
+template <typename scalar_t>
+struct StepArgs {
+  const scalar_t* hidden;  // [B, N, H] or [B, H], last dim contiguous
+  int64_t hidden_stride_b;
+  int64_t hidden_stride_n;
+  const float* mask;  // [B, N] contiguous, or nullptr for pooled input
+  int64_t seq_len;    // N (1 for pooled input)
+  int64_t hidden_size;
+  const float* weight;  // [C, H] contiguous
+  const float* bias;    // [C]
+  int64_t num_labels;
+  int64_t* counter;    // [B] or nullptr
+  int64_t* prev_pred;  // [B] or nullptr
+  const int64_t* rows;
+  float* logits;  // [B, C]
+  bool* exit_mask;
+  float* out_logits;  // [B0, C]
+  int64_t* out_layer;
+};
+
+// Exit decision of one row from its logits z[0:C]; updates the row's policy state.
+bool decide(const PolicyConfig& cfg, const float* z, int64_t num_labels, int64_t* counter,
+            int64_t* prev_pred) {
+  bool exits = false;
+  if (cfg.code == PolicyCode::kNone || cfg.code == PolicyCode::kBudget) {
+    exits = cfg.code == PolicyCode::kBudget && cfg.layer >= cfg.budget;
+  } else {
+    // Softmax statistics in fp32, as torch.log_softmax: lse = max + log(sum exp(z - max)).
+    // argmax is the first index of the maximum, as torch.argmax.
+    int64_t argmax = 0;
+    for (int64_t c = 1; c < num_labels; ++c) {
+      if (z[c] > z[argmax]) argmax = c;
+    }
+    const float zmax = z[argmax];
+    float sum_exp = 0.0f;
+    for (int64_t c = 0; c < num_labels; ++c) sum_exp += std::exp(z[c] - zmax);
+    const float lse = zmax + std::log(sum_exp);
+    float entropy = 0.0f;
+    for (int64_t c = 0; c < num_labels; ++c) {
+      const float log_p = z[c] - lse;
+      entropy -= std::exp(log_p) * log_p;
+    }
+    switch (cfg.code) {
+      case PolicyCode::kEntropy:
+        exits = entropy < cfg.threshold;
+        break;
+      case PolicyCode::kNormalizedEntropy:
+        exits = entropy / cfg.log_num_labels < cfg.threshold;
+        break;
+      case PolicyCode::kMaxProb:
+        exits = std::exp(zmax - lse) >= cfg.threshold;
+        break;
+      case PolicyCode::kPatience:
+        // PABEE (Zhou et al. 2020): count consecutive layers whose argmax equals the previous
+        // layer's; exit when the count reaches the patience.
+        *counter = argmax == *prev_pred ? *counter + 1 : 0;
+        *prev_pred = argmax;
+        exits = *counter >= cfg.patience;
+        break;
+      case PolicyCode::kPcee:
+        // PCEE-BERT (Zhang et al. 2022, eq. 3): count consecutive confident layers
+        // (normalized entropy < tau); exit when the count reaches the patience.
+        *counter = entropy / cfg.log_num_labels < cfg.threshold ? *counter + 1 : 0;
+        exits = *counter >= cfg.patience;
+        break;
+      default:
+        break;
+    }
+  }
+  // A row that reaches the last layer exits there, whatever the policy says.
+  return exits || cfg.layer == cfg.num_layers;
+}
+
+template <typename scalar_t>
+void step_rows(const PolicyConfig& cfg, const StepArgs<scalar_t>& a, int64_t begin,
+               int64_t end) {
+  const int64_t H = a.hidden_size;
+  const int64_t C = a.num_labels;
+  std::vector<float> pooled(H);
+  for (int64_t b = begin; b < end; ++b) {
+    const scalar_t* h = a.hidden + b * a.hidden_stride_b;
+    std::fill(pooled.begin(), pooled.end(), 0.0f);
+    if (a.mask == nullptr) {
+      axpy(1.0f, h, pooled.data(), H);
+    } else {
+      // sum_n mask[n] * h[n] / max(sum_n mask[n], 1), as eeengine.heads.mean_pool.
+      const float* m = a.mask + b * a.seq_len;
+      float count = 0.0f;
+      for (int64_t n = 0; n < a.seq_len; ++n) {
+        if (m[n] != 0.0f) axpy(m[n], h + n * a.hidden_stride_n, pooled.data(), H);
+        count += m[n];
+      }
+      divide(pooled.data(), std::max(count, 1.0f), H);
+    }
+    float* z = a.logits + b * C;
+    for (int64_t c = 0; c < C; ++c) z[c] = dot(a.weight + c * H, pooled.data(), H) + a.bias[c];
+    int64_t* counter = a.counter ? a.counter + b : nullptr;
+    int64_t* prev_pred = a.prev_pred ? a.prev_pred + b : nullptr;
+    const bool exits = decide(cfg, z, C, counter, prev_pred);
+    a.exit_mask[b] = exits;
+    if (exits) {
+      const int64_t row = a.rows[b];
+      std::copy(z, z + C, a.out_logits + row * C);
+      a.out_layer[row] = cfg.layer;
+    }
+  }
+}
+
+// Number of entries of `params` and of `state` that each policy takes.
+std::pair<size_t, size_t> policy_arity(PolicyCode code) {
+  switch (code) {
+    case PolicyCode::kNone:
+      return {0, 0};
+    case PolicyCode::kEntropy:
+    case PolicyCode::kNormalizedEntropy:
+    case PolicyCode::kMaxProb:
+      return {1, 0};
+    case PolicyCode::kPatience:
+      return {1, 2};
+    case PolicyCode::kPcee:
+      return {2, 1};
+    case PolicyCode::kBudget:
+      return {1, 0};
+  }
+  return {0, 0};
+}
+
+int64_t positive_int_param(double value, const char* what) {
+  TORCH_CHECK(value >= 1.0 && value == std::floor(value) && value < 9.0e15,
+              "exit_head_step: params: ", what, " must be an integer >= 1, got ", value);
+  return static_cast<int64_t>(value);
+}
+
+void check_vector(const at::Tensor& t, const char* name, int64_t size, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu(), "exit_head_step: ", name, " must be a CPU tensor, got ",
+              t.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, "exit_head_step: ", name,
+              " must have shape [", size, "], got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "exit_head_step: ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> exit_head_step(
+    const at::Tensor& hidden_states, const std::optional<at::Tensor>& attention_mask,
+    const at::Tensor& weight, const at::Tensor& bias, int64_t policy, at::ArrayRef<double> params,
+    int64_t layer, int64_t num_layers, at::TensorList state, const at::Tensor& rows,
+    at::Tensor& out_logits, at::Tensor& out_layer) {
+  // hidden_states and attention_mask.
+  TORCH_CHECK(hidden_states.device().is_cpu(),
+              "exit_head_step: hidden_states must be a CPU tensor, got ", hidden_states.device());
+  TORCH_CHECK(hidden_states.dim() == 2 || hidden_states.dim() == 3,
+              "exit_head_step: hidden_states must be pooled [B, H] or [B, N, H], got shape ",
+              hidden_states.sizes());
+  const auto dtype = hidden_states.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "exit_head_step: hidden_states must be float32, float16 or bfloat16, got ", dtype);
+  const bool pool = hidden_states.dim() == 3;
+  TORCH_CHECK(pool == attention_mask.has_value(),
+              "exit_head_step: attention_mask must be given with hidden_states [B, N, H] "
+              "(mean pooling) and omitted with pooled hidden_states [B, H]");
+  const int64_t B = hidden_states.size(0);
+  const int64_t N = pool ? hidden_states.size(1) : 1;
+  const int64_t H = hidden_states.size(-1);
+  if (pool) {
+    const at::Tensor& mask = *attention_mask;
+    TORCH_CHECK(mask.device().is_cpu(), "exit_head_step: attention_mask must be a CPU tensor");
+    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == N,
+                "exit_head_step: attention_mask must have shape [", B, ", ", N,
+                "] like hidden_states [B, N, H], got ", mask.sizes());
+  }
+
+  // Head.
+  TORCH_CHECK(weight.device().is_cpu() && bias.device().is_cpu(),
+              "exit_head_step: weight and bias must be CPU tensors");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == H,
+              "exit_head_step: weight must have shape [C, ", H, "], got ", weight.sizes());
+  TORCH_CHECK(at::isFloatingType(weight.scalar_type()) && at::isFloatingType(bias.scalar_type()),
+              "exit_head_step: weight and bias must be floating point, got ",
+              weight.scalar_type(), " and ", bias.scalar_type());
+  const int64_t C = weight.size(0);
+  TORCH_CHECK(C >= 1, "exit_head_step: weight must have at least one row (class)");
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == C, "exit_head_step: bias must have shape [", C,
+              "], got ", bias.sizes());
+
+  // Policy.
+  TORCH_CHECK(policy >= 0 && policy <= static_cast<int64_t>(PolicyCode::kBudget),
+              "exit_head_step: policy: unknown policy code ", policy);
+  PolicyConfig cfg{static_cast<PolicyCode>(policy)};
+  const auto [num_params, num_state] = policy_arity(cfg.code);
+  TORCH_CHECK(params.size() == num_params, "exit_head_step: params: policy code ", policy,
+              " takes ", num_params, " parameter(s), got ", params.size());
+  TORCH_CHECK(state.size() == num_state, "exit_head_step: state: policy code ", policy,
+              " takes ", num_state, " state tensor(s), got ", state.size());
+  TORCH_CHECK(num_layers >= 1 && layer >= 1 && layer <= num_layers,
+              "exit_head_step: layer must be in [1, num_layers], got layer=", layer,
+              ", num_layers=", num_layers);
+  const bool uses_softmax = cfg.code != PolicyCode::kNone && cfg.code != PolicyCode::kBudget;
+  TORCH_CHECK(!uses_softmax || C >= 2, "exit_head_step: policy code ", policy,
+              " needs at least 2 classes, weight has ", C);
+  cfg.layer = layer;
+  cfg.num_layers = num_layers;
+  cfg.log_num_labels = static_cast<float>(std::log(static_cast<double>(C)));
+  switch (cfg.code) {
+    case PolicyCode::kPatience:
+      cfg.patience = positive_int_param(params[0], "patience");
+      break;
+    case PolicyCode::kPcee:
+      cfg.threshold = static_cast<float>(params[0]);
+      cfg.patience = positive_int_param(params[1], "patience");
+      break;
+    case PolicyCode::kBudget:
+      cfg.budget = positive_int_param(params[0], "budget layer");
+      break;
+    case PolicyCode::kEntropy:
+    case PolicyCode::kNormalizedEntropy:
+    case PolicyCode::kMaxProb:
+      cfg.threshold = static_cast<float>(params[0]);
+      break;
+    case PolicyCode::kNone:
+      break;
+  }
+  for (size_t i = 0; i < state.size(); ++i) {
+    const std::string name = "state[" + std::to_string(i) + "]";
+    check_vector(state[i], name.c_str(), B, at::kLong);
+    TORCH_CHECK(state[i].is_contiguous(), "exit_head_step: ", name, " must be contiguous");
+  }
+
+  // Latch outputs.
+  check_vector(rows, "rows", B, at::kLong);
+  TORCH_CHECK(out_logits.device().is_cpu() && out_logits.scalar_type() == at::kFloat &&
+                  out_logits.dim() == 2 && out_logits.size(1) == C && out_logits.is_contiguous(),
+              "exit_head_step: out_logits must be a contiguous CPU float32 tensor [B0, ", C,
+              "], got ", out_logits.scalar_type(), " ", out_logits.sizes());
+  const int64_t B0 = out_logits.size(0);
+  check_vector(out_layer, "out_layer", B0, at::kLong);
+  TORCH_CHECK(out_layer.is_contiguous(), "exit_head_step: out_layer must be contiguous");
+  const at::Tensor rows_c = rows.contiguous();
+  const int64_t* rows_ptr = rows_c.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(rows_ptr[b] >= 0 && rows_ptr[b] < B0, "exit_head_step: rows[", b, "] = ",
+                rows_ptr[b], " is out of range for out_logits with ", B0, " rows");
+  }
+
+  const at::Tensor hidden = hidden_states.stride(-1) == 1 ? hidden_states
+                                                          : hidden_states.contiguous();
+  const at::Tensor mask = pool ? attention_mask->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  const at::Tensor bvec = bias.to(at::kFloat).contiguous();
+  at::Tensor logits = at::empty({B, C}, hidden_states.options().dtype(at::kFloat));
+  at::Tensor exit_mask = at::empty({B}, hidden_states.options().dtype(at::kBool));
+
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, N * H));
+  auto run = [&](auto dtype_tag) {
+    using scalar_t = decltype(dtype_tag);
+    const StepArgs<scalar_t> args{
+        hidden.data_ptr<scalar_t>(),
+        hidden.stride(0),
+        pool ? hidden.stride(1) : 0,
+        pool ? mask.data_ptr<float>() : nullptr,
+        N,
+        H,
+        w.data_ptr<float>(),
+        bvec.data_ptr<float>(),
+        C,
+        num_state >= 1 ? state[0].data_ptr<int64_t>() : nullptr,
+        num_state >= 2 ? state[1].data_ptr<int64_t>() : nullptr,
+        rows_ptr,
+        logits.data_ptr<float>(),
+        exit_mask.data_ptr<bool>(),
+        out_logits.data_ptr<float>(),
+        out_layer.data_ptr<int64_t>(),
+    };
+    at::parallel_for(0, B, grain,
+                     [&](int64_t begin, int64_t end) { step_rows(cfg, args, begin, end); });
+  };
+  if (dtype == at::kFloat) {
+    run(float{});
+  } else if (dtype == at::kHalf) {
+    run(c10::Half{});
+  } else {
+    run(c10::BFloat16{});
+  }
+  return {logits, exit_mask};
+}
+
+}  // namespace eeengine

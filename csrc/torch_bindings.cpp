@@ -1,0 +1,13 @@
+// Registers every eeengine op with the dispatcher (library "eeengine").
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(eeengine, m) {
+  m.def(
+      "exit_head_step(Tensor hidden_states, Tensor? attention_mask, Tensor weight, Tensor bias, "
+      "int policy, float[] params, int layer, int num_layers, Tensor(a!)[] state, Tensor rows, "
+      "Tensor(b!) out_logits, Tensor(c!) out_layer) -> (Tensor logits, Tensor exit_mask)");
+}
+
+TORCH_LIBRARY_IMPL(eeengine, CPU, m) { m.impl("exit_head_step", &eeengine::exit_head_step); }

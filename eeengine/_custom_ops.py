@@ -1,0 +1,183 @@
+"""Typed Python wrappers over eeengine's C++ ops (``torch.ops.eeengine.*``), and the backend choice.
+
+The ops live in the compiled extension ``eeengine._C`` (sources in ``csrc/``, built by
+``pip install -e . --no-build-isolation``). The extension is optional: without it ``HAS_C`` is
+False, :func:`resolve_backend` picks the plain-torch reference and warns once, and calling an op
+raises.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("reference", "cpp")
+
+
+def _load_extension() -> str | None:
+    """Load ``eeengine._C`` into ``torch.ops``; return why it failed, or None."""
+    spec = importlib.util.find_spec("eeengine._C")
+    if spec is None or spec.origin is None:
+        return "the extension eeengine._C is not built (pip install -e . --no-build-isolation)"
+    try:
+        torch.ops.load_library(spec.origin)
+    except OSError as error:
+        return f"the extension eeengine._C failed to load: {error}"
+    return None
+
+
+LOAD_ERROR: str | None = _load_extension()
+HAS_C: bool = LOAD_ERROR is None
+
+
+class PolicyCode(enum.IntEnum):
+    """Exit policy codes of :func:`exit_head_step`, mirroring ``PolicyCode`` in csrc/ops.h.
+
+    ``params`` / ``state`` per policy (tau: this layer's threshold; state tensors int64 (B,)):
+    NONE [] / []; ENTROPY, NORMALIZED_ENTROPY, MAX_PROB [tau] / []; PATIENCE [patience] /
+    [counter, previous argmax (starts at -1)]; PCEE [tau, patience] / [counter]; BUDGET [k] / [].
+    """
+
+    NONE = 0
+    ENTROPY = 1
+    NORMALIZED_ENTROPY = 2
+    MAX_PROB = 3
+    PATIENCE = 4
+    PCEE = 5
+    BUDGET = 6
+
+
+def exit_head_step(
+    hidden_states: Tensor,
+    attention_mask: Tensor | None,
+    weight: Tensor,
+    bias: Tensor,
+    policy: int,
+    params: Sequence[float],
+    layer: int,
+    num_layers: int,
+    state: list[Tensor],
+    rows: Tensor,
+    out_logits: Tensor,
+    out_layer: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Exit head, exit policy step and latch of exiting rows, fused (one pass per row).
+
+    Computes, in fp32 whatever the input dtype, ``logits = mean_pool(hidden_states,
+    attention_mask) @ weight.T + bias`` (as :class:`eeengine.heads.ExitHead` in eval mode), then
+    the policy's exit rule at ``layer`` (as the policy's ``step`` in :mod:`eeengine.policies`;
+    see :class:`PolicyCode`). A row at ``layer == num_layers`` always exits. For every exiting
+    row i: ``out_logits[rows[i]] = logits[i]`` and ``out_layer[rows[i]] = layer``.
+
+    Args:
+        hidden_states: (batch_size, seq_len, hidden_size), mean-pooled over the mask inside, or
+            already pooled (batch_size, hidden_size) (e.g. by a [CLS] pooler); float32, float16
+            or bfloat16.
+        attention_mask: (batch_size, seq_len), 1 for real tokens, 0 for padding; any dtype.
+            None exactly when ``hidden_states`` is pooled.
+        weight: (num_labels, hidden_size), the head's linear weight.
+        bias: (num_labels,).
+        policy: a :class:`PolicyCode`.
+        params: the policy's scalar parameters at this layer, see :class:`PolicyCode`.
+        layer: 1-based index of the layer whose hidden states these are.
+        num_layers: depth of the model.
+        state: the policy's state tensors, int64 (batch_size,) contiguous; updated in place.
+        rows: (batch_size,) int64, each live row's index into ``out_logits`` / ``out_layer``.
+        out_logits: (batch_size_0, num_labels) float32 contiguous, written in place.
+        out_layer: (batch_size_0,) int64, written in place.
+
+    Returns:
+        logits: (batch_size, num_labels) float32.
+        exit_mask: (batch_size,) bool, True for rows that exit at this layer.
+
+    Raises:
+        RuntimeError: the extension is not loaded (``HAS_C`` is False), or an argument has the
+            wrong shape, dtype or device, or a parameter is out of range (the message names it).
+    """
+    return torch.ops.eeengine.exit_head_step(
+        hidden_states,
+        attention_mask,
+        weight,
+        bias,
+        int(policy),
+        [float(p) for p in params],
+        layer,
+        num_layers,
+        state,
+        rows,
+        out_logits,
+        out_layer,
+    )
+
+
+if HAS_C:
+
+    @torch.library.register_fake("eeengine::exit_head_step")
+    def _exit_head_step_fake(
+        hidden_states: Tensor,
+        attention_mask: Tensor | None,
+        weight: Tensor,
+        bias: Tensor,
+        policy: int,
+        params: Sequence[float],
+        layer: int,
+        num_layers: int,
+        state: list[Tensor],
+        rows: Tensor,
+        out_logits: Tensor,
+        out_layer: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        batch_size = hidden_states.shape[0]
+        logits = hidden_states.new_empty((batch_size, weight.shape[0]), dtype=torch.float32)
+        exit_mask = hidden_states.new_empty((batch_size,), dtype=torch.bool)
+        return logits, exit_mask
+
+
+_warned: set[str] = set()  # reasons already warned about: one warning each per process
+
+
+def resolve_backend(requested: str | None, policy: object, num_labels: int) -> str:
+    """Pick the backend of the exit step once, at engine construction.
+
+    Args:
+        requested: "cpp", "reference", or None for the fastest available ("cpp" when the
+            extension is loaded and implements the policy, else "reference" with one warning
+            that says why).
+        policy: an :class:`eeengine.policies.ExitPolicy`; the op implements the policies whose
+            ``op_code`` is not None.
+        num_labels: the model's number of classes C; policies that read the softmax need C >= 2
+            in the op (regression, C = 1, runs on the reference).
+
+    Returns:
+        "cpp" or "reference".
+
+    Raises:
+        ValueError: an unknown backend, or "cpp" requested where it cannot run (the message says
+            why).
+    """
+    if requested is not None and requested not in BACKENDS:
+        raise ValueError(f"unknown backend {requested!r}; available: {', '.join(BACKENDS)}")
+    if requested == "reference":
+        return "reference"
+    op_code = getattr(policy, "op_code", None)
+    if not HAS_C:
+        reason = LOAD_ERROR
+    elif op_code is None:
+        reason = f"the C++ exit op does not implement policy {getattr(policy, 'name', policy)!r}"
+    elif num_labels < 2 and op_code not in (PolicyCode.NONE, PolicyCode.BUDGET):
+        reason = f"the C++ exit op needs >= 2 classes for policy {policy.name!r} (regression)"
+    else:
+        return "cpp"
+    if requested == "cpp":
+        raise ValueError(f"backend 'cpp' is not available: {reason}")
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(
+            f"eeengine: using the plain-torch reference backend (slower): {reason}", stacklevel=2
+        )
+    return "reference"
