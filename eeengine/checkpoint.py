@@ -16,6 +16,7 @@ place, so a crash never leaves a half-written checkpoint where a good one was.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -106,6 +107,47 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def update_checkpoint(path: str | Path, policy: dict, calibration: dict) -> None:
+    """Set a checkpoint's default policy (``eeengine.json`` field ``policy``) and replace its
+    ``calibration.json``, leaving the weights alone.
+
+    Each file is replaced atomically (:func:`write_json_atomic`); ``calibration.json`` first,
+    so an interruption can leave the new sweep with the old default, never a half-written file.
+
+    Args:
+        path: the checkpoint directory.
+        policy: ``{"name": policy name, **its parameters}``.
+        calibration: the sweep (:func:`eeengine.evaluation.sweep`).
+
+    Raises:
+        FileNotFoundError: the directory or its ``eeengine.json`` does not exist.
+        CheckpointError: ``eeengine.json`` is corrupt, or the new policy has no name.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    manifest = _read_json(path / MANIFEST)
+    manifest["policy"] = policy
+    _validate_manifest(manifest, path / MANIFEST)
+    write_json_atomic(path / CALIBRATION, calibration)
+    write_json_atomic(path / MANIFEST, manifest)
+
+
+def write_json_atomic(file: Path, data: dict) -> None:
+    """Write ``data`` as indented JSON to a temporary sibling of ``file``, flush it to disk,
+    then rename it over ``file``: readers see the old content or the new, never a mix."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.tmp-", dir=file.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

@@ -1,4 +1,4 @@
-"""The ``eeengine`` command: train, predict, eval, info."""
+"""The ``eeengine`` command: train, predict, eval, calibrate, info."""
 
 from __future__ import annotations
 
@@ -9,16 +9,24 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from eeengine._custom_ops import HAS_C, LOAD_ERROR
-from eeengine.checkpoint import CheckpointError
+from eeengine.checkpoint import CheckpointError, update_checkpoint
 from eeengine.data import get_task, load_split
 from eeengine.defaults import default_checkpoint, minilm_dir
 from eeengine.engine import Engine
-from eeengine.evaluation import all_exit_logits, exit_metrics
+from eeengine.evaluation import all_exit_logits, describe_point, exit_metrics, policy_params
+from eeengine.report import markdown, sweep_report, write_report
 from eeengine.training import TrainConfig, train
 
 
-def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", help="checkpoint directory (default: the cached SST-2 model)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", choices=("cpp", "reference"), help="default: cpp if built")
+    parser.add_argument("--batch-size", type=int, default=32)
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    _add_checkpoint_args(parser)
     parser.add_argument("--policy", help="exit policy (default: the checkpoint's)")
     parser.add_argument("--threshold", type=float, help="policy threshold")
     parser.add_argument("--patience", type=int, help="patience (pcee, patience)")
@@ -29,9 +37,6 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="another policy parameter, e.g. --param layer=3 (budget), --param window=2 (elbert)",
     )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backend", choices=("cpp", "reference"), help="default: cpp if built")
-    parser.add_argument("--batch-size", type=int, default=32)
 
 
 def _engine(args: argparse.Namespace) -> Engine:
@@ -85,11 +90,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     engine = _engine(args)
     task = get_task(args.task or engine.manifest["task"]["name"])
+    if args.sweep:
+        report = sweep_report(engine, task, args.split, progress=True)
+        paths = write_report(report, args.out or f"sweep-{task.name}")
+        print(markdown(report))
+        print("wrote " + ", ".join(str(path) for path in paths))
+        return
     dev = load_split(task, args.split)
     logits = all_exit_logits(
-        engine.model.cpu(), engine.tokenizer, dev.texts, dev.text_pairs, engine.max_length
+        engine.model, engine.tokenizer, dev.texts, dev.text_pairs, engine.max_length
     )
-    engine.model.to(engine.device)
     per_exit = exit_metrics(logits, dev.labels, task.metric)
     result = engine.evaluate(dev, task.metric, batch_size=args.batch_size)
     report = {
@@ -113,6 +123,36 @@ def cmd_eval(args: argparse.Namespace) -> None:
         f"of {engine.num_layers}, speed-up {result['layer_saving']:.1%} of layers saved "
         f"({result['speedup']:.2f}x)"
     )
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    engine = Engine(args.ckpt or default_checkpoint(), device=args.device, backend=args.backend)
+    trained_on = engine.manifest["task"]["name"]
+    task = get_task(args.task or trained_on)
+    if task.name != trained_on:
+        raise ValueError(f"the checkpoint was trained on {trained_on}, not {task.name}")
+    data = load_split(task, args.split)
+    point = engine.calibrate(
+        data.texts,
+        data.labels,
+        data.text_pairs,
+        target_speedup=args.target_speedup,
+        max_drop=args.max_drop,
+        policy=args.policy,
+        batch_size=args.batch_size,
+        progress=True,
+    )
+    print(
+        f"{task.name} {args.split} ({len(data.texts)} examples): "
+        f"{describe_point(point['name'], point)}; full depth "
+        f"{engine.calibration['full_depth']:.2f}; layer speed-up {point['speedup']:.2f}x "
+        f"({point['layer_saving']:.1%} of layers saved)"
+    )
+    if args.write:
+        update_checkpoint(
+            engine.path, {"name": point["name"], **policy_params(point)}, engine.calibration
+        )
+        print(f"wrote the default policy and calibration.json of {engine.path}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -162,8 +202,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="GLUE task (default: the checkpoint's)")
     p.add_argument("--split", default="dev")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="sweep every policy the checkpoint supports; write PREFIX.json, .md and .png",
+    )
+    p.add_argument("--out", help="file prefix of --sweep's report (default: sweep-TASK)")
     _add_engine_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "calibrate", help="measure every policy on a labelled split and pick an operating point"
+    )
+    p.add_argument("--task", help="GLUE task (default: the checkpoint's)")
+    p.add_argument("--split", default="dev")
+    p.add_argument("--policy", help="pick among this policy's points only (default: any)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--target-speedup",
+        type=float,
+        help="the most accurate point with L / average exit layer >= this",
+    )
+    target.add_argument(
+        "--max-drop", type=float, help="the fastest point within this many metric points"
+    )
+    p.add_argument(
+        "--write",
+        action="store_true",
+        help="store the point as the checkpoint's default policy and refresh calibration.json",
+    )
+    _add_checkpoint_args(p)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("ckpt", nargs="?", help="checkpoint directory (default: the cached SST-2 model)")

@@ -18,7 +18,9 @@ DATA_DIR = Path(os.environ.get("EEENGINE_DATA", Path(__file__).resolve().parent.
 class Task:
     """Where a GLUE task's files are and which columns hold the texts and the label.
 
-    Columns are header names, or 0-based indices for files without a header.
+    Columns are header names, or 0-based indices for files without a header. ``metric`` is the
+    task's primary metric (operating points are picked by it); ``extra_metrics`` are the other
+    official GLUE metrics reported beside it (keys of :data:`eeengine.metrics.METRICS`).
     """
 
     name: str
@@ -30,6 +32,7 @@ class Task:
     raw_labels: tuple[str, ...] | None = None  # label strings in the file, same order
     has_header: bool = True
     metric: str = "accuracy"
+    extra_metrics: tuple[str, ...] = ()
 
 
 TASKS = {
@@ -45,6 +48,7 @@ TASKS = {
             ("not_equivalent", "equivalent"),
             ("0", "1"),
             metric="f1",
+            extra_metrics=("accuracy",),
         ),
         Task(
             "rte",
@@ -75,7 +79,15 @@ TASKS = {
             has_header=False,
             metric="matthews",
         ),
-        Task("stsb", "STS-B", "sentence1", "score", "sentence2", metric="pearson"),
+        Task(
+            "stsb",
+            "STS-B",
+            "sentence1",
+            "score",
+            "sentence2",
+            metric="pearson",
+            extra_metrics=("spearman",),
+        ),
     )
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 import warnings
 from collections.abc import Sequence
@@ -12,9 +13,15 @@ import torch
 
 from eeengine._custom_ops import resolve_backend
 from eeengine.batching import collate, encode, length_sorted_batches
-from eeengine.checkpoint import load_checkpoint
-from eeengine.data import Split
-from eeengine.evaluation import choose_operating_point, policy_params
+from eeengine.checkpoint import CALIBRATION, load_checkpoint
+from eeengine.data import Split, get_task
+from eeengine.evaluation import (
+    all_exit_logits,
+    choose_operating_point,
+    policy_params,
+    select_operating_point,
+    sweep,
+)
 from eeengine.inputs import Example, normalize_inputs
 from eeengine.metrics import METRICS
 from eeengine.policies import ExitPolicy, make_policy
@@ -61,6 +68,13 @@ class Engine:
             checkpoint's value for that policy (its default policy, or else the fastest
             calibrated point within 0.5 points of full depth).
         patience: consecutive confident (``pcee``) or agreeing (``patience``) layers.
+        target_speedup: pick the policy and its parameters from the checkpoint's
+            ``calibration.json``: the most accurate calibrated point whose layer speed-up
+            L / average exit layer is at least this (2.0 = half the layers on average, a saving
+            1 - avg / L of 50 %). Restricted to ``policy`` when it is given, else any
+            calibrated policy.
+        max_drop: like ``target_speedup``, but the fastest calibrated point within this many
+            metric points (e.g. accuracy percentage points) of full depth.
         device: a torch device string ("cpu", "cuda", "cuda:1").
         max_length: tokens per input (default: the checkpoint's ``max_seq_length``); longer
             inputs are truncated with a warning.
@@ -71,11 +85,20 @@ class Engine:
             ``window`` / ``window_test`` / ``window_range`` for ``elbert``, ``memory_weight``
             for ``mpee`` (see :mod:`eeengine.policies`).
 
+    Attributes:
+        calibration: the sweep operating points are picked from: ``calibration.json``, or the
+            last :meth:`calibrate` measurement ({} when there is neither).
+        operating_point: the calibrated point the policy was picked from (``{"name", policy
+            parameters, "metric", "avg_exit_layer", "speedup", ...}``), or None when the policy
+            was given or is the checkpoint's default.
+
     Raises:
         FileNotFoundError, eeengine.checkpoint.CheckpointError: bad checkpoint (file and field
             named).
         ValueError: unknown policy, threshold out of range, unknown or unavailable device,
-            unknown backend or "cpp" where it cannot run.
+            unknown backend or "cpp" where it cannot run; with ``target_speedup`` or
+            ``max_drop``: no calibration, policy parameters given as well, or no calibrated
+            point meets the target (the best reachable is named).
     """
 
     def __init__(
@@ -84,6 +107,8 @@ class Engine:
         policy: str | None = None,
         threshold: float | Sequence[float] | None = None,
         patience: int | None = None,
+        target_speedup: float | None = None,
+        max_drop: float | None = None,
         device: str = "cpu",
         max_length: int | None = None,
         backend: str | None = None,
@@ -101,9 +126,26 @@ class Engine:
         limit = self.model.config.max_position_embeddings
         if not 2 < self.max_length <= limit:
             raise ValueError(f"max_length={self.max_length} must be in [3, {limit}]")
-        self.policy = self._make_policy(
-            policy, {"threshold": threshold, "patience": patience, **policy_kwargs}
-        )
+        given = {"threshold": threshold, "patience": patience, **policy_kwargs}
+        self.operating_point: dict | None = None
+        if target_speedup is None and max_drop is None:
+            self.policy = self._make_policy(policy, given)
+        else:
+            if any(v is not None for v in given.values()):
+                raise ValueError(
+                    "target_speedup / max_drop pick the policy's parameters from the calibration; "
+                    f"do not pass {', '.join(k for k, v in given.items() if v is not None)} too"
+                )
+            if not self.calibration:
+                raise ValueError(
+                    f"{self.path / CALIBRATION} not found, so target_speedup / max_drop cannot "
+                    "be met; measure one with engine.calibrate(texts, labels, ...) or "
+                    "`eeengine calibrate --write`"
+                )
+            self.policy, self.operating_point = self._calibrated_policy(
+                self.calibration, target_speedup, max_drop, policy
+            )
+        self._requested_backend = backend
         self._backend = resolve_backend(backend, self.policy, self.model.num_labels)
 
     @property
@@ -128,6 +170,116 @@ class Engine:
         policy = make_policy(name, **{**stored, **overrides})
         policy.validate(self.model.num_labels, self.num_layers)
         return policy
+
+    def _calibrated_policy(
+        self,
+        calibration: dict,
+        target_speedup: float | None,
+        max_drop: float | None,
+        policy: str | None,
+    ) -> tuple[ExitPolicy, dict]:
+        """The policy of the point :func:`select_operating_point` picks, and that point."""
+        name, point = select_operating_point(calibration, target_speedup, max_drop, policy)
+        chosen = make_policy(name, **policy_params(point))
+        chosen.validate(self.model.num_labels, self.num_layers)
+        return chosen, {"name": name, **point}
+
+    def calibrate(
+        self,
+        texts: Sequence[str],
+        labels: Sequence[int | str | float],
+        text_pairs: Sequence[str] | None = None,
+        target_speedup: float | None = None,
+        max_drop: float | None = None,
+        policy: str | None = None,
+        batch_size: int = 64,
+        progress: bool = False,
+    ) -> dict:
+        """Measure every policy's trade-off on labelled data and switch to the point that
+        meets the target.
+
+        Runs the model to full depth once (:func:`eeengine.evaluation.all_exit_logits`),
+        sweeps every policy that applies over its threshold grid
+        (:func:`eeengine.evaluation.sweep`, the task's official metric), then picks a point
+        as :class:`Engine` does with ``target_speedup`` / ``max_drop``. On success the engine
+        uses that policy from now on and :attr:`calibration` holds the new sweep; on error the
+        engine is unchanged.
+
+        Args:
+            texts: the inputs (first segments).
+            labels: one per text: a class index or label name (classification) or a value
+                (regression).
+            text_pairs: second segments, one per text, for sentence-pair tasks.
+            target_speedup: the most accurate point with L / average exit layer >= this.
+            max_drop: the fastest point within this many metric points of full depth.
+            policy: restrict the choice to one policy; None: any policy that applies.
+            batch_size: rows per full-depth forward pass.
+            progress: show a progress bar.
+
+        Returns:
+            The chosen point: ``{"name", policy parameters, "metric" (the task's metric),
+            "metrics", "avg_exit_layer" (layers), "layer_saving" (1 - avg / L),
+            "speedup" (L / avg)}``.
+
+        Raises:
+            TypeError / ValueError: bad texts or labels (the index is named), mismatched
+                lengths, both or neither of ``target_speedup`` / ``max_drop``, a policy that
+                does not apply, no point meets the target (the best reachable is named), or a
+                backend that cannot run the chosen policy.
+        """
+        if text_pairs is not None and len(text_pairs) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(text_pairs)} text_pairs")
+        if len(labels) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+        if not texts:
+            raise ValueError("calibration needs at least one labelled example")
+        normalize_inputs(
+            list(texts) if text_pairs is None else list(zip(texts, text_pairs, strict=True))
+        )
+        task = get_task(self.manifest["task"]["name"])
+        all_logits = all_exit_logits(
+            self.model,
+            self.tokenizer,
+            texts,
+            text_pairs,
+            self.max_length,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        calibration = sweep(
+            all_logits, self._label_values(labels), task.metric, extra_metrics=task.extra_metrics
+        )
+        chosen, point = self._calibrated_policy(calibration, target_speedup, max_drop, policy)
+        backend = resolve_backend(self._requested_backend, chosen, self.model.num_labels)
+        self.policy, self.operating_point, self._backend = chosen, point, backend
+        self.calibration = calibration
+        return point
+
+    def _label_values(self, labels: Sequence[int | str | float]) -> list[int] | list[float]:
+        """Class indices (names are looked up) or float values, checked one by one."""
+        if self.label_names is None:
+            values = []
+            for i, label in enumerate(labels):
+                if isinstance(label, bool) or not isinstance(label, numbers.Real):
+                    raise TypeError(f"labels[{i}] must be a number (regression), got {label!r}")
+                values.append(float(label))
+            return values
+        indices = []
+        for i, label in enumerate(labels):
+            if isinstance(label, str) and label in self.label_names:
+                indices.append(self.label_names.index(label))
+            elif (
+                isinstance(label, numbers.Integral)
+                and not isinstance(label, bool)
+                and 0 <= label < len(self.label_names)
+            ):
+                indices.append(int(label))
+            else:
+                raise ValueError(
+                    f"labels[{i}] = {label!r} is neither a label name {self.label_names} nor a "
+                    f"class index in [0, {len(self.label_names) - 1}]"
+                )
+        return indices
 
     def predict(
         self, inputs: str | tuple[str, str] | list, batch_size: int = 32

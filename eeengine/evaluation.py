@@ -6,7 +6,7 @@ exactly what the engine would do row by row, at the cost of one full-depth pass.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -34,7 +34,7 @@ SWEEP_PATIENCE = {"pcee": (1, 2, 3), "patience": (1, 2, 3, 4)}
 # Swept policies: those with a grid, and "budget" over layers 1 … L-1.
 SWEPT_POLICIES = (*SWEEP_GRIDS, "budget")
 # Keys of a sweep point that are measurements, not parameters of the policy.
-POINT_MEASUREMENTS = ("metric", "avg_exit_layer", "layer_saving", "speedup")
+POINT_MEASUREMENTS = ("metric", "metrics", "avg_exit_layer", "layer_saving", "speedup")
 
 
 def sweep_params(name: str, num_labels: int, num_layers: int) -> list[dict]:
@@ -64,16 +64,19 @@ def all_exit_logits(
 ) -> Tensor:
     """Full-depth logits of every exit.
 
+    The model runs on the device its parameters are on.
+
     Returns:
-        (num_layers, len(texts), num_labels) float32, rows in input order.
+        (num_layers, len(texts), num_labels) float32 on the CPU, rows in input order.
     """
     model.eval()
+    device = next(model.parameters()).device
     encoded = encode(tokenizer, texts, text_pairs, max_length)
     out = torch.empty(model.num_layers, len(texts), model.num_labels)
     batches = length_sorted_batches(encoded.lengths, batch_size)
     for indices in tqdm(batches, desc="evaluating", disable=not progress, leave=False):
-        logits = model(*collate(encoded, indices, tokenizer.pad_token_id))
-        out[:, indices] = logits.float()
+        logits = model(*collate(encoded, indices, tokenizer.pad_token_id, device))
+        out[:, indices] = logits.float().cpu()
     return out
 
 
@@ -101,6 +104,7 @@ def sweep(
     labels: Sequence,
     metric: str,
     signals: Mapping[str, Tensor] | None = None,
+    extra_metrics: Sequence[str] = (),
 ) -> dict:
     """Every policy that applies over its grid, on precomputed logits of all exits.
 
@@ -110,20 +114,32 @@ def sweep(
     Args:
         all_logits: (num_layers, num_examples, num_labels).
         labels: one label (class index or value) per example.
-        metric: a key of :data:`eeengine.metrics.METRICS`.
+        metric: a key of :data:`eeengine.metrics.METRICS`, the one operating points are
+            picked by.
         signals: extra per-layer signals, each (num_layers, num_examples).
+        extra_metrics: more keys of :data:`eeengine.metrics.METRICS` to report (e.g. MRPC's
+            accuracy beside its F1).
 
     Returns:
-        ``{"metric", "num_layers", "full_depth", "policies": {name: [point, ...]}}`` where a
-        point holds the policy's parameters, ``metric`` (the task metric), ``avg_exit_layer``
-        (layers), ``layer_saving`` (1 - avg / L) and ``speedup`` (L / avg).
+        ``{"metric", "num_layers", "full_depth", "full_depth_metrics", "policies": {name:
+        [point, ...]}}`` where a point holds the policy's parameters, ``metric`` (the value of
+        ``metric``), ``metrics`` (``{name: value}`` of ``metric`` and ``extra_metrics``),
+        ``avg_exit_layer`` (layers), ``layer_saving`` (1 - avg / L) and ``speedup`` (L / avg).
     """
     signals = signals or {}
     num_layers, _, num_labels = all_logits.shape
+    names = [metric, *(m for m in extra_metrics if m != metric)]
+
+    def scores(logits: Tensor) -> dict[str, float]:
+        predictions = predictions_of(logits)
+        return {name: METRICS[name](predictions, labels) for name in names}
+
+    full_depth = scores(all_logits[-1])
     result = {
         "metric": metric,
         "num_layers": num_layers,
-        "full_depth": METRICS[metric](predictions_of(all_logits[-1]), labels),
+        "full_depth": full_depth[metric],
+        "full_depth_metrics": full_depth,
         "policies": {},
     }
     for name in SWEPT_POLICIES:
@@ -137,10 +153,12 @@ def sweep(
             policy = make_policy(name, **params)
             exit_layer, logits = run_policy(policy, all_logits, signals)
             avg = exit_layer.double().mean().item()
+            measured = scores(logits)
             points.append(
                 {
                     **policy.params(),
-                    "metric": METRICS[metric](predictions_of(logits), labels),
+                    "metric": measured[metric],
+                    "metrics": measured,
                     "avg_exit_layer": avg,
                     "layer_saving": 1.0 - avg / num_layers,
                     "speedup": num_layers / avg,
@@ -166,13 +184,116 @@ def choose_operating_point(
     """
     floor = calibration["full_depth"] - max_drop
     best = None
-    for name, points in calibration["policies"].items():
-        if policy is not None and name != policy:
+    for name, point in _points(calibration, policy):
+        if point["metric"] < floor - 1e-9:
             continue
-        for point in points:
-            if point["metric"] < floor - 1e-9:
-                continue
-            key = (point["avg_exit_layer"], -point["metric"])
-            if best is None or key < best[0]:
-                best = (key, name, point)
+        key = (point["avg_exit_layer"], -point["metric"])
+        if best is None or key < best[0]:
+            best = (key, name, point)
     return None if best is None else (best[1], best[2])
+
+
+def choose_for_speedup(
+    calibration: dict, target_speedup: float, policy: str | None = None
+) -> tuple[str, dict] | None:
+    """The most accurate swept point whose layer speed-up L / avg_exit_layer is at least
+    ``target_speedup``.
+
+    Args:
+        calibration: the result of :func:`sweep` (``calibration.json``).
+        target_speedup: minimum L / average exit layer (2.0: half the layers on average, a
+            layer saving 1 - avg / L of 50 %).
+        policy: restrict to one policy; None searches all of them.
+
+    Returns:
+        (policy name, point) or None when no point is that fast. Ties in metric go to the
+        faster point.
+    """
+    num_layers = calibration["num_layers"]
+    best = None
+    for name, point in _points(calibration, policy):
+        if num_layers / point["avg_exit_layer"] < target_speedup - 1e-9:
+            continue
+        key = (-point["metric"], point["avg_exit_layer"])
+        if best is None or key < best[0]:
+            best = (key, name, point)
+    return None if best is None else (best[1], best[2])
+
+
+def select_operating_point(
+    calibration: dict,
+    target_speedup: float | None = None,
+    max_drop: float | None = None,
+    policy: str | None = None,
+) -> tuple[str, dict]:
+    """Pick a calibrated point by speed (:func:`choose_for_speedup`) or by metric loss
+    (:func:`choose_operating_point`); exactly one of ``target_speedup`` and ``max_drop``.
+
+    Args:
+        calibration: the result of :func:`sweep` (``calibration.json``).
+        target_speedup: the most accurate point with L / avg_exit_layer >= this (>= 1).
+        max_drop: the fastest point within this many metric points of full depth (>= 0).
+        policy: restrict to one policy; None searches every calibrated policy.
+
+    Returns:
+        (policy name, point).
+
+    Raises:
+        ValueError: both or neither of ``target_speedup`` / ``max_drop`` given, a value out of
+            range, ``policy`` not in the calibration, or no point meets the target (the message
+            gives the best reachable value).
+    """
+    if (target_speedup is None) == (max_drop is None):
+        raise ValueError("give exactly one of target_speedup and max_drop")
+    if policy is not None and policy not in calibration["policies"]:
+        raise ValueError(
+            f"policy {policy!r} is not calibrated for this model; calibrated: "
+            f"{', '.join(calibration['policies']) or 'none'}"
+        )
+    if next(_points(calibration, policy), None) is None:
+        raise ValueError("the calibration has no swept points")
+    which = f"policy {policy!r}" if policy else "any policy"
+    num_layers = calibration["num_layers"]
+    if target_speedup is not None:
+        if not target_speedup >= 1.0:
+            raise ValueError(
+                f"target_speedup must be >= 1 (L / average exit layer), got {target_speedup}"
+            )
+        chosen = choose_for_speedup(calibration, target_speedup, policy)
+        if chosen is None:
+            name, point = min(_points(calibration, policy), key=lambda p: p[1]["avg_exit_layer"])
+            raise ValueError(
+                f"no calibrated point of {which} reaches a layer speed-up of "
+                f"{target_speedup:g}x; the fastest is "
+                f"{num_layers / point['avg_exit_layer']:.2f}x ({describe_point(name, point)})"
+            )
+        return chosen
+    if not max_drop >= 0.0:
+        raise ValueError(f"max_drop must be >= 0 metric points, got {max_drop}")
+    chosen = choose_operating_point(calibration, max_drop, policy)
+    if chosen is None:
+        name, point = max(_points(calibration, policy), key=lambda p: p[1]["metric"])
+        drop = calibration["full_depth"] - point["metric"]
+        raise ValueError(
+            f"no calibrated point of {which} is within {max_drop:g} points of full depth "
+            f"({calibration['metric']} {calibration['full_depth']:.2f}); the most accurate "
+            f"loses {drop:.2f} ({describe_point(name, point)})"
+        )
+    return chosen
+
+
+def describe_point(name: str, point: dict) -> str:
+    """One line for a sweep point: the policy, its parameters, metric and average exit layer."""
+    params = ", ".join(f"{k}={v}" for k, v in policy_params(point).items() if v is not None)
+    return (
+        f"{name}({params}): metric {point['metric']:.2f}, "
+        f"average exit layer {point['avg_exit_layer']:.2f}"
+    )
+
+
+def _points(calibration: dict, policy: str | None) -> Iterator[tuple[str, dict]]:
+    """(policy name, point) of every swept point, or of one policy's."""
+    for name, points in calibration["policies"].items():
+        if policy is None or name == policy:
+            for point in points:
+                yield name, point

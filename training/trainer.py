@@ -156,7 +156,7 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
         model, tokenizer, dev.texts, dev.text_pairs, eval_max_seq_length, progress=progress
     )
     per_exit = exit_metrics(dev_logits, dev.labels, task.metric)
-    calibration = sweep(dev_logits, dev.labels, task.metric)
+    calibration = sweep(dev_logits, dev.labels, task.metric, extra_metrics=task.extra_metrics)
     chosen = choose_operating_point(calibration, config.max_drop)
     policy = {"name": "none"} if chosen is None else {"name": chosen[0], **policy_params(chosen[1])}
 

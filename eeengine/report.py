@@ -1,0 +1,245 @@
+"""Trade-off report: every exit policy over its threshold range on a labelled split.
+
+``eeengine eval --sweep`` runs the model to full depth once, sweeps every policy the checkpoint
+supports (:func:`eeengine.evaluation.sweep`) and writes three files:
+
+- ``PREFIX.json``: the whole sweep, the metrics of each single exit, and the summary;
+- ``PREFIX.md``: the summary table (task metric at 1.5x and 2x layer speed-up, best speed-up
+  within 1 point of full depth) and the per-exit table;
+- ``PREFIX.png``: metric against average exit layer, one curve per policy (its Pareto front:
+  the best metric at each speed), with full depth and every single fixed exit as reference
+  points; one panel per reported metric.
+
+Layer speed-up is L / average exit layer (2x: half the layers on average); the papers' speed-up
+is the layer saving 1 - average exit layer / L (2x = 50 %).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from eeengine.data import Task, load_split
+from eeengine.engine import Engine
+from eeengine.evaluation import (
+    all_exit_logits,
+    choose_for_speedup,
+    choose_operating_point,
+    exit_metrics,
+    policy_params,
+    sweep,
+)
+
+# Layer speed-ups (L / average exit layer) the summary reports the metric at.
+SPEEDUP_TARGETS = (1.5, 2.0)
+# The summary's best speed-up is the fastest point within this many metric points of full depth.
+SUMMARY_MAX_DROP = 1.0
+
+
+def sweep_report(engine: Engine, task: Task, split: str = "dev", progress: bool = False) -> dict:
+    """Sweep every policy that applies to ``engine``'s model on a split of ``task``.
+
+    Args:
+        engine: the loaded checkpoint (its policy plays no part: every policy is swept).
+        task: the GLUE task whose split is read; its ``metric`` picks the summary's points,
+            ``extra_metrics`` are reported beside it.
+        split: the split's file name in ``data/<task>/`` ("dev").
+        progress: show a progress bar over the full-depth pass.
+
+    Returns:
+        The :func:`eeengine.evaluation.sweep` result plus ``task``, ``split``, ``examples``,
+        ``checkpoint``, ``metrics`` (the names reported, primary first), ``exits`` (per
+        single exit: ``layer`` and ``metrics``) and ``summary`` (see :func:`summarize`).
+
+    Raises:
+        FileNotFoundError: the split's file does not exist.
+    """
+    data = load_split(task, split)
+    all_logits = all_exit_logits(
+        engine.model,
+        engine.tokenizer,
+        data.texts,
+        data.text_pairs,
+        engine.max_length,
+        progress=progress,
+    )
+    calibration = sweep(all_logits, data.labels, task.metric, extra_metrics=task.extra_metrics)
+    names = list(calibration["full_depth_metrics"])
+    per_exit = {name: exit_metrics(all_logits, data.labels, name) for name in names}
+    return {
+        "task": task.name,
+        "split": split,
+        "examples": len(data.texts),
+        "checkpoint": str(engine.path),
+        "metrics": names,
+        "exits": [
+            {"layer": layer, "metrics": {name: per_exit[name][layer - 1] for name in names}}
+            for layer in range(1, engine.num_layers + 1)
+        ],
+        "summary": summarize(calibration),
+        **calibration,
+    }
+
+
+def summarize(
+    calibration: dict,
+    targets: tuple[float, ...] = SPEEDUP_TARGETS,
+    max_drop: float = SUMMARY_MAX_DROP,
+) -> list[dict]:
+    """Per policy: the most accurate point at each layer speed-up target, and the fastest
+    point within ``max_drop`` metric points of full depth.
+
+    Args:
+        calibration: a :func:`eeengine.evaluation.sweep` result.
+        targets: layer speed-ups L / average exit layer.
+        max_drop: metric points below full depth.
+
+    Returns:
+        One ``{"policy", "at_speedup": [{"target", "point"}], "max_drop", "within_drop"}`` per
+        policy, where a point is a sweep point or None when none qualifies.
+    """
+    rows = []
+    for name in calibration["policies"]:
+        rows.append(
+            {
+                "policy": name,
+                "at_speedup": [
+                    {
+                        "target": target,
+                        "point": _point(choose_for_speedup(calibration, target, name)),
+                    }
+                    for target in targets
+                ],
+                "max_drop": max_drop,
+                "within_drop": _point(choose_operating_point(calibration, max_drop, name)),
+            }
+        )
+    return rows
+
+
+def _point(chosen: tuple[str, dict] | None) -> dict | None:
+    return None if chosen is None else chosen[1]
+
+
+def markdown(report: dict) -> str:
+    """The summary and per-exit tables of a :func:`sweep_report` as GitHub markdown."""
+    names = report["metrics"]
+    num_layers = report["num_layers"]
+    metric_header = " / ".join(names)
+    full = " / ".join(f"{report['full_depth_metrics'][n]:.2f}" for n in names)
+    lines = [
+        f"{report['task']} {report['split']} ({report['examples']} examples), "
+        f"{num_layers} layers; full depth {metric_header}: {full}. Points are picked by "
+        f"{report['metric']}; speed-up is L / average exit layer (layer saving 1 - avg / L).",
+        "",
+        "| policy | "
+        + " | ".join(
+            f"{metric_header} at ≥ {t['target']:g}x" for t in report["summary"][0]["at_speedup"]
+        )
+        + f" | best speed-up within {report['summary'][0]['max_drop']:g} point of full depth |",
+        "|---" * (len(SPEEDUP_TARGETS) + 2) + "|",
+    ]
+    for row in report["summary"]:
+        cells = [_cell(t["point"], names, num_layers) for t in row["at_speedup"]]
+        best = row["within_drop"]
+        if best is None:
+            cells.append("none")
+        else:
+            cells.append(
+                f"**{num_layers / best['avg_exit_layer']:.2f}x**, {_cell(best, names, num_layers)}"
+            )
+        lines.append(f"| {row['policy']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| exit layer | " + " | ".join(str(e["layer"]) for e in report["exits"]) + " |",
+        "|---" * (len(report["exits"]) + 1) + "|",
+    ]
+    for name in names:
+        values = " | ".join(f"{e['metrics'][name]:.2f}" for e in report["exits"])
+        lines.append(f"| {name} | {values} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(point: dict | None, names: list[str], num_layers: int) -> str:
+    """``88.10 / 83.33 (2.05x, avg 2.93 layers; threshold=0.3)`` or ``none``."""
+    if point is None:
+        return "none"
+    values = " / ".join(f"{point['metrics'][n]:.2f}" for n in names)
+    params = ", ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in policy_params(point).items()
+        if v is not None
+    )
+    speedup = num_layers / point["avg_exit_layer"]
+    return f"{values} ({speedup:.2f}x, avg {point['avg_exit_layer']:.2f} layers; {params})"
+
+
+def pareto_front(points: list[dict], metric: str) -> list[dict]:
+    """The points no other point beats on both speed and ``metric``: sorted by average exit
+    layer, each more accurate than every faster one."""
+    front: list[dict] = []
+    for point in sorted(points, key=lambda p: (p["avg_exit_layer"], -p["metrics"][metric])):
+        if not front or point["metrics"][metric] > front[-1]["metrics"][metric]:
+            front.append(point)
+    return front
+
+
+def plot(report: dict) -> Figure:
+    """Metric against average exit layer: one panel per reported metric, each policy's Pareto
+    front as a line over its swept points, single exits and full depth as references."""
+    names = report["metrics"]
+    num_layers = report["num_layers"]
+    figure = Figure(figsize=(7 * len(names), 5.5), layout="constrained")
+    for axes, name in zip(figure.subplots(1, len(names), squeeze=False)[0], names, strict=True):
+        for policy, points in report["policies"].items():
+            front = pareto_front(points, name)
+            line = axes.plot(
+                [p["avg_exit_layer"] for p in front],
+                [p["metrics"][name] for p in front],
+                marker=".",
+                label=policy,
+            )[0]
+            axes.scatter(
+                [p["avg_exit_layer"] for p in points],
+                [p["metrics"][name] for p in points],
+                s=6,
+                alpha=0.25,
+                color=line.get_color(),
+            )
+        axes.plot(
+            [e["layer"] for e in report["exits"]],
+            [e["metrics"][name] for e in report["exits"]],
+            "k--o",
+            markersize=5,
+            label="single exit k",
+        )
+        axes.plot(
+            [num_layers],
+            [report["full_depth_metrics"][name]],
+            "r*",
+            markersize=16,
+            label="full depth",
+        )
+        axes.set_xlabel(f"average exit layer (of {num_layers}); speed-up = {num_layers} / avg")
+        axes.set_ylabel(f"{name} ({report['split']})")
+        axes.set_title(f"{report['task']}: {name} vs. average exit layer")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    return figure
+
+
+def write_report(report: dict, prefix: str | Path) -> list[Path]:
+    """Write ``PREFIX.json``, ``PREFIX.md`` and ``PREFIX.png`` (parent folders created).
+
+    Returns:
+        The three paths.
+    """
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    paths = [prefix.with_name(f"{prefix.name}.{ext}") for ext in ("json", "md", "png")]
+    paths[0].write_text(json.dumps(report, indent=2) + "\n")
+    paths[1].write_text(markdown(report))
+    plot(report).savefig(paths[2], dpi=120)
+    return paths
