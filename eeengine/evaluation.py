@@ -31,6 +31,16 @@ SWEEP_GRIDS: dict[str, list[float]] = {
     "patience": [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0],
 }
 SWEEP_PATIENCE = {"pcee": (1, 2, 3), "patience": (1, 2, 3, 4)}
+# ELBERT's second stage, (N, window test): on a 6-layer model the window changes the trade-off
+# more than the threshold does. The "range" test (it needs r as well) is not swept.
+SWEEP_ELBERT_WINDOWS = (
+    (2, "monotonic"),
+    (3, "monotonic"),
+    (4, "monotonic"),
+    (2, "stable"),
+    (3, "stable"),
+    (4, "stable"),
+)
 # Swept policies: those with a grid, and "budget" over layers 1 … L-1.
 SWEPT_POLICIES = (*SWEEP_GRIDS, "budget")
 # Keys of a sweep point that are measurements, not parameters of the policy.
@@ -43,6 +53,12 @@ def sweep_params(name: str, num_labels: int, num_layers: int) -> list[dict]:
     if name == "budget":
         return [{"layer": layer} for layer in range(1, num_layers)]
     thresholds: list[float | None] = list(SWEEP_GRIDS[name])
+    if name == "elbert":
+        return [
+            {"threshold": threshold, "window": window, "window_test": test}
+            for window, test in SWEEP_ELBERT_WINDOWS
+            for threshold in thresholds
+        ]
     if name == "patience" and num_labels > 1:
         thresholds = [None]
     return [

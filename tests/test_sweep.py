@@ -3,6 +3,7 @@
 import torch
 
 from eeengine.evaluation import (
+    SWEEP_ELBERT_WINDOWS,
     SWEEP_GRIDS,
     SWEEP_PATIENCE,
     choose_operating_point,
@@ -33,7 +34,9 @@ def test_classification_sweeps_every_policy_but_lte_unless_given_scores():
     assert [(p["patience"], p["threshold"]) for p in patience] == [
         (t, None) for t in SWEEP_PATIENCE["patience"]
     ]
-    assert len(result["policies"]["elbert"]) == len(SWEEP_GRIDS["elbert"])
+    elbert = result["policies"]["elbert"]
+    assert len(elbert) == len(SWEEP_GRIDS["elbert"]) * len(SWEEP_ELBERT_WINDOWS)
+    assert {(p["window"], p["window_test"]) for p in elbert} == set(SWEEP_ELBERT_WINDOWS)
 
     scores = torch.rand(NUM_LAYERS, NUM_EXAMPLES, generator=torch.Generator().manual_seed(1))
     with_lte = sweep(logits, labels, "accuracy", signals={"lte_score": scores})
