@@ -17,6 +17,7 @@ from eeengine.checkpoint import CALIBRATION, load_checkpoint
 from eeengine.data import Split, get_task
 from eeengine.evaluation import (
     all_exit_logits,
+    check_target,
     choose_operating_point,
     policy_params,
     select_operating_point,
@@ -236,6 +237,8 @@ class Engine:
         normalize_inputs(
             list(texts) if text_pairs is None else list(zip(texts, text_pairs, strict=True))
         )
+        values = self._label_values(labels)
+        check_target(target_speedup, max_drop)
         task = get_task(self.manifest["task"]["name"])
         all_logits = all_exit_logits(
             self.model,
@@ -246,9 +249,7 @@ class Engine:
             batch_size=batch_size,
             progress=progress,
         )
-        calibration = sweep(
-            all_logits, self._label_values(labels), task.metric, extra_metrics=task.extra_metrics
-        )
+        calibration = sweep(all_logits, values, task.metric, extra_metrics=task.extra_metrics)
         chosen, point = self._calibrated_policy(calibration, target_speedup, max_drop, policy)
         backend = resolve_backend(self._requested_backend, chosen, self.model.num_labels)
         self.policy, self.operating_point, self._backend = chosen, point, backend

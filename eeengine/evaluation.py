@@ -259,8 +259,7 @@ def select_operating_point(
             range, ``policy`` not in the calibration, or no point meets the target (the message
             gives the best reachable value).
     """
-    if (target_speedup is None) == (max_drop is None):
-        raise ValueError("give exactly one of target_speedup and max_drop")
+    check_target(target_speedup, max_drop)
     if policy is not None and policy not in calibration["policies"]:
         raise ValueError(
             f"policy {policy!r} is not calibrated for this model; calibrated: "
@@ -271,10 +270,6 @@ def select_operating_point(
     which = f"policy {policy!r}" if policy else "any policy"
     num_layers = calibration["num_layers"]
     if target_speedup is not None:
-        if not target_speedup >= 1.0:
-            raise ValueError(
-                f"target_speedup must be >= 1 (L / average exit layer), got {target_speedup}"
-            )
         chosen = choose_for_speedup(calibration, target_speedup, policy)
         if chosen is None:
             name, point = min(_points(calibration, policy), key=lambda p: p[1]["avg_exit_layer"])
@@ -284,8 +279,6 @@ def select_operating_point(
                 f"{num_layers / point['avg_exit_layer']:.2f}x ({describe_point(name, point)})"
             )
         return chosen
-    if not max_drop >= 0.0:
-        raise ValueError(f"max_drop must be >= 0 metric points, got {max_drop}")
     chosen = choose_operating_point(calibration, max_drop, policy)
     if chosen is None:
         name, point = max(_points(calibration, policy), key=lambda p: p[1]["metric"])
@@ -296,6 +289,23 @@ def select_operating_point(
             f"loses {drop:.2f} ({describe_point(name, point)})"
         )
     return chosen
+
+
+def check_target(target_speedup: float | None, max_drop: float | None) -> None:
+    """Check an operating-point target before any work is done.
+
+    Raises:
+        ValueError: both or neither given, ``target_speedup`` < 1 (L / average exit layer
+            cannot be), or ``max_drop`` < 0 metric points.
+    """
+    if (target_speedup is None) == (max_drop is None):
+        raise ValueError("give exactly one of target_speedup and max_drop")
+    if target_speedup is not None and not target_speedup >= 1.0:
+        raise ValueError(
+            f"target_speedup must be >= 1 (L / average exit layer), got {target_speedup}"
+        )
+    if max_drop is not None and not max_drop >= 0.0:
+        raise ValueError(f"max_drop must be >= 0 metric points, got {max_drop}")
 
 
 def describe_point(name: str, point: dict) -> str:

@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 import eeengine.checkpoint as checkpoint_module
+import eeengine.engine
 from eeengine import Engine
 from eeengine._custom_ops import HAS_C
 from eeengine.checkpoint import save_checkpoint, update_checkpoint, write_json_atomic
@@ -308,3 +309,18 @@ def test_cli_calibrate_needs_a_target(ckpt_copy, capsys):
     with pytest.raises(SystemExit):
         main(["calibrate", "--ckpt", str(ckpt_copy)])
     assert "one of the arguments --target-speedup --max-drop is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("labels", "kwargs"),
+    [([0] * 7 + [2], {"max_drop": 1}), ([0] * 8, {}), ([0] * 8, {"target_speedup": 0.5})],
+)
+def test_bad_arguments_fail_before_the_full_depth_pass(tiny_ckpt, monkeypatch, labels, kwargs):
+    engine = Engine(tiny_ckpt)
+
+    def run_model(*args, **kwargs):
+        pytest.fail("the model ran before the arguments were checked")
+
+    monkeypatch.setattr(eeengine.engine, "all_exit_logits", run_model)
+    with pytest.raises(ValueError):
+        engine.calibrate(SENTENCES, labels, **kwargs)
