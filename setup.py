@@ -15,7 +15,7 @@ setup(
     ext_modules=[
         CppExtension(
             "eeengine._C",
-            sources=["csrc/exit_head.cpp", "csrc/torch_bindings.cpp"],
+            sources=["csrc/exit_head.cpp", "csrc/token_prune.cpp", "csrc/torch_bindings.cpp"],
             extra_compile_args=["-O3"],
         )
     ],

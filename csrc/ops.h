@@ -39,4 +39,15 @@ std::tuple<at::Tensor, at::Tensor> exit_head_step(
     int64_t layer, int64_t num_layers, at::TensorList state, const at::Tensor& rows,
     at::Tensor& out_logits, at::Tensor& out_layer);
 
+// MPEE token pruning at one layer: [CLS] attention row from cls_query [B, heads, d] and key
+// [B, heads, N, d] -> memory update with beta -> keep the top ceil(keep_ratio * c) of the c real
+// non-[CLS] tokens of each row (ties: lower position first) -> gather them in order after [CLS],
+// append the fusion token of the dropped ones. Returns (hidden_states [B, N', H],
+// attention_mask [B, N'] in the input mask's dtype, memory [B, N' - 1] float32,
+// kept_indices [B, N'] int64: input position, -1 for the fusion token and padding), N' = 1 + k +
+// (k < N - 1) with k = ceil(keep_ratio * (N - 1)). See csrc/token_prune.cpp.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_prune(
+    const at::Tensor& hidden_states, const at::Tensor& attention_mask, const at::Tensor& cls_query,
+    const at::Tensor& key, const at::Tensor& memory, double keep_ratio, double beta);
+
 }  // namespace eeengine

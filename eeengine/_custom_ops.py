@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from eeengine.token_pruning import TokenPruneOutput, pruned_length
+
 BACKENDS = ("reference", "cpp")
 
 
@@ -136,6 +138,69 @@ if HAS_C:
         logits = hidden_states.new_empty((batch_size, weight.shape[0]), dtype=torch.float32)
         exit_mask = hidden_states.new_empty((batch_size,), dtype=torch.bool)
         return logits, exit_mask
+
+
+def token_prune(
+    hidden_states: Tensor,
+    attention_mask: Tensor,
+    cls_query: Tensor,
+    key: Tensor,
+    memory: Tensor,
+    keep_ratio: float,
+    beta: float,
+) -> TokenPruneOutput:
+    """MPEE token pruning at one layer, fused: [CLS] attention row, memory update, top-k keep,
+    gather, fusion token (Kong et al. 2022, eqs. 5-8). Same rule, fusion weights and
+    tie-breaking as :func:`eeengine.token_pruning.token_prune_reference` (see
+    :mod:`eeengine.token_pruning`); fp32 math whatever the input dtype. Inference only (no
+    autograd).
+
+    Args:
+        hidden_states: (batch_size, seq_len, hidden_size) float32, float16 or bfloat16, the
+            attention sublayer's output; [CLS] at position 0.
+        attention_mask: (batch_size, seq_len), 1 for real tokens; any dtype.
+        cls_query: (batch_size, num_heads, head_size), the [CLS] query; hidden_states' dtype.
+        key: (batch_size, num_heads, seq_len, head_size), the layer's keys; hidden_states'
+            dtype. Strided views (SDPA's head layout) are read in place.
+        memory: (batch_size, seq_len - 1) float32, the class-attention memory m_{l-1}.
+        keep_ratio: r in [0, 1]; each row keeps ceil(r * c) of its c real non-[CLS] tokens.
+        beta: β_l in [0, 1], m_l = (1 - β_l) m_{l-1} + β_l a_l.
+
+    Returns:
+        :class:`eeengine.token_pruning.TokenPruneOutput` of width
+        ``pruned_length(seq_len, keep_ratio)``.
+
+    Raises:
+        RuntimeError: the extension is not loaded (``HAS_C`` is False), or an argument has the
+            wrong shape, dtype or device, or is out of range (the message names it).
+    """
+    return TokenPruneOutput(
+        *torch.ops.eeengine.token_prune(
+            hidden_states, attention_mask, cls_query, key, memory, float(keep_ratio), float(beta)
+        )
+    )
+
+
+if HAS_C:
+
+    @torch.library.register_fake("eeengine::token_prune")
+    def _token_prune_fake(
+        hidden_states: Tensor,
+        attention_mask: Tensor,
+        cls_query: Tensor,
+        key: Tensor,
+        memory: Tensor,
+        keep_ratio: float,
+        beta: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        batch_size, seq_len, hidden_size = hidden_states.shape
+        out_len = pruned_length(seq_len, keep_ratio)
+        return (
+            hidden_states.new_empty((batch_size, out_len, hidden_size)),
+            attention_mask.new_empty((batch_size, out_len)),
+            memory.new_empty((batch_size, out_len - 1)),
+            hidden_states.new_empty((batch_size, out_len), dtype=torch.long),
+        )
 
 
 _warned: set[str] = set()  # reasons already warned about: one warning each per process
