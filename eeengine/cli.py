@@ -111,7 +111,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         f"\npolicy {engine.policy!r}: {task.metric} {result['value']:.2f} "
         f"(full depth {per_exit[-1]:.2f}), average exit layer {result['avg_exit_layer']:.2f} "
         f"of {engine.num_layers}, speed-up {result['layer_saving']:.1%} of layers saved "
-        f"({result['speedup']:.2f}x)"
+        f"({result['speedup']:.2f}x); FLOPs ratio {result['flops_ratio']:.3f} "
+        f"({result['flops_speedup']:.2f}x, MPEE's acceleration)"
     )
 
 

@@ -7,18 +7,21 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from eeengine._custom_ops import resolve_backend
 from eeengine.batching import collate, encode, length_sorted_batches
-from eeengine.checkpoint import load_checkpoint
+from eeengine.checkpoint import MANIFEST, CheckpointError, load_checkpoint
 from eeengine.data import Split
 from eeengine.evaluation import choose_operating_point, policy_params
+from eeengine.flops import FlopCounter
 from eeengine.inputs import Example, normalize_inputs
 from eeengine.metrics import METRICS
 from eeengine.policies import ExitPolicy, make_policy
 from eeengine.runtime import early_exit_forward
+from eeengine.token_pruning import TokenPruning
 
 # Inputs tokenized and bucketed at a time: bounds memory for any number of texts.
 _CHUNK_BATCHES = 64
@@ -36,7 +39,11 @@ class Prediction:
         exit_layer: 1-based layer whose exit head produced the answer.
         num_layers: depth of the model (exit_layer == num_layers means full depth).
         logits: raw logits of the exit taken, float32 values.
-        tokens_kept: tokens left per layer under token-wise exit (None: no token pruning).
+        tokens_kept: real tokens left after each layer the input ran (length ``exit_layer``)
+            under token-wise exit; None without token pruning.
+        flops: FLOPs the engine executed for this input (see :mod:`eeengine.flops`).
+        full_flops: FLOPs of the full model (every layer, no pruning, one head) on this input;
+            MPEE's ρ = Σ flops / Σ full_flops over a data set.
     """
 
     label: str | None
@@ -47,6 +54,8 @@ class Prediction:
     num_layers: int
     logits: list[float] = field(repr=False)
     tokens_kept: list[int] | None = None
+    flops: int | None = None
+    full_flops: int | None = None
 
 
 class Engine:
@@ -66,7 +75,10 @@ class Engine:
             inputs are truncated with a warning.
         backend: how the exit head + policy step runs: "cpp" (the fused C++ op), "reference"
             (plain torch), or None for "cpp" when the extension is built and implements the
-            policy, else "reference" with one warning saying why.
+            policy, else "reference" with one warning saying why. Token pruning follows it.
+        token_pruning: MPEE token-wise exit: "checkpoint" for the schedule in
+            ``eeengine.json``, None for none, or a schedule (a :class:`TokenPruning` or its
+            JSON form ``{"layers": [...], "keep_ratio": r, "beta": [...]}``).
         **policy_kwargs: other parameters of the policy, e.g. ``layer`` for ``budget``,
             ``window`` / ``window_test`` / ``window_range`` for ``elbert``, ``memory_weight``
             for ``mpee`` (see :mod:`eeengine.policies`).
@@ -87,6 +99,7 @@ class Engine:
         device: str = "cpu",
         max_length: int | None = None,
         backend: str | None = None,
+        token_pruning: Literal["checkpoint"] | TokenPruning | dict | None = "checkpoint",
         **policy_kwargs: object,
     ) -> None:
         self.device = _resolve_device(device)
@@ -105,6 +118,8 @@ class Engine:
             policy, {"threshold": threshold, "patience": patience, **policy_kwargs}
         )
         self._backend = resolve_backend(backend, self.policy, self.model.num_labels)
+        self.token_pruning = self._token_pruning(token_pruning)
+        self._flops = FlopCounter.for_model(self.model)
 
     @property
     def num_layers(self) -> int:
@@ -128,6 +143,19 @@ class Engine:
         policy = make_policy(name, **{**stored, **overrides})
         policy.validate(self.model.num_labels, self.num_layers)
         return policy
+
+    def _token_pruning(
+        self, given: Literal["checkpoint"] | TokenPruning | dict | None
+    ) -> TokenPruning | None:
+        if isinstance(given, TokenPruning) or given is None:
+            return given
+        if given != "checkpoint":
+            return TokenPruning.from_json(given, self.num_layers)
+        stored = self.manifest.get("token_pruning")
+        try:
+            return None if stored is None else TokenPruning.from_json(stored, self.num_layers)
+        except ValueError as error:
+            raise CheckpointError(f"{self.path / MANIFEST}: {error}") from None
 
     def predict(
         self, inputs: str | tuple[str, str] | list, batch_size: int = 32
@@ -183,9 +211,22 @@ class Engine:
         results: list[Prediction | None] = [None] * len(examples)
         for indices in length_sorted_batches(encoded.lengths, batch_size):
             batch = collate(encoded, indices, self.tokenizer.pad_token_id, self.device)
-            out = early_exit_forward(self.model, self.policy, *batch, backend=self._backend)
+            out = early_exit_forward(
+                self.model,
+                self.policy,
+                *batch,
+                backend=self._backend,
+                token_pruning=self.token_pruning,
+            )
             for row, i in enumerate(indices):
-                results[i] = self._prediction(out.logits[row], int(out.exit_layer[row]))
+                exit_layer = int(out.exit_layer[row])
+                length = len(encoded.input_ids[i])
+                prediction = self._prediction(out.logits[row], exit_layer)
+                if self.token_pruning is not None:
+                    prediction.tokens_kept = out.tokens_kept[row, :exit_layer].tolist()
+                prediction.flops = self._flops.executed(length, exit_layer, self.token_pruning)
+                prediction.full_flops = self._flops.full(length)
+                results[i] = prediction
         return results
 
     def _prediction(self, logits: torch.Tensor, exit_layer: int) -> Prediction:
@@ -214,7 +255,8 @@ class Engine:
 
         Returns:
             ``{"metric", "value", "avg_exit_layer" (layers), "layer_saving" (1 - avg / L),
-            "speedup" (L / avg), "seconds"}``.
+            "speedup" (L / avg), "flops_ratio" (MPEE's ρ = Σ executed / Σ full-model FLOPs),
+            "flops_speedup" (1 / ρ, MPEE's acceleration), "seconds"}``.
         """
         inputs = (
             split.texts
@@ -229,12 +271,15 @@ class Engine:
         else:
             outputs = [self.label_names.index(p.label) for p in predictions]
         avg = sum(p.exit_layer for p in predictions) / len(predictions)
+        flops_ratio = sum(p.flops for p in predictions) / sum(p.full_flops for p in predictions)
         return {
             "metric": metric,
             "value": METRICS[metric](outputs, split.labels),
             "avg_exit_layer": avg,
             "layer_saving": 1.0 - avg / self.num_layers,
             "speedup": self.num_layers / avg,
+            "flops_ratio": flops_ratio,
+            "flops_speedup": 1.0 / flops_ratio,
             "seconds": seconds,
         }
 

@@ -70,7 +70,9 @@ class BertSelfAttention(nn.Module):
             batch_size, seq_len, self.num_attention_heads, self.attention_head_size
         ).transpose(1, 2)
 
-    def forward(self, hidden_states: Tensor, attention_bias: Tensor | None) -> Tensor:
+    def forward(
+        self, hidden_states: Tensor, attention_bias: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Args:
             hidden_states: (batch_size, seq_len, hidden_size).
             attention_bias: (batch_size, 1, 1, seq_len) bool, True where a key may be attended
@@ -78,6 +80,8 @@ class BertSelfAttention(nn.Module):
 
         Returns:
             context: (batch_size, seq_len, hidden_size).
+            query, key: (batch_size, num_heads, seq_len, head_size), the projections SDPA
+                attended with (token pruning recomputes the [CLS] attention row from them).
         """
         query = self._heads(self.query(hidden_states))
         key = self._heads(self.key(hidden_states))
@@ -90,7 +94,7 @@ class BertSelfAttention(nn.Module):
             dropout_p=self.dropout_prob if self.training else 0.0,
         )
         batch_size, _, seq_len, _ = context.shape
-        return context.transpose(1, 2).reshape(batch_size, seq_len, -1)
+        return context.transpose(1, 2).reshape(batch_size, seq_len, -1), query, key
 
 
 class BertSelfOutput(nn.Module):
@@ -110,8 +114,16 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden_states: Tensor, attention_bias: Tensor | None) -> Tensor:
-        return self.output(self.self(hidden_states, attention_bias), hidden_states)
+    def forward(
+        self, hidden_states: Tensor, attention_bias: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns:
+        attention_output: (batch_size, seq_len, hidden_size).
+        cls_query: (batch_size, num_heads, head_size), the query of [CLS] (position 0).
+        key: (batch_size, num_heads, seq_len, head_size).
+        """
+        context, query, key = self.self(hidden_states, attention_bias)
+        return self.output(context, hidden_states), query[:, :, 0], key
 
 
 class BertIntermediate(nn.Module):
@@ -140,7 +152,12 @@ class BertOutput(nn.Module):
 
 
 class BertLayer(nn.Module):
-    """One post-LayerNorm transformer block: attention, then feed-forward."""
+    """One post-LayerNorm transformer block: attention, then feed-forward.
+
+    A token-pruning layer (MPEE) runs the two sublayers itself with the pruning in between:
+    ``self.attention`` (which also returns the [CLS] query and the keys), prune, then
+    :meth:`feed_forward` on the kept tokens.
+    """
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -156,7 +173,11 @@ class BertLayer(nn.Module):
         Returns:
             hidden_states: (batch_size, seq_len, hidden_size), this layer's output.
         """
-        attention_output = self.attention(hidden_states, attention_bias)
+        attention_output, _, _ = self.attention(hidden_states, attention_bias)
+        return self.feed_forward(attention_output)
+
+    def feed_forward(self, attention_output: Tensor) -> Tensor:
+        """The feed-forward sublayer: (batch_size, seq_len, hidden_size) -> the same shape."""
         return self.output(self.intermediate(attention_output), attention_output)
 
 

@@ -4,6 +4,10 @@ Per layer l: encoder layer on the live rows -> exit head -> policy step -> latch
 exit layer of rows that exit -> drop them from the working batch (hidden states, mask, policy
 state, and the index map back to the caller's rows). Later layers compute only on live rows.
 
+With a token-pruning schedule (MPEE token-wise exit, :mod:`eeengine.token_pruning`), a pruning
+layer runs attention, then ``token_prune`` on each row (its real tokens only; rows come out
+right-padded to the batch's longest), then the feed-forward on the kept tokens.
+
 The exit head, policy step and latch run either in plain torch (backend "reference",
 :func:`exit_head_step_reference`) or as one fused C++ op (backend "cpp",
 :func:`eeengine._custom_ops.exit_head_step`); both give the same exits and logits.
@@ -22,6 +26,7 @@ from eeengine.modeling_bert import attention_bias
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import ExitPolicy
 from eeengine.policies.base import State
+from eeengine.token_pruning import TokenPruning, token_prune_reference
 
 
 @dataclass
@@ -31,10 +36,13 @@ class ExitOutput:
     Attributes:
         logits: (batch_size, num_labels) float32, the logits of the exit each row took.
         exit_layer: (batch_size,) int64, 1-based layer at which each row exited.
+        tokens_kept: (batch_size, num_layers) int64, real tokens of each row after each layer
+            (the width its feed-forward ran at), 0 after its exit layer.
     """
 
     logits: Tensor
     exit_layer: Tensor
+    tokens_kept: Tensor
 
 
 def exit_head_step_reference(
@@ -126,6 +134,7 @@ def early_exit_forward(
     attention_mask: Tensor,
     token_type_ids: Tensor,
     backend: str = "reference",
+    token_pruning: TokenPruning | None = None,
 ) -> ExitOutput:
     """Run the multi-exit model with per-sample early exit and batch compaction.
 
@@ -136,7 +145,9 @@ def early_exit_forward(
             real tokens.
         backend: how each layer's exit head and policy step run: "reference" (plain torch,
             :func:`exit_head_step_reference`) or "cpp" (the fused op; see
-            :func:`eeengine._custom_ops.resolve_backend`).
+            :func:`eeengine._custom_ops.resolve_backend`); "cpp" also prunes tokens with the
+            fused op :func:`eeengine._custom_ops.token_prune`.
+        token_pruning: the token-pruning schedule, or None for none.
 
     Returns:
         :class:`ExitOutput`. Equal, row by row, to running each row alone, and to
@@ -154,13 +165,29 @@ def early_exit_forward(
     num_layers = model.num_layers
     out_logits = torch.empty(batch_size, model.num_labels, dtype=torch.float32, device=device)
     out_layer = torch.empty(batch_size, dtype=torch.long, device=device)
+    tokens_kept = torch.zeros(batch_size, num_layers, dtype=torch.long, device=device)
+    prune = _custom_ops.token_prune if backend == "cpp" else token_prune_reference
 
     rows = torch.arange(batch_size, device=device)  # live row -> caller's row
     hidden_states = model.bert.embeddings(input_ids, token_type_ids)
     bias = attention_bias(attention_mask)
     state = policy.init_state(batch_size, device)
+    # Class-attention memory of the non-[CLS] tokens (MPEE eq. 6), updated at pruning layers.
+    memory = torch.zeros(batch_size, input_ids.shape[1] - 1, device=device)
     for layer in range(1, num_layers + 1):
-        hidden_states = model.bert.encoder.layer[layer - 1](hidden_states, bias)
+        encoder_layer = model.bert.encoder.layer[layer - 1]
+        beta = token_pruning.beta_at(layer) if token_pruning is not None else None
+        if beta is None:
+            hidden_states = encoder_layer(hidden_states, bias)
+        else:
+            attention_output, cls_query, key = encoder_layer.attention(hidden_states, bias)
+            hidden_states, attention_mask, memory, _ = prune(
+                attention_output, attention_mask, cls_query, key, memory,
+                token_pruning.keep_ratio, beta,
+            )  # fmt: skip
+            bias = attention_bias(attention_mask)
+            hidden_states = encoder_layer.feed_forward(hidden_states)
+        tokens_kept[rows, layer - 1] = attention_mask.sum(1)
         step_args = (hidden_states, attention_mask, layer, num_layers, state, rows)
         head = model.exit_heads[layer - 1]
         if backend == "cpp":
@@ -180,6 +207,7 @@ def early_exit_forward(
         seq_len = int(attention_mask.sum(1).max())
         attention_mask = attention_mask[:, :seq_len]
         hidden_states = hidden_states[keep, :seq_len]
+        memory = memory[keep, : seq_len - 1]
         bias = attention_bias(attention_mask)
         state = {name: value[keep] for name, value in state.items()}
-    return ExitOutput(out_logits, out_layer)
+    return ExitOutput(out_logits, out_layer, tokens_kept)
