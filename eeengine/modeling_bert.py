@@ -14,10 +14,14 @@ padding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import BertConfig
+
+from eeengine.token_pruning import TokenPruneOutput, TokenPruning, token_prune_reference
 
 
 class BertEmbeddings(nn.Module):
@@ -154,9 +158,7 @@ class BertOutput(nn.Module):
 class BertLayer(nn.Module):
     """One post-LayerNorm transformer block: attention, then feed-forward.
 
-    A token-pruning layer (MPEE) runs the two sublayers itself with the pruning in between:
-    ``self.attention`` (which also returns the [CLS] query and the keys), prune, then
-    :meth:`feed_forward` on the kept tokens.
+    A token-pruning layer (MPEE) prunes between the two: :meth:`pruned_forward`.
     """
 
     def __init__(self, config: BertConfig) -> None:
@@ -180,6 +182,37 @@ class BertLayer(nn.Module):
         """The feed-forward sublayer: (batch_size, seq_len, hidden_size) -> the same shape."""
         return self.output(self.intermediate(attention_output), attention_output)
 
+    def pruned_forward(
+        self,
+        hidden_states: Tensor,
+        attention_bias: Tensor | None,
+        attention_mask: Tensor,
+        memory: Tensor,
+        keep_ratio: float,
+        beta: float,
+        prune: Callable[..., TokenPruneOutput] = token_prune_reference,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Attention, then MPEE token pruning, then the feed-forward on the kept tokens and the
+        fusion token (Kong et al. 2022, section 3.1; see :mod:`eeengine.token_pruning`).
+
+        Args:
+            hidden_states: (batch_size, seq_len, hidden_size).
+            attention_bias: from :func:`attention_bias` of ``attention_mask``.
+            attention_mask: (batch_size, seq_len), 1 for real tokens.
+            memory: (batch_size, seq_len - 1) float32, the class-attention memory.
+            keep_ratio, beta: r and β_l of this layer.
+            prune: ``token_prune_reference`` (differentiable, for training) or the fused op
+                :func:`eeengine._custom_ops.token_prune`.
+
+        Returns:
+            hidden_states: (batch_size, out_len, hidden_size), this layer's output.
+            attention_mask: (batch_size, out_len), the mask after pruning.
+            memory: (batch_size, out_len - 1), the memory gathered with the kept tokens.
+        """
+        attention_output, cls_query, key = self.attention(hidden_states, attention_bias)
+        pruned = prune(attention_output, attention_mask, cls_query, key, memory, keep_ratio, beta)
+        return self.feed_forward(pruned.hidden_states), pruned.attention_mask, pruned.memory
+
 
 class BertEncoder(nn.Module):
     def __init__(self, config: BertConfig) -> None:
@@ -190,8 +223,9 @@ class BertEncoder(nn.Module):
 class BertModel(nn.Module):
     """Embeddings plus a stack of layers, driven one layer at a time by the caller.
 
-    ``forward`` runs all layers and returns every layer's hidden states (for training and
-    tests); the early-exit runtime calls ``embeddings`` and ``encoder.layer[l]`` itself.
+    ``forward`` runs all layers and returns every layer's hidden states (for tests);
+    :meth:`layer_outputs` also returns every layer's mask, which token pruning changes (for
+    training). The early-exit runtime calls ``embeddings`` and ``encoder.layer[l]`` itself.
     """
 
     def __init__(self, config: BertConfig) -> None:
@@ -214,13 +248,41 @@ class BertModel(nn.Module):
             One (batch_size, seq_len, hidden_size) tensor per layer, layer 1 first (the
             embedding output is not included).
         """
+        outputs = self.layer_outputs(input_ids, attention_mask, token_type_ids)
+        return [hidden_states for hidden_states, _ in outputs]
+
+    def layer_outputs(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        token_type_ids: Tensor,
+        token_pruning: TokenPruning | None = None,
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Run every layer, pruning tokens (differentiably) at the schedule's layers.
+
+        Args:
+            input_ids, attention_mask, token_type_ids: as in :meth:`forward`.
+            token_pruning: the MPEE token-pruning schedule, or None.
+
+        Returns:
+            Per layer, layer 1 first: hidden_states (batch_size, seq_len_l, hidden_size) and
+            attention_mask (batch_size, seq_len_l), seq_len_l shrinking at pruning layers.
+        """
         hidden_states = self.embeddings(input_ids, token_type_ids)
         bias = attention_bias(attention_mask)
-        all_hidden_states = []
-        for layer in self.encoder.layer:
-            hidden_states = layer(hidden_states, bias)
-            all_hidden_states.append(hidden_states)
-        return all_hidden_states
+        memory = hidden_states.new_zeros(*input_ids.shape, dtype=torch.float32)[:, 1:]
+        outputs = []
+        for index, layer in enumerate(self.encoder.layer, start=1):
+            beta = token_pruning.beta_at(index) if token_pruning is not None else None
+            if beta is None:
+                hidden_states = layer(hidden_states, bias)
+            else:
+                hidden_states, attention_mask, memory = layer.pruned_forward(
+                    hidden_states, bias, attention_mask, memory, token_pruning.keep_ratio, beta
+                )
+                bias = attention_bias(attention_mask)
+            outputs.append((hidden_states, attention_mask))
+        return outputs
 
 
 def attention_bias(attention_mask: Tensor) -> Tensor | None:

@@ -15,6 +15,7 @@ from transformers import BertConfig
 
 from eeengine.heads import ExitHead
 from eeengine.modeling_bert import BertModel
+from eeengine.token_pruning import TokenPruning
 
 
 class MultiExitBert(nn.Module):
@@ -41,21 +42,29 @@ class MultiExitBert(nn.Module):
     def num_layers(self) -> int:
         return self.config.num_hidden_layers
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        token_type_ids: Tensor,
+        token_pruning: TokenPruning | None = None,
+    ) -> Tensor:
         """Logits of every exit (training and full-depth evaluation).
 
         Args:
             input_ids, attention_mask, token_type_ids: (batch_size, seq_len); the mask is 1
                 for real tokens.
+            token_pruning: an MPEE token-pruning schedule to train or evaluate with (gradients
+                flow through the kept tokens and the fusion token), or None.
 
         Returns:
             logits: (num_layers, batch_size, num_labels), layer 1 first.
         """
-        all_hidden_states = self.bert(input_ids, attention_mask, token_type_ids)
+        outputs = self.bert.layer_outputs(input_ids, attention_mask, token_type_ids, token_pruning)
         return torch.stack(
             [
-                head(hidden_states, attention_mask)
-                for head, hidden_states in zip(self.exit_heads, all_hidden_states, strict=True)
+                head(hidden_states, mask)
+                for head, (hidden_states, mask) in zip(self.exit_heads, outputs, strict=True)
             ]
         )
 

@@ -180,13 +180,10 @@ def early_exit_forward(
         if beta is None:
             hidden_states = encoder_layer(hidden_states, bias)
         else:
-            attention_output, cls_query, key = encoder_layer.attention(hidden_states, bias)
-            hidden_states, attention_mask, memory, _ = prune(
-                attention_output, attention_mask, cls_query, key, memory,
-                token_pruning.keep_ratio, beta,
-            )  # fmt: skip
+            hidden_states, attention_mask, memory = encoder_layer.pruned_forward(
+                hidden_states, bias, attention_mask, memory, token_pruning.keep_ratio, beta, prune
+            )
             bias = attention_bias(attention_mask)
-            hidden_states = encoder_layer.feed_forward(hidden_states)
         tokens_kept[rows, layer - 1] = attention_mask.sum(1)
         step_args = (hidden_states, attention_mask, layer, num_layers, state, rows)
         head = model.exit_heads[layer - 1]

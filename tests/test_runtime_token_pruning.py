@@ -14,7 +14,7 @@ from eeengine._custom_ops import HAS_C
 from eeengine.batching import collate, encode
 from eeengine.data import Split
 from eeengine.flops import FlopCounter
-from eeengine.policies import make_policy
+from eeengine.policies import make_policy, run_policy
 from eeengine.runtime import early_exit_forward
 from eeengine.token_pruning import DEFAULT_TOKEN_PRUNING, TokenPruning
 from tests.conftest import SENTENCES, make_tiny_model
@@ -78,6 +78,38 @@ def test_batch_equals_one_by_one(model, encoded, name, params, backend):
         assert alone.exit_layer.item() == together.exit_layer[i].item()
         assert torch.equal(alone.tokens_kept[0], together.tokens_kept[i])
         torch.testing.assert_close(alone.logits[0], together.logits[i], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "params"), POLICIES)
+def test_loop_matches_policy_on_pruned_full_depth_logits(model, encoded, name, params):
+    """The model's forward with the schedule (the training forward) gives, at every layer, the
+    logits the loop computes: pruning does not depend on exits."""
+    policy = make_policy(name, **params)
+    batch = collate(encoded, range(len(SENTENCES)), 0)
+    with torch.inference_mode():
+        all_logits = model(*batch, token_pruning=SCHEDULE)
+    expected_layer, expected_logits = run_policy(policy, all_logits)
+    out = early_exit_forward(model, policy, *batch, token_pruning=SCHEDULE)
+    assert out.exit_layer.tolist() == expected_layer.tolist()
+    torch.testing.assert_close(out.logits, expected_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_training_forward_gradients_reach_every_real_token(model, encoded):
+    """The training forward is differentiable with the schedule active: every real token gets
+    a gradient, padding none (the fusion token's own gradient path is tested on the op in
+    tests/test_token_prune.py)."""
+    input_ids, attention_mask, token_type_ids = collate(encoded, range(len(SENTENCES)), 0)
+    assert SCHEDULE.tokens_per_layer(input_ids.shape[1], 4)[0] < input_ids.shape[1]
+    embedded = []
+    hook = model.bert.embeddings.register_forward_hook(lambda m, args, out: embedded.append(out))
+    try:
+        logits = model(input_ids, attention_mask, token_type_ids, token_pruning=SCHEDULE)
+    finally:
+        hook.remove()
+    embedded[0].retain_grad()
+    logits.sum().backward()
+    reached = embedded[0].grad.abs().sum(-1) > 0
+    assert torch.equal(reached, attention_mask.bool())
 
 
 @pytest.mark.skipif(not HAS_C, reason="C++ extension not built")
