@@ -87,7 +87,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     task = get_task(args.task or engine.manifest["task"]["name"])
     dev = load_split(task, args.split)
     logits = all_exit_logits(
-        engine.model.cpu(), engine.tokenizer, dev.texts, dev.text_pairs, engine.max_length
+        engine.model.cpu(),
+        engine.tokenizer,
+        dev.texts,
+        dev.text_pairs,
+        engine.max_length,
+        token_pruning=engine.token_pruning,
     )
     engine.model.to(engine.device)
     per_exit = exit_metrics(logits, dev.labels, task.metric)
@@ -156,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         default = getattr(defaults, f.name)
         kind = type(default) if default is not None else int
+        if "dict" in str(f.type):  # e.g. --token-pruning '{"layers": [2, 4], ...}'
+            kind = json.loads
         p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default)
     p.set_defaults(func=cmd_train)
 

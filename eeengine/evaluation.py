@@ -17,6 +17,7 @@ from eeengine.batching import collate, encode, length_sorted_batches
 from eeengine.metrics import METRICS
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import POLICIES, make_policy, run_policy
+from eeengine.token_pruning import TokenPruning
 
 # Threshold grids per policy, in the policy's own units.
 SWEEP_GRIDS: dict[str, list[float]] = {
@@ -61,8 +62,10 @@ def all_exit_logits(
     max_length: int,
     batch_size: int = 64,
     progress: bool = False,
+    token_pruning: TokenPruning | None = None,
 ) -> Tensor:
-    """Full-depth logits of every exit.
+    """Full-depth logits of every exit, with the token-pruning schedule if one is given (the
+    engine's logits exactly: pruning does not depend on exits).
 
     Returns:
         (num_layers, len(texts), num_labels) float32, rows in input order.
@@ -72,7 +75,8 @@ def all_exit_logits(
     out = torch.empty(model.num_layers, len(texts), model.num_labels)
     batches = length_sorted_batches(encoded.lengths, batch_size)
     for indices in tqdm(batches, desc="evaluating", disable=not progress, leave=False):
-        logits = model(*collate(encoded, indices, tokenizer.pad_token_id))
+        batch = collate(encoded, indices, tokenizer.pad_token_id)
+        logits = model(*batch, token_pruning=token_pruning)
         out[:, indices] = logits.float()
     return out
 

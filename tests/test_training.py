@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from eeengine import Engine
+from eeengine.cli import build_parser
 from eeengine.training import TrainConfig, train
 from eeengine.training.recipes import get_recipe
 from eeengine.training.recipes.weighted import weighted_loss
+from tests.conftest import SENTENCES
 
 
 def test_weighted_loss_matches_formula():
@@ -74,3 +76,27 @@ def test_failed_training_leaves_existing_checkpoint(trained, tiny_bert_dir):
     with pytest.raises(ValueError, match="unknown task"):
         train(TrainConfig(base_model=str(tiny_bert_dir), task="imdb"), trained, progress=False)
     assert (trained / "model.safetensors").read_bytes() == before
+
+
+def test_train_with_token_pruning(tiny_bert_dir, tmp_path):
+    """The schedule is trained with, evaluated with (per-exit dev metrics and calibration), and
+    saved; the engine serves the checkpoint with it."""
+    schedule = {"layers": [1, 3], "keep_ratio": 0.6, "beta": [1.0, 0.5]}
+    config = TrainConfig(
+        base_model=str(tiny_bert_dir), max_train_examples=32, batch_size=16,
+        token_pruning=schedule,
+    )  # fmt: skip
+    path = train(config, tmp_path / "pruned", progress=False)
+    manifest = json.loads((path / "eeengine.json").read_text())
+    assert manifest["token_pruning"] == schedule
+    assert manifest["training"]["config"]["token_pruning"] == schedule
+    prediction = Engine(path, policy="none").predict(SENTENCES[5])
+    assert prediction.tokens_kept is not None and prediction.tokens_kept[-1] < 20
+
+
+def test_cli_reads_the_schedule_as_json():
+    args = build_parser().parse_args(
+        ["train", "--out", "x", "--token-pruning", '{"layers": [2, 4], "keep_ratio": 0.7, '
+         '"beta": [1.0, 0.5]}']
+    )  # fmt: skip
+    assert args.token_pruning == {"layers": [2, 4], "keep_ratio": 0.7, "beta": [1.0, 0.5]}

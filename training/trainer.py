@@ -31,6 +31,7 @@ from eeengine.evaluation import (
     sweep,
 )
 from eeengine.modeling_multiexit import MultiExitBert, load_bert_weights
+from eeengine.token_pruning import TokenPruning
 from eeengine.training.recipes import get_recipe
 
 
@@ -49,6 +50,9 @@ class TrainConfig:
             ``eval_max_seq_length``. Both are capped at the model's position embeddings.
         max_drop: the default policy is the fastest within this many metric points of full
             depth on dev.
+        token_pruning: an MPEE token-pruning schedule (``{"layers", "keep_ratio", "beta"}``,
+            e.g. :data:`eeengine.token_pruning.DEFAULT_TOKEN_PRUNING` for 6 layers) to train,
+            evaluate and save with; None: no pruning.
     """
 
     base_model: str
@@ -67,6 +71,7 @@ class TrainConfig:
     eval_max_seq_length: int = 128
     seed: int = 42
     max_drop: float = 0.5
+    token_pruning: dict | None = None
 
 
 def _batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -100,6 +105,9 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     num_labels = len(task.label_names) if task.label_names else 1
     model = MultiExitBert(bert_config, num_labels, pooling=config.pooling)
     model.bert.load_state_dict(bert_state)
+    token_pruning = None
+    if config.token_pruning is not None:
+        token_pruning = TokenPruning.from_json(config.token_pruning, model.num_layers)
     # Lengths cannot exceed the model's position embeddings.
     max_seq_length = min(config.max_seq_length, bert_config.max_position_embeddings)
     eval_max_seq_length = min(config.eval_max_seq_length, bert_config.max_position_embeddings)
@@ -136,9 +144,8 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
         for indices in _batches(encoded.lengths, config.batch_size, rng):
             if step == total_steps:
                 break
-            loss = loss_fn(
-                model(*collate(encoded, indices, tokenizer.pad_token_id)), labels[indices]
-            )
+            batch = collate(encoded, indices, tokenizer.pad_token_id)
+            loss = loss_fn(model(*batch, token_pruning=token_pruning), labels[indices])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
@@ -153,7 +160,13 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
 
     dev = load_split(task, "dev")
     dev_logits = all_exit_logits(
-        model, tokenizer, dev.texts, dev.text_pairs, eval_max_seq_length, progress=progress
+        model,
+        tokenizer,
+        dev.texts,
+        dev.text_pairs,
+        eval_max_seq_length,
+        progress=progress,
+        token_pruning=token_pruning,
     )
     per_exit = exit_metrics(dev_logits, dev.labels, task.metric)
     calibration = sweep(dev_logits, dev.labels, task.metric)
@@ -170,7 +183,7 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
         },
         "exit_heads": {"layout": "per_layer", "pooling": config.pooling},
         "policy": policy,
-        "token_pruning": None,
+        "token_pruning": None if token_pruning is None else token_pruning.to_json(),
         "max_seq_length": eval_max_seq_length,
         "training": {
             "recipe": config.recipe,
