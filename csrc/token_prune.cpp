@@ -139,7 +139,8 @@ void prune_rows(const PruneArgs<scalar_t>& a, int64_t begin, int64_t end) {
     std::fill(fusion.begin(), fusion.end(), 0.0f);
     for (int64_t j = kept; j < count; ++j) {
       const int64_t n = candidates[j];
-      const float w = total > 0.0f ? memory[n - 1] / total : 1.0f / static_cast<float>(count - kept);
+      const float w =
+          total > 0.0f ? memory[n - 1] / total : 1.0f / static_cast<float>(count - kept);
       const scalar_t* src = hidden + n * a.hidden_stride_n;
       for (int64_t i = 0; i < H; ++i) fusion[i] += w * static_cast<float>(src[i]);
     }
@@ -255,7 +256,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_prune(
         out_memory.data_ptr<float>(),
         kept_indices.data_ptr<int64_t>(),
     };
-    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) { prune_rows(args, begin, end); });
+    at::parallel_for(0, B, grain,
+                     [&](int64_t begin, int64_t end) { prune_rows(args, begin, end); });
   };
   if (dtype == at::kFloat) {
     run(float{});
