@@ -349,3 +349,17 @@ def test_opcheck(keep_ratio: float) -> None:
     args["attention_mask"][1, 3:] = 0
     args["keep_ratio"] = keep_ratio
     torch.library.opcheck(torch.ops.eeengine.token_prune.default, tuple(args.values()))
+
+
+@requires_c
+def test_torch_compile_fullgraph() -> None:
+    """The fake impl's static output width lets the op trace into one graph."""
+    inputs = make_inputs(4, 9)
+
+    def step(hidden: Tensor, memory: Tensor) -> tuple[Tensor, ...]:
+        return tuple(token_prune(hidden * 1.0, inputs[1], inputs[2], inputs[3], memory, 0.6, 0.5))
+
+    expected = step(inputs[0], inputs[4])
+    got = torch.compile(step, fullgraph=True)(inputs[0], inputs[4])
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
