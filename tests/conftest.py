@@ -17,7 +17,7 @@ from transformers import BertModel as HFBertModel  # noqa: E402
 
 from eeengine.checkpoint import save_checkpoint  # noqa: E402
 from eeengine.defaults import minilm_dir  # noqa: E402
-from eeengine.modeling_multiexit import MultiExitBert, load_bert_weights  # noqa: E402
+from eeengine.modeling_multiexit import MultiExitBert, load_backbone_weights  # noqa: E402
 
 TINY = dict(
     vocab_size=30522,
@@ -67,7 +67,7 @@ def tiny_manifest(policy: dict | None = None, max_seq_length: int = 64) -> dict:
 def make_tiny_model(tiny_bert_dir, num_labels: int = 2, head_scale: float = 2.0) -> MultiExitBert:
     """Random multi-exit model whose heads are scaled up so that confidence varies across
     rows and layers (some rows exit early, some run to full depth)."""
-    config, state = load_bert_weights(tiny_bert_dir)
+    config, state = load_backbone_weights(tiny_bert_dir)
     torch.manual_seed(1)
     model = MultiExitBert(config, num_labels)
     model.bert.load_state_dict(state)
