@@ -136,6 +136,26 @@ def cmd_info(args: argparse.Namespace) -> None:
         )
 
 
+# TrainConfig field annotation -> argparse type (booleans are flags).
+_ARG_TYPES = {"str": str, "int": int, "float": float}
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    """One option per :class:`TrainConfig` field but ``base_model``: ``--epochs 2``,
+    ``--text-column sentence``; a boolean is ``--regression`` / ``--no-resume``."""
+    defaults = TrainConfig(base_model="")
+    for f in fields(TrainConfig):
+        if f.name == "base_model":
+            continue
+        flag = f"--{f.name.replace('_', '-')}"
+        default = getattr(defaults, f.name)
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            kind = _ARG_TYPES[f.type.split(" | ")[0]]
+            parser.add_argument(flag, type=kind, default=default)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eeengine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,16 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("train", help="fine-tune a multi-exit checkpoint")
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a multi-exit checkpoint",
+        description="Fine-tune on a GLUE task (--task) or on your own CSV/TSV/JSONL files "
+        "(--train-file, --dev-file, --text-column, [--text-pair-column], --label-column, "
+        "[--regression]). Rerunning an interrupted run with the same arguments resumes it.",
+    )
     p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
-    p.add_argument("--base-model", help="Hugging Face BERT dir (default: all-MiniLM-L6-v2)")
-    defaults = TrainConfig(base_model="")
-    for f in fields(TrainConfig):
-        if f.name == "base_model":
-            continue
-        default = getattr(defaults, f.name)
-        kind = type(default) if default is not None else int
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default)
+    p.add_argument(
+        "--base-model", help="Hugging Face BERT/RoBERTa/ALBERT dir (default: all-MiniLM-L6-v2)"
+    )
+    _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="dev metric per exit and of the exit policy")

@@ -12,7 +12,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoTokenizer, BertConfig  # noqa: E402
+from transformers import (  # noqa: E402
+    AlbertConfig,
+    AlbertModel,
+    AutoTokenizer,
+    BertConfig,
+    RobertaConfig,
+    RobertaModel,
+)
 from transformers import BertModel as HFBertModel  # noqa: E402
 
 from eeengine.checkpoint import save_checkpoint  # noqa: E402
@@ -31,6 +38,48 @@ TINY = dict(
 
 def tiny_config(**overrides) -> BertConfig:
     return BertConfig(**{**TINY, **overrides})
+
+
+def tiny_roberta_config(**overrides) -> RobertaConfig:
+    """RoBERTa-shaped: padding id 0 (the MiniLM vocabulary's [PAD]), so positions start at 1;
+    one token type."""
+    settings = {"max_position_embeddings": 66, "pad_token_id": 0, "type_vocab_size": 1}
+    return RobertaConfig(**{**TINY, **settings, **overrides})
+
+
+def tiny_albert_config(**overrides) -> AlbertConfig:
+    """Factorized embeddings (16 -> 32), one shared layer group, tanh-GELU, dropout 0.1."""
+    return AlbertConfig(
+        **{
+            **TINY,
+            "embedding_size": 16,
+            "pad_token_id": 0,
+            "hidden_dropout_prob": 0.1,
+            **overrides,
+        }
+    )
+
+
+HF_MODELS = {
+    "bert": (HFBertModel, tiny_config),
+    "roberta": (RobertaModel, tiny_roberta_config),
+    "albert": (AlbertModel, tiny_albert_config),
+}
+BACKBONE_TYPES = tuple(HF_MODELS)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dirs(tmp_path_factory, tokenizer, tiny_bert_dir):
+    """backbone type -> a Hugging Face directory with random weights and the MiniLM tokenizer."""
+    dirs = {"bert": tiny_bert_dir}
+    for name in ("roberta", "albert"):
+        model_class, config = HF_MODELS[name]
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp(f"tiny-{name}")
+        model_class(config()).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        dirs[name] = path
+    return dirs
 
 
 @pytest.fixture(scope="session")

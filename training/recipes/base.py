@@ -5,7 +5,7 @@ attention) trained with their own learning rate, train only part of the model in
 (two-stage fine-tuning), change its objective from step to step (alternating), or need a
 module in the model (the LTE module). The trainer asks it, at every step:
 
-    stage = recipe.stage(step, total_steps)   # parameter `name` trains if recipe.trains(name, stage)
+    stage = recipe.stage(step, total_steps)  # `name` trains if recipe.trains(name, stage)
     loss = recipe.loss(step, stage, all_logits, labels, signals)
 
 Per-exit loss L_l is the cross-entropy of exit l (classification) or its mean squared error
