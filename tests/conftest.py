@@ -144,3 +144,47 @@ SENTENCES = [
     "a masterpiece",
     "not bad at all, actually quite good",
 ]
+
+
+def write_rows(path, header: list[str], rows: list[list]) -> None:
+    """A CSV, TSV or JSONL file (by suffix) with a header / keys."""
+    import csv
+    import json
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        if path.suffix == ".jsonl":
+            for row in rows:
+                f.write(json.dumps(dict(zip(header, row, strict=True))) + "\n")
+            return
+        writer = csv.writer(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_csv_task(tmp_path_factory):
+    """A small non-GLUE classification task: train.csv (40 rows) and dev.csv (12 rows),
+    columns review, verdict (labels "good" / "bad")."""
+    path = tmp_path_factory.mktemp("csv-task")
+    rows = [[text, "good" if i % 2 == 0 else "bad"] for i, text in enumerate(SENTENCES * 5)]
+    write_rows(path / "train.csv", ["review", "verdict"], rows)
+    write_rows(path / "dev.csv", ["review", "verdict"], rows[:12])
+    return path
+
+
+def csv_config(base_model, task_dir, **overrides):
+    """A TrainConfig on :func:`tiny_csv_task`: 3 steps of batch 16 (no resume state)."""
+    from eeengine.training import TrainConfig
+
+    return TrainConfig(
+        **{
+            "base_model": str(base_model),
+            "train_file": str(task_dir / "train.csv"),
+            "dev_file": str(task_dir / "dev.csv"),
+            "text_column": "review",
+            "label_column": "verdict",
+            "batch_size": 16,
+            "save_every": 0,
+            **overrides,
+        }
+    )
