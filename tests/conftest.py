@@ -147,7 +147,7 @@ SENTENCES = [
 
 
 def write_rows(path, header: list[str], rows: list[list]) -> None:
-    """A CSV, TSV or JSONL file (by suffix) with a header / keys."""
+    """A CSV (quoted as needed), TSV (never quoted) or JSONL file, by suffix."""
     import csv
     import json
 
@@ -156,7 +156,10 @@ def write_rows(path, header: list[str], rows: list[list]) -> None:
             for row in rows:
                 f.write(json.dumps(dict(zip(header, row, strict=True))) + "\n")
             return
-        writer = csv.writer(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+        if path.suffix == ".tsv":  # plain TSV: no quoting, as the reader expects
+            f.writelines("\t".join(map(str, row)) + "\n" for row in [header, *rows])
+            return
+        writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
 
