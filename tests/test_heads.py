@@ -53,3 +53,28 @@ def test_shared_parts_are_the_same_module(layout):
 def test_unknown_layout():
     with pytest.raises(ValueError, match="layout 'stacked'"):
         make_exit_heads("stacked", 8, 2, 4, "mean", 0.1)
+
+
+def test_lte_score_reaches_the_policy_in_the_loop():
+    from eeengine.policies import make_policy, run_policy
+    from eeengine.runtime import early_exit_forward
+
+    torch.manual_seed(0)
+    model = MultiExitBert(tiny_config(), 2, pooling="cls", lte=True).eval()
+    with torch.no_grad():
+        model.lte.dense.weight.mul_(20.0)  # spread the scores so rows exit at different layers
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(1000, 30000, (16, 9), generator=g)
+    mask = torch.ones_like(input_ids)
+    mask[3, 4:] = 0
+    inputs = (input_ids, mask, torch.zeros_like(input_ids))
+    with torch.no_grad():
+        all_logits, signals = model.exits(*inputs)
+    assert signals["lte_score"].shape == (4, 16) and model.signals == ("lte_score",)
+    policy = make_policy("lte", threshold=0.5)
+    policy.validate(2, 4, signals=model.signals)
+    expected_layer, expected_logits = run_policy(policy, all_logits, signals)
+    assert 1 < len(set(expected_layer.tolist())), "the test needs rows exiting at several layers"
+    out = early_exit_forward(model, policy, *inputs)
+    torch.testing.assert_close(out.exit_layer, expected_layer, rtol=0, atol=0)
+    torch.testing.assert_close(out.logits, expected_logits)
