@@ -49,6 +49,7 @@ def test_recipe_settings_are_recorded(tiny_bert_dir, tiny_csv_task, tmp_path):
     path = train(csv_config(tiny_bert_dir, tiny_csv_task, recipe="elbert"), tmp_path / "e", False)
     training = json.loads((path / "eeengine.json").read_text())["training"]
     assert training["recipe_params"] == {"init": 4.0, "lr": 1e-2}
+    assert training["mixed_precision"] is None  # fp32 on CPU
     weights = training["recipe_learned"]["loss_weights"]
     assert len(weights) == 4 and sum(weights) == pytest.approx(4.0, abs=1e-4)
     s = 1 / (1 + math.exp(-4))
@@ -217,3 +218,12 @@ def test_glue_task_by_name(tiny_bert_dir, tmp_path):
     assert len(manifest["training"]["dev_exit_metrics"]) == 4
     calibration = json.loads((path / "calibration.json").read_text())
     assert set(calibration["policies"]) >= {"entropy", "normalized_entropy", "pcee"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_autocast_on_cuda(tiny_bert_dir, tiny_csv_task, tmp_path):
+    config = csv_config(tiny_bert_dir, tiny_csv_task, recipe="lte", device="cuda")
+    path = train(config, tmp_path / "cuda", progress=False)
+    training = json.loads((path / "eeengine.json").read_text())["training"]
+    assert training["mixed_precision"] == ("bf16" if torch.cuda.is_bf16_supported() else None)
+    assert Engine(path, device="cuda", policy="lte", threshold=0.5).predict("ok").exit_layer >= 1
