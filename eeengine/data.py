@@ -1,9 +1,8 @@
 """Training data: the GLUE task files in ``data/`` by name, or the user's CSV / TSV / JSONL files.
 
-GLUE files are copied from the GLUE release (see ``data/README.md``).
-
-The files are read with quoting disabled (several hold unbalanced ``"``), MRPC with its UTF-8
-BOM stripped, CoLA without a header.
+GLUE files are copied from the GLUE release (see ``data/README.md``) and read with quoting
+disabled (several hold unbalanced ``"``), MRPC with its UTF-8 BOM stripped, CoLA without a
+header. User files: see :func:`file_dataset`.
 """
 
 from __future__ import annotations

@@ -95,9 +95,10 @@ def all_exit_logits(
     progress: bool = False,
 ) -> Tensor:
     """The logits of :func:`all_exit_outputs`: (num_layers, len(texts), num_labels) float32."""
-    return all_exit_outputs(model, tokenizer, texts, text_pairs, max_length, batch_size, progress)[
-        0
-    ]
+    logits, _ = all_exit_outputs(
+        model, tokenizer, texts, text_pairs, max_length, batch_size, progress
+    )
+    return logits
 
 
 def predictions_of(logits: Tensor) -> list:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from eeengine.batching import Encoded, collate, encode
 from eeengine.checkpoint import save_checkpoint
@@ -183,8 +183,14 @@ class _Evaluation:
 
 
 def _evaluate(
-    model: MultiExitBert, tokenizer, data: Dataset, max_length: int, step: int, progress: bool
+    model: MultiExitBert,
+    tokenizer: PreTrainedTokenizerBase,
+    data: Dataset,
+    max_length: int,
+    step: int,
+    progress: bool,
 ) -> _Evaluation:
+    """Every exit on dev (logits, signals and the metric per exit); leaves the model training."""
     logits, signals = all_exit_outputs(
         model, tokenizer, data.dev.texts, data.dev.text_pairs, max_length, progress=progress
     )
@@ -194,120 +200,6 @@ def _evaluate(
 
 def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
-    """Train and save a checkpoint to ``out``; returns its path.
-
-    Raises:
-        ValueError: unknown task, recipe, layout or pooling; bad user data (file, line and
-            column named); a saved training state of another config.
-        FileNotFoundError: missing base model or data.
-    """
-    started = time.time()
-    data = load_dataset(config)
-    random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
-    device = torch.device(config.device)
-
-    backbone_config, backbone_state = load_backbone_weights(config.base_model)
-    tokenizer = AutoTokenizer.from_pretrained(config.base_model)
-    num_labels = len(data.label_names) if data.label_names else 1
-    num_layers = backbone_config.num_hidden_layers
-    recipe = make_recipe(config.recipe, num_layers, num_labels, config.layout, config.lte_base)
-    model = MultiExitBert(
-        backbone_config, num_labels, config.pooling, config.layout, lte=recipe.needs_lte
-    )
-    model.backbone.load_state_dict(backbone_state)
-    model.to(device)
-    recipe.to(device)
-    max_seq_length = min(config.max_seq_length, model.backbone.max_positions)
-    eval_max_seq_length = min(config.eval_max_seq_length, model.backbone.max_positions)
-
-    order = list(range(len(data.train.texts)))
-    rng.shuffle(order)
-    order = order[: config.max_train_examples]
-    texts = [data.train.texts[i] for i in order]
-    pairs = [data.train.text_pairs[i] for i in order] if data.train.text_pairs else None
-    labels = torch.tensor([data.train.labels[i] for i in order])
-    encoded = encode(tokenizer, texts, pairs, max_seq_length)
-
-    steps_per_epoch = math.ceil(len(texts) / config.batch_size)
-    total_steps = max(1, round(config.epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW(_param_groups(model, recipe, config))
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, round(config.warmup_ratio * total_steps), total_steps
-    )
-    loop = _Loop(config, model, recipe, optimizer, scheduler, rng, total_steps)
-    saved = load_state(out, asdict(config), RESUMABLE_CHANGES) if config.resume else None
-    if saved is not None:
-        loop.restore(saved)
-
-    def evaluate(step: int) -> _Evaluation:
-        return _evaluate(model, tokenizer, data, eval_max_seq_length, step, progress)
-
-    model.train()
-    bar = tqdm(
-        total=total_steps,
-        initial=loop.step,
-        desc=f"training {data.name} ({recipe.name})",
-        disable=not progress,
-        unit="step",
-    )
-    seen, loop_started = 0, time.perf_counter()
-    while loop.step < total_steps:
-        indices = loop.next_batch(encoded)
-        batch = collate(encoded, indices, tokenizer.pad_token_id, device)
-        loss = loop.train_step(batch, labels[indices].to(device))
-        seen += len(indices)
-        rate = seen / max(time.perf_counter() - loop_started, 1e-9)
-        bar.set_postfix(loss=f"{loss:.3f}", ex_per_s=f"{rate:.0f}")
-        bar.update()
-        if loop.step < total_steps:
-            if config.eval_every and loop.step % config.eval_every == 0:
-                loop.offer(evaluate(loop.step))
-            if config.save_every and loop.step % config.save_every == 0:
-                save_state(out, {"config": asdict(config), **loop.state()})
-    bar.close()
-
-    best = loop.offer(evaluate(total_steps))
-    if best.step != total_steps:
-        model.load_state_dict(loop.best_model)
-        recipe.load_state_dict(loop.best_recipe)
-    calibration = sweep(best.logits, data.dev.labels, data.metric, best.signals)
-    chosen = choose_operating_point(calibration, config.max_drop)
-    policy = {"name": "none"} if chosen is None else {"name": chosen[0], **policy_params(chosen[1])}
-
-    manifest = {
-        "backbone": model.backbone_type,
-        "task": {
-            "name": data.name,
-            "type": "classification" if data.label_names else "regression",
-            "label_names": list(data.label_names) if data.label_names else None,
-            "metric": data.metric,
-        },
-        "exit_heads": {"layout": config.layout, "pooling": config.pooling, "lte": recipe.needs_lte},
-        "policy": policy,
-        "token_pruning": None,
-        "max_seq_length": eval_max_seq_length,
-        "training": {
-            "recipe": recipe.name,
-            "recipe_params": recipe.hyperparameters(),
-            "recipe_learned": recipe.learned(),
-            "config": {**asdict(config), "base_model": str(config.base_model)},
-            "steps": total_steps,
-            "best_step": best.step,
-            "train_examples": len(texts),
-            "mixed_precision": "bf16" if loop.bf16 else None,
-            "seconds": round(time.time() - started, 1),
-            "dev_metric": data.metric,
-            "dev_exit_metrics": best.per_exit,
-        },
-    }
-    path = save_checkpoint(out, model.cpu(), tokenizer, manifest, calibration)
-    remove_state(out)
-    return path
 
 
 class _Loop:
@@ -405,3 +297,137 @@ class _Loop:
             state["best_model"],
             state["best_recipe"],
         )
+
+
+def _manifest(
+    config: TrainConfig,
+    data: Dataset,
+    model: MultiExitBert,
+    recipe: Recipe,
+    calibration: dict,
+    max_seq_length: int,
+    training: dict,
+) -> dict:
+    """``eeengine.json`` of the trained model: the default policy is the fastest calibrated
+    point within ``config.max_drop`` of full depth; ``training`` gets the recipe and config."""
+    chosen = choose_operating_point(calibration, config.max_drop)
+    policy = {"name": "none"} if chosen is None else {"name": chosen[0], **policy_params(chosen[1])}
+    return {
+        "backbone": model.backbone_type,
+        "task": {
+            "name": data.name,
+            "type": "classification" if data.label_names else "regression",
+            "label_names": list(data.label_names) if data.label_names else None,
+            "metric": data.metric,
+        },
+        "exit_heads": {
+            "layout": config.layout,
+            "pooling": config.pooling,
+            "lte": model.lte is not None,
+        },
+        "policy": policy,
+        "token_pruning": None,
+        "max_seq_length": max_seq_length,
+        "training": {
+            "recipe": recipe.name,
+            "recipe_params": recipe.hyperparameters(),
+            "recipe_learned": recipe.learned(),
+            "config": {**asdict(config), "base_model": str(config.base_model)},
+            **training,
+        },
+    }
+
+
+def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
+    """Train and save a checkpoint to ``out``; returns its path.
+
+    Raises:
+        ValueError: unknown task, recipe, layout or pooling; bad user data (file, line and
+            column named); a saved training state of another config.
+        FileNotFoundError: missing base model or data.
+    """
+    started = time.time()
+    data = load_dataset(config)
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    device = torch.device(config.device)
+
+    backbone_config, backbone_state = load_backbone_weights(config.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+    num_labels = len(data.label_names) if data.label_names else 1
+    num_layers = backbone_config.num_hidden_layers
+    recipe = make_recipe(config.recipe, num_layers, num_labels, config.layout, config.lte_base)
+    model = MultiExitBert(
+        backbone_config, num_labels, config.pooling, config.layout, lte=recipe.needs_lte
+    )
+    model.backbone.load_state_dict(backbone_state)
+    model.to(device)
+    recipe.to(device)
+    max_seq_length = min(config.max_seq_length, model.backbone.max_positions)
+    eval_max_seq_length = min(config.eval_max_seq_length, model.backbone.max_positions)
+
+    order = list(range(len(data.train.texts)))
+    rng.shuffle(order)
+    order = order[: config.max_train_examples]
+    texts = [data.train.texts[i] for i in order]
+    pairs = [data.train.text_pairs[i] for i in order] if data.train.text_pairs else None
+    labels = torch.tensor([data.train.labels[i] for i in order])
+    encoded = encode(tokenizer, texts, pairs, max_seq_length)
+
+    steps_per_epoch = math.ceil(len(texts) / config.batch_size)
+    total_steps = max(1, round(config.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(_param_groups(model, recipe, config))
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, round(config.warmup_ratio * total_steps), total_steps
+    )
+    loop = _Loop(config, model, recipe, optimizer, scheduler, rng, total_steps)
+    saved = load_state(out, asdict(config), RESUMABLE_CHANGES) if config.resume else None
+    if saved is not None:
+        loop.restore(saved)
+
+    def evaluate(step: int) -> _Evaluation:
+        return _evaluate(model, tokenizer, data, eval_max_seq_length, step, progress)
+
+    model.train()
+    bar = tqdm(
+        total=total_steps,
+        initial=loop.step,
+        desc=f"training {data.name} ({recipe.name})",
+        disable=not progress,
+        unit="step",
+    )
+    seen, loop_started = 0, time.perf_counter()
+    while loop.step < total_steps:
+        indices = loop.next_batch(encoded)
+        batch = collate(encoded, indices, tokenizer.pad_token_id, device)
+        loss = loop.train_step(batch, labels[indices].to(device))
+        seen += len(indices)
+        rate = seen / max(time.perf_counter() - loop_started, 1e-9)
+        bar.set_postfix(loss=f"{loss:.3f}", ex_per_s=f"{rate:.0f}")
+        bar.update()
+        if loop.step < total_steps:
+            if config.eval_every and loop.step % config.eval_every == 0:
+                loop.offer(evaluate(loop.step))
+            if config.save_every and loop.step % config.save_every == 0:
+                save_state(out, {"config": asdict(config), **loop.state()})
+    bar.close()
+
+    best = loop.offer(evaluate(total_steps))
+    if best.step != total_steps:
+        model.load_state_dict(loop.best_model)
+        recipe.load_state_dict(loop.best_recipe)
+    calibration = sweep(best.logits, data.dev.labels, data.metric, best.signals)
+    training = {
+        "steps": total_steps,
+        "best_step": best.step,
+        "train_examples": len(texts),
+        "mixed_precision": "bf16" if loop.bf16 else None,
+        "seconds": round(time.time() - started, 1),
+        "dev_metric": data.metric,
+        "dev_exit_metrics": best.per_exit,
+    }
+    manifest = _manifest(config, data, model, recipe, calibration, eval_max_seq_length, training)
+    path = save_checkpoint(out, model.cpu(), tokenizer, manifest, calibration)
+    remove_state(out)
+    return path
