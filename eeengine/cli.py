@@ -10,7 +10,7 @@ from pathlib import Path
 
 from eeengine._custom_ops import HAS_C, LOAD_ERROR
 from eeengine.checkpoint import CheckpointError
-from eeengine.data import get_task, load_split
+from eeengine.data import Split, file_split, get_task, load_split
 from eeengine.defaults import default_checkpoint, minilm_dir
 from eeengine.engine import Engine
 from eeengine.evaluation import all_exit_logits, exit_metrics
@@ -82,19 +82,45 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"saved {path}")
 
 
+def _eval_data(args: argparse.Namespace, engine: Engine) -> tuple[str, str, str, Split]:
+    """(task name, split name, metric, split) to evaluate on: ``--task`` / ``--split`` of
+    ``data/``, or for a checkpoint trained on the user's files ``--dev-file`` (default: its own
+    dev file), read with the columns and label names it was trained with.
+
+    Raises:
+        ValueError: ``--dev-file`` for a checkpoint not trained on user files.
+    """
+    trained = engine.manifest.get("training", {}).get("config", {})
+    if args.dev_file and not trained.get("train_file"):
+        raise ValueError("--dev-file needs a checkpoint trained with --train-file")
+    if args.task is None and trained.get("train_file"):
+        path = args.dev_file or trained["dev_file"]
+        split = file_split(
+            path,
+            trained["text_column"],
+            trained["label_column"],
+            trained.get("text_pair_column"),
+            engine.label_names,
+            f"the labels of checkpoint {engine.path}",
+        )
+        task = engine.manifest["task"]
+        return task["name"], Path(path).name, task["metric"], split
+    task = get_task(args.task or engine.manifest["task"]["name"])
+    return task.name, args.split, task.metric, load_split(task, args.split)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     engine = _engine(args)
-    task = get_task(args.task or engine.manifest["task"]["name"])
-    dev = load_split(task, args.split)
+    name, split_name, metric, dev = _eval_data(args, engine)
     logits = all_exit_logits(
         engine.model.cpu(), engine.tokenizer, dev.texts, dev.text_pairs, engine.max_length
     )
     engine.model.to(engine.device)
-    per_exit = exit_metrics(logits, dev.labels, task.metric)
-    result = engine.evaluate(dev, task.metric, batch_size=args.batch_size)
+    per_exit = exit_metrics(logits, dev.labels, metric)
+    result = engine.evaluate(dev, metric, batch_size=args.batch_size)
     report = {
-        "task": task.name,
-        "split": args.split,
+        "task": name,
+        "split": split_name,
         "examples": len(dev.texts),
         "per_exit": per_exit,
         "policy": {"name": engine.policy.name, **engine.policy.params()},
@@ -103,12 +129,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"{task.name} {args.split} ({len(dev.texts)} examples), metric: {task.metric}")
+    print(f"{name} {split_name} ({len(dev.texts)} examples), metric: {metric}")
     print("| exit layer | " + " | ".join(str(i + 1) for i in range(len(per_exit))) + " |")
     print("|---|" + "---|" * len(per_exit))
-    print(f"| {task.metric} | " + " | ".join(f"{m:.2f}" for m in per_exit) + " |")
+    print(f"| {metric} | " + " | ".join(f"{m:.2f}" for m in per_exit) + " |")
     print(
-        f"\npolicy {engine.policy!r}: {task.metric} {result['value']:.2f} "
+        f"\npolicy {engine.policy!r}: {metric} {result['value']:.2f} "
         f"(full depth {per_exit[-1]:.2f}), average exit layer {result['avg_exit_layer']:.2f} "
         f"of {engine.num_layers}, speed-up {result['layer_saving']:.1%} of layers saved "
         f"({result['speedup']:.2f}x)"
@@ -183,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="dev metric per exit and of the exit policy")
     p.add_argument("--task", help="GLUE task (default: the checkpoint's)")
     p.add_argument("--split", default="dev")
+    p.add_argument(
+        "--dev-file",
+        help="a CSV/TSV/JSONL file to evaluate a checkpoint trained with --train-file on "
+        "(default: its own dev file)",
+    )
     p.add_argument("--json", action="store_true")
     _add_engine_args(p)
     p.set_defaults(func=cmd_eval)

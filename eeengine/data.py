@@ -11,7 +11,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,6 +260,14 @@ def _read_file(
     return Split(texts, pairs, values)
 
 
+def _columns(text_column: str, label_column: str, text_pair_column: str | None) -> dict[str, str]:
+    """Role ("text", "label", "pair") -> column name."""
+    columns = {"text": text_column, "label": label_column}
+    if text_pair_column:
+        columns["pair"] = text_pair_column
+    return columns
+
+
 def _label_text(value: object) -> str:
     """A label cell as a name: strings stripped, JSON numbers and booleans as written."""
     if isinstance(value, bool):
@@ -287,6 +295,41 @@ def _sort_key(name: str) -> tuple:
         return (1, 0.0, name)
 
 
+def file_split(
+    path: str | Path,
+    text_column: str,
+    label_column: str,
+    text_pair_column: str | None = None,
+    label_names: Sequence[str] | None = None,
+    label_source: str = "the label names",
+) -> Split:
+    """One user file whose label names are known (a dev file, or a file to evaluate a
+    checkpoint on): labels become indices into ``label_names``, or numbers when it is None
+    (regression).
+
+    Args:
+        label_source: where ``label_names`` come from, for the unknown-label error.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`file_dataset`.
+    """
+    columns = _columns(text_column, label_column, text_pair_column)
+    if label_names is None:
+        return _read_file(Path(path), columns, _number)
+    index = {name: i for i, name in enumerate(label_names)}
+
+    def label(value: object, where: str) -> int:
+        name = _label_text(value)
+        if name not in index:
+            raise ValueError(
+                f"{where}: label {name!r} does not occur in {label_source} "
+                f"(labels: {', '.join(label_names)})"
+            )
+        return index[name]
+
+    return _read_file(Path(path), columns, label)
+
+
 def file_dataset(
     train_file: str | Path,
     dev_file: str | Path,
@@ -310,32 +353,18 @@ def file_dataset(
             the training file does not have, a non-numeric regression target, fewer than two
             classes, a malformed row.
     """
-    train_file, dev_file = Path(train_file), Path(dev_file)
-    columns = {"text": text_column, "label": label_column}
-    if text_pair_column:
-        columns["pair"] = text_pair_column
+    train_file = Path(train_file)
+    columns = (text_column, label_column, text_pair_column)
     if regression:
-        train = _read_file(train_file, columns, _number)
-        dev = _read_file(dev_file, columns, _number)
-        return Dataset(train_file.stem, None, "pearson", train, dev)
-    train = _read_file(train_file, columns, lambda value, where: _label_text(value))
+        train = file_split(train_file, *columns)
+        return Dataset(train_file.stem, None, "pearson", train, file_split(dev_file, *columns))
+    train = _read_file(train_file, _columns(*columns), lambda value, where: _label_text(value))
     label_names = tuple(sorted(set(train.labels), key=_sort_key))
     if len(label_names) < 2:
         raise ValueError(
             f"{train_file}: column {label_column!r} has {len(label_names)} distinct label(s) "
             f"{list(label_names)}; classification needs at least 2 (or pass --regression)"
         )
-    index = {name: i for i, name in enumerate(label_names)}
-
-    def dev_label(value: object, where: str) -> int:
-        name = _label_text(value)
-        if name not in index:
-            raise ValueError(
-                f"{where}: label {name!r} does not occur in the training file {train_file} "
-                f"(labels: {', '.join(label_names)})"
-            )
-        return index[name]
-
-    dev = _read_file(dev_file, columns, dev_label)
-    train.labels = [index[name] for name in train.labels]
+    train.labels = [label_names.index(name) for name in train.labels]
+    dev = file_split(dev_file, *columns, label_names, f"the training file {train_file}")
     return Dataset(train_file.stem, label_names, "accuracy", train, dev)

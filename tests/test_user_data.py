@@ -134,6 +134,24 @@ def test_cli_train_on_a_csv_end_to_end(tiny_bert_dir, tmp_path, capsys):
     assert manifest["training"]["config"]["train_file"] == str(train)
     assert Engine(out).predict("a masterpiece").label in ("no", "yes")
     assert main(["predict", "--ckpt", str(out), "a masterpiece"]) == 0
+    capsys.readouterr()
+
+    assert main(["eval", "--ckpt", str(out), "--json"]) == 0  # its own dev file
+    report = json.loads(capsys.readouterr().out)
+    assert (report["split"], report["examples"], len(report["per_exit"])) == ("dev.csv", 10, 4)
+    other = tmp_path / "other.jsonl"
+    write_rows(other, HEADER, [["fine", "x", "yes"], ["awful", "x", "maybe"]])
+    assert main(["eval", "--ckpt", str(out), "--dev-file", str(other)]) == 2
+    assert "other.jsonl:2: column 'label': label 'maybe' does not occur in the labels of" in (
+        capsys.readouterr().err
+    )
+
+
+def test_cli_eval_dev_file_needs_a_user_file_checkpoint(tiny_ckpt, tmp_path, capsys):
+    dev = tmp_path / "dev.csv"
+    write_rows(dev, HEADER, [["fine", "x", "positive"]])
+    assert main(["eval", "--ckpt", str(tiny_ckpt), "--dev-file", str(dev)]) == 2
+    assert "--dev-file needs a checkpoint trained with --train-file" in capsys.readouterr().err
 
 
 def test_cli_train_reports_bad_data(tiny_bert_dir, tmp_path, capsys):
