@@ -23,11 +23,14 @@ def _inputs(pad_token_id: int, seed: int = 0):
     return input_ids, attention_mask, token_type_ids
 
 
-@pytest.mark.parametrize("backbone", BACKBONE_TYPES)
-def test_hidden_states_match_transformers(backbone, tmp_path):
+@pytest.mark.parametrize(
+    ("backbone", "overrides"),
+    [*((b, {}) for b in BACKBONE_TYPES), ("albert", {"num_hidden_groups": 2})],
+)
+def test_hidden_states_match_transformers(backbone, overrides, tmp_path):
     model_class, make_config = HF_MODELS[backbone]
     torch.manual_seed(0)
-    model_class(make_config()).save_pretrained(tmp_path)
+    model_class(make_config(**overrides)).save_pretrained(tmp_path)
     hf = model_class.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
     config, state = load_backbone_weights(tmp_path)
     ours = BACKBONES[backbone](config)
