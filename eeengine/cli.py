@@ -14,7 +14,9 @@ from eeengine.data import Split, file_split, get_task, load_split
 from eeengine.defaults import default_checkpoint, minilm_dir
 from eeengine.engine import Engine
 from eeengine.evaluation import all_exit_logits, exit_metrics
+from eeengine.heads import LAYOUTS, POOLINGS
 from eeengine.training import TrainConfig, train
+from eeengine.training.recipes import BASE_RECIPES, RECIPES
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -164,6 +166,13 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 # TrainConfig field annotation -> argparse type (booleans are flags).
 _ARG_TYPES = {"str": str, "int": int, "float": float}
+# TrainConfig fields with a fixed set of values.
+_CHOICES = {
+    "recipe": RECIPES,
+    "lte_base": tuple(BASE_RECIPES),
+    "layout": LAYOUTS,
+    "pooling": POOLINGS,
+}
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -179,7 +188,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         else:
             kind = _ARG_TYPES[f.type.split(" | ")[0]]
-            parser.add_argument(flag, type=kind, default=default)
+            parser.add_argument(flag, type=kind, default=default, choices=_CHOICES.get(f.name))
 
 
 def build_parser() -> argparse.ArgumentParser:

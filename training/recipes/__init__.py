@@ -63,4 +63,4 @@ def make_recipe(
     return BASE_RECIPES[name](num_layers, num_labels, layout)
 
 
-__all__ = ["RECIPES", "Recipe", "make_recipe"]
+__all__ = ["BASE_RECIPES", "RECIPES", "Recipe", "make_recipe"]
