@@ -111,7 +111,7 @@ class Engine:
         self.label_names = ckpt.label_names
         self.model = ckpt.model.to(self.device)
         self.max_length = max_length or ckpt.manifest["max_seq_length"]
-        limit = self.model.config.max_position_embeddings
+        limit = self.model.backbone.max_positions
         if not 2 < self.max_length <= limit:
             raise ValueError(f"max_length={self.max_length} must be in [3, {limit}]")
         self.policy = self._make_policy(
@@ -141,21 +141,29 @@ class Engine:
             stored = policy_params(chosen[1]) if chosen else {}
         overrides = {k: v for k, v in given.items() if v is not None}
         policy = make_policy(name, **{**stored, **overrides})
-        policy.validate(self.model.num_labels, self.num_layers)
+        policy.validate(self.model.num_labels, self.num_layers, signals=self.model.signals)
         return policy
 
     def _token_pruning(
         self, given: Literal["checkpoint"] | TokenPruning | dict | None
     ) -> TokenPruning | None:
-        if isinstance(given, TokenPruning) or given is None:
-            return given
-        if given != "checkpoint":
-            return TokenPruning.from_json(given, self.num_layers)
-        stored = self.manifest.get("token_pruning")
-        try:
-            return None if stored is None else TokenPruning.from_json(stored, self.num_layers)
-        except ValueError as error:
-            raise CheckpointError(f"{self.path / MANIFEST}: {error}") from None
+        if given == "checkpoint":
+            stored = self.manifest.get("token_pruning")
+            try:
+                schedule = (
+                    None if stored is None else TokenPruning.from_json(stored, self.num_layers)
+                )
+            except ValueError as error:
+                raise CheckpointError(f"{self.path / MANIFEST}: {error}") from None
+        elif isinstance(given, dict):
+            schedule = TokenPruning.from_json(given, self.num_layers)
+        else:
+            schedule = given
+        if schedule is not None and not self.model.backbone.supports_token_pruning:
+            raise ValueError(
+                f"token pruning is not supported by the {self.model.backbone_type} backbone"
+            )
+        return schedule
 
     def predict(
         self, inputs: str | tuple[str, str] | list, batch_size: int = 32
