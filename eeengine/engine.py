@@ -87,7 +87,8 @@ class Engine:
         FileNotFoundError, eeengine.checkpoint.CheckpointError: bad checkpoint (file and field
             named).
         ValueError: unknown policy, threshold out of range, unknown or unavailable device,
-            unknown backend or "cpp" where it cannot run.
+            unknown backend or "cpp" where it cannot run, a bad token-pruning schedule or one
+            on a backbone that cannot prune (ALBERT).
     """
 
     def __init__(
