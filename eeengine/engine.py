@@ -88,7 +88,7 @@ class Engine:
             named).
         ValueError: unknown policy, threshold out of range, unknown or unavailable device,
             unknown backend or "cpp" where it cannot run, a bad token-pruning schedule or one
-            on a backbone that cannot prune (ALBERT).
+            on a backbone that cannot prune (ALBERT with inner_group_num > 1).
     """
 
     def __init__(

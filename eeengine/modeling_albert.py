@@ -20,7 +20,13 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 from transformers import AlbertConfig
 
-from eeengine.modeling_bert import BertEmbeddings, BertSelfAttention, LayerwiseEncoder, activation
+from eeengine.modeling_bert import (
+    BertEmbeddings,
+    BertSelfAttention,
+    LayerwiseEncoder,
+    PrunableLayer,
+    activation,
+)
 
 
 class AlbertEmbeddings(BertEmbeddings):
@@ -39,13 +45,18 @@ class AlbertAttention(BertSelfAttention):
         self.output_dropout = nn.Dropout(config.hidden_dropout_prob)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, hidden_states: Tensor, attention_bias: Tensor | None) -> Tensor:
-        """(batch_size, seq_len, hidden_size) -> the same; ``attention_bias`` as in BERT."""
-        context, _, _ = super().forward(hidden_states, attention_bias)
-        return self.LayerNorm(hidden_states + self.output_dropout(self.dense(context)))
+    def forward(
+        self, hidden_states: Tensor, attention_bias: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(batch_size, seq_len, hidden_size) -> the same; ``attention_bias`` as in BERT. Also
+        returns the [CLS] query and the keys, as :class:`eeengine.modeling_bert.BertAttention`.
+        """
+        context, query, key = super().forward(hidden_states, attention_bias)
+        output = self.LayerNorm(hidden_states + self.output_dropout(self.dense(context)))
+        return output, query[:, :, 0], key
 
 
-class AlbertLayer(nn.Module):
+class AlbertLayer(PrunableLayer):
     """One post-LayerNorm transformer block."""
 
     def __init__(self, config: AlbertConfig) -> None:
@@ -56,8 +67,7 @@ class AlbertLayer(nn.Module):
         self.ffn_output = nn.Linear(config.intermediate_size, config.hidden_size)
         self.activation = activation(config)
 
-    def forward(self, hidden_states: Tensor, attention_bias: Tensor | None) -> Tensor:
-        attention_output = self.attention(hidden_states, attention_bias)
+    def feed_forward(self, attention_output: Tensor) -> Tensor:
         ffn_output = self.ffn_output(self.activation(self.ffn(attention_output)))
         return self.full_layer_layer_norm(ffn_output + attention_output)
 
@@ -75,6 +85,13 @@ class AlbertLayerGroup(nn.Module):
         for layer in self.albert_layers:
             hidden_states = layer(hidden_states, attention_bias)
         return hidden_states
+
+    def pruned_forward(self, *args: object, **kwargs: object) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`PrunableLayer.pruned_forward` of a group of one layer (a step of several
+        inner layers has no single place to prune: see
+        :attr:`AlbertModel.supports_token_pruning`)."""
+        (layer,) = self.albert_layers
+        return layer.pruned_forward(*args, **kwargs)
 
 
 class AlbertTransformer(nn.Module):
@@ -106,3 +123,8 @@ class AlbertModel(LayerwiseEncoder):
     @property
     def layers(self) -> Sequence[nn.Module]:
         return self._layers
+
+    @property
+    def supports_token_pruning(self) -> bool:
+        """Token pruning needs groups of one layer (``inner_group_num == 1``, the default)."""
+        return self.config.inner_group_num == 1

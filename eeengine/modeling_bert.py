@@ -181,17 +181,17 @@ class BertOutput(nn.Module):
         return self.LayerNorm(self.dropout(self.dense(intermediate)) + residual)
 
 
-class BertLayer(nn.Module):
-    """One post-LayerNorm transformer block: attention, then feed-forward.
-
-    A token-pruning layer (MPEE) prunes between the two: :meth:`pruned_forward`.
+class PrunableLayer(nn.Module):
+    """A post-LayerNorm transformer block split as MPEE's token pruning needs (Kong et al.
+    2022, section 3.1): ``self.attention`` (returning the attention sublayer's output, the [CLS]
+    query and the keys), then :meth:`feed_forward`; :meth:`pruned_forward` prunes between them.
     """
 
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.attention = BertAttention(config)
-        self.intermediate = BertIntermediate(config)
-        self.output = BertOutput(config)
+    attention: nn.Module
+
+    def feed_forward(self, attention_output: Tensor) -> Tensor:
+        """The feed-forward sublayer: (batch_size, seq_len, hidden_size) -> the same shape."""
+        raise NotImplementedError
 
     def forward(self, hidden_states: Tensor, attention_bias: Tensor | None) -> Tensor:
         """Args:
@@ -204,10 +204,6 @@ class BertLayer(nn.Module):
         attention_output, _, _ = self.attention(hidden_states, attention_bias)
         return self.feed_forward(attention_output)
 
-    def feed_forward(self, attention_output: Tensor) -> Tensor:
-        """The feed-forward sublayer: (batch_size, seq_len, hidden_size) -> the same shape."""
-        return self.output(self.intermediate(attention_output), attention_output)
-
     def pruned_forward(
         self,
         hidden_states: Tensor,
@@ -219,7 +215,7 @@ class BertLayer(nn.Module):
         prune: Callable[..., TokenPruneOutput] = token_prune_reference,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Attention, then MPEE token pruning, then the feed-forward on the kept tokens and the
-        fusion token (Kong et al. 2022, section 3.1; see :mod:`eeengine.token_pruning`).
+        fusion token (see :mod:`eeengine.token_pruning`).
 
         Args:
             hidden_states: (batch_size, seq_len, hidden_size).
@@ -238,6 +234,19 @@ class BertLayer(nn.Module):
         attention_output, cls_query, key = self.attention(hidden_states, attention_bias)
         pruned = prune(attention_output, attention_mask, cls_query, key, memory, keep_ratio, beta)
         return self.feed_forward(pruned.hidden_states), pruned.attention_mask, pruned.memory
+
+
+class BertLayer(PrunableLayer):
+    """One post-LayerNorm transformer block: attention, then feed-forward."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def feed_forward(self, attention_output: Tensor) -> Tensor:
+        return self.output(self.intermediate(attention_output), attention_output)
 
 
 class BertEncoder(nn.Module):
@@ -272,8 +281,8 @@ class LayerwiseEncoder(nn.Module):
 
     @property
     def supports_token_pruning(self) -> bool:
-        """Whether every layer can prune tokens (has ``pruned_forward``, as
-        :class:`BertLayer`; ALBERT's layer groups do not)."""
+        """Whether every layer can prune tokens (has ``pruned_forward``, see
+        :class:`PrunableLayer`)."""
         return all(hasattr(layer, "pruned_forward") for layer in self.layers)
 
     def forward(

@@ -14,10 +14,11 @@ from eeengine._custom_ops import HAS_C
 from eeengine.batching import collate, encode
 from eeengine.data import Split
 from eeengine.flops import FlopCounter
+from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import make_policy, run_policy
 from eeengine.runtime import early_exit_forward
 from eeengine.token_pruning import DEFAULT_TOKEN_PRUNING, TokenPruning
-from tests.conftest import SENTENCES, make_tiny_model
+from tests.conftest import BACKBONE_TYPES, HF_MODELS, SENTENCES, make_tiny_model
 
 BACKENDS = ["reference", pytest.param("cpp", marks=pytest.mark.skipif(not HAS_C, reason="no C"))]
 POLICIES = [
@@ -207,3 +208,45 @@ def test_bad_schedule_in_checkpoint_is_named(pruned_ckpt, tmp_path):
     (tmp_path / "eeengine.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"eeengine.json: token_pruning.layers"):
         Engine(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "overrides"),
+    [*((b, {}) for b in BACKBONE_TYPES), ("albert", {"num_hidden_groups": 2})],
+)
+def test_every_backbone_prunes(backbone, overrides):
+    """BERT, RoBERTa and ALBERT (shared layer groups of one layer): keep ratio 1 is the
+    unpruned model, the loop equals the policy on the pruned full-depth logits, batched
+    equals one by one."""
+    torch.manual_seed(0)
+    config = HF_MODELS[backbone][1](**overrides)
+    model = MultiExitBert(config, 3, pooling="cls").eval()
+    pad = config.pad_token_id
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(1000, 30000, (4, 23), generator=gen)
+    attention_mask = (torch.arange(23) < torch.tensor([23, 17, 3, 11])[:, None]).long()
+    batch = (input_ids.masked_fill(attention_mask == 0, pad), attention_mask, attention_mask * 0)
+    policy = make_policy("entropy", threshold=1.05)
+    keep_all = TokenPruning((1, 3), 1.0, (1.0, 0.5))
+    unpruned = early_exit_forward(model, policy, *batch)
+    same = early_exit_forward(model, policy, *batch, token_pruning=keep_all)
+    assert torch.equal(same.logits, unpruned.logits)
+    with torch.inference_mode():
+        expected_layer, expected_logits = run_policy(policy, model(*batch, SCHEDULE))
+    together = early_exit_forward(model, policy, *batch, token_pruning=SCHEDULE)
+    assert torch.equal(together.exit_layer, expected_layer)
+    torch.testing.assert_close(together.logits, expected_logits, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(together.logits, unpruned.logits, atol=1e-4)
+    for i, length in enumerate(attention_mask.sum(1).tolist()):
+        row = tuple(t[i : i + 1, :length] for t in batch)
+        alone = early_exit_forward(model, policy, *row, token_pruning=SCHEDULE)
+        assert alone.exit_layer.item() == together.exit_layer[i].item()
+        torch.testing.assert_close(alone.logits[0], together.logits[i], atol=1e-5, rtol=1e-5)
+
+
+def test_albert_with_inner_groups_refuses_a_schedule():
+    model = MultiExitBert(HF_MODELS["albert"][1](inner_group_num=2), 2).eval()
+    assert not model.backbone.supports_token_pruning
+    ones = torch.ones(1, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="token pruning is not supported by AlbertModel"):
+        model(ones, ones, ones * 0, SCHEDULE)
