@@ -51,6 +51,59 @@ class PolicyCode(enum.IntEnum):
     PCEE = 5
     BUDGET = 6
 
+    @property
+    def num_params(self) -> int:
+        """Length of ``params`` the op takes for this policy."""
+        return {PolicyCode.NONE: 0, PolicyCode.PCEE: 2}.get(self, 1)
+
+    @property
+    def num_state(self) -> int:
+        """Number of ``state`` tensors the op takes for this policy."""
+        return {PolicyCode.PATIENCE: 2, PolicyCode.PCEE: 1}.get(self, 0)
+
+
+def check_policy_params(
+    policy: int, params: Sequence[float], num_labels: int
+) -> tuple[float, int, int]:
+    """Validate and decode ``params`` as the C++ op does (for the GPU launchers in Python).
+
+    Returns:
+        (threshold, patience, budget), 0 where the policy has none.
+
+    Raises:
+        RuntimeError: an unknown policy code, a wrong number of params, a patience or budget
+            layer that is not an integer >= 1, or fewer than 2 classes for a policy that reads
+            the softmax (the message names the argument).
+    """
+    if not 0 <= policy <= max(PolicyCode):
+        raise RuntimeError(f"exit_head_step: policy: unknown policy code {policy}")
+    code = PolicyCode(policy)
+    if len(params) != code.num_params:
+        raise RuntimeError(
+            f"exit_head_step: params: policy code {policy} takes {code.num_params} "
+            f"parameter(s), got {len(params)}"
+        )
+    if code not in (PolicyCode.NONE, PolicyCode.BUDGET) and num_labels < 2:
+        raise RuntimeError(
+            f"exit_head_step: policy code {policy} needs at least 2 classes, weight has "
+            f"{num_labels}"
+        )
+
+    def positive_int(value: float, what: str) -> int:
+        if not (value >= 1 and value == int(value)):
+            raise RuntimeError(
+                f"exit_head_step: params: {what} must be an integer >= 1, got {value}"
+            )
+        return int(value)
+
+    if code == PolicyCode.PATIENCE:
+        return 0.0, positive_int(params[0], "patience"), 0
+    if code == PolicyCode.PCEE:
+        return float(params[0]), positive_int(params[1], "patience"), 0
+    if code == PolicyCode.BUDGET:
+        return 0.0, 0, positive_int(params[0], "budget layer")
+    return (float(params[0]) if params else 0.0), 0, 0
+
 
 def exit_head_step(
     hidden_states: Tensor,
@@ -115,27 +168,29 @@ def exit_head_step(
     )
 
 
-if HAS_C:
+def exit_head_step_fake(
+    hidden_states: Tensor,
+    attention_mask: Tensor | None,
+    weight: Tensor,
+    bias: Tensor,
+    policy: int,
+    params: Sequence[float],
+    layer: int,
+    num_layers: int,
+    state: list[Tensor],
+    rows: Tensor,
+    out_logits: Tensor,
+    out_layer: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Fake (meta) implementation of every backend of exit_head_step: output shapes only."""
+    batch_size = hidden_states.shape[0]
+    logits = hidden_states.new_empty((batch_size, weight.shape[0]), dtype=torch.float32)
+    exit_mask = hidden_states.new_empty((batch_size,), dtype=torch.bool)
+    return logits, exit_mask
 
-    @torch.library.register_fake("eeengine::exit_head_step")
-    def _exit_head_step_fake(
-        hidden_states: Tensor,
-        attention_mask: Tensor | None,
-        weight: Tensor,
-        bias: Tensor,
-        policy: int,
-        params: Sequence[float],
-        layer: int,
-        num_layers: int,
-        state: list[Tensor],
-        rows: Tensor,
-        out_logits: Tensor,
-        out_layer: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        batch_size = hidden_states.shape[0]
-        logits = hidden_states.new_empty((batch_size, weight.shape[0]), dtype=torch.float32)
-        exit_mask = hidden_states.new_empty((batch_size,), dtype=torch.bool)
-        return logits, exit_mask
+
+if HAS_C:
+    torch.library.register_fake("eeengine::exit_head_step")(exit_head_step_fake)
 
 
 _warned: set[str] = set()  # reasons already warned about: one warning each per process
