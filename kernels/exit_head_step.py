@@ -325,3 +325,66 @@ def exit_head_step_triton(
 
 
 exit_head_step_triton.register_fake(exit_head_step_fake)
+
+
+def compile_ahead_of_time(capability: int = 90, warp_size: int = 32) -> dict[str, object]:
+    """Compile the kernel for a CUDA GPU without one (a build check): every policy with mean
+    pooling over fp16 hidden states and an int64 mask, and pooled fp32 input without mask.
+
+    Needs the compiled kernel (``TRITON_INTERPRET`` unset when this module was imported).
+
+    Args:
+        capability: the compute capability as one number, 90 for an H100 (sm_90).
+        warp_size: threads per warp of the target.
+
+    Returns:
+        The compiled kernels (``triton.compiler.CompiledKernel``, with ``.asm["ptx"]`` and
+        ``.asm["cubin"]``) by variant name, e.g. ``"PCEE/mask"``.
+
+    Raises:
+        RuntimeError: the module was imported in interpreter mode.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if INTERPRETED:
+        raise RuntimeError("compile_ahead_of_time needs TRITON_INTERPRET unset at import")
+    pointers = {
+        "hidden_ptr": "*fp16",
+        "mask_ptr": "*i64",
+        "weight_ptr": "*fp32",
+        "bias_ptr": "*fp32",
+        "counter_ptr": "*i64",
+        "prev_ptr": "*i64",
+        "rows_ptr": "*i64",
+        "logits_ptr": "*fp32",
+        "exit_ptr": "*u8",
+        "out_logits_ptr": "*fp32",
+        "out_layer_ptr": "*i64",
+    }
+    floats = ("threshold", "log_num_labels")
+    target = GPUTarget("cuda", capability, warp_size)
+    compiled = {}
+    for code in PolicyCode:
+        for has_mask in (True, False):
+            if not has_mask and code != PolicyCode.PCEE:
+                continue
+            constexprs = {
+                "POLICY": int(code),
+                "HAS_MASK": has_mask,
+                **_launch_config(seq_len=128, hidden_size=768, num_labels=3),
+            }
+            signature = {}
+            for name in _exit_head_step_kernel.arg_names:
+                if name in constexprs:
+                    signature[name] = "constexpr"
+                elif name in pointers:
+                    signature[name] = (
+                        pointers[name] if has_mask or name != "hidden_ptr" else "*fp32"
+                    )
+                else:
+                    signature[name] = "fp32" if name in floats else "i32"
+            source = ASTSource(_exit_head_step_kernel, signature, constexprs)
+            variant = f"{code.name}/{'mask' if has_mask else 'pooled'}"
+            compiled[variant] = triton.compile(source, target=target)
+    return compiled

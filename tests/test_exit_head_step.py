@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -137,8 +138,10 @@ def run_both(
     layer: int,
     state: State,
     gen: torch.Generator,
+    op: Callable[..., tuple[Tensor, Tensor]] = exit_head_step,
 ) -> tuple[tuple, tuple]:
-    """Run the reference (fp32, on the upcast inputs) and the op on fresh latch buffers.
+    """Run the reference (fp32, on the upcast inputs) and the op (the C++ op unless given) on
+    fresh latch buffers.
 
     Returns:
         (logits, exit_mask, state list, out_logits, out_layer) of the reference and of the op.
@@ -167,7 +170,7 @@ def run_both(
                     out_logits, out_layer,
                 )  # fmt: skip
         else:
-            logits, exit_mask = exit_head_step(
+            logits, exit_mask = op(
                 hidden, mask, head.classifier.weight, head.classifier.bias, policy.op_code,
                 policy.op_params(layer), layer, NUM_LAYERS,
                 [step_state[key] for key in policy.op_state_keys], rows, out_logits, out_layer,
