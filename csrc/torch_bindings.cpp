@@ -11,3 +11,10 @@ TORCH_LIBRARY(eeengine, m) {
 }
 
 TORCH_LIBRARY_IMPL(eeengine, CPU, m) { m.impl("exit_head_step", &eeengine::exit_head_step); }
+
+// CUDA kernels, built only against a CUDA torch (setup.py / CMake define EEENGINE_CUDA).
+#ifdef EEENGINE_CUDA
+TORCH_LIBRARY_IMPL(eeengine, CUDA, m) {
+  m.impl("exit_head_step", &eeengine::exit_head_step_cuda);
+}
+#endif
