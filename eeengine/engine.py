@@ -64,9 +64,10 @@ class Engine:
         device: a torch device string ("cpu", "cuda", "cuda:1").
         max_length: tokens per input (default: the checkpoint's ``max_seq_length``); longer
             inputs are truncated with a warning.
-        backend: how the exit head + policy step runs: "cpp" (the fused C++ op), "reference"
-            (plain torch), or None for "cpp" when the extension is built and implements the
-            policy, else "reference" with one warning saying why.
+        backend: how the exit head + policy step runs: a fused op ("cpp" on CPU; "triton",
+            or "cuda" where the extension has CUDA kernels, on a GPU), "reference" (plain
+            torch), or None for the device's first fused op that implements the policy, else
+            "reference" with one warning saying why.
         **policy_kwargs: other parameters of the policy, e.g. ``layer`` for ``budget``,
             ``window`` / ``window_test`` / ``window_range`` for ``elbert``, ``memory_weight``
             for ``mpee`` (see :mod:`eeengine.policies`).
@@ -75,7 +76,7 @@ class Engine:
         FileNotFoundError, eeengine.checkpoint.CheckpointError: bad checkpoint (file and field
             named).
         ValueError: unknown policy, threshold out of range, unknown or unavailable device,
-            unknown backend or "cpp" where it cannot run.
+            unknown backend or a fused backend where it cannot run.
     """
 
     def __init__(
@@ -104,7 +105,7 @@ class Engine:
         self.policy = self._make_policy(
             policy, {"threshold": threshold, "patience": patience, **policy_kwargs}
         )
-        self._backend = resolve_backend(backend, self.policy, self.model.num_labels)
+        self._backend = resolve_backend(backend, self.policy, self.model.num_labels, self.device)
 
     @property
     def num_layers(self) -> int:
@@ -112,7 +113,7 @@ class Engine:
 
     @property
     def backend(self) -> str:
-        """Which implementation runs the exit step: "cpp" (fused op) or "reference"."""
+        """Which implementation runs the exit step: "cpp", "triton", "cuda" or "reference"."""
         return self._backend
 
     def _make_policy(self, name: str | None, given: dict) -> ExitPolicy:

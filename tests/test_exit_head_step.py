@@ -432,6 +432,30 @@ def test_resolve_backend() -> None:
     if HAS_C:
         assert resolve_backend(None, policy, 2) == "cpp"
         assert resolve_backend("cpp", policy, 2) == "cpp"
+        assert _custom_ops.fused_op("cpp") is exit_head_step
+
+
+def test_resolve_backend_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA devices try "triton" (primary) then "cuda"; CPU backends are refused there."""
+    monkeypatch.setattr(_custom_ops, "_warned", set())
+    policy = EntropyPolicy(0.5)
+    with pytest.raises(ValueError, match="backend 'triton' does not run on cpu devices"):
+        resolve_backend("triton", policy, 2, "cpu")
+    with pytest.raises(ValueError, match="backend 'cpp' does not run on cuda devices"):
+        resolve_backend("cpp", policy, 2, "cuda")
+    assert resolve_backend("reference", policy, 2, "cuda") == "reference"
+    has_cuda_kernel = HAS_C and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "eeengine::exit_head_step", "CUDA"
+    )
+    if not has_cuda_kernel:
+        with pytest.raises(ValueError, match="backend 'cuda' is not available"):
+            resolve_backend("cuda", policy, 2, "cuda")
+    monkeypatch.setattr(_custom_ops.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="triton is not installed"):
+        resolve_backend("triton", policy, 2, "cuda")
+    if not has_cuda_kernel:
+        with pytest.warns(UserWarning, match="triton is not installed; .*without CUDA kernels"):
+            assert resolve_backend(None, policy, 2, "cuda") == "reference"
 
 
 def test_fallback_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from eeengine._custom_ops import fused_op, resolve_backend
 from tests.test_exit_head_step import (
     BAD_ARGS,
     NUM_LAYERS,
@@ -178,6 +179,12 @@ def test_bad_arguments_are_named(arg: str, value: object, message: str) -> None:
     args[arg] = value
     with pytest.raises(RuntimeError, match=message):
         on_device(*args.values())
+
+
+def test_triton_is_the_primary_gpu_backend() -> None:
+    policy = make_policy("pcee", "all", torch.zeros(1, 2), 1, torch.Generator())[0]
+    assert resolve_backend(None, policy, 2, "cuda") == "triton"
+    assert fused_op("triton") is triton_kernel.exit_head_step_triton
 
 
 def test_opcheck() -> None:
