@@ -158,15 +158,15 @@ def run_static_loop(
     num_layers = model.num_layers
     rows = s.rows.clone()  # the sink index ``batch_size`` marks rows that are done
     state = {name: value.clone() for name, value in s.state.items()}
-    hidden_states = model.bert.embeddings(s.input_ids, s.token_type_ids)
+    hidden_states = model.backbone.embed(s.input_ids, s.token_type_ids)
     bias = s.attention_mask.bool()[:, None, None, :]  # always a mask: no host-side check
     with contextlib.ExitStack() as nested:
         for layer in range(1, num_layers + 1):
             if conditional and layer > 1:
                 nested.enter_context(_if_node(torch.any(rows < batch_size)))
-            hidden_states = model.bert.encoder.layer[layer - 1](hidden_states, bias)
+            hidden_states = model.backbone.layers[layer - 1](hidden_states, bias)
             exit_mask = _exit_head_step_fused(
-                op, model.exit_heads[layer - 1], policy, hidden_states, s.attention_mask,
+                op, model.exit_head(layer - 1), policy, hidden_states, s.attention_mask,
                 layer, num_layers, state, rows, s.out_logits, s.out_layer,
             )  # fmt: skip
             rows.masked_fill_(exit_mask, batch_size)

@@ -99,7 +99,7 @@ class Engine:
         self.label_names = ckpt.label_names
         self.model = ckpt.model.to(self.device)
         self.max_length = max_length or ckpt.manifest["max_seq_length"]
-        limit = self.model.config.max_position_embeddings
+        limit = self.model.backbone.max_positions
         if not 2 < self.max_length <= limit:
             raise ValueError(f"max_length={self.max_length} must be in [3, {limit}]")
         self.policy = self._make_policy(
@@ -127,7 +127,7 @@ class Engine:
             stored = policy_params(chosen[1]) if chosen else {}
         overrides = {k: v for k, v in given.items() if v is not None}
         policy = make_policy(name, **{**stored, **overrides})
-        policy.validate(self.model.num_labels, self.num_layers)
+        policy.validate(self.model.num_labels, self.num_layers, signals=self.model.signals)
         return policy
 
     def predict(

@@ -5,8 +5,9 @@ Module and attribute names follow Hugging Face ``modeling_bert.py`` (``BertEmbed
 remapping. Attention uses ``torch.nn.functional.scaled_dot_product_attention`` (SDPA).
 
 Unlike ``transformers.BertModel``, the encoder does not run all layers in one call: the caller
-drives the loop (``embeddings`` then ``encoder.layer[l]``), so an early-exit loop can stop after
-any layer and drop rows between layers.
+drives the loop (:meth:`LayerwiseEncoder.embed`, then ``layers[l]``), so an early-exit loop can
+stop after any layer and drop rows between layers. RoBERTa and ALBERT
+(``modeling_roberta.py``, ``modeling_albert.py``) reuse these modules.
 
 Mask polarity everywhere in eeengine: ``attention_mask`` is 1 (or True) for real tokens and 0 for
 padding.
@@ -14,23 +15,32 @@ padding.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import BertConfig
+from transformers import BertConfig, PretrainedConfig
 
 
 class BertEmbeddings(nn.Module):
-    """Word + position + token-type embeddings, then LayerNorm (Devlin et al. 2019)."""
+    """Word + position + token-type embeddings, then LayerNorm (Devlin et al. 2019).
 
-    def __init__(self, config: BertConfig) -> None:
+    Args:
+        config: the backbone config.
+        width: embedding width; ``config.hidden_size`` unless given (ALBERT's embedding_size).
+    """
+
+    def __init__(self, config: PretrainedConfig, width: int | None = None) -> None:
         super().__init__()
+        width = width or config.hidden_size
         self.word_embeddings = nn.Embedding(
-            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
+            config.vocab_size, width, padding_idx=config.pad_token_id
         )
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, width)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
@@ -114,18 +124,36 @@ class BertAttention(nn.Module):
         return self.output(self.self(hidden_states, attention_bias), hidden_states)
 
 
+# config.hidden_act -> function: exact (erf) GELU, or its tanh approximation (ALBERT's default).
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": partial(F.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+}
+
+
+def activation(config: PretrainedConfig) -> Callable[[Tensor], Tensor]:
+    """The feed-forward activation named by ``config.hidden_act``.
+
+    Raises:
+        ValueError: an activation eeengine does not implement.
+    """
+    if config.hidden_act not in ACTIVATIONS:
+        raise ValueError(
+            f"config.hidden_act={config.hidden_act!r} is not supported; eeengine's encoders "
+            f"implement {', '.join(ACTIVATIONS)}"
+        )
+    return ACTIVATIONS[config.hidden_act]
+
+
 class BertIntermediate(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
-        if config.hidden_act != "gelu":
-            raise ValueError(
-                f"config.hidden_act={config.hidden_act!r} is not supported; eeengine's BERT "
-                "encoder implements 'gelu' (exact, erf-based) only"
-            )
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = activation(config)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        return F.gelu(self.dense(hidden_states))
+        return self.intermediate_act_fn(self.dense(hidden_states))
 
 
 class BertOutput(nn.Module):
@@ -166,18 +194,29 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
 
-class BertModel(nn.Module):
-    """Embeddings plus a stack of layers, driven one layer at a time by the caller.
+class LayerwiseEncoder(nn.Module):
+    """What the early-exit loop needs from any backbone (BERT, RoBERTa, ALBERT).
 
-    ``forward`` runs all layers and returns every layer's hidden states (for training and
-    tests); the early-exit runtime calls ``embeddings`` and ``encoder.layer[l]`` itself.
+    Subclasses implement :meth:`embed` (token ids to the input of layer 1, hidden_size wide) and
+    :attr:`layers` (one callable ``(hidden_states, attention_bias) -> hidden_states`` per
+    layer; ALBERT repeats its shared layer), and set ``config``.
     """
 
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.embeddings = BertEmbeddings(config)
-        self.encoder = BertEncoder(config)
+    config: PretrainedConfig
+
+    def embed(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
+        """(batch_size, seq_len) int64 ids -> (batch_size, seq_len, hidden_size)."""
+        raise NotImplementedError
+
+    @property
+    def layers(self) -> Sequence[nn.Module]:
+        """The encoder layers in order, ``num_hidden_layers`` of them."""
+        raise NotImplementedError
+
+    @property
+    def max_positions(self) -> int:
+        """The longest input (tokens, special tokens included) the position embeddings cover."""
+        return self.config.max_position_embeddings
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor
@@ -193,13 +232,34 @@ class BertModel(nn.Module):
             One (batch_size, seq_len, hidden_size) tensor per layer, layer 1 first (the
             embedding output is not included).
         """
-        hidden_states = self.embeddings(input_ids, token_type_ids)
+        hidden_states = self.embed(input_ids, token_type_ids)
         bias = attention_bias(attention_mask)
         all_hidden_states = []
-        for layer in self.encoder.layer:
+        for layer in self.layers:
             hidden_states = layer(hidden_states, bias)
             all_hidden_states.append(hidden_states)
         return all_hidden_states
+
+
+class BertModel(LayerwiseEncoder):
+    """Embeddings plus a stack of layers, driven one layer at a time by the caller.
+
+    ``forward`` runs all layers and returns every layer's hidden states (for training and
+    tests); the early-exit runtime calls :meth:`embed` and :attr:`layers` itself.
+    """
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+
+    def embed(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
+        return self.embeddings(input_ids, token_type_ids)
+
+    @property
+    def layers(self) -> Sequence[nn.Module]:
+        return self.encoder.layer
 
 
 def attention_bias(attention_mask: Tensor) -> Tensor | None:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from eeengine import _custom_ops
-from eeengine.heads import ExitHead
+from eeengine.heads import ExitHead, LteHead
 from eeengine.modeling_bert import attention_bias
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import ExitPolicy
@@ -50,6 +50,7 @@ def exit_head_step_reference(
     rows: Tensor,
     out_logits: Tensor,
     out_layer: Tensor,
+    lte: LteHead | None = None,
 ) -> tuple[Tensor, Tensor, State]:
     """Exit head, policy step and latch in plain torch: the twin of the fused op
     :func:`eeengine._custom_ops.exit_head_step`, and the ground truth it is tested against.
@@ -65,14 +66,18 @@ def exit_head_step_reference(
         rows: (batch_size,) int64, each live row's index into ``out_logits`` / ``out_layer``.
         out_logits: (batch_size_0, num_labels) float32; exiting rows are written in place.
         out_layer: (batch_size_0,) int64; exiting rows get ``layer``, in place.
+        lte: the model's learning-to-exit module; its score s_l of the head's pooled vector is
+            passed to policies that need ``lte_score``.
 
     Returns:
         logits: (batch_size, num_labels), the dtype of the head.
         exit_mask: (batch_size,) bool, True for rows that exit at this layer.
         state: the updated state.
     """
-    logits = head(hidden_states, attention_mask)
-    exit_mask, state = policy.step(logits, layer, state)
+    pooled = head.pool(hidden_states, attention_mask)
+    logits = head.classify(pooled)
+    signals = {"lte_score": lte(pooled)} if "lte_score" in policy.needs else {}
+    exit_mask, state = policy.step(logits, layer, state, **signals)
     if layer == num_layers:
         exit_mask = torch.ones_like(exit_mask)
     if bool(exit_mask.any()):
@@ -101,10 +106,10 @@ def _exit_head_step_fused(
     Returns:
         exit_mask: (batch_size,) bool.
     """
-    if head.pooler is None:  # mean pooling, fused into the op
+    if head.pooling == "mean":  # fused into the op
         pooled, mask = hidden_states, attention_mask
     else:
-        pooled, mask = head.pooler(hidden_states), None
+        pooled, mask = head.pool(hidden_states, attention_mask), None
     _, exit_mask = op(
         pooled,
         mask,
@@ -163,18 +168,18 @@ def early_exit_forward(
     out_layer = torch.empty(batch_size, dtype=torch.long, device=device)
 
     rows = torch.arange(batch_size, device=device)  # live row -> caller's row
-    hidden_states = model.bert.embeddings(input_ids, token_type_ids)
+    hidden_states = model.backbone.embed(input_ids, token_type_ids)
     bias = attention_bias(attention_mask)
     state = policy.init_state(batch_size, device)
     for layer in range(1, num_layers + 1):
-        hidden_states = model.bert.encoder.layer[layer - 1](hidden_states, bias)
+        hidden_states = model.backbone.layers[layer - 1](hidden_states, bias)
         step_args = (hidden_states, attention_mask, layer, num_layers, state, rows)
-        head = model.exit_heads[layer - 1]
+        head = model.exit_head(layer - 1)
         if op is not None:
             exit_mask = _exit_head_step_fused(op, head, policy, *step_args, out_logits, out_layer)
         else:
             _, exit_mask, state = exit_head_step_reference(
-                head, policy, *step_args, out_logits, out_layer
+                head, policy, *step_args, out_logits, out_layer, model.lte
             )
         if not bool(exit_mask.any()):
             continue
