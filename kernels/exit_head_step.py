@@ -313,7 +313,7 @@ def exit_head_step_triton(
     _exit_head_step_kernel[(batch_size,)](
         hidden, hidden.stride(0), hidden.stride(1) if hidden.dim() == 3 else 0,
         mask, mask.stride(0),
-        weight, weight.stride(0), bias,
+        weight, weight.stride(0), bias.contiguous(),
         counter, prev, rows.contiguous(),
         logits, exit_mask.view(torch.uint8), out_logits, out_layer,
         seq_len, hidden.shape[-1], num_labels,

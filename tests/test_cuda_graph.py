@@ -9,9 +9,12 @@ the batch padded up to a bucket, must give the plain loop's results.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import Tensor
+from transformers import PretrainedConfig
 
 from eeengine._custom_ops import HAS_C, LOAD_ERROR, exit_head_step, fused_op
 from eeengine.cuda_graph import (
@@ -21,6 +24,7 @@ from eeengine.cuda_graph import (
     run_static_loop,
     write_inputs,
 )
+from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import ExitPolicy
 from eeengine.policies.budget import BudgetPolicy
 from eeengine.policies.elbert import ElbertPolicy
@@ -30,6 +34,7 @@ from eeengine.policies.none import NoExitPolicy
 from eeengine.policies.patience import PatiencePolicy
 from eeengine.policies.pcee import PceePolicy
 from eeengine.runtime import early_exit_forward
+from tests.conftest import tiny_albert_config, tiny_roberta_config
 from tests.test_exit_head_step import SEED, TOLERANCES, tiny_model
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -92,6 +97,31 @@ def test_static_loop_matches_plain_loop_on_cpu(policy: ExitPolicy, pooling: str)
         )
         if policy.name not in ("none", "budget") and batch_size > 1:
             assert int(ref.exit_layer.min()) < model.num_layers, "no row exits early: weak test"
+
+
+@pytest.mark.skipif(not HAS_C, reason=f"C++ extension not available: {LOAD_ERROR}")
+@pytest.mark.parametrize(
+    ("make_config", "layout"),
+    [(tiny_albert_config, "shared"), (tiny_roberta_config, "shared_pooler")],
+    ids=["albert-shared", "roberta-shared_pooler"],
+)
+@torch.inference_mode()
+def test_static_loop_on_other_backbones_and_layouts(
+    make_config: Callable[[], PretrainedConfig], layout: str
+) -> None:
+    torch.manual_seed(SEED)
+    model = MultiExitBert(make_config(), num_labels=3, pooling="cls", layout=layout).eval()
+    for head in model.exit_heads:
+        head.classifier.weight.mul_(20)
+    policy = EntropyPolicy(0.6)
+    s = allocate_static_loop(model, policy, 8, 16, torch.device("cpu"))
+    inputs = batch(6, 12, torch.device("cpu"))
+    write_inputs(s, *inputs)
+    run_static_loop(model, policy, exit_head_step, s, conditional=False)
+    ref = early_exit_forward(model, policy, *inputs, backend="reference")
+    assert torch.equal(s.out_layer[:6], ref.exit_layer)
+    torch.testing.assert_close(s.out_logits[:6], ref.logits, **TOLERANCES[torch.float32])
+    assert int(ref.exit_layer.min()) < model.num_layers, "no row exits early: weak test"
 
 
 @pytest.mark.parametrize("policy", [PceePolicy(0.6, 2), PatiencePolicy(patience=1)], ids=str)
