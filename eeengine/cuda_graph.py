@@ -225,8 +225,9 @@ class GraphRunner:
         """Allocate the buffers of a bucket, warm every kernel up, capture the loop."""
         device = self.device
         s = allocate_static_loop(self.model, self.policy, batch_size, seq_len, device)
-        # Warm-up outside the graph runs every layer and both sides of every IF node (Triton
-        # compiles, cuBLAS picks its kernels), on a side stream as torch.cuda.graphs advises.
+        # Warm-up outside the graph runs every layer, i.e. the body of every IF node (Triton
+        # compiles, cuBLAS picks its kernels), on a side stream as torch.cuda.graphs advises;
+        # the IF nodes have no else side.
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
