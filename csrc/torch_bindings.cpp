@@ -18,3 +18,10 @@ TORCH_LIBRARY_IMPL(eeengine, CPU, m) {
   m.impl("exit_head_step", &eeengine::exit_head_step);
   m.impl("token_prune", &eeengine::token_prune);
 }
+
+// CUDA kernels, built only against a CUDA torch (setup.py / CMake define EEENGINE_CUDA).
+#ifdef EEENGINE_CUDA
+TORCH_LIBRARY_IMPL(eeengine, CUDA, m) {
+  m.impl("exit_head_step", &eeengine::exit_head_step_cuda);
+}
+#endif

@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from eeengine._custom_ops import HAS_C, LOAD_ERROR
+from eeengine._custom_ops import BACKENDS, HAS_C, LOAD_ERROR
 from eeengine.checkpoint import CheckpointError
 from eeengine.data import Split, file_split, get_task, load_split
 from eeengine.defaults import default_checkpoint, minilm_dir
@@ -32,7 +32,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="another policy parameter, e.g. --param layer=3 (budget), --param window=2 (elbert)",
     )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backend", choices=("cpp", "reference"), help="default: cpp if built")
+    parser.add_argument(
+        "--backend", choices=BACKENDS, help="default: the fastest fused op of the device"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
 
 

@@ -73,9 +73,11 @@ class Engine:
         device: a torch device string ("cpu", "cuda", "cuda:1").
         max_length: tokens per input (default: the checkpoint's ``max_seq_length``); longer
             inputs are truncated with a warning.
-        backend: how the exit head + policy step runs: "cpp" (the fused C++ op), "reference"
-            (plain torch), or None for "cpp" when the extension is built and implements the
-            policy, else "reference" with one warning saying why. Token pruning follows it.
+        backend: how the exit head + policy step runs: a fused op ("cpp" on CPU; "triton",
+            or "cuda" where the extension has CUDA kernels, on a GPU), "reference" (plain
+            torch), or None for the device's first fused op that implements the policy, else
+            "reference" with one warning saying why.
+            Token pruning uses the fused C++ op with "cpp", else its plain-torch reference.
         token_pruning: MPEE token-wise exit: "checkpoint" for the schedule in
             ``eeengine.json``, None for none, or a schedule (a :class:`TokenPruning` or its
             JSON form ``{"layers": [...], "keep_ratio": r, "beta": [...]}``).
@@ -87,8 +89,8 @@ class Engine:
         FileNotFoundError, eeengine.checkpoint.CheckpointError: bad checkpoint (file and field
             named).
         ValueError: unknown policy, threshold out of range, unknown or unavailable device,
-            unknown backend or "cpp" where it cannot run, a bad token-pruning schedule or one
-            on a backbone that cannot prune (ALBERT with inner_group_num > 1).
+            unknown backend or a fused backend where it cannot run, a bad token-pruning schedule
+            or one on a backbone that cannot prune (ALBERT with inner_group_num > 1).
     """
 
     def __init__(
@@ -118,7 +120,7 @@ class Engine:
         self.policy = self._make_policy(
             policy, {"threshold": threshold, "patience": patience, **policy_kwargs}
         )
-        self._backend = resolve_backend(backend, self.policy, self.model.num_labels)
+        self._backend = resolve_backend(backend, self.policy, self.model.num_labels, self.device)
         self.token_pruning = self._token_pruning(token_pruning)
         self._flops = FlopCounter.for_model(self.model)
 
@@ -128,7 +130,7 @@ class Engine:
 
     @property
     def backend(self) -> str:
-        """Which implementation runs the exit step: "cpp" (fused op) or "reference"."""
+        """Which implementation runs the exit step: "cpp", "triton", "cuda" or "reference"."""
         return self._backend
 
     def _make_policy(self, name: str | None, given: dict) -> ExitPolicy:

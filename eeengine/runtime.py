@@ -9,12 +9,14 @@ layer runs attention, then ``token_prune`` on each row (its real tokens only; ro
 right-padded to the batch's longest), then the feed-forward on the kept tokens.
 
 The exit head, policy step and latch run either in plain torch (backend "reference",
-:func:`exit_head_step_reference`) or as one fused C++ op (backend "cpp",
-:func:`eeengine._custom_ops.exit_head_step`); both give the same exits and logits.
+:func:`exit_head_step_reference`) or as one fused op (backend "cpp" on CPU,
+:func:`eeengine._custom_ops.exit_head_step`; "triton" or "cuda" on a GPU); all give the same
+exits and logits. On a GPU, :mod:`eeengine.cuda_graph` runs the same loop with no host sync.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -93,7 +95,8 @@ def exit_head_step_reference(
     return logits, exit_mask, state
 
 
-def _exit_head_step_cpp(
+def _exit_head_step_fused(
+    op: Callable[..., tuple[Tensor, Tensor]],
     head: ExitHead,
     policy: ExitPolicy,
     hidden_states: Tensor,
@@ -105,7 +108,8 @@ def _exit_head_step_cpp(
     out_logits: Tensor,
     out_layer: Tensor,
 ) -> Tensor:
-    """:func:`exit_head_step_reference` through the fused C++ op; updates ``state`` in place.
+    """:func:`exit_head_step_reference` through a fused op (``op``, of
+    :func:`eeengine._custom_ops.fused_op`); updates ``state`` in place.
 
     Returns:
         exit_mask: (batch_size,) bool.
@@ -114,7 +118,7 @@ def _exit_head_step_cpp(
         pooled, mask = hidden_states, attention_mask
     else:
         pooled, mask = head.pool(hidden_states, attention_mask), None
-    _, exit_mask = _custom_ops.exit_head_step(
+    _, exit_mask = op(
         pooled,
         mask,
         head.classifier.weight,
@@ -149,9 +153,10 @@ def early_exit_forward(
         input_ids, attention_mask, token_type_ids: (batch_size, seq_len); the mask is 1 for
             real tokens.
         backend: how each layer's exit head and policy step run: "reference" (plain torch,
-            :func:`exit_head_step_reference`) or "cpp" (the fused op; see
-            :func:`eeengine._custom_ops.resolve_backend`); "cpp" also prunes tokens with the
-            fused op :func:`eeengine._custom_ops.token_prune`.
+            :func:`exit_head_step_reference`), a fused op ("cpp" on CPU, "triton" or "cuda" on
+            a GPU), or None for the fastest (see :func:`eeengine._custom_ops.resolve_backend`).
+            Token pruning runs the fused op :func:`eeengine._custom_ops.token_prune` with
+            "cpp", else :func:`eeengine.token_pruning.token_prune_reference`.
         token_pruning: the token-pruning schedule, or None for none.
 
     Returns:
@@ -159,12 +164,15 @@ def early_exit_forward(
         :func:`eeengine.policies.run_policy` on the full-depth logits.
 
     Raises:
-        ValueError: an unknown backend; "cpp" where the extension is missing or does not
-            implement the policy, or with the model in training mode.
+        ValueError: an unknown backend; a fused backend where it cannot run (see
+            :func:`eeengine._custom_ops.resolve_backend`), or with the model in training mode.
     """
-    backend = _custom_ops.resolve_backend(backend, policy, model.num_labels)
-    if backend == "cpp" and model.training:
-        raise ValueError("backend 'cpp' runs the exit heads without dropout: call model.eval()")
+    backend = _custom_ops.resolve_backend(backend, policy, model.num_labels, input_ids.device)
+    if backend != "reference" and model.training:
+        raise ValueError(
+            f"backend {backend!r} runs the exit heads without dropout: call model.eval()"
+        )
+    op = None if backend == "reference" else _custom_ops.fused_op(backend)
     batch_size = input_ids.shape[0]
     device = input_ids.device
     num_layers = model.num_layers
@@ -192,8 +200,8 @@ def early_exit_forward(
         tokens_kept[rows, layer - 1] = attention_mask.sum(1)
         step_args = (hidden_states, attention_mask, layer, num_layers, state, rows)
         head = model.exit_head(layer - 1)
-        if backend == "cpp":
-            exit_mask = _exit_head_step_cpp(head, policy, *step_args, out_logits, out_layer)
+        if op is not None:
+            exit_mask = _exit_head_step_fused(op, head, policy, *step_args, out_logits, out_layer)
         else:
             _, exit_mask, state = exit_head_step_reference(
                 head, policy, *step_args, out_logits, out_layer, model.lte

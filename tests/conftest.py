@@ -10,8 +10,15 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. Triton reads the
+# switch when it is imported, and transformers imports it (through torch._dynamo) before any
+# test module, so it is set here, first. Only Triton reads it; torch.compile on CPU is unchanged.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 from transformers import (  # noqa: E402
     AlbertConfig,
     AlbertModel,
