@@ -163,6 +163,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"task        {m['task']['name']} ({m['task']['type']}), labels {engine.label_names}")
     print(f"exit heads  {m['exit_heads']}")
     print(f"policy      {engine.policy!r}")
+    pruning = engine.token_pruning
+    print(f"tokens      {json.dumps(pruning.to_json()) if pruning else 'no token pruning'}")
     print(f"backend     {engine.backend}" + ("" if HAS_C else f" ({LOAD_ERROR})"))
     if training:
         metrics = ", ".join(f"{v:.2f}" for v in training.get("dev_exit_metrics", []))

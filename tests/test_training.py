@@ -230,11 +230,12 @@ def test_bf16_autocast_on_cuda(tiny_bert_dir, tiny_csv_task, tmp_path):
     assert Engine(path, device="cuda", policy="lte", threshold=0.5).predict("ok").exit_layer >= 1
 
 
-def test_train_with_token_pruning(tiny_bert_dir, tiny_csv_task, tmp_path):
+@pytest.mark.parametrize("recipe", ["weighted", "mpee"])
+def test_train_with_token_pruning(recipe, tiny_bert_dir, tiny_csv_task, tmp_path):
     """The schedule is trained with, evaluated with (per-exit dev metrics and calibration), and
     saved; the engine serves the checkpoint with it."""
     schedule = {"layers": [1, 3], "keep_ratio": 0.6, "beta": [1.0, 0.5]}
-    config = csv_config(tiny_bert_dir, tiny_csv_task, token_pruning=schedule)
+    config = csv_config(tiny_bert_dir, tiny_csv_task, recipe=recipe, token_pruning=schedule)
     path = train(config, tmp_path / "pruned", progress=False)
     manifest = json.loads((path / "eeengine.json").read_text())
     assert manifest["token_pruning"] == schedule
