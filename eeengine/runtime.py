@@ -39,12 +39,13 @@ class ExitOutput:
         logits: (batch_size, num_labels) float32, the logits of the exit each row took.
         exit_layer: (batch_size,) int64, 1-based layer at which each row exited.
         tokens_kept: (batch_size, num_layers) int64, real tokens of each row after each layer
-            (the width its feed-forward ran at), 0 after its exit layer.
+            (the width its feed-forward ran at), 0 after its exit layer; None from graph mode
+            (:mod:`eeengine.cuda_graph`, which does not prune tokens).
     """
 
     logits: Tensor
     exit_layer: Tensor
-    tokens_kept: Tensor
+    tokens_kept: Tensor | None = None
 
 
 def exit_head_step_reference(
