@@ -8,25 +8,28 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from eeengine._custom_ops import resolve_backend
 from eeengine.batching import collate, encode, length_sorted_batches
-from eeengine.checkpoint import CALIBRATION, load_checkpoint
+from eeengine.checkpoint import CALIBRATION, MANIFEST, CheckpointError, load_checkpoint
 from eeengine.data import Split, get_task
 from eeengine.evaluation import (
-    all_exit_logits,
+    all_exit_outputs,
     check_target,
     choose_operating_point,
     policy_params,
     select_operating_point,
     sweep,
 )
+from eeengine.flops import FlopCounter
 from eeengine.inputs import Example, normalize_inputs
 from eeengine.metrics import METRICS
 from eeengine.policies import ExitPolicy, make_policy
 from eeengine.runtime import early_exit_forward
+from eeengine.token_pruning import TokenPruning
 
 # Inputs tokenized and bucketed at a time: bounds memory for any number of texts.
 _CHUNK_BATCHES = 64
@@ -44,7 +47,11 @@ class Prediction:
         exit_layer: 1-based layer whose exit head produced the answer.
         num_layers: depth of the model (exit_layer == num_layers means full depth).
         logits: raw logits of the exit taken, float32 values.
-        tokens_kept: tokens left per layer under token-wise exit (None: no token pruning).
+        tokens_kept: real tokens left after each layer the input ran (length ``exit_layer``)
+            under token-wise exit; None without token pruning.
+        flops: FLOPs the engine executed for this input (see :mod:`eeengine.flops`).
+        full_flops: FLOPs of the full model (every layer, no pruning, one head) on this input;
+            MPEE's ρ = Σ flops / Σ full_flops over a data set.
     """
 
     label: str | None
@@ -55,6 +62,8 @@ class Prediction:
     num_layers: int
     logits: list[float] = field(repr=False)
     tokens_kept: list[int] | None = None
+    flops: int | None = None
+    full_flops: int | None = None
 
 
 class Engine:
@@ -79,9 +88,14 @@ class Engine:
         device: a torch device string ("cpu", "cuda", "cuda:1").
         max_length: tokens per input (default: the checkpoint's ``max_seq_length``); longer
             inputs are truncated with a warning.
-        backend: how the exit head + policy step runs: "cpp" (the fused C++ op), "reference"
-            (plain torch), or None for "cpp" when the extension is built and implements the
-            policy, else "reference" with one warning saying why.
+        backend: how the exit head + policy step runs: a fused op ("cpp" on CPU; "triton",
+            or "cuda" where the extension has CUDA kernels, on a GPU), "reference" (plain
+            torch), or None for the device's first fused op that implements the policy, else
+            "reference" with one warning saying why.
+            Token pruning uses the fused C++ op with "cpp", else its plain-torch reference.
+        token_pruning: MPEE token-wise exit: "checkpoint" for the schedule in
+            ``eeengine.json``, None for none, or a schedule (a :class:`TokenPruning` or its
+            JSON form ``{"layers": [...], "keep_ratio": r, "beta": [...]}``).
         **policy_kwargs: other parameters of the policy, e.g. ``layer`` for ``budget``,
             ``window`` / ``window_test`` / ``window_range`` for ``elbert``, ``memory_weight``
             for ``mpee`` (see :mod:`eeengine.policies`).
@@ -97,9 +111,10 @@ class Engine:
         FileNotFoundError, eeengine.checkpoint.CheckpointError: bad checkpoint (file and field
             named).
         ValueError: unknown policy, threshold out of range, unknown or unavailable device,
-            unknown backend or "cpp" where it cannot run; with ``target_speedup`` or
-            ``max_drop``: no calibration, policy parameters given as well, or no calibrated
-            point meets the target (the best reachable is named).
+            unknown backend or a fused backend where it cannot run, a bad token-pruning schedule
+            or one on a backbone that cannot prune (ALBERT with inner_group_num > 1); with
+            ``target_speedup`` or ``max_drop``: no calibration, policy parameters given as well,
+            or no calibrated point meets the target (the best reachable is named).
     """
 
     def __init__(
@@ -113,6 +128,7 @@ class Engine:
         device: str = "cpu",
         max_length: int | None = None,
         backend: str | None = None,
+        token_pruning: Literal["checkpoint"] | TokenPruning | dict | None = "checkpoint",
         **policy_kwargs: object,
     ) -> None:
         self.device = _resolve_device(device)
@@ -124,7 +140,7 @@ class Engine:
         self.label_names = ckpt.label_names
         self.model = ckpt.model.to(self.device)
         self.max_length = max_length or ckpt.manifest["max_seq_length"]
-        limit = self.model.config.max_position_embeddings
+        limit = self.model.backbone.max_positions
         if not 2 < self.max_length <= limit:
             raise ValueError(f"max_length={self.max_length} must be in [3, {limit}]")
         given = {"threshold": threshold, "patience": patience, **policy_kwargs}
@@ -147,7 +163,9 @@ class Engine:
                 self.calibration, target_speedup, max_drop, policy
             )
         self._requested_backend = backend
-        self._backend = resolve_backend(backend, self.policy, self.model.num_labels)
+        self._backend = resolve_backend(backend, self.policy, self.model.num_labels, self.device)
+        self.token_pruning = self._token_pruning(token_pruning)
+        self._flops = FlopCounter.for_model(self.model)
 
     @property
     def num_layers(self) -> int:
@@ -155,7 +173,7 @@ class Engine:
 
     @property
     def backend(self) -> str:
-        """Which implementation runs the exit step: "cpp" (fused op) or "reference"."""
+        """Which implementation runs the exit step: "cpp", "triton", "cuda" or "reference"."""
         return self._backend
 
     def _make_policy(self, name: str | None, given: dict) -> ExitPolicy:
@@ -169,7 +187,7 @@ class Engine:
             stored = policy_params(chosen[1]) if chosen else {}
         overrides = {k: v for k, v in given.items() if v is not None}
         policy = make_policy(name, **{**stored, **overrides})
-        policy.validate(self.model.num_labels, self.num_layers)
+        policy.validate(self.model.num_labels, self.num_layers, signals=self.model.signals)
         return policy
 
     def _calibrated_policy(
@@ -182,7 +200,7 @@ class Engine:
         """The policy of the point :func:`select_operating_point` picks, and that point."""
         name, point = select_operating_point(calibration, target_speedup, max_drop, policy)
         chosen = make_policy(name, **policy_params(point))
-        chosen.validate(self.model.num_labels, self.num_layers)
+        chosen.validate(self.model.num_labels, self.num_layers, signals=self.model.signals)
         return chosen, {"name": name, **point}
 
     def calibrate(
@@ -199,7 +217,8 @@ class Engine:
         """Measure every policy's trade-off on labelled data and switch to the point that
         meets the target.
 
-        Runs the model to full depth once (:func:`eeengine.evaluation.all_exit_logits`),
+        Runs the model to full depth once (:func:`eeengine.evaluation.all_exit_outputs`, with
+        the engine's token pruning),
         sweeps every policy that applies over its threshold grid
         (:func:`eeengine.evaluation.sweep`, the task's official metric), then picks a point
         as :class:`Engine` does with ``target_speedup`` / ``max_drop``. On success the engine
@@ -240,7 +259,7 @@ class Engine:
         values = self._label_values(labels)
         check_target(target_speedup, max_drop)
         task = get_task(self.manifest["task"]["name"])
-        all_logits = all_exit_logits(
+        all_logits, signals = all_exit_outputs(
             self.model,
             self.tokenizer,
             texts,
@@ -248,10 +267,13 @@ class Engine:
             self.max_length,
             batch_size=batch_size,
             progress=progress,
+            token_pruning=self.token_pruning,
         )
-        calibration = sweep(all_logits, values, task.metric, extra_metrics=task.extra_metrics)
+        calibration = sweep(all_logits, values, task.metric, signals, task.extra_metrics)
         chosen, point = self._calibrated_policy(calibration, target_speedup, max_drop, policy)
-        backend = resolve_backend(self._requested_backend, chosen, self.model.num_labels)
+        backend = resolve_backend(
+            self._requested_backend, chosen, self.model.num_labels, self.device
+        )
         self.policy, self.operating_point, self._backend = chosen, point, backend
         self.calibration = calibration
         return point
@@ -281,6 +303,27 @@ class Engine:
                     f"class index in [0, {len(self.label_names) - 1}]"
                 )
         return indices
+
+    def _token_pruning(
+        self, given: Literal["checkpoint"] | TokenPruning | dict | None
+    ) -> TokenPruning | None:
+        if given == "checkpoint":
+            stored = self.manifest.get("token_pruning")
+            try:
+                schedule = (
+                    None if stored is None else TokenPruning.from_json(stored, self.num_layers)
+                )
+            except ValueError as error:
+                raise CheckpointError(f"{self.path / MANIFEST}: {error}") from None
+        elif isinstance(given, dict):
+            schedule = TokenPruning.from_json(given, self.num_layers)
+        else:
+            schedule = given
+        if schedule is not None and not self.model.backbone.supports_token_pruning:
+            raise ValueError(
+                f"token pruning is not supported by the {self.model.backbone_type} backbone"
+            )
+        return schedule
 
     def predict(
         self, inputs: str | tuple[str, str] | list, batch_size: int = 32
@@ -336,9 +379,22 @@ class Engine:
         results: list[Prediction | None] = [None] * len(examples)
         for indices in length_sorted_batches(encoded.lengths, batch_size):
             batch = collate(encoded, indices, self.tokenizer.pad_token_id, self.device)
-            out = early_exit_forward(self.model, self.policy, *batch, backend=self._backend)
+            out = early_exit_forward(
+                self.model,
+                self.policy,
+                *batch,
+                backend=self._backend,
+                token_pruning=self.token_pruning,
+            )
             for row, i in enumerate(indices):
-                results[i] = self._prediction(out.logits[row], int(out.exit_layer[row]))
+                exit_layer = int(out.exit_layer[row])
+                length = len(encoded.input_ids[i])
+                prediction = self._prediction(out.logits[row], exit_layer)
+                if self.token_pruning is not None:
+                    prediction.tokens_kept = out.tokens_kept[row, :exit_layer].tolist()
+                prediction.flops = self._flops.executed(length, exit_layer, self.token_pruning)
+                prediction.full_flops = self._flops.full(length)
+                results[i] = prediction
         return results
 
     def _prediction(self, logits: torch.Tensor, exit_layer: int) -> Prediction:
@@ -367,7 +423,8 @@ class Engine:
 
         Returns:
             ``{"metric", "value", "avg_exit_layer" (layers), "layer_saving" (1 - avg / L),
-            "speedup" (L / avg), "seconds"}``.
+            "speedup" (L / avg), "flops_ratio" (MPEE's ρ = Σ executed / Σ full-model FLOPs),
+            "flops_speedup" (1 / ρ, MPEE's acceleration), "seconds"}``.
         """
         inputs = (
             split.texts
@@ -382,12 +439,15 @@ class Engine:
         else:
             outputs = [self.label_names.index(p.label) for p in predictions]
         avg = sum(p.exit_layer for p in predictions) / len(predictions)
+        flops_ratio = sum(p.flops for p in predictions) / sum(p.full_flops for p in predictions)
         return {
             "metric": metric,
             "value": METRICS[metric](outputs, split.labels),
             "avg_exit_layer": avg,
             "layer_saving": 1.0 - avg / self.num_layers,
             "speedup": self.num_layers / avg,
+            "flops_ratio": flops_ratio,
+            "flops_speedup": 1.0 / flops_ratio,
             "seconds": seconds,
         }
 

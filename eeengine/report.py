@@ -17,14 +17,15 @@ is the layer saving 1 - average exit layer / L (2x = 50 %).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from eeengine.data import Task, load_split
+from eeengine.data import Split
 from eeengine.engine import Engine
 from eeengine.evaluation import (
-    all_exit_logits,
+    all_exit_outputs,
     choose_for_speedup,
     choose_operating_point,
     exit_metrics,
@@ -38,39 +39,51 @@ SPEEDUP_TARGETS = (1.5, 2.0)
 SUMMARY_MAX_DROP = 1.0
 
 
-def sweep_report(engine: Engine, task: Task, split: str = "dev", progress: bool = False) -> dict:
-    """Sweep every policy that applies to ``engine``'s model on a split of ``task``.
+def sweep_report(
+    engine: Engine,
+    task: str,
+    split_name: str,
+    data: Split,
+    metric: str,
+    extra_metrics: Sequence[str] = (),
+    progress: bool = False,
+) -> dict:
+    """Sweep every policy that applies to ``engine``'s model on a labelled split.
+
+    The model runs to full depth once (:func:`eeengine.evaluation.all_exit_outputs`, with the
+    engine's token pruning and the model's extra signals, so ``lte`` is swept when the model
+    has an LTE module).
 
     Args:
         engine: the loaded checkpoint (its policy plays no part: every policy is swept).
-        task: the GLUE task whose split is read; its ``metric`` picks the summary's points,
-            ``extra_metrics`` are reported beside it.
-        split: the split's file name in ``data/<task>/`` ("dev").
+        task: the task's name, for the report.
+        split_name: the split's name, for the report ("dev").
+        data: texts, optional text pairs and labels.
+        metric: the primary metric (a key of :data:`eeengine.metrics.METRICS`); the summary's
+            points are picked by it.
+        extra_metrics: other metrics reported beside it (MRPC: accuracy; STS-B: Spearman).
         progress: show a progress bar over the full-depth pass.
 
     Returns:
         The :func:`eeengine.evaluation.sweep` result plus ``task``, ``split``, ``examples``,
         ``checkpoint``, ``metrics`` (the names reported, primary first), ``exits`` (per
         single exit: ``layer`` and ``metrics``) and ``summary`` (see :func:`summarize`).
-
-    Raises:
-        FileNotFoundError: the split's file does not exist.
     """
-    data = load_split(task, split)
-    all_logits = all_exit_logits(
+    all_logits, signals = all_exit_outputs(
         engine.model,
         engine.tokenizer,
         data.texts,
         data.text_pairs,
         engine.max_length,
         progress=progress,
+        token_pruning=engine.token_pruning,
     )
-    calibration = sweep(all_logits, data.labels, task.metric, extra_metrics=task.extra_metrics)
+    calibration = sweep(all_logits, data.labels, metric, signals, extra_metrics)
     names = list(calibration["full_depth_metrics"])
     per_exit = {name: exit_metrics(all_logits, data.labels, name) for name in names}
     return {
-        "task": task.name,
-        "split": split,
+        "task": task,
+        "split": split_name,
         "examples": len(data.texts),
         "checkpoint": str(engine.path),
         "metrics": names,

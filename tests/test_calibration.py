@@ -321,6 +321,6 @@ def test_bad_arguments_fail_before_the_full_depth_pass(tiny_ckpt, monkeypatch, l
     def run_model(*args, **kwargs):
         pytest.fail("the model ran before the arguments were checked")
 
-    monkeypatch.setattr(eeengine.engine, "all_exit_logits", run_model)
+    monkeypatch.setattr(eeengine.engine, "all_exit_outputs", run_model)
     with pytest.raises(ValueError):
         engine.calibrate(SENTENCES, labels, **kwargs)

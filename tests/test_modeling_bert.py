@@ -6,7 +6,7 @@ from transformers import BertModel as HFBertModel
 
 from eeengine.defaults import minilm_dir
 from eeengine.modeling_bert import BertModel
-from eeengine.modeling_multiexit import load_bert_weights
+from eeengine.modeling_multiexit import load_backbone_weights
 from tests.conftest import tiny_config
 
 
@@ -44,7 +44,7 @@ def test_random_config_matches_transformers(tmp_path):
     torch.manual_seed(0)
     HFBertModel(tiny_config(), add_pooling_layer=True).save_pretrained(tmp_path)
     hf = HFBertModel.from_pretrained(tmp_path, attn_implementation="sdpa")
-    config, state = load_bert_weights(tmp_path)
+    config, state = load_backbone_weights(tmp_path)
     ours = BertModel(config)
     ours.load_state_dict(state)
     _compare(hf, ours)
@@ -52,7 +52,7 @@ def test_random_config_matches_transformers(tmp_path):
 
 def test_minilm_matches_transformers():
     hf = HFBertModel.from_pretrained(minilm_dir(), attn_implementation="sdpa")
-    config, state = load_bert_weights(minilm_dir())
+    config, state = load_backbone_weights(minilm_dir())
     ours = BertModel(config)
     ours.load_state_dict(state)
     _compare(hf, ours)
@@ -60,7 +60,7 @@ def test_minilm_matches_transformers():
 
 def test_load_rejects_non_model_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        load_bert_weights(tmp_path)
+        load_backbone_weights(tmp_path)
 
 
 def test_unsupported_activation():
