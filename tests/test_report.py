@@ -5,6 +5,7 @@ import json
 import pytest
 
 from eeengine.cli import main
+from eeengine.data import get_task, glue_dataset
 from eeengine.report import pareto_front, summarize
 from tests.test_calibration import CALIBRATION
 
@@ -94,3 +95,10 @@ def test_sweep_of_a_missing_split(tiny_ckpt, tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "x")]) == 2
     assert "not found" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tasks_report_their_official_metrics():
+    assert (get_task("mrpc").metric, get_task("mrpc").extra_metrics) == ("f1", ("accuracy",))
+    assert (get_task("stsb").metric, get_task("stsb").extra_metrics) == ("pearson", ("spearman",))
+    assert get_task("cola").extra_metrics == ()
+    assert glue_dataset("stsb").extra_metrics == ("spearman",)  # what the trainer sweeps with
