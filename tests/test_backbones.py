@@ -9,7 +9,7 @@ from eeengine.modeling_multiexit import BACKBONES, MultiExitBert, load_backbone_
 from eeengine.modeling_roberta import RobertaModel
 from eeengine.policies import make_policy, run_policy
 from eeengine.runtime import early_exit_forward
-from tests.conftest import BACKBONE_TYPES, HF_MODELS
+from tests.conftest import BACKBONE_TYPES, HF_MODELS, assert_matches_transformers
 
 
 def _inputs(pad_token_id: int, seed: int = 0):
@@ -36,20 +36,7 @@ def test_hidden_states_match_transformers(backbone, overrides, tmp_path):
     ours = BACKBONES[backbone](config)
     ours.load_state_dict(state)  # strict: Hugging Face names, no remapping
     ours.eval()
-    input_ids, attention_mask, token_type_ids = _inputs(config.pad_token_id)
-    with torch.no_grad():
-        expected = hf(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            output_hidden_states=True,
-        ).hidden_states[1:]
-        actual = ours(input_ids, attention_mask, token_type_ids)
-    assert len(actual) == len(expected) == config.num_hidden_layers
-    real = attention_mask.bool()
-    for layer, (a, e) in enumerate(zip(actual, expected, strict=True), start=1):
-        diff = (a - e)[real].abs().max().item()
-        assert diff <= 1e-5, f"{backbone} layer {layer}: max abs difference {diff}"
+    assert_matches_transformers(hf, ours, config.pad_token_id, backbone)
 
 
 def test_roberta_positions_skip_padding():
