@@ -15,10 +15,11 @@ from eeengine.batching import collate, encode, length_sorted_batches
 from eeengine.checkpoint import load_checkpoint
 from eeengine.data import Split
 from eeengine.evaluation import choose_operating_point, policy_params
+from eeengine.executors import make_executor
 from eeengine.inputs import Example, normalize_inputs
 from eeengine.metrics import METRICS
 from eeengine.policies import ExitPolicy, make_policy
-from eeengine.runtime import early_exit_forward
+from eeengine.runtime import ExitOutput, early_exit_forward
 
 # Inputs tokenized and bucketed at a time: bounds memory for any number of texts.
 _CHUNK_BATCHES = 64
@@ -67,6 +68,9 @@ class Engine:
         backend: how the exit head + policy step runs: "cpp" (the fused C++ op), "reference"
             (plain torch), or None for "cpp" when the extension is built and implements the
             policy, else "reference" with one warning saying why.
+        executor: what runs the encoder layers (see :mod:`eeengine.executors`): "torch" (the
+            reference), "onnxruntime" (one ONNX Runtime session per layer, CPU, needs
+            ``eeengine[onnx]``), or None for "onnxruntime" where it can run, else "torch".
         **policy_kwargs: other parameters of the policy, e.g. ``layer`` for ``budget``,
             ``window`` / ``window_test`` / ``window_range`` for ``elbert``, ``memory_weight``
             for ``mpee`` (see :mod:`eeengine.policies`).
@@ -75,7 +79,8 @@ class Engine:
         FileNotFoundError, eeengine.checkpoint.CheckpointError: bad checkpoint (file and field
             named).
         ValueError: unknown policy, threshold out of range, unknown or unavailable device,
-            unknown backend or "cpp" where it cannot run.
+            unknown backend or "cpp" where it cannot run, unknown executor or "onnxruntime"
+            where it cannot run.
     """
 
     def __init__(
@@ -87,6 +92,7 @@ class Engine:
         device: str = "cpu",
         max_length: int | None = None,
         backend: str | None = None,
+        executor: str | None = None,
         **policy_kwargs: object,
     ) -> None:
         self.device = _resolve_device(device)
@@ -105,6 +111,7 @@ class Engine:
             policy, {"threshold": threshold, "patience": patience, **policy_kwargs}
         )
         self._backend = resolve_backend(backend, self.policy, self.model.num_labels)
+        self._executor = make_executor(executor, self.model)
 
     @property
     def num_layers(self) -> int:
@@ -114,6 +121,11 @@ class Engine:
     def backend(self) -> str:
         """Which implementation runs the exit step: "cpp" (fused op) or "reference"."""
         return self._backend
+
+    @property
+    def executor(self) -> str:
+        """What runs the encoder layers: "torch" or "onnxruntime"."""
+        return self._executor.name
 
     def _make_policy(self, name: str | None, given: dict) -> ExitPolicy:
         default = self.manifest["policy"]
@@ -183,27 +195,38 @@ class Engine:
         results: list[Prediction | None] = [None] * len(examples)
         for indices in length_sorted_batches(encoded.lengths, batch_size):
             batch = collate(encoded, indices, self.tokenizer.pad_token_id, self.device)
-            out = early_exit_forward(self.model, self.policy, *batch, backend=self._backend)
-            for row, i in enumerate(indices):
-                results[i] = self._prediction(out.logits[row], int(out.exit_layer[row]))
+            out = early_exit_forward(
+                self.model, self.policy, *batch, backend=self._backend, executor=self._executor
+            )
+            for i, prediction in zip(indices, self._predictions(out), strict=True):
+                results[i] = prediction
         return results
 
-    def _prediction(self, logits: torch.Tensor, exit_layer: int) -> Prediction:
+    def _predictions(self, out: ExitOutput) -> list[Prediction]:
+        """One :class:`Prediction` per row, with one host copy per field for the whole batch."""
+        layers = out.exit_layer.tolist()
+        logits = out.logits.tolist()
         if self.label_names is None:
-            return Prediction(
-                None, None, None, logits[0].item(), exit_layer, self.num_layers, logits.tolist()
+            return [
+                Prediction(None, None, None, row[0], layer, self.num_layers, row)
+                for row, layer in zip(logits, layers, strict=True)
+            ]
+        all_probs = torch.softmax(out.logits, -1).tolist()
+        predictions = []
+        for row, probs, layer in zip(logits, all_probs, layers, strict=True):
+            best = max(range(len(probs)), key=probs.__getitem__)
+            predictions.append(
+                Prediction(
+                    label=self.label_names[best],
+                    score=probs[best],
+                    probs=dict(zip(self.label_names, probs, strict=True)),
+                    value=None,
+                    exit_layer=layer,
+                    num_layers=self.num_layers,
+                    logits=row,
+                )
             )
-        probs = torch.softmax(logits, -1)
-        best = int(probs.argmax())
-        return Prediction(
-            label=self.label_names[best],
-            score=probs[best].item(),
-            probs=dict(zip(self.label_names, probs.tolist(), strict=True)),
-            value=None,
-            exit_layer=exit_layer,
-            num_layers=self.num_layers,
-            logits=logits.tolist(),
-        )
+        return predictions
 
     def evaluate(self, split: Split, metric: str, batch_size: int = 32) -> dict:
         """Run :meth:`predict` on a labelled split and score it.

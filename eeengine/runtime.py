@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from eeengine import _custom_ops
+from eeengine.executors import LayerExecutor, TorchExecutor
 from eeengine.heads import ExitHead
-from eeengine.modeling_bert import attention_bias
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import ExitPolicy
 from eeengine.policies.base import State
@@ -126,6 +126,7 @@ def early_exit_forward(
     attention_mask: Tensor,
     token_type_ids: Tensor,
     backend: str = "reference",
+    executor: LayerExecutor | None = None,
 ) -> ExitOutput:
     """Run the multi-exit model with per-sample early exit and batch compaction.
 
@@ -137,6 +138,8 @@ def early_exit_forward(
         backend: how each layer's exit head and policy step run: "reference" (plain torch,
             :func:`exit_head_step_reference`) or "cpp" (the fused op; see
             :func:`eeengine._custom_ops.resolve_backend`).
+        executor: runs the embeddings and each encoder layer (see :mod:`eeengine.executors`);
+            None: the reference :class:`eeengine.executors.TorchExecutor`.
 
     Returns:
         :class:`ExitOutput`. Equal, row by row, to running each row alone, and to
@@ -155,12 +158,13 @@ def early_exit_forward(
     out_logits = torch.empty(batch_size, model.num_labels, dtype=torch.float32, device=device)
     out_layer = torch.empty(batch_size, dtype=torch.long, device=device)
 
+    executor = executor or TorchExecutor(model)
     rows = torch.arange(batch_size, device=device)  # live row -> caller's row
-    hidden_states = model.bert.embeddings(input_ids, token_type_ids)
-    bias = attention_bias(attention_mask)
+    hidden_states = executor.embed(input_ids, token_type_ids)
+    mask = executor.mask(attention_mask)
     state = policy.init_state(batch_size, device)
     for layer in range(1, num_layers + 1):
-        hidden_states = model.bert.encoder.layer[layer - 1](hidden_states, bias)
+        hidden_states = executor.layer(layer - 1, hidden_states, mask)
         step_args = (hidden_states, attention_mask, layer, num_layers, state, rows)
         head = model.exit_heads[layer - 1]
         if backend == "cpp":
@@ -180,6 +184,6 @@ def early_exit_forward(
         seq_len = int(attention_mask.sum(1).max())
         attention_mask = attention_mask[:, :seq_len]
         hidden_states = hidden_states[keep, :seq_len]
-        bias = attention_bias(attention_mask)
+        mask = executor.mask(attention_mask)
         state = {name: value[keep] for name, value in state.items()}
     return ExitOutput(out_logits, out_layer)
