@@ -1,21 +1,26 @@
-"""ONNX Runtime executor: each encoder layer is its own ONNX Runtime session.
+"""ONNX Runtime executor: the embeddings and each encoder layer are ONNX Runtime sessions.
 
-Each layer's graph is built directly from the torch weights with ONNX Runtime's fused
-transformer ops (domain ``com.microsoft``), the same ops its BERT graph optimizer produces:
+The graphs are built directly from the torch weights with ONNX Runtime's fused transformer ops
+(domain ``com.microsoft``), the same ops its BERT graph optimizer produces. One layer:
 
     ctx  = Attention(x, [Wq|Wk|Wv], [bq|bk|bv], mask)          # fused QKV + softmax(QKᵀ/√d)V
     a    = SkipLayerNormalization(ctx @ Woᵀ, x, γ1, β1, bo)    # LayerNorm(ctx Woᵀ + bo + x)
     h    = BiasGelu(a @ Wiᵀ, bi)                               # exact (erf) GELU, not FastGelu
     out  = SkipLayerNormalization(h @ Wo2ᵀ, a, γ2, β2, bo2)
 
-so no exporter or optimizer pass decides the fusions (and none approximates GELU). The graphs
-are built in memory at load time (a few ms per layer; nothing is written to disk). Hidden
-states stay torch tensors: each session reads and writes them in place through IOBinding
-(pointers, no copies), so the exit head, the policy step and the batch compaction between
-layers run in eeengine as with the torch executor. The embeddings run in torch.
+and the embeddings are one ``EmbedLayerNormalization`` (word + position + token-type, then
+LayerNorm). So no exporter or optimizer pass decides the fusions, and none approximates GELU.
+The graphs are built in memory at load time (well under a second for MiniLM; nothing is
+written to disk). Hidden states stay torch tensors: each session reads and writes them in place
+through IOBinding (pointers, no copies), and the exit head, the policy step and the batch
+compaction between layers run in eeengine exactly as with the torch executor. Running the
+embeddings in ONNX Runtime too means no multi-threaded torch op runs between two sessions
+(waking torch's thread pool costs more than a small op at batch 1 on a busy CPU).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -24,23 +29,25 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor
 
-from eeengine.modeling_bert import BertLayer
+from eeengine.modeling_bert import BertEmbeddings, BertLayer
 from eeengine.modeling_multiexit import MultiExitBert
 
 _OPSET = 17
+_MS = "com.microsoft"  # ONNX Runtime's contrib ops
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.int32: np.int32}
 
 
 def layer_graph(layer: BertLayer, num_heads: int, eps: float) -> onnx.ModelProto:
     """The ONNX model of one post-LayerNorm BERT layer (see the module docstring).
 
     Args:
-        layer: the torch layer whose weights are copied (float32).
+        layer: the torch layer whose weights are copied (as float32).
         num_heads: attention heads.
         eps: LayerNorm epsilon.
 
     Returns:
         A model with inputs ``hidden_states`` (batch, seq, hidden) float32 and
-        ``attention_mask`` (batch, seq) int32 (1 = real token), output ``output``
+        ``attention_mask`` (batch, seq) int32 (1 = real token), and output ``output``
         (batch, seq, hidden) float32.
     """
     attention, intermediate, output = layer.attention, layer.intermediate, layer.output
@@ -59,17 +66,12 @@ def layer_graph(layer: BertLayer, num_heads: int, eps: float) -> onnx.ModelProto
         "ln2_gamma": output.LayerNorm.weight,
         "ln2_beta": output.LayerNorm.bias,
     }
-    initializers = [
-        numpy_helper.from_array(value.detach().float().contiguous().cpu().numpy(), name)
-        for name, value in weights.items()
-    ]
-    ms = "com.microsoft"
     nodes = [
         helper.make_node(
             "Attention",
             ["hidden_states", "qkv_weight", "qkv_bias", "attention_mask"],
             ["context"],
-            domain=ms,
+            domain=_MS,
             num_heads=num_heads,
         ),
         helper.make_node("MatMul", ["context", "attn_out_weight"], ["attn_proj"]),
@@ -77,38 +79,83 @@ def layer_graph(layer: BertLayer, num_heads: int, eps: float) -> onnx.ModelProto
             "SkipLayerNormalization",
             ["attn_proj", "hidden_states", "ln1_gamma", "ln1_beta", "attn_out_bias"],
             ["attention_output"],
-            domain=ms,
+            domain=_MS,
             epsilon=eps,
         ),
         helper.make_node("MatMul", ["attention_output", "ffn_in_weight"], ["ffn_in"]),
-        helper.make_node("BiasGelu", ["ffn_in", "ffn_in_bias"], ["ffn_act"], domain=ms),
+        helper.make_node("BiasGelu", ["ffn_in", "ffn_in_bias"], ["ffn_act"], domain=_MS),
         helper.make_node("MatMul", ["ffn_act", "ffn_out_weight"], ["ffn_out"]),
         helper.make_node(
             "SkipLayerNormalization",
             ["ffn_out", "attention_output", "ln2_gamma", "ln2_beta", "ffn_out_bias"],
             ["output"],
-            domain=ms,
+            domain=_MS,
             epsilon=eps,
         ),
     ]
     hidden = ["batch", "seq", attention.output.dense.out_features]
+    inputs = [
+        helper.make_tensor_value_info("hidden_states", TensorProto.FLOAT, hidden),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT32, ["batch", "seq"]),
+    ]
+    return _model("bert_layer", nodes, inputs, hidden, weights)
+
+
+def embeddings_graph(embeddings: BertEmbeddings) -> onnx.ModelProto:
+    """The ONNX model of :class:`eeengine.modeling_bert.BertEmbeddings`: one
+    ``EmbedLayerNormalization`` (positions 0 .. seq - 1).
+
+    Returns:
+        A model with inputs ``input_ids`` and ``token_type_ids``, (batch, seq) int32, and
+        output ``output`` (batch, seq, hidden) float32.
+    """
+    weights = {
+        "word_embeddings": embeddings.word_embeddings.weight,
+        "position_embeddings": embeddings.position_embeddings.weight,
+        "token_type_embeddings": embeddings.token_type_embeddings.weight,
+        "ln_gamma": embeddings.LayerNorm.weight,
+        "ln_beta": embeddings.LayerNorm.bias,
+    }
+    ids = ["input_ids", "token_type_ids"]
+    node = helper.make_node(
+        "EmbedLayerNormalization",
+        [*ids, *weights],
+        ["output", "mask_index"],  # the op requires its second output; nothing reads it
+        domain=_MS,
+        epsilon=embeddings.LayerNorm.eps,
+    )
+    shape = ["batch", "seq"]
+    inputs = [helper.make_tensor_value_info(name, TensorProto.INT32, shape) for name in ids]
+    hidden = [*shape, embeddings.word_embeddings.embedding_dim]
+    return _model("bert_embeddings", [node], inputs, hidden, weights)
+
+
+def _model(
+    name: str,
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    output_shape: list[str | int],
+    weights: dict[str, Tensor],
+) -> onnx.ModelProto:
+    """A model of ``nodes`` with one float32 output ``output`` and ``weights`` (copied as
+    float32) as initializers."""
     graph = helper.make_graph(
         nodes,
-        "bert_layer",
+        name,
+        inputs,
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, output_shape)],
         [
-            helper.make_tensor_value_info("hidden_states", TensorProto.FLOAT, hidden),
-            helper.make_tensor_value_info("attention_mask", TensorProto.INT32, ["batch", "seq"]),
+            numpy_helper.from_array(value.detach().float().contiguous().cpu().numpy(), key)
+            for key, value in weights.items()
         ],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, hidden)],
-        initializers,
     )
-    opsets = [helper.make_opsetid("", _OPSET), helper.make_opsetid(ms, 1)]
+    opsets = [helper.make_opsetid("", _OPSET), helper.make_opsetid(_MS, 1)]
     return helper.make_model(graph, opset_imports=opsets)
 
 
 class OnnxRuntimeExecutor:
-    """Runs each encoder layer of a CPU, float32 :class:`MultiExitBert` as an ONNX Runtime
-    session (see the module docstring); the embeddings run in torch.
+    """Runs the embeddings and each encoder layer of a CPU, float32 :class:`MultiExitBert` as
+    ONNX Runtime sessions (see the module docstring).
 
     Args:
         model: the multi-exit model, on CPU, in eval mode.
@@ -118,46 +165,57 @@ class OnnxRuntimeExecutor:
     name = "onnxruntime"
 
     def __init__(self, model: MultiExitBert, num_threads: int | None = None) -> None:
-        self.model = model
         config = model.config
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = num_threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
-        # The exit head and policy step run in torch between two sessions: ORT's workers must
-        # not spin-wait for more work while torch needs the cores.
+        # The exit head and policy step run in eeengine between two sessions: ORT's workers
+        # must not spin-wait for more work while eeengine needs the cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._sessions = [
-            onnxruntime.InferenceSession(
-                layer_graph(
-                    layer, config.num_attention_heads, config.layer_norm_eps
-                ).SerializeToString(),
-                options,
-                providers=["CPUExecutionProvider"],
-            )
+        graphs = [embeddings_graph(model.bert.embeddings)] + [
+            layer_graph(layer, config.num_attention_heads, config.layer_norm_eps)
             for layer in model.bert.encoder.layer
         ]
+        self._sessions = [
+            onnxruntime.InferenceSession(
+                graph.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            )
+            for graph in graphs
+        ]
         self._bindings = [session.io_binding() for session in self._sessions]
+        self._hidden_size = config.hidden_size
 
     def embed(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
         """(batch_size, seq_len) int64 ids -> (batch_size, seq_len, hidden_size) float32."""
-        return self.model.bert.embeddings(input_ids, token_type_ids)
+        output = torch.empty((*input_ids.shape, self._hidden_size), dtype=torch.float32)
+        inputs = {"input_ids": _int32(input_ids), "token_type_ids": _int32(token_type_ids)}
+        return self._run(0, inputs, output)
 
     def mask(self, attention_mask: Tensor) -> Tensor:
         """The (batch_size, seq_len) 1/0 mask as contiguous int32, what ``Attention`` takes."""
-        return attention_mask.to(torch.int32).contiguous()
+        return _int32(attention_mask)
 
     def layer(self, index: int, hidden_states: Tensor, mask: Tensor) -> Tensor:
         """Layer ``index`` (0-based) on (batch_size, seq_len, hidden_size) float32 CPU hidden
         states; returns a new tensor of the same shape, written by ONNX Runtime in place."""
         hidden_states = hidden_states.contiguous()
-        output = torch.empty_like(hidden_states)
-        binding = self._bindings[index]
-        _bind(binding.bind_input, "hidden_states", hidden_states, np.float32)
-        _bind(binding.bind_input, "attention_mask", mask, np.int32)
-        _bind(binding.bind_output, "output", output, np.float32)
-        self._sessions[index].run_with_iobinding(binding)
+        inputs = {"hidden_states": hidden_states, "attention_mask": mask}
+        return self._run(index + 1, inputs, torch.empty_like(hidden_states))
+
+    def _run(self, session: int, inputs: dict[str, Tensor], output: Tensor) -> Tensor:
+        """Run session ``session`` (0: embeddings, l: layer l) on contiguous CPU tensors bound
+        by pointer (no copies); ``output`` is written in place and returned."""
+        binding = self._bindings[session]
+        for name, tensor in inputs.items():
+            _bind(binding.bind_input, name, tensor)
+        _bind(binding.bind_output, "output", output)
+        self._sessions[session].run_with_iobinding(binding)
         return output
 
 
-def _bind(bind: object, name: str, tensor: Tensor, dtype: type) -> None:
-    bind(name, "cpu", 0, dtype, list(tensor.shape), tensor.data_ptr())
+def _int32(tensor: Tensor) -> Tensor:
+    return tensor.to(torch.int32).contiguous()
+
+
+def _bind(bind: Callable, name: str, tensor: Tensor) -> None:
+    bind(name, "cpu", 0, _NUMPY_DTYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
