@@ -20,13 +20,19 @@ Batch-1 latency is measured interleaved: for each input, every provider runs onc
 that rotates from input to input. Throughput runs each provider over the same batches in turn,
 repeated and interleaved. Results are reported as ratios to ``hf_eager``.
 
-    python benchmarks/compare.py --threads 2 --out benchmarks/results/compare_sst2
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/compare.py --threads 2 \
+        --out benchmarks/results/compare_sst2
+
+On a shared CPU set ``OMP_WAIT_POLICY=PASSIVE``: torch's OpenMP workers otherwise spin at
+every barrier while other processes hold the cores (measured on a busy 2-core machine: HF eager
+at batch 1, 205 ms with spinning, 12.5 ms passive). The report records the environment.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -224,6 +230,24 @@ def throughput(
     return best
 
 
+def environment() -> dict:
+    """What the timings depend on besides the code: threads, OpenMP waiting, versions, CPU."""
+    import platform
+
+    import onnxruntime
+    import transformers
+
+    return {
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        **{name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")},
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
 def _percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1]
 
@@ -275,6 +299,7 @@ def main() -> None:
         "task": args.task,
         "inputs": len(texts),
         "threads": torch.get_num_threads(),
+        "environment": environment(),
         "checkpoint": str(ckpt),
         "providers": rows,
     }
