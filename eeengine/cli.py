@@ -14,6 +14,7 @@ from eeengine.data import get_task, load_split
 from eeengine.defaults import default_checkpoint, minilm_dir
 from eeengine.engine import Engine
 from eeengine.evaluation import all_exit_logits, exit_metrics
+from eeengine.executors import EXECUTORS
 from eeengine.training import TrainConfig, train
 
 
@@ -31,6 +32,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", choices=("cpp", "reference"), help="default: cpp if built")
+    parser.add_argument(
+        "--executor", choices=EXECUTORS, help="default: onnxruntime if installed, else torch"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
 
 
@@ -43,6 +47,7 @@ def _engine(args: argparse.Namespace) -> Engine:
         patience=args.patience,
         device=args.device,
         backend=args.backend,
+        executor=args.executor,
         **dict(_parse_param(p) for p in args.param),
     )
 
@@ -128,6 +133,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"exit heads  {m['exit_heads']}")
     print(f"policy      {engine.policy!r}")
     print(f"backend     {engine.backend}" + ("" if HAS_C else f" ({LOAD_ERROR})"))
+    print(f"executor    {engine.executor}")
     if training:
         metrics = ", ".join(f"{v:.2f}" for v in training.get("dev_exit_metrics", []))
         print(
