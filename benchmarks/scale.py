@@ -6,9 +6,10 @@ Three sections, each provider interleaved with the others in one process:
   joined into texts of exactly that many tokens (early exit on such joined texts is not what
   it is on single sentences: the average exit layer is reported beside each time).
 - ``batch``: sentences/s on SST-2 dev sentences at batch size 1 ... 256.
-- ``memory``: peak resident memory (``resource.getrusage``, MiB) of one ``predict`` at batch 256
-  of 128-token texts, each provider in a fresh subprocess (the peak cannot be reset in-process):
-  the growth over the process after loading and warming up, and the absolute peak.
+- ``memory``: peak resident memory (Linux ``VmHWM``, MiB) of one ``predict`` at batch 256
+  of 128-token texts, each provider alone in a fresh subprocess (memory one provider freed would
+  hide what the next one needs): resident memory once loaded and warmed up, and the peak
+  during the batch.
 
 Providers: ``hf_eager`` (transformers full depth) and eeengine at full depth and within 0.5
 accuracy points of full depth, for each layer executor (see ``compare.py``).
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,6 +37,7 @@ from eeengine.evaluation import choose_operating_point, policy_params
 
 SEQ_LENS = [16, 32, 64, 128, 256, 512]
 BATCH_SIZES = [1, 8, 32, 128, 256]
+SECTIONS = ("seq", "batch", "memory")
 
 
 def texts_of_length(engine: Engine, sentences: list[str], seq_len: int, count: int) -> list[str]:
@@ -66,11 +67,15 @@ def _num_tokens(engine: Engine, words: list[str]) -> int:
     return len(engine.tokenizer(" ".join(words))["input_ids"])
 
 
-def build_providers(ckpt: Path, max_length: int) -> tuple[dict[str, Predict], dict[str, Engine]]:
-    """``hf_eager`` and the eeengine providers (full depth, within 0.5 points), and the
-    engines behind the latter (to read exit layers)."""
+def build_providers(
+    ckpt: Path, max_length: int, only: str | None = None
+) -> tuple[dict[str, Predict], dict[str, Engine]]:
+    """``hf_eager`` and the eeengine providers (full depth, within 0.5 points), or just the
+    provider ``only``, and the engines behind the eeengine ones (to read exit layers)."""
     base = Engine(ckpt, policy="none", executor="torch", max_length=max_length)
-    providers = {"hf_eager": torch_provider(base, FullDepth(base))}
+    providers = {}
+    if only in (None, "hf_eager"):
+        providers["hf_eager"] = torch_provider(base, FullDepth(base))
     points = {"full": ("none", {})}
     chosen = choose_operating_point(base.calibration, max_drop=0.5)
     if chosen is not None:
@@ -79,6 +84,8 @@ def build_providers(ckpt: Path, max_length: int) -> tuple[dict[str, Predict], di
     for short, executor in EXECUTORS.items():
         for point, (policy, params) in points.items():
             name = f"eeengine_{short}_{point}"
+            if only not in (None, name):
+                continue
             engines[name] = Engine(
                 ckpt, policy=policy, executor=executor, max_length=max_length, **params
             )
@@ -147,21 +154,33 @@ def batch_section(providers, sentences, repeats) -> dict:
 
 
 def peak_memory(provider: str, ckpt: Path, batch_size: int, seq_len: int) -> dict:
-    """In this process: load, warm up, then one batch; resident-memory growth and peak (MiB)."""
-    providers, engines = build_providers(ckpt, max(seq_len, 128))
-    predict = providers[provider]
-    engine = next(iter(engines.values()))
+    """In this process: load ``provider`` alone, warm it up, then run one batch.
+
+    Returns:
+        ``loaded_mib``: resident memory before the batch; ``peak_mib``: peak resident memory
+        during the batch (Linux ``VmHWM``, reset before the batch through
+        ``/proc/self/clear_refs``).
+    """
+    providers, _ = build_providers(ckpt, max(seq_len, 128), only=provider)
+    base = Engine(ckpt, policy="none", executor="torch", max_length=max(seq_len, 128))
     sentences = load_split(get_task("sst2"), "dev").texts
-    texts = texts_of_length(engine, sentences, seq_len, batch_size)
+    texts = texts_of_length(base, sentences, seq_len, batch_size)
+    del base
+    predict = providers[provider]
     predict(texts[:2])
-    before = _max_rss_mib()
+    loaded = _status_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # peak resident memory := current
     predict(texts)
-    peak = _max_rss_mib()
-    return {"growth_mib": peak - before, "peak_mib": peak}
+    return {"loaded_mib": loaded, "peak_mib": _status_mib("VmHWM")}
 
 
-def _max_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (Linux), in MiB. Unlike ``getrusage``'s maxrss,
+    which a subprocess inherits from its parent, these belong to this process alone."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise KeyError(field)
 
 
 def memory_section(names: list[str], ckpt: Path, threads: int) -> dict:
@@ -177,25 +196,36 @@ def memory_section(names: list[str], ckpt: Path, threads: int) -> dict:
 
 
 def _markdown(report: dict) -> str:
-    names = list(report["memory"])
-    lines = ["### Latency at batch 1 against sequence length (median ms; avg exit layer)", ""]
-    lines += ["| seq | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
-    for seq_len, row in report["seq"].items():
-        cells = [
-            f"{row[n]['median_ms']:.1f}"
-            + (f" ({row[n]['avg_exit_layer']:.1f})" if "avg_exit_layer" in row[n] else "")
-            for n in names
-        ]
-        lines.append(f"| {seq_len} | " + " | ".join(cells) + " |")
-    lines += ["", "### Sentences/s against batch size (SST-2 dev sentences)", ""]
-    lines += ["| batch | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
-    for batch_size, row in report["batch"].items():
-        cells = [f"{row[n]['sentences_per_s']:.0f}" for n in names]
-        lines.append(f"| {batch_size} | " + " | ".join(cells) + " |")
-    lines += ["", "### Peak resident memory, batch 256 x 128 tokens (MiB)", ""]
-    lines += ["| provider | growth during the batch | process peak |", "|---|---|---|"]
-    for name, row in report["memory"].items():
-        lines.append(f"| {name} | {row['growth_mib']:.0f} | {row['peak_mib']:.0f} |")
+    lines = []
+    if "seq" in report:
+        names = list(next(iter(report["seq"].values())))
+        lines += ["### Latency at batch 1 against sequence length (median ms; avg exit layer)", ""]
+        lines += ["| seq | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+        for seq_len, row in report["seq"].items():
+            cells = [
+                f"{row[n]['median_ms']:.1f}"
+                + (f" ({row[n]['avg_exit_layer']:.1f})" if "avg_exit_layer" in row[n] else "")
+                for n in names
+            ]
+            lines.append(f"| {seq_len} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if "batch" in report:
+        names = list(next(iter(report["batch"].values())))
+        lines += ["### Sentences/s against batch size (SST-2 dev sentences)", ""]
+        lines += ["| batch | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+        for batch_size, row in report["batch"].items():
+            cells = [f"{row[n]['sentences_per_s']:.0f}" for n in names]
+            lines.append(f"| {batch_size} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if "memory" in report:
+        lines += ["### Resident memory, one batch of 256 x 128 tokens (MiB)", ""]
+        lines += ["| provider | loaded | peak during the batch | peak - loaded |"]
+        lines += ["|---|---|---|---|"]
+        for name, row in report["memory"].items():
+            extra = row["peak_mib"] - row["loaded_mib"]
+            lines.append(
+                f"| {name} | {row['loaded_mib']:.0f} | {row['peak_mib']:.0f} | {extra:.0f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -205,6 +235,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=10, help="inputs / batches per point")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scale_sst2"))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--peak-memory", metavar="PROVIDER", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -216,15 +247,16 @@ def main() -> None:
     providers, engines = build_providers(ckpt, max(SEQ_LENS))
     engine = next(iter(engines.values()))
     sentences = load_split(get_task("sst2"), "dev").texts
-    for predict in providers.values():  # warm up
-        predict(sentences[:8])
-    report = {
-        "environment": environment(),
-        "checkpoint": str(ckpt),
-        "seq": seq_section(providers, engines, engine, sentences, args.repeats),
-        "batch": batch_section(providers, sentences, args.repeats),
-        "memory": memory_section(list(providers), args.ckpt, args.threads),
+    if set(args.sections) & {"seq", "batch"}:
+        for predict in providers.values():  # warm up
+            predict(sentences[:8])
+    sections = {
+        "seq": lambda: seq_section(providers, engines, engine, sentences, args.repeats),
+        "batch": lambda: batch_section(providers, sentences, args.repeats),
+        "memory": lambda: memory_section(list(providers), args.ckpt, args.threads),
     }
+    report = {"environment": environment(), "checkpoint": str(ckpt)}
+    report.update({name: sections[name]() for name in args.sections})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     table = _markdown(report)
