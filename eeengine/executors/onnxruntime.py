@@ -172,6 +172,10 @@ class OnnxRuntimeExecutor:
         # The exit head and policy step run in eeengine between two sessions: ORT's workers
         # must not spin-wait for more work while eeengine needs the cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Shapes change at every compaction; ORT's arena keeps every size it ever served and
+        # never gives memory back (measured: 2.9 GiB peak at batch 256 x 128 tokens with it,
+        # 0.97 GiB without, same speed).
+        options.enable_cpu_mem_arena = False
         graphs = [embeddings_graph(model.bert.embeddings)] + [
             layer_graph(layer, config.num_attention_heads, config.layer_norm_eps)
             for layer in model.bert.encoder.layer
