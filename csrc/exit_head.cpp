@@ -5,6 +5,8 @@
 //
 // Reference semantics (plain torch, the ground truth of the tests): eeengine.heads.ExitHead
 // (eval mode, so dropout is the identity) followed by the policy's step in eeengine.policies.
+// With EEENGINE_CUDA, also the ATen wrapper of the CUDA kernel (exit_head_cuda.cu), which shares
+// the argument checks and the policy decision (exit_policy.h).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -16,6 +18,13 @@
 #include <vector>
 
 #include "ops.h"
+
+#ifdef EEENGINE_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "exit_head_cuda.h"
+#endif
 
 // The inner loops are compiled for AVX-512, AVX2+FMA and baseline x86-64, chosen at load time
 // (GCC/Clang function multi-versioning), so one wheel runs everywhere at full width.
@@ -62,17 +71,6 @@ EE_SIMD void divide(float* y, float d, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] /= d;
 }
 
-// The policy and its parameters, decoded and validated once per call.
-struct PolicyConfig {
-  PolicyCode code;
-  float threshold = 0.0f;  // entropy, normalized_entropy, max_prob, pcee
-  int64_t patience = 0;    // patience, pcee
-  int64_t budget = 0;      // budget: the exit layer k
-  int64_t layer;
-  int64_t num_layers;
-  float log_num_labels;
-};
-
 // Everything a row needs, as raw pointers (sizes validated by the caller).
 template <typename scalar_t>
 struct StepArgs {
@@ -93,59 +91,6 @@ struct StepArgs {
   float* out_logits;  // [B0, C]
   int64_t* out_layer;
 };
-
-// Exit decision of one row from its logits z[0:C]; updates the row's policy state.
-bool decide(const PolicyConfig& cfg, const float* z, int64_t num_labels, int64_t* counter,
-            int64_t* prev_pred) {
-  bool exits = false;
-  if (cfg.code == PolicyCode::kNone || cfg.code == PolicyCode::kBudget) {
-    exits = cfg.code == PolicyCode::kBudget && cfg.layer >= cfg.budget;
-  } else {
-    // Softmax statistics in fp32, as torch.log_softmax: lse = max + log(sum exp(z - max)).
-    // argmax is the first index of the maximum, as torch.argmax.
-    int64_t argmax = 0;
-    for (int64_t c = 1; c < num_labels; ++c) {
-      if (z[c] > z[argmax]) argmax = c;
-    }
-    const float zmax = z[argmax];
-    float sum_exp = 0.0f;
-    for (int64_t c = 0; c < num_labels; ++c) sum_exp += std::exp(z[c] - zmax);
-    const float lse = zmax + std::log(sum_exp);
-    float entropy = 0.0f;
-    for (int64_t c = 0; c < num_labels; ++c) {
-      const float log_p = z[c] - lse;
-      entropy -= std::exp(log_p) * log_p;
-    }
-    switch (cfg.code) {
-      case PolicyCode::kEntropy:
-        exits = entropy < cfg.threshold;
-        break;
-      case PolicyCode::kNormalizedEntropy:
-        exits = entropy / cfg.log_num_labels < cfg.threshold;
-        break;
-      case PolicyCode::kMaxProb:
-        exits = std::exp(zmax - lse) >= cfg.threshold;
-        break;
-      case PolicyCode::kPatience:
-        // PABEE (Zhou et al. 2020): count consecutive layers whose argmax equals the previous
-        // layer's; exit when the count reaches the patience.
-        *counter = argmax == *prev_pred ? *counter + 1 : 0;
-        *prev_pred = argmax;
-        exits = *counter >= cfg.patience;
-        break;
-      case PolicyCode::kPcee:
-        // PCEE-BERT (Zhang et al. 2022, eq. 3): count consecutive confident layers
-        // (normalized entropy < tau); exit when the count reaches the patience.
-        *counter = entropy / cfg.log_num_labels < cfg.threshold ? *counter + 1 : 0;
-        exits = *counter >= cfg.patience;
-        break;
-      default:
-        break;
-    }
-  }
-  // A row that reaches the last layer exits there, whatever the policy says.
-  return exits || cfg.layer == cfg.num_layers;
-}
 
 template <typename scalar_t>
 void step_rows(const PolicyConfig& cfg, const StepArgs<scalar_t>& a, int64_t begin,
@@ -207,25 +152,35 @@ int64_t positive_int_param(double value, const char* what) {
   return static_cast<int64_t>(value);
 }
 
-void check_vector(const at::Tensor& t, const char* name, int64_t size, at::ScalarType dtype) {
-  TORCH_CHECK(t.device().is_cpu(), "exit_head_step: ", name, " must be a CPU tensor, got ",
-              t.device());
+void check_vector(const at::Tensor& t, const char* name, int64_t size, at::ScalarType dtype,
+                  c10::DeviceType device) {
+  TORCH_CHECK(t.device().type() == device, "exit_head_step: ", name, " must be a ", device,
+              " tensor, got ", t.device());
   TORCH_CHECK(t.dim() == 1 && t.size(0) == size, "exit_head_step: ", name,
               " must have shape [", size, "], got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == dtype, "exit_head_step: ", name, " must be ", dtype, ", got ",
               t.scalar_type());
 }
 
-}  // namespace
+// Sizes and decoded policy of a validated call.
+struct CheckedArgs {
+  PolicyConfig cfg;
+  bool pool;  // hidden_states is [B, N, H] with a mask (else pooled [B, H])
+  int64_t B, N, H, C, B0;
+  size_t num_state;
+};
 
-std::tuple<at::Tensor, at::Tensor> exit_head_step(
-    const at::Tensor& hidden_states, const std::optional<at::Tensor>& attention_mask,
-    const at::Tensor& weight, const at::Tensor& bias, int64_t policy, at::ArrayRef<double> params,
-    int64_t layer, int64_t num_layers, at::TensorList state, const at::Tensor& rows,
-    at::Tensor& out_logits, at::Tensor& out_layer) {
+// Every check of the op's contract that reads no tensor data (so it never syncs a GPU); all
+// tensors must be on `device`. The caller checks the range of `rows` where it can.
+CheckedArgs check_args(const at::Tensor& hidden_states,
+                       const std::optional<at::Tensor>& attention_mask, const at::Tensor& weight,
+                       const at::Tensor& bias, int64_t policy, at::ArrayRef<double> params,
+                       int64_t layer, int64_t num_layers, at::TensorList state,
+                       const at::Tensor& rows, const at::Tensor& out_logits,
+                       const at::Tensor& out_layer, c10::DeviceType device) {
   // hidden_states and attention_mask.
-  TORCH_CHECK(hidden_states.device().is_cpu(),
-              "exit_head_step: hidden_states must be a CPU tensor, got ", hidden_states.device());
+  TORCH_CHECK(hidden_states.device().type() == device, "exit_head_step: hidden_states must be a ",
+              device, " tensor, got ", hidden_states.device());
   TORCH_CHECK(hidden_states.dim() == 2 || hidden_states.dim() == 3,
               "exit_head_step: hidden_states must be pooled [B, H] or [B, N, H], got shape ",
               hidden_states.sizes());
@@ -241,15 +196,16 @@ std::tuple<at::Tensor, at::Tensor> exit_head_step(
   const int64_t H = hidden_states.size(-1);
   if (pool) {
     const at::Tensor& mask = *attention_mask;
-    TORCH_CHECK(mask.device().is_cpu(), "exit_head_step: attention_mask must be a CPU tensor");
+    TORCH_CHECK(mask.device() == hidden_states.device(),
+                "exit_head_step: attention_mask must be on the device of hidden_states");
     TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == N,
                 "exit_head_step: attention_mask must have shape [", B, ", ", N,
                 "] like hidden_states [B, N, H], got ", mask.sizes());
   }
 
   // Head.
-  TORCH_CHECK(weight.device().is_cpu() && bias.device().is_cpu(),
-              "exit_head_step: weight and bias must be CPU tensors");
+  TORCH_CHECK(weight.device() == hidden_states.device() && bias.device() == hidden_states.device(),
+              "exit_head_step: weight and bias must be on the device of hidden_states");
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == H,
               "exit_head_step: weight must have shape [C, ", H, "], got ", weight.sizes());
   TORCH_CHECK(at::isFloatingType(weight.scalar_type()) && at::isFloatingType(bias.scalar_type()),
@@ -299,19 +255,38 @@ std::tuple<at::Tensor, at::Tensor> exit_head_step(
   }
   for (size_t i = 0; i < state.size(); ++i) {
     const std::string name = "state[" + std::to_string(i) + "]";
-    check_vector(state[i], name.c_str(), B, at::kLong);
+    check_vector(state[i], name.c_str(), B, at::kLong, device);
     TORCH_CHECK(state[i].is_contiguous(), "exit_head_step: ", name, " must be contiguous");
   }
 
   // Latch outputs.
-  check_vector(rows, "rows", B, at::kLong);
-  TORCH_CHECK(out_logits.device().is_cpu() && out_logits.scalar_type() == at::kFloat &&
-                  out_logits.dim() == 2 && out_logits.size(1) == C && out_logits.is_contiguous(),
-              "exit_head_step: out_logits must be a contiguous CPU float32 tensor [B0, ", C,
-              "], got ", out_logits.scalar_type(), " ", out_logits.sizes());
+  check_vector(rows, "rows", B, at::kLong, device);
+  TORCH_CHECK(out_logits.device() == hidden_states.device() &&
+                  out_logits.scalar_type() == at::kFloat && out_logits.dim() == 2 &&
+                  out_logits.size(1) == C && out_logits.is_contiguous(),
+              "exit_head_step: out_logits must be a contiguous float32 tensor [B0, ", C,
+              "] on the device of hidden_states, got ", out_logits.scalar_type(), " ",
+              out_logits.sizes());
   const int64_t B0 = out_logits.size(0);
-  check_vector(out_layer, "out_layer", B0, at::kLong);
+  check_vector(out_layer, "out_layer", B0, at::kLong, device);
   TORCH_CHECK(out_layer.is_contiguous(), "exit_head_step: out_layer must be contiguous");
+  return {cfg, pool, B, N, H, C, B0, num_state};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> exit_head_step(
+    const at::Tensor& hidden_states, const std::optional<at::Tensor>& attention_mask,
+    const at::Tensor& weight, const at::Tensor& bias, int64_t policy, at::ArrayRef<double> params,
+    int64_t layer, int64_t num_layers, at::TensorList state, const at::Tensor& rows,
+    at::Tensor& out_logits, at::Tensor& out_layer) {
+  const CheckedArgs checked =
+      check_args(hidden_states, attention_mask, weight, bias, policy, params, layer, num_layers,
+                 state, rows, out_logits, out_layer, c10::DeviceType::CPU);
+  const PolicyConfig& cfg = checked.cfg;
+  const bool pool = checked.pool;
+  const int64_t B = checked.B, N = checked.N, H = checked.H, C = checked.C, B0 = checked.B0;
+  const size_t num_state = checked.num_state;
   const at::Tensor rows_c = rows.contiguous();
   const int64_t* rows_ptr = rows_c.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
@@ -351,6 +326,7 @@ std::tuple<at::Tensor, at::Tensor> exit_head_step(
     at::parallel_for(0, B, grain,
                      [&](int64_t begin, int64_t end) { step_rows(cfg, args, begin, end); });
   };
+  const auto dtype = hidden_states.scalar_type();
   if (dtype == at::kFloat) {
     run(float{});
   } else if (dtype == at::kHalf) {
@@ -360,5 +336,59 @@ std::tuple<at::Tensor, at::Tensor> exit_head_step(
   }
   return {logits, exit_mask};
 }
+
+#ifdef EEENGINE_CUDA
+std::tuple<at::Tensor, at::Tensor> exit_head_step_cuda(
+    const at::Tensor& hidden_states, const std::optional<at::Tensor>& attention_mask,
+    const at::Tensor& weight, const at::Tensor& bias, int64_t policy, at::ArrayRef<double> params,
+    int64_t layer, int64_t num_layers, at::TensorList state, const at::Tensor& rows,
+    at::Tensor& out_logits, at::Tensor& out_layer) {
+  const CheckedArgs checked =
+      check_args(hidden_states, attention_mask, weight, bias, policy, params, layer, num_layers,
+                 state, rows, out_logits, out_layer, c10::DeviceType::CUDA);
+  constexpr int64_t kMaxSharedFloats = 48 * 1024 / 4;  // pooled [H] + logits [C] per block
+  TORCH_CHECK(checked.H + checked.C <= kMaxSharedFloats, "exit_head_step: hidden size ",
+              checked.H, " + classes ", checked.C, " exceed the CUDA kernel's limit of ",
+              kMaxSharedFloats);
+  const c10::cuda::CUDAGuard guard(hidden_states.device());
+  const at::Tensor hidden = hidden_states.stride(-1) == 1 ? hidden_states
+                                                          : hidden_states.contiguous();
+  const at::Tensor mask =
+      checked.pool ? attention_mask->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  const at::Tensor bvec = bias.to(at::kFloat).contiguous();
+  const at::Tensor rows_c = rows.contiguous();
+  at::Tensor logits = at::empty({checked.B, checked.C}, hidden.options().dtype(at::kFloat));
+  at::Tensor exit_mask = at::empty({checked.B}, hidden.options().dtype(at::kBool));
+  const auto dtype = hidden.scalar_type();
+  const ExitHeadCudaArgs args{
+      hidden.data_ptr(),
+      dtype == at::kFloat  ? HiddenDtype::kFloat32
+      : dtype == at::kHalf ? HiddenDtype::kFloat16
+                           : HiddenDtype::kBFloat16,
+      hidden.stride(0),
+      checked.pool ? hidden.stride(1) : 0,
+      checked.pool ? mask.data_ptr<float>() : nullptr,
+      checked.B,
+      checked.N,
+      checked.H,
+      w.data_ptr<float>(),
+      bvec.data_ptr<float>(),
+      checked.C,
+      checked.num_state >= 1 ? state[0].data_ptr<int64_t>() : nullptr,
+      checked.num_state >= 2 ? state[1].data_ptr<int64_t>() : nullptr,
+      rows_c.data_ptr<int64_t>(),
+      logits.data_ptr<float>(),
+      exit_mask.data_ptr<bool>(),
+      out_logits.data_ptr<float>(),
+      out_layer.data_ptr<int64_t>(),
+  };
+  const cudaError_t error =
+      launch_exit_head_step(checked.cfg, args, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(error == cudaSuccess, "exit_head_step: CUDA kernel launch failed: ",
+              cudaGetErrorString(error));
+  return {logits, exit_mask};
+}
+#endif
 
 }  // namespace eeengine

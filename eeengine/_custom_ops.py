@@ -11,12 +11,16 @@ from __future__ import annotations
 import enum
 import importlib.util
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-BACKENDS = ("reference", "cpp")
+from eeengine.token_pruning import TokenPruneOutput, pruned_length
+
+BACKENDS = ("reference", "cpp", "triton", "cuda")
+# The fused backends of each device type, in the order resolve_backend tries them.
+DEVICE_BACKENDS = {"cpu": ("cpp",), "cuda": ("triton", "cuda")}
 
 
 def _load_extension() -> str | None:
@@ -50,6 +54,59 @@ class PolicyCode(enum.IntEnum):
     PATIENCE = 4
     PCEE = 5
     BUDGET = 6
+
+    @property
+    def num_params(self) -> int:
+        """Length of ``params`` the op takes for this policy."""
+        return {PolicyCode.NONE: 0, PolicyCode.PCEE: 2}.get(self, 1)
+
+    @property
+    def num_state(self) -> int:
+        """Number of ``state`` tensors the op takes for this policy."""
+        return {PolicyCode.PATIENCE: 2, PolicyCode.PCEE: 1}.get(self, 0)
+
+
+def check_policy_params(
+    policy: int, params: Sequence[float], num_labels: int
+) -> tuple[float, int, int]:
+    """Validate and decode ``params`` as the C++ op does (for the GPU launchers in Python).
+
+    Returns:
+        (threshold, patience, budget), 0 where the policy has none.
+
+    Raises:
+        RuntimeError: an unknown policy code, a wrong number of params, a patience or budget
+            layer that is not an integer >= 1, or fewer than 2 classes for a policy that reads
+            the softmax (the message names the argument).
+    """
+    if not 0 <= policy <= max(PolicyCode):
+        raise RuntimeError(f"exit_head_step: policy: unknown policy code {policy}")
+    code = PolicyCode(policy)
+    if len(params) != code.num_params:
+        raise RuntimeError(
+            f"exit_head_step: params: policy code {policy} takes {code.num_params} "
+            f"parameter(s), got {len(params)}"
+        )
+    if code not in (PolicyCode.NONE, PolicyCode.BUDGET) and num_labels < 2:
+        raise RuntimeError(
+            f"exit_head_step: policy code {policy} needs at least 2 classes, weight has "
+            f"{num_labels}"
+        )
+
+    def positive_int(value: float, what: str) -> int:
+        if not (value >= 1 and value == int(value)):
+            raise RuntimeError(
+                f"exit_head_step: params: {what} must be an integer >= 1, got {value}"
+            )
+        return int(value)
+
+    if code == PolicyCode.PATIENCE:
+        return 0.0, positive_int(params[0], "patience"), 0
+    if code == PolicyCode.PCEE:
+        return float(params[0]), positive_int(params[1], "patience"), 0
+    if code == PolicyCode.BUDGET:
+        return 0.0, 0, positive_int(params[0], "budget layer")
+    return (float(params[0]) if params else 0.0), 0, 0
 
 
 def exit_head_step(
@@ -115,69 +172,175 @@ def exit_head_step(
     )
 
 
+def exit_head_step_fake(
+    hidden_states: Tensor,
+    attention_mask: Tensor | None,
+    weight: Tensor,
+    bias: Tensor,
+    policy: int,
+    params: Sequence[float],
+    layer: int,
+    num_layers: int,
+    state: list[Tensor],
+    rows: Tensor,
+    out_logits: Tensor,
+    out_layer: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Fake (meta) implementation of every backend of exit_head_step: output shapes only."""
+    batch_size = hidden_states.shape[0]
+    logits = hidden_states.new_empty((batch_size, weight.shape[0]), dtype=torch.float32)
+    exit_mask = hidden_states.new_empty((batch_size,), dtype=torch.bool)
+    return logits, exit_mask
+
+
+if HAS_C:
+    torch.library.register_fake("eeengine::exit_head_step")(exit_head_step_fake)
+
+
+def token_prune(
+    hidden_states: Tensor,
+    attention_mask: Tensor,
+    cls_query: Tensor,
+    key: Tensor,
+    memory: Tensor,
+    keep_ratio: float,
+    beta: float,
+) -> TokenPruneOutput:
+    """MPEE token pruning at one layer, fused: [CLS] attention row, memory update, top-k keep,
+    gather, fusion token (Kong et al. 2022, eqs. 5-8). Same rule, fusion weights and
+    tie-breaking as :func:`eeengine.token_pruning.token_prune_reference` (see
+    :mod:`eeengine.token_pruning`); fp32 math whatever the input dtype. Inference only (no
+    autograd).
+
+    Args:
+        hidden_states: (batch_size, seq_len, hidden_size) float32, float16 or bfloat16, the
+            attention sublayer's output; [CLS] at position 0.
+        attention_mask: (batch_size, seq_len), 1 for real tokens; any dtype.
+        cls_query: (batch_size, num_heads, head_size), the [CLS] query; hidden_states' dtype.
+        key: (batch_size, num_heads, seq_len, head_size), the layer's keys; hidden_states'
+            dtype. Strided views (SDPA's head layout) are read in place.
+        memory: (batch_size, seq_len - 1) float32, the class-attention memory m_{l-1}.
+        keep_ratio: r in [0, 1]; each row keeps ceil(r * c) of its c real non-[CLS] tokens.
+        beta: β_l in [0, 1], m_l = (1 - β_l) m_{l-1} + β_l a_l.
+
+    Returns:
+        :class:`eeengine.token_pruning.TokenPruneOutput` of width
+        ``pruned_length(seq_len, keep_ratio)``.
+
+    Raises:
+        RuntimeError: the extension is not loaded (``HAS_C`` is False), or an argument has the
+            wrong shape, dtype or device, or is out of range (the message names it).
+    """
+    return TokenPruneOutput(
+        *torch.ops.eeengine.token_prune(
+            hidden_states, attention_mask, cls_query, key, memory, float(keep_ratio), float(beta)
+        )
+    )
+
+
 if HAS_C:
 
-    @torch.library.register_fake("eeengine::exit_head_step")
-    def _exit_head_step_fake(
+    @torch.library.register_fake("eeengine::token_prune")
+    def _token_prune_fake(
         hidden_states: Tensor,
-        attention_mask: Tensor | None,
-        weight: Tensor,
-        bias: Tensor,
-        policy: int,
-        params: Sequence[float],
-        layer: int,
-        num_layers: int,
-        state: list[Tensor],
-        rows: Tensor,
-        out_logits: Tensor,
-        out_layer: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        batch_size = hidden_states.shape[0]
-        logits = hidden_states.new_empty((batch_size, weight.shape[0]), dtype=torch.float32)
-        exit_mask = hidden_states.new_empty((batch_size,), dtype=torch.bool)
-        return logits, exit_mask
+        attention_mask: Tensor,
+        cls_query: Tensor,
+        key: Tensor,
+        memory: Tensor,
+        keep_ratio: float,
+        beta: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        batch_size, seq_len, hidden_size = hidden_states.shape
+        out_len = pruned_length(seq_len, keep_ratio)
+        return (
+            hidden_states.new_empty((batch_size, out_len, hidden_size)),
+            attention_mask.new_empty((batch_size, out_len)),
+            memory.new_empty((batch_size, out_len - 1)),
+            hidden_states.new_empty((batch_size, out_len), dtype=torch.long),
+        )
 
 
 _warned: set[str] = set()  # reasons already warned about: one warning each per process
 
 
-def resolve_backend(requested: str | None, policy: object, num_labels: int) -> str:
+def _unavailable(backend: str, policy: object, num_labels: int) -> str | None:
+    """Why the fused ``backend`` cannot run ``policy`` with ``num_labels`` classes, or None."""
+    op_code = getattr(policy, "op_code", None)
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+    elif not HAS_C:
+        return LOAD_ERROR
+    elif backend == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+        "eeengine::exit_head_step", "CUDA"
+    ):
+        return "eeengine._C was built without CUDA kernels (that needs a CUDA torch and nvcc)"
+    if op_code is None:
+        return f"the fused exit op does not implement policy {getattr(policy, 'name', policy)!r}"
+    if num_labels < 2 and op_code not in (PolicyCode.NONE, PolicyCode.BUDGET):
+        return f"the fused exit op needs >= 2 classes for policy {policy.name!r} (regression)"
+    return None
+
+
+def resolve_backend(
+    requested: str | None, policy: object, num_labels: int, device: torch.device | str = "cpu"
+) -> str:
     """Pick the backend of the exit step once, at engine construction.
 
+    Fused backends by device, fastest first: CPU "cpp" (the C++ op); CUDA "triton" (the Triton
+    kernel, primary) then "cuda" (the CUDA C++ kernel, in extensions built against a CUDA
+    torch). "reference" (plain torch) runs everywhere.
+
     Args:
-        requested: "cpp", "reference", or None for the fastest available ("cpp" when the
-            extension is loaded and implements the policy, else "reference" with one warning
-            that says why).
+        requested: a name of :data:`BACKENDS`, or None for the first fused backend of the device
+            that can run the policy, else "reference" with one warning that says why.
         policy: an :class:`eeengine.policies.ExitPolicy`; the op implements the policies whose
             ``op_code`` is not None.
         num_labels: the model's number of classes C; policies that read the softmax need C >= 2
             in the op (regression, C = 1, runs on the reference).
+        device: where the model runs.
 
     Returns:
-        "cpp" or "reference".
+        One of :data:`BACKENDS`.
 
     Raises:
-        ValueError: an unknown backend, or "cpp" requested where it cannot run (the message says
-            why).
+        ValueError: an unknown backend, a backend for another device, or one requested where it
+            cannot run (the message says why).
     """
     if requested is not None and requested not in BACKENDS:
         raise ValueError(f"unknown backend {requested!r}; available: {', '.join(BACKENDS)}")
     if requested == "reference":
         return "reference"
-    op_code = getattr(policy, "op_code", None)
-    if not HAS_C:
-        reason = LOAD_ERROR
-    elif op_code is None:
-        reason = f"the C++ exit op does not implement policy {getattr(policy, 'name', policy)!r}"
-    elif num_labels < 2 and op_code not in (PolicyCode.NONE, PolicyCode.BUDGET):
-        reason = f"the C++ exit op needs >= 2 classes for policy {policy.name!r} (regression)"
-    else:
-        return "cpp"
-    if requested == "cpp":
-        raise ValueError(f"backend 'cpp' is not available: {reason}")
+    device_type = torch.device(device).type
+    fused = DEVICE_BACKENDS.get(device_type, ())
+    if requested is not None and requested not in fused:
+        raise ValueError(
+            f"backend {requested!r} does not run on {device_type} devices; there: "
+            f"{', '.join((*fused, 'reference'))}"
+        )
+    reasons = []
+    for backend in [requested] if requested is not None else fused:
+        reason = _unavailable(backend, policy, num_labels)
+        if reason is None:
+            return backend
+        reasons.append(reason)
+    reason = "; ".join(reasons) or f"no fused exit op runs on {device_type} devices"
+    if requested is not None:
+        raise ValueError(f"backend {requested!r} is not available: {reason}")
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(
             f"eeengine: using the plain-torch reference backend (slower): {reason}", stacklevel=2
         )
     return "reference"
+
+
+def fused_op(backend: str) -> Callable[..., tuple[Tensor, Tensor]]:
+    """The fused exit step of a backend other than "reference": :func:`exit_head_step` for
+    "cpp" and "cuda" (the dispatcher picks the kernel by device), the Triton op for "triton"
+    (imported here, so CPU-only installs never import triton). Same signature for all."""
+    if backend == "triton":
+        from eeengine.kernels.exit_head_step import exit_head_step_triton
+
+        return exit_head_step_triton
+    return exit_head_step

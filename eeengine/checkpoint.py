@@ -4,8 +4,9 @@
 
     eeengine.json       format version, backbone, task, exit heads, default policy, max length,
                         token-pruning schedule, training recipe and per-exit dev metrics
-    config.json         the Hugging Face backbone config
-    model.safetensors   backbone (``bert.*``) and exit heads (``exit_heads.{l}.*``)
+    config.json         the Hugging Face backbone config (its model_type is the backbone)
+    model.safetensors   backbone (``bert.*``, ``roberta.*`` or ``albert.*``), exit heads
+                        (``exit_heads.*``, ``exit_pooler.*``) and the LTE module (``lte.*``)
     tokenizer files     as saved by the Hugging Face tokenizer
     calibration.json    per policy, threshold -> dev metric, average exit layer, speed-up
 
@@ -23,9 +24,10 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from eeengine.modeling_multiexit import MultiExitBert
+from eeengine.heads import LAYOUTS, POOLINGS
+from eeengine.modeling_multiexit import BACKBONES, MultiExitBert
 
 FORMAT_VERSION = 1
 MANIFEST = "eeengine.json"
@@ -121,14 +123,26 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     manifest = _read_json(path / MANIFEST)
     _validate_manifest(manifest, path / MANIFEST)
     try:
-        config = BertConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise CheckpointError(
             f"{path / 'config.json'}: cannot read the backbone config: {e}"
         ) from None
+    if config.model_type != manifest["backbone"]:
+        raise CheckpointError(
+            f"{path / 'config.json'}: model_type {config.model_type!r} does not match field "
+            f"'backbone' = {manifest['backbone']!r} of {MANIFEST}"
+        )
     task = manifest["task"]
     num_labels = len(task["label_names"]) if task["type"] == "classification" else 1
-    model = MultiExitBert(config, num_labels, pooling=manifest["exit_heads"]["pooling"])
+    heads = manifest["exit_heads"]
+    model = MultiExitBert(
+        config,
+        num_labels,
+        pooling=heads["pooling"],
+        layout=heads.get("layout", "per_layer"),
+        lte=heads.get("lte", False),
+    )
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found")
@@ -185,9 +199,10 @@ def _validate_manifest(manifest: dict, file: Path) -> None:
             f"{file}: format_version {manifest['format_version']} is newer than this eeengine "
             f"understands ({FORMAT_VERSION})"
         )
-    if manifest["backbone"] != "bert":
+    if manifest["backbone"] not in BACKBONES:
         raise CheckpointError(
-            f"{file}: field 'backbone' = {manifest['backbone']!r}, expected 'bert'"
+            f"{file}: field 'backbone' = {manifest['backbone']!r}, expected one of "
+            f"{', '.join(BACKBONES)}"
         )
     task = manifest["task"]
     if task.get("type") not in ("classification", "regression"):
@@ -198,7 +213,12 @@ def _validate_manifest(manifest: dict, file: Path) -> None:
             isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)
         ):
             raise CheckpointError(f"{file}: field 'task.label_names' must list >= 2 label names")
-    if manifest["exit_heads"].get("pooling") not in ("mean", "cls"):
-        raise CheckpointError(f"{file}: field 'exit_heads.pooling' must be 'mean' or 'cls'")
+    heads = manifest["exit_heads"]
+    if heads.get("pooling") not in POOLINGS:
+        raise CheckpointError(f"{file}: field 'exit_heads.pooling' must be one of {POOLINGS}")
+    if heads.get("layout", "per_layer") not in LAYOUTS:
+        raise CheckpointError(f"{file}: field 'exit_heads.layout' must be one of {LAYOUTS}")
+    if not isinstance(heads.get("lte", False), bool):
+        raise CheckpointError(f"{file}: field 'exit_heads.lte' must be true or false")
     if not isinstance(manifest["policy"].get("name"), str):
         raise CheckpointError(f"{file}: field 'policy.name' is missing")

@@ -8,14 +8,16 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from eeengine._custom_ops import HAS_C, LOAD_ERROR
+from eeengine._custom_ops import BACKENDS, HAS_C, LOAD_ERROR
 from eeengine.checkpoint import CheckpointError
-from eeengine.data import get_task, load_split
+from eeengine.data import Split, file_split, get_task, load_split
 from eeengine.defaults import default_checkpoint, minilm_dir
 from eeengine.engine import Engine
 from eeengine.evaluation import all_exit_logits, exit_metrics
 from eeengine.executors import EXECUTORS
+from eeengine.heads import LAYOUTS, POOLINGS
 from eeengine.training import TrainConfig, train
+from eeengine.training.recipes import BASE_RECIPES, RECIPES
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +33,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="another policy parameter, e.g. --param layer=3 (budget), --param window=2 (elbert)",
     )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backend", choices=("cpp", "reference"), help="default: cpp if built")
+    parser.add_argument(
+        "--backend", choices=BACKENDS, help="default: the fastest fused op of the device"
+    )
     parser.add_argument(
         "--executor", choices=EXECUTORS, help="default: onnxruntime if installed, else torch"
     )
@@ -87,19 +91,50 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"saved {path}")
 
 
+def _eval_data(args: argparse.Namespace, engine: Engine) -> tuple[str, str, str, Split]:
+    """(task name, split name, metric, split) to evaluate on: ``--task`` / ``--split`` of
+    ``data/``, or for a checkpoint trained on the user's files ``--dev-file`` (default: its own
+    dev file), read with the columns and label names it was trained with.
+
+    Raises:
+        ValueError: ``--dev-file`` for a checkpoint not trained on user files.
+    """
+    trained = engine.manifest.get("training", {}).get("config", {})
+    if args.dev_file and not trained.get("train_file"):
+        raise ValueError("--dev-file needs a checkpoint trained with --train-file")
+    if args.task is None and trained.get("train_file"):
+        path = args.dev_file or trained["dev_file"]
+        split = file_split(
+            path,
+            trained["text_column"],
+            trained["label_column"],
+            trained.get("text_pair_column"),
+            engine.label_names,
+            f"the labels of checkpoint {engine.path}",
+        )
+        task = engine.manifest["task"]
+        return task["name"], Path(path).name, task["metric"], split
+    task = get_task(args.task or engine.manifest["task"]["name"])
+    return task.name, args.split, task.metric, load_split(task, args.split)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     engine = _engine(args)
-    task = get_task(args.task or engine.manifest["task"]["name"])
-    dev = load_split(task, args.split)
+    name, split_name, metric, dev = _eval_data(args, engine)
     logits = all_exit_logits(
-        engine.model.cpu(), engine.tokenizer, dev.texts, dev.text_pairs, engine.max_length
+        engine.model.cpu(),
+        engine.tokenizer,
+        dev.texts,
+        dev.text_pairs,
+        engine.max_length,
+        token_pruning=engine.token_pruning,
     )
     engine.model.to(engine.device)
-    per_exit = exit_metrics(logits, dev.labels, task.metric)
-    result = engine.evaluate(dev, task.metric, batch_size=args.batch_size)
+    per_exit = exit_metrics(logits, dev.labels, metric)
+    result = engine.evaluate(dev, metric, batch_size=args.batch_size)
     report = {
-        "task": task.name,
-        "split": args.split,
+        "task": name,
+        "split": split_name,
         "examples": len(dev.texts),
         "per_exit": per_exit,
         "policy": {"name": engine.policy.name, **engine.policy.params()},
@@ -108,15 +143,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"{task.name} {args.split} ({len(dev.texts)} examples), metric: {task.metric}")
+    print(f"{name} {split_name} ({len(dev.texts)} examples), metric: {metric}")
     print("| exit layer | " + " | ".join(str(i + 1) for i in range(len(per_exit))) + " |")
     print("|---|" + "---|" * len(per_exit))
-    print(f"| {task.metric} | " + " | ".join(f"{m:.2f}" for m in per_exit) + " |")
+    print(f"| {metric} | " + " | ".join(f"{m:.2f}" for m in per_exit) + " |")
     print(
-        f"\npolicy {engine.policy!r}: {task.metric} {result['value']:.2f} "
+        f"\npolicy {engine.policy!r}: {metric} {result['value']:.2f} "
         f"(full depth {per_exit[-1]:.2f}), average exit layer {result['avg_exit_layer']:.2f} "
         f"of {engine.num_layers}, speed-up {result['layer_saving']:.1%} of layers saved "
-        f"({result['speedup']:.2f}x)"
+        f"({result['speedup']:.2f}x); FLOPs ratio {result['flops_ratio']:.3f} "
+        f"({result['flops_speedup']:.2f}x, MPEE's acceleration)"
     )
 
 
@@ -132,6 +168,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"task        {m['task']['name']} ({m['task']['type']}), labels {engine.label_names}")
     print(f"exit heads  {m['exit_heads']}")
     print(f"policy      {engine.policy!r}")
+    pruning = engine.token_pruning
+    print(f"tokens      {json.dumps(pruning.to_json()) if pruning else 'no token pruning'}")
     print(f"backend     {engine.backend}" + ("" if HAS_C else f" ({LOAD_ERROR})"))
     print(f"executor    {engine.executor}")
     if training:
@@ -140,6 +178,34 @@ def cmd_info(args: argparse.Namespace) -> None:
             f"training    recipe {training.get('recipe')}, "
             f"dev {training.get('dev_metric')} per exit: {metrics}"
         )
+
+
+# TrainConfig field annotation -> argparse type (booleans are flags).
+# dict: a JSON object, e.g. --token-pruning '{"layers": [2, 4], "keep_ratio": 0.7, ...}'.
+_ARG_TYPES = {"str": str, "int": int, "float": float, "dict": json.loads}
+# TrainConfig fields with a fixed set of values.
+_CHOICES = {
+    "recipe": RECIPES,
+    "lte_base": tuple(BASE_RECIPES),
+    "layout": LAYOUTS,
+    "pooling": POOLINGS,
+}
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    """One option per :class:`TrainConfig` field but ``base_model``: ``--epochs 2``,
+    ``--text-column sentence``; a boolean is ``--regression`` / ``--no-resume``."""
+    defaults = TrainConfig(base_model="")
+    for f in fields(TrainConfig):
+        if f.name == "base_model":
+            continue
+        flag = f"--{f.name.replace('_', '-')}"
+        default = getattr(defaults, f.name)
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            kind = _ARG_TYPES[f.type.split(" | ")[0]]
+            parser.add_argument(flag, type=kind, default=default, choices=_CHOICES.get(f.name))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,21 +218,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("train", help="fine-tune a multi-exit checkpoint")
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a multi-exit checkpoint",
+        description="Fine-tune on a GLUE task (--task) or on your own CSV/TSV/JSONL files "
+        "(--train-file, --dev-file, --text-column, [--text-pair-column], --label-column, "
+        "[--regression]). Rerunning an interrupted run with the same arguments resumes it.",
+    )
     p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
-    p.add_argument("--base-model", help="Hugging Face BERT dir (default: all-MiniLM-L6-v2)")
-    defaults = TrainConfig(base_model="")
-    for f in fields(TrainConfig):
-        if f.name == "base_model":
-            continue
-        default = getattr(defaults, f.name)
-        kind = type(default) if default is not None else int
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default)
+    p.add_argument(
+        "--base-model", help="Hugging Face BERT/RoBERTa/ALBERT dir (default: all-MiniLM-L6-v2)"
+    )
+    _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="dev metric per exit and of the exit policy")
     p.add_argument("--task", help="GLUE task (default: the checkpoint's)")
     p.add_argument("--split", default="dev")
+    p.add_argument(
+        "--dev-file",
+        help="a CSV/TSV/JSONL file to evaluate a checkpoint trained with --train-file on "
+        "(default: its own dev file)",
+    )
     p.add_argument("--json", action="store_true")
     _add_engine_args(p)
     p.set_defaults(func=cmd_eval)

@@ -1,13 +1,17 @@
-"""GLUE task files in ``data/`` (copied from the GLUE release; see ``data/README.md``).
+"""Training data: the GLUE task files in ``data/`` by name, or the user's CSV / TSV / JSONL files.
 
-The files are read with quoting disabled (several hold unbalanced ``"``), MRPC with its UTF-8
-BOM stripped, CoLA without a header.
+GLUE files are copied from the GLUE release (see ``data/README.md``) and read with quoting
+disabled (several hold unbalanced ``"``), MRPC with its UTF-8 BOM stripped, CoLA without a
+header. User files: see :func:`file_dataset`.
 """
 
 from __future__ import annotations
 
 import csv
+import json
+import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,3 +150,221 @@ def load_split(task: Task, split: str, data_dir: Path = DATA_DIR) -> Split:
         else:
             raise ValueError(f"{path}:{line}: label {raw!r} is not one of {task.raw_labels}")
     return Split(texts, pairs, labels)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A task ready for training: name, labels, metric and both splits.
+
+    Attributes:
+        name: the GLUE task name, or the training file's stem for user files.
+        label_names: class names in index order (None: regression).
+        metric: key of :data:`eeengine.metrics.METRICS` used on dev.
+    """
+
+    name: str
+    label_names: tuple[str, ...] | None
+    metric: str
+    train: Split
+    dev: Split
+
+
+def glue_dataset(name: str, data_dir: Path = DATA_DIR) -> Dataset:
+    """A GLUE task of ``data/`` by name (see :func:`get_task`), train and dev splits."""
+    task = get_task(name)
+    return Dataset(
+        task.name,
+        task.label_names,
+        task.metric,
+        load_split(task, "train", data_dir),
+        load_split(task, "dev", data_dir),
+    )
+
+
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
+
+
+def _rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, {column: value}) of every record of a CSV, TSV or JSONL file.
+
+    CSV follows RFC 4180 quoting; TSV is read without quoting (a ``"`` is a plain character,
+    as in GLUE); both need a header row. JSONL holds one JSON object per line (blank lines
+    skipped). Values are kept as read (JSON numbers stay numbers).
+    """
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(f"{path}: unknown file type {path.suffix!r}; use .csv, .tsv or .jsonl")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    rows = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        if kind == "jsonl":
+            for line, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{line}: expected a JSON object")
+                rows.append((line, row))
+            return rows
+        quoting = csv.QUOTE_MINIMAL if kind == "csv" else csv.QUOTE_NONE
+        reader = csv.reader(f, delimiter="," if kind == "csv" else "\t", quoting=quoting)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{path}: the file is empty (a header row is needed)")
+        for record in reader:
+            if not record:
+                continue
+            if len(record) != len(header):
+                raise ValueError(
+                    f"{path}:{reader.line_num}: {len(record)} fields, the header has {len(header)}"
+                )
+            rows.append((reader.line_num, dict(zip(header, record, strict=True))))
+    return rows
+
+
+def _read_file(
+    path: Path,
+    columns: dict[str, str],
+    labels: Callable[[object, str], int | float],
+) -> Split:
+    """Texts and labels of a user file; ``columns`` maps "text", "label" and optionally "pair"
+    to column names, ``labels(value, where)`` converts a label cell (``where`` names file, line
+    and column for errors)."""
+    rows = _rows(path)
+    if not rows:
+        raise ValueError(f"{path}: no examples")
+    texts, pairs, values = [], [] if "pair" in columns else None, []
+    for line, row in rows:
+        for role, column in columns.items():
+            if column not in row:
+                raise ValueError(
+                    f"{path}:{line}: column {column!r} ({role}) is missing; "
+                    f"the columns are {', '.join(map(repr, row))}"
+                )
+        for role in ("text", "pair"):
+            if role not in columns:
+                continue
+            value = row[columns[role]]
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(
+                    f"{path}:{line}: column {columns[role]!r}: empty or non-text {role} {value!r}"
+                )
+        texts.append(row[columns["text"]].strip())
+        if pairs is not None:
+            pairs.append(row[columns["pair"]].strip())
+        values.append(labels(row[columns["label"]], f"{path}:{line}: column {columns['label']!r}"))
+    return Split(texts, pairs, values)
+
+
+def _columns(text_column: str, label_column: str, text_pair_column: str | None) -> dict[str, str]:
+    """Role ("text", "label", "pair") -> column name."""
+    columns = {"text": text_column, "label": label_column}
+    if text_pair_column:
+        columns["pair"] = text_pair_column
+    return columns
+
+
+def _label_text(value: object) -> str:
+    """A label cell as a name: strings stripped, JSON numbers and booleans as written."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return value.strip() if isinstance(value, str) else str(value)
+
+
+def _number(value: object, where: str) -> float:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: regression target {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{where}: regression target {value!r} is not finite")
+    return number
+
+
+def _sort_key(name: str) -> tuple:
+    """Numbers first in numeric order ("2" before "10"), then names in text order."""
+    try:
+        return (0, float(name), name)
+    except ValueError:
+        return (1, 0.0, name)
+
+
+def file_split(
+    path: str | Path,
+    text_column: str,
+    label_column: str,
+    text_pair_column: str | None = None,
+    label_names: Sequence[str] | None = None,
+    label_source: str = "the label names",
+) -> Split:
+    """One user file whose label names are known (a dev file, or a file to evaluate a
+    checkpoint on): labels become indices into ``label_names``, or numbers when it is None
+    (regression).
+
+    Args:
+        label_source: where ``label_names`` come from, for the unknown-label error.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`file_dataset`.
+    """
+    columns = _columns(text_column, label_column, text_pair_column)
+    if label_names is None:
+        return _read_file(Path(path), columns, _number)
+    index = {name: i for i, name in enumerate(label_names)}
+
+    def label(value: object, where: str) -> int:
+        name = _label_text(value)
+        if name not in index:
+            raise ValueError(
+                f"{where}: label {name!r} does not occur in {label_source} "
+                f"(labels: {', '.join(label_names)})"
+            )
+        return index[name]
+
+    return _read_file(Path(path), columns, label)
+
+
+def file_dataset(
+    train_file: str | Path,
+    dev_file: str | Path,
+    text_column: str,
+    label_column: str,
+    text_pair_column: str | None = None,
+    regression: bool = False,
+) -> Dataset:
+    """A task from the user's own CSV, TSV or JSONL files.
+
+    Classification unless ``regression`` is set: labels that look numeric (0/1, 1-5 stars) are
+    still classes, because guessing regression from numbers would turn every 0/1 task into
+    one. Label names are the distinct labels of the training file, sorted (numerically when
+    they are numbers, so "2" comes before "10"; otherwise in text order), so the class indices
+    do not depend on the order of the rows. The metric is accuracy (classification) or
+    Pearson correlation (regression).
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: naming file, line and column: a missing column, an empty text, a dev label
+            the training file does not have, a non-numeric regression target, fewer than two
+            classes, a malformed row.
+    """
+    train_file = Path(train_file)
+    columns = (text_column, label_column, text_pair_column)
+    if regression:
+        train = file_split(train_file, *columns)
+        return Dataset(train_file.stem, None, "pearson", train, file_split(dev_file, *columns))
+    train = _read_file(train_file, _columns(*columns), lambda value, where: _label_text(value))
+    label_names = tuple(sorted(set(train.labels), key=_sort_key))
+    if len(label_names) < 2:
+        raise ValueError(
+            f"{train_file}: column {label_column!r} has {len(label_names)} distinct label(s) "
+            f"{list(label_names)}; classification needs at least 2 (or pass --regression)"
+        )
+    train.labels = [label_names.index(name) for name in train.labels]
+    dev = file_split(dev_file, *columns, label_names, f"the training file {train_file}")
+    return Dataset(train_file.stem, label_names, "accuracy", train, dev)

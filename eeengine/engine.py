@@ -7,19 +7,22 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from eeengine._custom_ops import resolve_backend
 from eeengine.batching import collate, encode, length_sorted_batches
-from eeengine.checkpoint import load_checkpoint
+from eeengine.checkpoint import MANIFEST, CheckpointError, load_checkpoint
 from eeengine.data import Split
 from eeengine.evaluation import choose_operating_point, policy_params
 from eeengine.executors import make_executor
+from eeengine.flops import FlopCounter
 from eeengine.inputs import Example, normalize_inputs
 from eeengine.metrics import METRICS
 from eeengine.policies import ExitPolicy, make_policy
 from eeengine.runtime import ExitOutput, early_exit_forward
+from eeengine.token_pruning import TokenPruning
 
 # Inputs tokenized and bucketed at a time: bounds memory for any number of texts.
 _CHUNK_BATCHES = 64
@@ -37,7 +40,11 @@ class Prediction:
         exit_layer: 1-based layer whose exit head produced the answer.
         num_layers: depth of the model (exit_layer == num_layers means full depth).
         logits: raw logits of the exit taken, float32 values.
-        tokens_kept: tokens left per layer under token-wise exit (None: no token pruning).
+        tokens_kept: real tokens left after each layer the input ran (length ``exit_layer``)
+            under token-wise exit; None without token pruning.
+        flops: FLOPs the engine executed for this input (see :mod:`eeengine.flops`).
+        full_flops: FLOPs of the full model (every layer, no pruning, one head) on this input;
+            MPEE's ρ = Σ flops / Σ full_flops over a data set.
     """
 
     label: str | None
@@ -48,6 +55,8 @@ class Prediction:
     num_layers: int
     logits: list[float] = field(repr=False)
     tokens_kept: list[int] | None = None
+    flops: int | None = None
+    full_flops: int | None = None
 
 
 class Engine:
@@ -65,12 +74,17 @@ class Engine:
         device: a torch device string ("cpu", "cuda", "cuda:1").
         max_length: tokens per input (default: the checkpoint's ``max_seq_length``); longer
             inputs are truncated with a warning.
-        backend: how the exit head + policy step runs: "cpp" (the fused C++ op), "reference"
-            (plain torch), or None for "cpp" when the extension is built and implements the
-            policy, else "reference" with one warning saying why.
+        backend: how the exit head + policy step runs: a fused op ("cpp" on CPU; "triton",
+            or "cuda" where the extension has CUDA kernels, on a GPU), "reference" (plain
+            torch), or None for the device's first fused op that implements the policy, else
+            "reference" with one warning saying why.
+            Token pruning uses the fused C++ op with "cpp", else its plain-torch reference.
+        token_pruning: MPEE token-wise exit: "checkpoint" for the schedule in
+            ``eeengine.json``, None for none, or a schedule (a :class:`TokenPruning` or its
+            JSON form ``{"layers": [...], "keep_ratio": r, "beta": [...]}``).
         executor: what runs the encoder layers (see :mod:`eeengine.executors`): "torch" (the
-            reference), "onnxruntime" (one ONNX Runtime session per layer, CPU, needs
-            ``eeengine[onnx]``), or None for "onnxruntime" where it can run, else "torch".
+            reference), "onnxruntime" (one ONNX Runtime session per layer, CPU, BERT backbones,
+            needs ``eeengine[onnx]``), or None for "onnxruntime" where it can run, else "torch".
         **policy_kwargs: other parameters of the policy, e.g. ``layer`` for ``budget``,
             ``window`` / ``window_test`` / ``window_range`` for ``elbert``, ``memory_weight``
             for ``mpee`` (see :mod:`eeengine.policies`).
@@ -79,8 +93,9 @@ class Engine:
         FileNotFoundError, eeengine.checkpoint.CheckpointError: bad checkpoint (file and field
             named).
         ValueError: unknown policy, threshold out of range, unknown or unavailable device,
-            unknown backend or "cpp" where it cannot run, unknown executor or "onnxruntime"
-            where it cannot run.
+            unknown backend or a fused backend where it cannot run, a bad token-pruning schedule
+            or one on a backbone that cannot prune (ALBERT with inner_group_num > 1), unknown
+            executor or "onnxruntime" where it cannot run.
     """
 
     def __init__(
@@ -92,6 +107,7 @@ class Engine:
         device: str = "cpu",
         max_length: int | None = None,
         backend: str | None = None,
+        token_pruning: Literal["checkpoint"] | TokenPruning | dict | None = "checkpoint",
         executor: str | None = None,
         **policy_kwargs: object,
     ) -> None:
@@ -104,13 +120,15 @@ class Engine:
         self.label_names = ckpt.label_names
         self.model = ckpt.model.to(self.device)
         self.max_length = max_length or ckpt.manifest["max_seq_length"]
-        limit = self.model.config.max_position_embeddings
+        limit = self.model.backbone.max_positions
         if not 2 < self.max_length <= limit:
             raise ValueError(f"max_length={self.max_length} must be in [3, {limit}]")
         self.policy = self._make_policy(
             policy, {"threshold": threshold, "patience": patience, **policy_kwargs}
         )
-        self._backend = resolve_backend(backend, self.policy, self.model.num_labels)
+        self._backend = resolve_backend(backend, self.policy, self.model.num_labels, self.device)
+        self.token_pruning = self._token_pruning(token_pruning)
+        self._flops = FlopCounter.for_model(self.model)
         self._executor = make_executor(executor, self.model)
 
     @property
@@ -119,7 +137,7 @@ class Engine:
 
     @property
     def backend(self) -> str:
-        """Which implementation runs the exit step: "cpp" (fused op) or "reference"."""
+        """Which implementation runs the exit step: "cpp", "triton", "cuda" or "reference"."""
         return self._backend
 
     @property
@@ -138,8 +156,29 @@ class Engine:
             stored = policy_params(chosen[1]) if chosen else {}
         overrides = {k: v for k, v in given.items() if v is not None}
         policy = make_policy(name, **{**stored, **overrides})
-        policy.validate(self.model.num_labels, self.num_layers)
+        policy.validate(self.model.num_labels, self.num_layers, signals=self.model.signals)
         return policy
+
+    def _token_pruning(
+        self, given: Literal["checkpoint"] | TokenPruning | dict | None
+    ) -> TokenPruning | None:
+        if given == "checkpoint":
+            stored = self.manifest.get("token_pruning")
+            try:
+                schedule = (
+                    None if stored is None else TokenPruning.from_json(stored, self.num_layers)
+                )
+            except ValueError as error:
+                raise CheckpointError(f"{self.path / MANIFEST}: {error}") from None
+        elif isinstance(given, dict):
+            schedule = TokenPruning.from_json(given, self.num_layers)
+        else:
+            schedule = given
+        if schedule is not None and not self.model.backbone.supports_token_pruning:
+            raise ValueError(
+                f"token pruning is not supported by the {self.model.backbone_type} backbone"
+            )
+        return schedule
 
     def predict(
         self, inputs: str | tuple[str, str] | list, batch_size: int = 32
@@ -196,9 +235,23 @@ class Engine:
         for indices in length_sorted_batches(encoded.lengths, batch_size):
             batch = collate(encoded, indices, self.tokenizer.pad_token_id, self.device)
             out = early_exit_forward(
-                self.model, self.policy, *batch, backend=self._backend, executor=self._executor
+                self.model,
+                self.policy,
+                *batch,
+                backend=self._backend,
+                token_pruning=self.token_pruning,
+                executor=self._executor,
             )
-            for i, prediction in zip(indices, self._predictions(out), strict=True):
+            for row, (i, prediction) in enumerate(
+                zip(indices, self._predictions(out), strict=True)
+            ):
+                length = len(encoded.input_ids[i])
+                if self.token_pruning is not None:
+                    prediction.tokens_kept = out.tokens_kept[row, : prediction.exit_layer].tolist()
+                prediction.flops = self._flops.executed(
+                    length, prediction.exit_layer, self.token_pruning
+                )
+                prediction.full_flops = self._flops.full(length)
                 results[i] = prediction
         return results
 
@@ -237,7 +290,8 @@ class Engine:
 
         Returns:
             ``{"metric", "value", "avg_exit_layer" (layers), "layer_saving" (1 - avg / L),
-            "speedup" (L / avg), "seconds"}``.
+            "speedup" (L / avg), "flops_ratio" (MPEE's ρ = Σ executed / Σ full-model FLOPs),
+            "flops_speedup" (1 / ρ, MPEE's acceleration), "seconds"}``.
         """
         inputs = (
             split.texts
@@ -252,12 +306,15 @@ class Engine:
         else:
             outputs = [self.label_names.index(p.label) for p in predictions]
         avg = sum(p.exit_layer for p in predictions) / len(predictions)
+        flops_ratio = sum(p.flops for p in predictions) / sum(p.full_flops for p in predictions)
         return {
             "metric": metric,
             "value": METRICS[metric](outputs, split.labels),
             "avg_exit_layer": avg,
             "layer_saving": 1.0 - avg / self.num_layers,
             "speedup": self.num_layers / avg,
+            "flops_ratio": flops_ratio,
+            "flops_speedup": 1.0 / flops_ratio,
             "seconds": seconds,
         }
 

@@ -17,6 +17,7 @@ from eeengine.batching import collate, encode, length_sorted_batches
 from eeengine.metrics import METRICS
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import POLICIES, make_policy, run_policy
+from eeengine.token_pruning import TokenPruning
 
 # Threshold grids per policy, in the policy's own units.
 SWEEP_GRIDS: dict[str, list[float]] = {
@@ -53,6 +54,40 @@ def sweep_params(name: str, num_labels: int, num_layers: int) -> list[dict]:
 
 
 @torch.inference_mode()
+def all_exit_outputs(
+    model: MultiExitBert,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    text_pairs: Sequence[str] | None,
+    max_length: int,
+    batch_size: int = 64,
+    progress: bool = False,
+    token_pruning: TokenPruning | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Full-depth logits and signals of every exit, on the model's device, with the
+    token-pruning schedule if one is given (the engine's logits exactly: pruning does not
+    depend on exits).
+
+    Returns:
+        logits: (num_layers, len(texts), num_labels) float32 on CPU, rows in input order.
+        signals: the model's extra per-layer signals (``lte_score`` with an LTE module), each
+            (num_layers, len(texts)) float32 on CPU; ready for :func:`sweep`.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    encoded = encode(tokenizer, texts, text_pairs, max_length)
+    out = torch.empty(model.num_layers, len(texts), model.num_labels)
+    signals = {name: torch.empty(model.num_layers, len(texts)) for name in model.signals}
+    batches = length_sorted_batches(encoded.lengths, batch_size)
+    for indices in tqdm(batches, desc="evaluating", disable=not progress, leave=False):
+        batch = collate(encoded, indices, tokenizer.pad_token_id, device)
+        logits, batch_signals = model.exits(*batch, token_pruning)
+        out[:, indices] = logits.float().cpu()
+        for name, value in batch_signals.items():
+            signals[name][:, indices] = value.float().cpu()
+    return out, signals
+
+
 def all_exit_logits(
     model: MultiExitBert,
     tokenizer: PreTrainedTokenizerBase,
@@ -61,20 +96,13 @@ def all_exit_logits(
     max_length: int,
     batch_size: int = 64,
     progress: bool = False,
+    token_pruning: TokenPruning | None = None,
 ) -> Tensor:
-    """Full-depth logits of every exit.
-
-    Returns:
-        (num_layers, len(texts), num_labels) float32, rows in input order.
-    """
-    model.eval()
-    encoded = encode(tokenizer, texts, text_pairs, max_length)
-    out = torch.empty(model.num_layers, len(texts), model.num_labels)
-    batches = length_sorted_batches(encoded.lengths, batch_size)
-    for indices in tqdm(batches, desc="evaluating", disable=not progress, leave=False):
-        logits = model(*collate(encoded, indices, tokenizer.pad_token_id))
-        out[:, indices] = logits.float()
-    return out
+    """The logits of :func:`all_exit_outputs`: (num_layers, len(texts), num_labels) float32."""
+    logits, _ = all_exit_outputs(
+        model, tokenizer, texts, text_pairs, max_length, batch_size, progress, token_pruning
+    )
+    return logits
 
 
 def predictions_of(logits: Tensor) -> list:

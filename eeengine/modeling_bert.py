@@ -5,8 +5,9 @@ Module and attribute names follow Hugging Face ``modeling_bert.py`` (``BertEmbed
 remapping. Attention uses ``torch.nn.functional.scaled_dot_product_attention`` (SDPA).
 
 Unlike ``transformers.BertModel``, the encoder does not run all layers in one call: the caller
-drives the loop (``embeddings`` then ``encoder.layer[l]``), so an early-exit loop can stop after
-any layer and drop rows between layers.
+drives the loop (:meth:`LayerwiseEncoder.embed`, then ``layers[l]``), so an early-exit loop can
+stop after any layer and drop rows between layers. RoBERTa and ALBERT
+(``modeling_roberta.py``, ``modeling_albert.py``) reuse these modules.
 
 Mask polarity everywhere in eeengine: ``attention_mask`` is 1 (or True) for real tokens and 0 for
 padding.
@@ -14,23 +15,34 @@ padding.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import BertConfig
+from transformers import BertConfig, PretrainedConfig
+
+from eeengine.token_pruning import TokenPruneOutput, TokenPruning, token_prune_reference
 
 
 class BertEmbeddings(nn.Module):
-    """Word + position + token-type embeddings, then LayerNorm (Devlin et al. 2019)."""
+    """Word + position + token-type embeddings, then LayerNorm (Devlin et al. 2019).
 
-    def __init__(self, config: BertConfig) -> None:
+    Args:
+        config: the backbone config.
+        width: embedding width; ``config.hidden_size`` unless given (ALBERT's embedding_size).
+    """
+
+    def __init__(self, config: PretrainedConfig, width: int | None = None) -> None:
         super().__init__()
+        width = width or config.hidden_size
         self.word_embeddings = nn.Embedding(
-            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
+            config.vocab_size, width, padding_idx=config.pad_token_id
         )
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, width)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
@@ -73,8 +85,9 @@ class BertSelfAttention(nn.Module):
     def fuse_qkv(self) -> None:
         """Concatenate the query, key and value projections into one matmul for inference.
 
-        The fused copy is used in eval mode only and dropped by ``train()``; call this again
-        after changing the weights in place outside training.
+        The fused copy is used in eval mode with autograd off only (it is a detached copy), and
+        dropped by ``train()``; call this again after changing the weights in place outside
+        training.
         """
         projections = (self.query, self.key, self.value)
         self.qkv_weight = torch.cat([p.weight.detach() for p in projections])
@@ -92,12 +105,14 @@ class BertSelfAttention(nn.Module):
         ).transpose(1, 2)
 
     def _project(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if self.qkv_weight is not None and not self.training:
+        if self.qkv_weight is not None and not self.training and not torch.is_grad_enabled():
             fused = F.linear(hidden_states, self.qkv_weight, self.qkv_bias)
             return fused.chunk(3, dim=-1)
         return self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)
 
-    def forward(self, hidden_states: Tensor, attention_bias: Tensor | None) -> Tensor:
+    def forward(
+        self, hidden_states: Tensor, attention_bias: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Args:
             hidden_states: (batch_size, seq_len, hidden_size).
             attention_bias: (batch_size, 1, 1, seq_len) bool, True where a key may be attended
@@ -105,6 +120,8 @@ class BertSelfAttention(nn.Module):
 
         Returns:
             context: (batch_size, seq_len, hidden_size).
+            query, key: (batch_size, num_heads, seq_len, head_size), the projections SDPA
+                attended with (token pruning recomputes the [CLS] attention row from them).
         """
         query, key, value = (self._heads(x) for x in self._project(hidden_states))
         context = F.scaled_dot_product_attention(
@@ -115,7 +132,7 @@ class BertSelfAttention(nn.Module):
             dropout_p=self.dropout_prob if self.training else 0.0,
         )
         batch_size, _, seq_len, _ = context.shape
-        return context.transpose(1, 2).reshape(batch_size, seq_len, -1)
+        return context.transpose(1, 2).reshape(batch_size, seq_len, -1), query, key
 
 
 class BertSelfOutput(nn.Module):
@@ -135,22 +152,48 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden_states: Tensor, attention_bias: Tensor | None) -> Tensor:
-        return self.output(self.self(hidden_states, attention_bias), hidden_states)
+    def forward(
+        self, hidden_states: Tensor, attention_bias: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns:
+        attention_output: (batch_size, seq_len, hidden_size).
+        cls_query: (batch_size, num_heads, head_size), the query of [CLS] (position 0).
+        key: (batch_size, num_heads, seq_len, head_size).
+        """
+        context, query, key = self.self(hidden_states, attention_bias)
+        return self.output(context, hidden_states), query[:, :, 0], key
+
+
+# config.hidden_act -> function: exact (erf) GELU, or its tanh approximation (ALBERT's default).
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": partial(F.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+}
+
+
+def activation(config: PretrainedConfig) -> Callable[[Tensor], Tensor]:
+    """The feed-forward activation named by ``config.hidden_act``.
+
+    Raises:
+        ValueError: an activation eeengine does not implement.
+    """
+    if config.hidden_act not in ACTIVATIONS:
+        raise ValueError(
+            f"config.hidden_act={config.hidden_act!r} is not supported; eeengine's encoders "
+            f"implement {', '.join(ACTIVATIONS)}"
+        )
+    return ACTIVATIONS[config.hidden_act]
 
 
 class BertIntermediate(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
-        if config.hidden_act != "gelu":
-            raise ValueError(
-                f"config.hidden_act={config.hidden_act!r} is not supported; eeengine's BERT "
-                "encoder implements 'gelu' (exact, erf-based) only"
-            )
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = activation(config)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        return F.gelu(self.dense(hidden_states))
+        return self.intermediate_act_fn(self.dense(hidden_states))
 
 
 class BertOutput(nn.Module):
@@ -164,14 +207,17 @@ class BertOutput(nn.Module):
         return self.LayerNorm(self.dropout(self.dense(intermediate)) + residual)
 
 
-class BertLayer(nn.Module):
-    """One post-LayerNorm transformer block: attention, then feed-forward."""
+class PrunableLayer(nn.Module):
+    """A post-LayerNorm transformer block split as MPEE's token pruning needs (Kong et al.
+    2022, section 3.1): ``self.attention`` (returning the attention sublayer's output, the [CLS]
+    query and the keys), then :meth:`feed_forward`; :meth:`pruned_forward` prunes between them.
+    """
 
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.attention = BertAttention(config)
-        self.intermediate = BertIntermediate(config)
-        self.output = BertOutput(config)
+    attention: nn.Module
+
+    def feed_forward(self, attention_output: Tensor) -> Tensor:
+        """The feed-forward sublayer: (batch_size, seq_len, hidden_size) -> the same shape."""
+        raise NotImplementedError
 
     def forward(self, hidden_states: Tensor, attention_bias: Tensor | None) -> Tensor:
         """Args:
@@ -181,7 +227,51 @@ class BertLayer(nn.Module):
         Returns:
             hidden_states: (batch_size, seq_len, hidden_size), this layer's output.
         """
-        attention_output = self.attention(hidden_states, attention_bias)
+        attention_output, _, _ = self.attention(hidden_states, attention_bias)
+        return self.feed_forward(attention_output)
+
+    def pruned_forward(
+        self,
+        hidden_states: Tensor,
+        attention_bias: Tensor | None,
+        attention_mask: Tensor,
+        memory: Tensor,
+        keep_ratio: float,
+        beta: float,
+        prune: Callable[..., TokenPruneOutput] = token_prune_reference,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Attention, then MPEE token pruning, then the feed-forward on the kept tokens and the
+        fusion token (see :mod:`eeengine.token_pruning`).
+
+        Args:
+            hidden_states: (batch_size, seq_len, hidden_size).
+            attention_bias: from :func:`attention_bias` of ``attention_mask``.
+            attention_mask: (batch_size, seq_len), 1 for real tokens.
+            memory: (batch_size, seq_len - 1) float32, the class-attention memory.
+            keep_ratio, beta: r and β_l of this layer.
+            prune: ``token_prune_reference`` (differentiable, for training) or the fused op
+                :func:`eeengine._custom_ops.token_prune`.
+
+        Returns:
+            hidden_states: (batch_size, out_len, hidden_size), this layer's output.
+            attention_mask: (batch_size, out_len), the mask after pruning.
+            memory: (batch_size, out_len - 1), the memory gathered with the kept tokens.
+        """
+        attention_output, cls_query, key = self.attention(hidden_states, attention_bias)
+        pruned = prune(attention_output, attention_mask, cls_query, key, memory, keep_ratio, beta)
+        return self.feed_forward(pruned.hidden_states), pruned.attention_mask, pruned.memory
+
+
+class BertLayer(PrunableLayer):
+    """One post-LayerNorm transformer block: attention, then feed-forward."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def feed_forward(self, attention_output: Tensor) -> Tensor:
         return self.output(self.intermediate(attention_output), attention_output)
 
 
@@ -191,23 +281,41 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
 
-class BertModel(nn.Module):
-    """Embeddings plus a stack of layers, driven one layer at a time by the caller.
+class LayerwiseEncoder(nn.Module):
+    """What the early-exit loop needs from any backbone (BERT, RoBERTa, ALBERT).
 
-    ``forward`` runs all layers and returns every layer's hidden states (for training and
-    tests); the early-exit runtime calls ``embeddings`` and ``encoder.layer[l]`` itself.
+    Subclasses implement :meth:`embed` (token ids to the input of layer 1, hidden_size wide) and
+    :attr:`layers` (one callable ``(hidden_states, attention_bias) -> hidden_states`` per
+    layer; ALBERT repeats its shared layer), and set ``config``.
     """
 
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.embeddings = BertEmbeddings(config)
-        self.encoder = BertEncoder(config)
+    config: PretrainedConfig
+
+    def embed(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
+        """(batch_size, seq_len) int64 ids -> (batch_size, seq_len, hidden_size)."""
+        raise NotImplementedError
+
+    @property
+    def layers(self) -> Sequence[nn.Module]:
+        """The encoder layers in order, ``num_hidden_layers`` of them."""
+        raise NotImplementedError
+
+    @property
+    def max_positions(self) -> int:
+        """The longest input (tokens, special tokens included) the position embeddings cover."""
+        return self.config.max_position_embeddings
+
+    @property
+    def supports_token_pruning(self) -> bool:
+        """Whether every layer can prune tokens (has ``pruned_forward``, see
+        :class:`PrunableLayer`)."""
+        return all(hasattr(layer, "pruned_forward") for layer in self.layers)
 
     def fuse_qkv(self) -> None:
         """Fuse every layer's query/key/value projections (:meth:`BertSelfAttention.fuse_qkv`)."""
-        for layer in self.encoder.layer:
-            layer.attention.self.fuse_qkv()
+        for module in self.modules():
+            if isinstance(module, BertSelfAttention):
+                module.fuse_qkv()
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor
@@ -223,13 +331,69 @@ class BertModel(nn.Module):
             One (batch_size, seq_len, hidden_size) tensor per layer, layer 1 first (the
             embedding output is not included).
         """
-        hidden_states = self.embeddings(input_ids, token_type_ids)
+        outputs = self.layer_outputs(input_ids, attention_mask, token_type_ids)
+        return [hidden_states for hidden_states, _ in outputs]
+
+    def layer_outputs(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        token_type_ids: Tensor,
+        token_pruning: TokenPruning | None = None,
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Run every layer, pruning tokens (differentiably) at the schedule's layers.
+
+        Args:
+            input_ids, attention_mask, token_type_ids: as in :meth:`forward`.
+            token_pruning: the MPEE token-pruning schedule, or None.
+
+        Returns:
+            Per layer, layer 1 first: hidden_states (batch_size, seq_len_l, hidden_size) and
+            attention_mask (batch_size, seq_len_l), seq_len_l shrinking at pruning layers.
+
+        Raises:
+            ValueError: a schedule on a backbone whose layers cannot prune
+                (:attr:`supports_token_pruning`).
+        """
+        if token_pruning is not None and not self.supports_token_pruning:
+            raise ValueError(f"token pruning is not supported by {type(self).__name__}")
+        hidden_states = self.embed(input_ids, token_type_ids)
         bias = attention_bias(attention_mask)
-        all_hidden_states = []
-        for layer in self.encoder.layer:
-            hidden_states = layer(hidden_states, bias)
-            all_hidden_states.append(hidden_states)
-        return all_hidden_states
+        memory = hidden_states.new_zeros(*input_ids.shape, dtype=torch.float32)[:, 1:]
+        outputs = []
+        for index, layer in enumerate(self.layers, start=1):
+            beta = token_pruning.beta_at(index) if token_pruning is not None else None
+            if beta is None:
+                hidden_states = layer(hidden_states, bias)
+            else:
+                hidden_states, attention_mask, memory = layer.pruned_forward(
+                    hidden_states, bias, attention_mask, memory, token_pruning.keep_ratio, beta
+                )
+                bias = attention_bias(attention_mask)
+            outputs.append((hidden_states, attention_mask))
+        return outputs
+
+
+class BertModel(LayerwiseEncoder):
+    """Embeddings plus a stack of layers, driven one layer at a time by the caller.
+
+    ``forward`` runs all layers and returns every layer's hidden states (for tests);
+    :meth:`layer_outputs` also returns every layer's mask, which token pruning changes (for
+    training). The early-exit runtime calls :meth:`embed` and :attr:`layers` itself.
+    """
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+
+    def embed(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
+        return self.embeddings(input_ids, token_type_ids)
+
+    @property
+    def layers(self) -> Sequence[nn.Module]:
+        return self.encoder.layer
 
 
 def attention_bias(attention_mask: Tensor) -> Tensor | None:

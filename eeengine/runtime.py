@@ -4,13 +4,19 @@ Per layer l: encoder layer on the live rows -> exit head -> policy step -> latch
 exit layer of rows that exit -> drop them from the working batch (hidden states, mask, policy
 state, and the index map back to the caller's rows). Later layers compute only on live rows.
 
+With a token-pruning schedule (MPEE token-wise exit, :mod:`eeengine.token_pruning`), a pruning
+layer runs attention, then ``token_prune`` on each row (its real tokens only; rows come out
+right-padded to the batch's longest), then the feed-forward on the kept tokens.
+
 The exit head, policy step and latch run either in plain torch (backend "reference",
-:func:`exit_head_step_reference`) or as one fused C++ op (backend "cpp",
-:func:`eeengine._custom_ops.exit_head_step`); both give the same exits and logits.
+:func:`exit_head_step_reference`) or as one fused op (backend "cpp" on CPU,
+:func:`eeengine._custom_ops.exit_head_step`; "triton" or "cuda" on a GPU); all give the same
+exits and logits. On a GPU, :mod:`eeengine.cuda_graph` runs the same loop with no host sync.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,10 +24,12 @@ from torch import Tensor
 
 from eeengine import _custom_ops
 from eeengine.executors import LayerExecutor, TorchExecutor
-from eeengine.heads import ExitHead
+from eeengine.heads import ExitHead, LteHead
+from eeengine.modeling_bert import attention_bias
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import ExitPolicy
 from eeengine.policies.base import State
+from eeengine.token_pruning import TokenPruning, token_prune_reference
 
 
 @dataclass
@@ -31,10 +39,14 @@ class ExitOutput:
     Attributes:
         logits: (batch_size, num_labels) float32, the logits of the exit each row took.
         exit_layer: (batch_size,) int64, 1-based layer at which each row exited.
+        tokens_kept: (batch_size, num_layers) int64, real tokens of each row after each layer
+            (the width its feed-forward ran at), 0 after its exit layer; None from graph mode
+            (:mod:`eeengine.cuda_graph`, which does not prune tokens).
     """
 
     logits: Tensor
     exit_layer: Tensor
+    tokens_kept: Tensor | None = None
 
 
 def exit_head_step_reference(
@@ -48,6 +60,7 @@ def exit_head_step_reference(
     rows: Tensor,
     out_logits: Tensor,
     out_layer: Tensor,
+    lte: LteHead | None = None,
 ) -> tuple[Tensor, Tensor, State]:
     """Exit head, policy step and latch in plain torch: the twin of the fused op
     :func:`eeengine._custom_ops.exit_head_step`, and the ground truth it is tested against.
@@ -63,14 +76,18 @@ def exit_head_step_reference(
         rows: (batch_size,) int64, each live row's index into ``out_logits`` / ``out_layer``.
         out_logits: (batch_size_0, num_labels) float32; exiting rows are written in place.
         out_layer: (batch_size_0,) int64; exiting rows get ``layer``, in place.
+        lte: the model's learning-to-exit module; its score s_l of the head's pooled vector is
+            passed to policies that need ``lte_score``.
 
     Returns:
         logits: (batch_size, num_labels), the dtype of the head.
         exit_mask: (batch_size,) bool, True for rows that exit at this layer.
         state: the updated state.
     """
-    logits = head(hidden_states, attention_mask)
-    exit_mask, state = policy.step(logits, layer, state)
+    pooled = head.pool(hidden_states, attention_mask)
+    logits = head.classify(pooled)
+    signals = {"lte_score": lte(pooled)} if "lte_score" in policy.needs else {}
+    exit_mask, state = policy.step(logits, layer, state, **signals)
     if layer == num_layers:
         exit_mask = torch.ones_like(exit_mask)
     if bool(exit_mask.any()):
@@ -80,7 +97,8 @@ def exit_head_step_reference(
     return logits, exit_mask, state
 
 
-def _exit_head_step_cpp(
+def _exit_head_step_fused(
+    op: Callable[..., tuple[Tensor, Tensor]],
     head: ExitHead,
     policy: ExitPolicy,
     hidden_states: Tensor,
@@ -92,16 +110,17 @@ def _exit_head_step_cpp(
     out_logits: Tensor,
     out_layer: Tensor,
 ) -> Tensor:
-    """:func:`exit_head_step_reference` through the fused C++ op; updates ``state`` in place.
+    """:func:`exit_head_step_reference` through a fused op (``op``, of
+    :func:`eeengine._custom_ops.fused_op`); updates ``state`` in place.
 
     Returns:
         exit_mask: (batch_size,) bool.
     """
-    if head.pooler is None:  # mean pooling, fused into the op
+    if head.pooling == "mean":  # fused into the op
         pooled, mask = hidden_states, attention_mask
     else:
-        pooled, mask = head.pooler(hidden_states), None
-    _, exit_mask = _custom_ops.exit_head_step(
+        pooled, mask = head.pool(hidden_states, attention_mask), None
+    _, exit_mask = op(
         pooled,
         mask,
         head.classifier.weight,
@@ -126,6 +145,7 @@ def early_exit_forward(
     attention_mask: Tensor,
     token_type_ids: Tensor,
     backend: str = "reference",
+    token_pruning: TokenPruning | None = None,
     executor: LayerExecutor | None = None,
 ) -> ExitOutput:
     """Run the multi-exit model with per-sample early exit and batch compaction.
@@ -136,42 +156,67 @@ def early_exit_forward(
         input_ids, attention_mask, token_type_ids: (batch_size, seq_len); the mask is 1 for
             real tokens.
         backend: how each layer's exit head and policy step run: "reference" (plain torch,
-            :func:`exit_head_step_reference`) or "cpp" (the fused op; see
-            :func:`eeengine._custom_ops.resolve_backend`).
+            :func:`exit_head_step_reference`), a fused op ("cpp" on CPU, "triton" or "cuda" on
+            a GPU), or None for the fastest (see :func:`eeengine._custom_ops.resolve_backend`).
+            Token pruning runs the fused op :func:`eeengine._custom_ops.token_prune` with
+            "cpp", else :func:`eeengine.token_pruning.token_prune_reference`.
+        token_pruning: the token-pruning schedule, or None for none.
         executor: runs the embeddings and each encoder layer (see :mod:`eeengine.executors`);
-            None: the reference :class:`eeengine.executors.TorchExecutor`.
+            None: the reference :class:`eeengine.executors.TorchExecutor`. Pruning layers run
+            the torch layer's ``pruned_forward`` whatever the executor.
 
     Returns:
         :class:`ExitOutput`. Equal, row by row, to running each row alone, and to
         :func:`eeengine.policies.run_policy` on the full-depth logits.
 
     Raises:
-        ValueError: an unknown backend; "cpp" where the extension is missing or does not
-            implement the policy, or with the model in training mode.
+        ValueError: an unknown backend; a fused backend where it cannot run (see
+            :func:`eeengine._custom_ops.resolve_backend`), or with the model in training mode.
     """
-    backend = _custom_ops.resolve_backend(backend, policy, model.num_labels)
-    if backend == "cpp" and model.training:
-        raise ValueError("backend 'cpp' runs the exit heads without dropout: call model.eval()")
+    backend = _custom_ops.resolve_backend(backend, policy, model.num_labels, input_ids.device)
+    if backend != "reference" and model.training:
+        raise ValueError(
+            f"backend {backend!r} runs the exit heads without dropout: call model.eval()"
+        )
+    op = None if backend == "reference" else _custom_ops.fused_op(backend)
     batch_size = input_ids.shape[0]
     device = input_ids.device
     num_layers = model.num_layers
     out_logits = torch.empty(batch_size, model.num_labels, dtype=torch.float32, device=device)
     out_layer = torch.empty(batch_size, dtype=torch.long, device=device)
+    tokens_kept = torch.zeros(batch_size, num_layers, dtype=torch.long, device=device)
+    prune = _custom_ops.token_prune if backend == "cpp" else token_prune_reference
 
     executor = executor or TorchExecutor(model)
     rows = torch.arange(batch_size, device=device)  # live row -> caller's row
     hidden_states = executor.embed(input_ids, token_type_ids)
     mask = executor.mask(attention_mask)
     state = policy.init_state(batch_size, device)
+    # Class-attention memory of the non-[CLS] tokens (MPEE eq. 6), updated at pruning layers.
+    memory = torch.zeros(batch_size, input_ids.shape[1] - 1, device=device)
     for layer in range(1, num_layers + 1):
-        hidden_states = executor.layer(layer - 1, hidden_states, mask)
+        beta = token_pruning.beta_at(layer) if token_pruning is not None else None
+        if beta is None:
+            hidden_states = executor.layer(layer - 1, hidden_states, mask)
+        else:
+            hidden_states, attention_mask, memory = model.backbone.layers[layer - 1].pruned_forward(
+                hidden_states,
+                attention_bias(attention_mask),
+                attention_mask,
+                memory,
+                token_pruning.keep_ratio,
+                beta,
+                prune,
+            )
+            mask = executor.mask(attention_mask)
+        tokens_kept[rows, layer - 1] = attention_mask.sum(1)
         step_args = (hidden_states, attention_mask, layer, num_layers, state, rows)
-        head = model.exit_heads[layer - 1]
-        if backend == "cpp":
-            exit_mask = _exit_head_step_cpp(head, policy, *step_args, out_logits, out_layer)
+        head = model.exit_head(layer - 1)
+        if op is not None:
+            exit_mask = _exit_head_step_fused(op, head, policy, *step_args, out_logits, out_layer)
         else:
             _, exit_mask, state = exit_head_step_reference(
-                head, policy, *step_args, out_logits, out_layer
+                head, policy, *step_args, out_logits, out_layer, model.lte
             )
         if not bool(exit_mask.any()):
             continue
@@ -184,6 +229,7 @@ def early_exit_forward(
         seq_len = int(attention_mask.sum(1).max())
         attention_mask = attention_mask[:, :seq_len]
         hidden_states = hidden_states[keep, :seq_len]
+        memory = memory[keep, : seq_len - 1]
         mask = executor.mask(attention_mask)
         state = {name: value[keep] for name, value in state.items()}
-    return ExitOutput(out_logits, out_layer)
+    return ExitOutput(out_logits, out_layer, tokens_kept)

@@ -10,14 +10,28 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoTokenizer, BertConfig  # noqa: E402
+
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. Triton reads the
+# switch when it is imported, and transformers imports it (through torch._dynamo) before any
+# test module, so it is set here, first. Only Triton reads it; torch.compile on CPU is unchanged.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from transformers import (  # noqa: E402
+    AlbertConfig,
+    AlbertModel,
+    AutoTokenizer,
+    BertConfig,
+    RobertaConfig,
+    RobertaModel,
+)
 from transformers import BertModel as HFBertModel  # noqa: E402
 
 from eeengine.checkpoint import save_checkpoint  # noqa: E402
 from eeengine.defaults import minilm_dir  # noqa: E402
-from eeengine.modeling_multiexit import MultiExitBert, load_bert_weights  # noqa: E402
+from eeengine.modeling_multiexit import MultiExitBert, load_backbone_weights  # noqa: E402
 
 TINY = dict(
     vocab_size=30522,
@@ -31,6 +45,48 @@ TINY = dict(
 
 def tiny_config(**overrides) -> BertConfig:
     return BertConfig(**{**TINY, **overrides})
+
+
+def tiny_roberta_config(**overrides) -> RobertaConfig:
+    """RoBERTa-shaped: padding id 0 (the MiniLM vocabulary's [PAD]), so positions start at 1;
+    one token type."""
+    settings = {"max_position_embeddings": 66, "pad_token_id": 0, "type_vocab_size": 1}
+    return RobertaConfig(**{**TINY, **settings, **overrides})
+
+
+def tiny_albert_config(**overrides) -> AlbertConfig:
+    """Factorized embeddings (16 -> 32), one shared layer group, tanh-GELU, dropout 0.1."""
+    return AlbertConfig(
+        **{
+            **TINY,
+            "embedding_size": 16,
+            "pad_token_id": 0,
+            "hidden_dropout_prob": 0.1,
+            **overrides,
+        }
+    )
+
+
+HF_MODELS = {
+    "bert": (HFBertModel, tiny_config),
+    "roberta": (RobertaModel, tiny_roberta_config),
+    "albert": (AlbertModel, tiny_albert_config),
+}
+BACKBONE_TYPES = tuple(HF_MODELS)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dirs(tmp_path_factory, tokenizer, tiny_bert_dir):
+    """backbone type -> a Hugging Face directory with random weights and the MiniLM tokenizer."""
+    dirs = {"bert": tiny_bert_dir}
+    for name in ("roberta", "albert"):
+        model_class, config = HF_MODELS[name]
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp(f"tiny-{name}")
+        model_class(config()).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        dirs[name] = path
+    return dirs
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +123,7 @@ def tiny_manifest(policy: dict | None = None, max_seq_length: int = 64) -> dict:
 def make_tiny_model(tiny_bert_dir, num_labels: int = 2, head_scale: float = 2.0) -> MultiExitBert:
     """Random multi-exit model whose heads are scaled up so that confidence varies across
     rows and layers (some rows exit early, some run to full depth)."""
-    config, state = load_bert_weights(tiny_bert_dir)
+    config, state = load_backbone_weights(tiny_bert_dir)
     torch.manual_seed(1)
     model = MultiExitBert(config, num_labels)
     model.bert.load_state_dict(state)
@@ -95,3 +151,80 @@ SENTENCES = [
     "a masterpiece",
     "not bad at all, actually quite good",
 ]
+
+
+def write_rows(path, header: list[str], rows: list[list]) -> None:
+    """A CSV (quoted as needed), TSV (never quoted) or JSONL file, by suffix."""
+    import csv
+    import json
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        if path.suffix == ".jsonl":
+            for row in rows:
+                f.write(json.dumps(dict(zip(header, row, strict=True))) + "\n")
+            return
+        if path.suffix == ".tsv":  # plain TSV: no quoting, as the reader expects
+            f.writelines("\t".join(map(str, row)) + "\n" for row in [header, *rows])
+            return
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_csv_task(tmp_path_factory):
+    """A small non-GLUE classification task: train.csv (40 rows) and dev.csv (12 rows),
+    columns review, verdict (labels "good" / "bad")."""
+    path = tmp_path_factory.mktemp("csv-task")
+    rows = [[text, "good" if i % 2 == 0 else "bad"] for i, text in enumerate(SENTENCES * 5)]
+    write_rows(path / "train.csv", ["review", "verdict"], rows)
+    write_rows(path / "dev.csv", ["review", "verdict"], rows[:12])
+    return path
+
+
+def csv_config(base_model, task_dir, **overrides):
+    """A TrainConfig on :func:`tiny_csv_task`: 3 steps of batch 16 (no resume state)."""
+    from eeengine.training import TrainConfig
+
+    return TrainConfig(
+        **{
+            "base_model": str(base_model),
+            "train_file": str(task_dir / "train.csv"),
+            "dev_file": str(task_dir / "dev.csv"),
+            "text_column": "review",
+            "label_column": "verdict",
+            "batch_size": 16,
+            "save_every": 0,
+            **overrides,
+        }
+    )
+
+
+def assert_matches_transformers(hf, ours, pad_token_id: int, label: str = "") -> None:
+    """Every layer's hidden states of ``ours`` equal those of the transformers model ``hf``
+    (max abs difference <= 1e-5 in fp32 over real tokens), on padded inputs with two segments.
+    """
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(1000, 30000, (4, 23), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 17:] = 0
+    attention_mask[2, 3:] = 0  # short row
+    input_ids[attention_mask == 0] = pad_token_id
+    token_type_ids = torch.zeros_like(input_ids)
+    if hf.config.type_vocab_size > 1:
+        token_type_ids[0, 10:] = 1
+    hf.eval()
+    ours.eval()
+    with torch.no_grad():
+        expected = hf(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            output_hidden_states=True,
+        ).hidden_states[1:]
+        actual = ours(input_ids, attention_mask, token_type_ids)
+    assert len(actual) == len(expected) == hf.config.num_hidden_layers
+    real = attention_mask.bool()
+    for layer, (a, e) in enumerate(zip(actual, expected, strict=True), start=1):
+        diff = (a - e)[real].abs().max().item()
+        assert diff <= 1e-5, f"{label} layer {layer}: max abs difference {diff}"

@@ -88,6 +88,26 @@ def _edit_manifest(change):
             "weights do not match",
         ),
         (
+            _edit_manifest(lambda m: m.update(backbone="albert")),
+            CheckpointError,
+            "model_type 'bert' does not match field 'backbone' = 'albert'",
+        ),
+        (
+            _edit_manifest(lambda m: m.update(backbone="gpt2")),
+            CheckpointError,
+            "field 'backbone' = 'gpt2', expected one of bert, roberta, albert",
+        ),
+        (
+            _edit_manifest(lambda m: m["exit_heads"].update(layout="stacked")),
+            CheckpointError,
+            "exit_heads.layout",
+        ),
+        (
+            _edit_manifest(lambda m: m["exit_heads"].update(lte=True)),
+            CheckpointError,
+            r"weights do not match.*missing \['lte.dense.bias'",
+        ),
+        (
             lambda p: (p / "model.safetensors").write_bytes(b"\x00" * 100),
             CheckpointError,
             "corrupt or unreadable safetensors",

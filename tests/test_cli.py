@@ -60,12 +60,14 @@ def test_eval_json(tiny_ckpt, capsys):
     assert report["examples"] == 872 and len(report["per_exit"]) == 4
     assert 1.0 <= report["avg_exit_layer"] <= 4.0
     assert report["layer_saving"] == pytest.approx(1 - report["avg_exit_layer"] / 4)
+    assert report["flops_speedup"] == pytest.approx(1 / report["flops_ratio"])
 
 
 def test_info(tiny_ckpt, capsys):
     assert main(["info", str(tiny_ckpt)]) == 0
     out = capsys.readouterr().out
     assert "backend     cpp" in out and "4 layers" in out
+    assert "tokens      no token pruning" in out
 
 
 def test_default_checkpoint_is_trained_once_then_cached(

@@ -46,9 +46,9 @@ def batch(tokenizer):
 def _reference_hidden_states(model, input_ids, attention_mask, token_type_ids) -> list:
     """Embeddings, then every layer, through the unfused torch modules."""
     bias = attention_bias(attention_mask)
-    hidden = model.bert.embeddings(input_ids, token_type_ids)
+    hidden = model.backbone.embed(input_ids, token_type_ids)
     states = [hidden]
-    for layer in model.bert.encoder.layer:
+    for layer in model.backbone.layers:
         hidden = layer(hidden, bias)
         states.append(hidden)
     return states

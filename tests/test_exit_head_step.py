@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -137,8 +138,10 @@ def run_both(
     layer: int,
     state: State,
     gen: torch.Generator,
+    op: Callable[..., tuple[Tensor, Tensor]] = exit_head_step,
 ) -> tuple[tuple, tuple]:
-    """Run the reference (fp32, on the upcast inputs) and the op on fresh latch buffers.
+    """Run the reference (fp32, on the upcast inputs) and the op (the C++ op unless given) on
+    fresh latch buffers.
 
     Returns:
         (logits, exit_mask, state list, out_logits, out_layer) of the reference and of the op.
@@ -167,7 +170,7 @@ def run_both(
                     out_logits, out_layer,
                 )  # fmt: skip
         else:
-            logits, exit_mask = exit_head_step(
+            logits, exit_mask = op(
                 hidden, mask, head.classifier.weight, head.classifier.bias, policy.op_code,
                 policy.op_params(layer), layer, NUM_LAYERS,
                 [step_state[key] for key in policy.op_state_keys], rows, out_logits, out_layer,
@@ -429,6 +432,30 @@ def test_resolve_backend() -> None:
     if HAS_C:
         assert resolve_backend(None, policy, 2) == "cpp"
         assert resolve_backend("cpp", policy, 2) == "cpp"
+        assert _custom_ops.fused_op("cpp") is exit_head_step
+
+
+def test_resolve_backend_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA devices try "triton" (primary) then "cuda"; CPU backends are refused there."""
+    monkeypatch.setattr(_custom_ops, "_warned", set())
+    policy = EntropyPolicy(0.5)
+    with pytest.raises(ValueError, match="backend 'triton' does not run on cpu devices"):
+        resolve_backend("triton", policy, 2, "cpu")
+    with pytest.raises(ValueError, match="backend 'cpp' does not run on cuda devices"):
+        resolve_backend("cpp", policy, 2, "cuda")
+    assert resolve_backend("reference", policy, 2, "cuda") == "reference"
+    has_cuda_kernel = HAS_C and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "eeengine::exit_head_step", "CUDA"
+    )
+    if not has_cuda_kernel:
+        with pytest.raises(ValueError, match="backend 'cuda' is not available"):
+            resolve_backend("cuda", policy, 2, "cuda")
+    monkeypatch.setattr(_custom_ops.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="triton is not installed"):
+        resolve_backend("triton", policy, 2, "cuda")
+    if not has_cuda_kernel:
+        with pytest.warns(UserWarning, match="triton is not installed; .*without CUDA kernels"):
+            assert resolve_backend(None, policy, 2, "cuda") == "reference"
 
 
 def test_fallback_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:

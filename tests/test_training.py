@@ -1,76 +1,252 @@
-"""Training on a tiny random model: the weighted loss, and a checkpoint the engine loads."""
+"""Training on tiny random models: every recipe on every backbone and layout gives a checkpoint
+the engine loads and predicts with; LTE end to end; resume after an interruption; best-of
+evaluation; failures leave an existing checkpoint alone."""
 
 import json
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from safetensors.torch import load_file
 
+import eeengine.training.trainer as trainer_module
 from eeengine import Engine
+from eeengine.cli import build_parser
 from eeengine.training import TrainConfig, train
-from eeengine.training.recipes import get_recipe
-from eeengine.training.recipes.weighted import weighted_loss
+from eeengine.training.recipes import RECIPES
+from eeengine.training.state import state_dir
+from tests.conftest import BACKBONE_TYPES, SENTENCES, csv_config
+
+LAYOUTS = ("per_layer", "shared_pooler", "shared")
+MATRIX = [
+    (recipe, backbone, layout)
+    for recipe in RECIPES
+    for backbone in BACKBONE_TYPES
+    for layout in LAYOUTS
+    if not (recipe == "two_stage" and layout == "shared")
+]
 
 
-def test_weighted_loss_matches_formula():
-    torch.manual_seed(0)
-    all_logits = torch.randn(3, 5, 4)
-    labels = torch.randint(0, 4, (5,))
-    per_exit = [F.cross_entropy(all_logits[i], labels).item() for i in range(3)]
-    expected = (1 * per_exit[0] + 2 * per_exit[1] + 3 * per_exit[2]) / 6
-    assert weighted_loss(all_logits, labels).item() == pytest.approx(expected, rel=1e-6)
-
-
-def test_weighted_loss_regression_uses_mse():
-    all_logits = torch.tensor([[[1.0], [2.0]], [[3.0], [0.0]]])  # (L=2, B=2, 1)
-    targets = torch.tensor([1.0, 1.0])
-    # exit 1: ((0)^2 + (1)^2) / 2 = 0.5; exit 2: (4 + 1) / 2 = 2.5; (1*0.5 + 2*2.5) / 3
-    assert weighted_loss(all_logits, targets).item() == pytest.approx(5.5 / 3)
-
-
-def test_unknown_recipe():
-    with pytest.raises(ValueError, match="unknown recipe 'magic'"):
-        get_recipe("magic")
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_bert_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("train") / "sst2-tiny"
-    config = TrainConfig(base_model=str(tiny_bert_dir), max_train_examples=96, batch_size=16)
-    return train(config, out, progress=False)
-
-
-def test_train_writes_a_loadable_checkpoint(trained):
-    manifest = json.loads((trained / "eeengine.json").read_text())
-    assert manifest["training"]["recipe"] == "weighted"
-    assert manifest["training"]["steps"] == 6
-    assert len(manifest["training"]["dev_exit_metrics"]) == 4
-    calibration = json.loads((trained / "calibration.json").read_text())
-    assert set(calibration["policies"]) >= {"entropy", "normalized_entropy", "pcee"}
-    engine = Engine(trained)
+@pytest.mark.parametrize(("recipe", "backbone", "layout"), MATRIX)
+def test_recipe_trains_a_checkpoint_the_engine_serves(
+    recipe, backbone, layout, tiny_backbone_dirs, tiny_csv_task, tmp_path
+):
+    config = csv_config(
+        tiny_backbone_dirs[backbone], tiny_csv_task, recipe=recipe, layout=layout, pooling="cls"
+    )
+    path = train(config, tmp_path / "ckpt", progress=False)
+    manifest = json.loads((path / "eeengine.json").read_text())
+    assert manifest["backbone"] == backbone
+    assert manifest["exit_heads"] == {"layout": layout, "pooling": "cls", "lte": recipe == "lte"}
+    assert manifest["training"]["recipe"] == recipe
+    assert manifest["task"]["label_names"] == ["bad", "good"]
+    engine = Engine(path, policy="entropy", threshold=0.5)
+    assert engine.model.layout == layout and engine.model.backbone_type == backbone
     prediction = engine.predict("a gorgeous, witty, seductive movie.")
-    assert prediction.label in ("negative", "positive")
+    assert prediction.label in ("bad", "good") and 1 <= prediction.exit_layer <= 4
 
 
-def test_default_policy_is_within_max_drop_of_full_depth(trained):
-    manifest = json.loads((trained / "eeengine.json").read_text())
-    calibration = json.loads((trained / "calibration.json").read_text())
-    policy = manifest["policy"]
-    if policy["name"] == "none":
-        return
-    points = [
-        p
-        for p in calibration["policies"][policy["name"]]
-        if all(p.get(k) == v for k, v in policy.items() if k != "name")
+def test_recipe_settings_are_recorded(tiny_bert_dir, tiny_csv_task, tmp_path):
+    path = train(csv_config(tiny_bert_dir, tiny_csv_task, recipe="elbert"), tmp_path / "e", False)
+    training = json.loads((path / "eeengine.json").read_text())["training"]
+    assert training["recipe_params"] == {"init": 4.0, "lr": 1e-2}
+    assert training["mixed_precision"] is None  # fp32 on CPU
+    weights = training["recipe_learned"]["loss_weights"]
+    assert len(weights) == 4 and sum(weights) == pytest.approx(4.0, abs=1e-4)
+    s = 1 / (1 + math.exp(-4))
+    assert weights[:3] != pytest.approx([s] * 3, abs=1e-6), "the weights must have trained"
+
+
+def test_two_stage_freezes_the_backbone_and_final_head_in_stage_2(
+    tiny_bert_dir, tiny_csv_task, tmp_path, monkeypatch
+):
+    snapshots = {}
+    real_step = trainer_module._Loop.train_step
+
+    def spy(loop, batch, labels):
+        snapshots[loop.step] = {k: v.clone() for k, v in loop.model.state_dict().items()}
+        return real_step(loop, batch, labels)
+
+    monkeypatch.setattr(trainer_module._Loop, "train_step", spy)
+    config = csv_config(tiny_bert_dir, tiny_csv_task, recipe="two_stage", epochs=2.0)
+    train(config, tmp_path / "two", progress=False)
+    before_stage2, last = snapshots[3], snapshots[5]  # 6 steps: stage 2 is steps 3-5
+    for key, value in last.items():
+        changed = not torch.equal(value, before_stage2[key])
+        early_exit = key.startswith(("exit_heads.0.", "exit_heads.1.", "exit_heads.2."))
+        assert changed == early_exit, key
+
+
+def test_lte_checkpoint_serves_the_lte_policy(tiny_bert_dir, tiny_csv_task, tmp_path):
+    config = csv_config(tiny_bert_dir, tiny_csv_task, recipe="lte", lte_base="joint")
+    path = train(config, tmp_path / "lte", progress=False)
+    assert any(k.startswith("lte.") for k in load_file(path / "model.safetensors"))
+    calibration = json.loads((path / "calibration.json").read_text())
+    assert "lte" in calibration["policies"]
+    for threshold, layer in ((1.0, 1), (0.0, 4)):  # s < 1 always; s < 0 never
+        engine = Engine(path, policy="lte", threshold=threshold)
+        assert engine.predict(["great fun", "a dull mess"])[1].exit_layer == layer
+
+
+def test_lte_policy_refused_without_the_module(tiny_ckpt):
+    with pytest.raises(ValueError, match="LTE module"):
+        Engine(tiny_ckpt, policy="lte", threshold=0.5)
+
+
+def test_regression_on_a_user_file(tiny_bert_dir, tmp_path):
+    from tests.conftest import SENTENCES, write_rows
+
+    rows = [[text, str(i % 5 + 0.5)] for i, text in enumerate(SENTENCES * 3)]
+    write_rows(tmp_path / "train.tsv", ["s", "score"], rows)
+    write_rows(tmp_path / "dev.tsv", ["s", "score"], rows[:8])
+    config = TrainConfig(
+        base_model=str(tiny_bert_dir),
+        train_file=str(tmp_path / "train.tsv"),
+        dev_file=str(tmp_path / "dev.tsv"),
+        text_column="s",
+        label_column="score",
+        regression=True,
+        recipe="lte",
+        save_every=0,
+    )
+    path = train(config, tmp_path / "reg", progress=False)
+    task = json.loads((path / "eeengine.json").read_text())["task"]
+    assert task == {"name": "train", "type": "regression", "label_names": None, "metric": "pearson"}
+    prediction = Engine(path, policy="lte", threshold=0.5).predict("ok")
+    assert prediction.label is None and isinstance(prediction.value, float)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(
+    tiny_bert_dir, tiny_csv_task, tmp_path, monkeypatch
+):
+    config = csv_config(
+        tiny_bert_dir, tiny_csv_task, recipe="elbert", epochs=2.0, save_every=2, eval_every=2
+    )
+    reference = train(config, tmp_path / "reference", progress=False)
+
+    out = tmp_path / "resumed"
+    calls = {"n": 0}
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def crash_at_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise Interrupted
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash_at_step_5)
+    with pytest.raises(Interrupted):
+        train(config, out, progress=False)
+    assert not out.exists() and (state_dir(out) / "state.pt").is_file()
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
+
+    resumed = train(config, out, progress=False)
+    assert not state_dir(out).exists()
+    expected, actual = (
+        load_file(reference / "model.safetensors"),
+        load_file(resumed / "model.safetensors"),
+    )
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+    training = [
+        json.loads((p / "eeengine.json").read_text())["training"] for p in (reference, resumed)
     ]
-    assert points, "the default policy must be one of the swept points"
-    assert points[0]["metric"] >= calibration["full_depth"] - 0.5 - 1e-9
-    assert math.isclose(points[0]["speedup"], 4 / points[0]["avg_exit_layer"])
+    for field in ("dev_exit_metrics", "best_step", "recipe_learned"):
+        assert training[0][field] == training[1][field]
 
 
-def test_failed_training_leaves_existing_checkpoint(trained, tiny_bert_dir):
-    before = (trained / "model.safetensors").read_bytes()
+def test_resume_refuses_a_state_of_another_config(
+    tiny_bert_dir, tiny_csv_task, tmp_path, monkeypatch
+):
+    config = csv_config(tiny_bert_dir, tiny_csv_task, save_every=1)
+    monkeypatch.setattr(trainer_module, "remove_state", lambda out: None)  # keep the state
+    train(config, tmp_path / "ckpt", progress=False)
+    with pytest.raises(ValueError, match="another config.*differs in lr"):
+        train(
+            csv_config(tiny_bert_dir, tiny_csv_task, save_every=1, lr=5e-5),
+            tmp_path / "ckpt",
+            False,
+        )
+
+
+def test_best_evaluation_is_kept(tiny_bert_dir, tiny_csv_task, tmp_path, monkeypatch):
+    scores = iter([[90.0] * 4, [10.0] * 4, [20.0] * 4])  # evaluations at steps 1, 2, 3
+
+    def fake_metrics(logits, labels, metric):
+        return next(scores)
+
+    monkeypatch.setattr(trainer_module, "exit_metrics", fake_metrics)
+    weights = {}
+    real_offer = trainer_module._Loop.offer
+
+    def spy(loop, evaluation):
+        weights[evaluation.step] = {k: v.clone() for k, v in loop.model.state_dict().items()}
+        return real_offer(loop, evaluation)
+
+    monkeypatch.setattr(trainer_module._Loop, "offer", spy)
+    config = csv_config(tiny_bert_dir, tiny_csv_task, eval_every=1)
+    path = train(config, tmp_path / "best", progress=False)
+    training = json.loads((path / "eeengine.json").read_text())["training"]
+    assert training["best_step"] == 1 and training["dev_exit_metrics"] == [90.0] * 4
+    saved = load_file(path / "model.safetensors")
+    for key, value in saved.items():
+        torch.testing.assert_close(value, weights[1][key], rtol=0, atol=0)
+
+
+def test_failed_training_leaves_existing_checkpoint(tiny_ckpt, tiny_bert_dir, tmp_path):
+    import shutil
+
+    target = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, target)
+    before = (target / "model.safetensors").read_bytes()
     with pytest.raises(ValueError, match="unknown task"):
-        train(TrainConfig(base_model=str(tiny_bert_dir), task="imdb"), trained, progress=False)
-    assert (trained / "model.safetensors").read_bytes() == before
+        train(TrainConfig(base_model=str(tiny_bert_dir), task="imdb"), target, progress=False)
+    assert (target / "model.safetensors").read_bytes() == before
+
+
+def test_glue_task_by_name(tiny_bert_dir, tmp_path):
+    config = TrainConfig(
+        base_model=str(tiny_bert_dir), max_train_examples=32, batch_size=16, save_every=0
+    )
+    path = train(config, tmp_path / "sst2", progress=False)
+    manifest = json.loads((path / "eeengine.json").read_text())
+    assert manifest["task"]["name"] == "sst2" and manifest["training"]["steps"] == 2
+    assert len(manifest["training"]["dev_exit_metrics"]) == 4
+    calibration = json.loads((path / "calibration.json").read_text())
+    assert set(calibration["policies"]) >= {"entropy", "normalized_entropy", "pcee"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_autocast_on_cuda(tiny_bert_dir, tiny_csv_task, tmp_path):
+    config = csv_config(tiny_bert_dir, tiny_csv_task, recipe="lte", device="cuda")
+    path = train(config, tmp_path / "cuda", progress=False)
+    training = json.loads((path / "eeengine.json").read_text())["training"]
+    assert training["mixed_precision"] == ("bf16" if torch.cuda.is_bf16_supported() else None)
+    assert Engine(path, device="cuda", policy="lte", threshold=0.5).predict("ok").exit_layer >= 1
+
+
+@pytest.mark.parametrize("recipe", ["weighted", "mpee"])
+def test_train_with_token_pruning(recipe, tiny_bert_dir, tiny_csv_task, tmp_path):
+    """The schedule is trained with, evaluated with (per-exit dev metrics and calibration), and
+    saved; the engine serves the checkpoint with it."""
+    schedule = {"layers": [1, 3], "keep_ratio": 0.6, "beta": [1.0, 0.5]}
+    config = csv_config(tiny_bert_dir, tiny_csv_task, recipe=recipe, token_pruning=schedule)
+    path = train(config, tmp_path / "pruned", progress=False)
+    manifest = json.loads((path / "eeengine.json").read_text())
+    assert manifest["token_pruning"] == schedule
+    assert manifest["training"]["config"]["token_pruning"] == schedule
+    prediction = Engine(path, policy="none").predict(SENTENCES[5])
+    assert prediction.tokens_kept is not None and prediction.tokens_kept[-1] < 20
+
+
+def test_cli_reads_the_schedule_as_json():
+    args = build_parser().parse_args(
+        ["train", "--out", "x", "--token-pruning", '{"layers": [2, 4], "keep_ratio": 0.7, '
+         '"beta": [1.0, 0.5]}']
+    )  # fmt: skip
+    assert args.token_pruning == {"layers": [2, 4], "keep_ratio": 0.7, "beta": [1.0, 0.5]}

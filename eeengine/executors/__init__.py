@@ -4,9 +4,11 @@ The loop (:func:`eeengine.runtime.early_exit_forward`) asks an executor for the 
 for one layer at a time, and makes the exit decisions itself between layers (exit head + policy
 step, then batch compaction). Executors are interchangeable and tested against the reference:
 
-- ``torch`` (:class:`TorchExecutor`): eeengine's plain torch encoder, the reference; any device.
+- ``torch`` (:class:`TorchExecutor`): eeengine's plain torch encoders, the reference; any
+  backbone, any device.
 - ``onnxruntime`` (:class:`OnnxRuntimeExecutor`): every encoder layer is its own ONNX Runtime
-  session built from the same weights at load time (CPU; the optional extra ``eeengine[onnx]``).
+  session built from the same weights at load time (BERT backbones, CPU; the optional extra
+  ``eeengine[onnx]``).
 
 Choose with :func:`make_executor` once, at engine construction.
 """
@@ -45,7 +47,8 @@ def make_executor(name: str | None, model: MultiExitBert) -> LayerExecutor:
 
     Args:
         name: "torch", "onnxruntime", or None for "onnxruntime" where it can run (onnxruntime
-            installed, model on CPU) and "torch" otherwise.
+            installed; a BERT backbone with exact GELU, on CPU, in eval mode) and "torch"
+            otherwise.
         model: the multi-exit model.
 
     Returns:
@@ -69,6 +72,11 @@ def make_executor(name: str | None, model: MultiExitBert) -> LayerExecutor:
 def _onnxruntime_unavailable(model: MultiExitBert) -> str | None:
     if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
         return "onnxruntime / onnx are not installed (pip install 'eeengine[onnx]')"
+    if model.backbone_type != "bert" or model.config.hidden_act != "gelu":
+        return (
+            "it builds BERT layers with exact GELU; this model is "
+            f"{model.backbone_type} with {model.config.hidden_act!r}"
+        )
     device = next(model.parameters()).device
     if device.type != "cpu":
         return f"it runs on CPU, the model is on {device}"

@@ -154,8 +154,8 @@ def _model(
 
 
 class OnnxRuntimeExecutor:
-    """Runs the embeddings and each encoder layer of a CPU, float32 :class:`MultiExitBert` as
-    ONNX Runtime sessions (see the module docstring).
+    """Runs the embeddings and each encoder layer of a CPU, float32 :class:`MultiExitBert` with
+    a BERT backbone and exact GELU as ONNX Runtime sessions (see the module docstring).
 
     Args:
         model: the multi-exit model, on CPU, in eval mode.
@@ -176,9 +176,9 @@ class OnnxRuntimeExecutor:
         # never gives memory back (measured: 2.9 GiB peak at batch 256 x 128 tokens with it,
         # 0.97 GiB without, same speed).
         options.enable_cpu_mem_arena = False
-        graphs = [embeddings_graph(model.bert.embeddings)] + [
+        graphs = [embeddings_graph(model.backbone.embeddings)] + [
             layer_graph(layer, config.num_attention_heads, config.layer_norm_eps)
-            for layer in model.bert.encoder.layer
+            for layer in model.backbone.layers
         ]
         self._sessions = [
             onnxruntime.InferenceSession(

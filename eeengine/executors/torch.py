@@ -1,4 +1,4 @@
-"""The reference executor: eeengine's own torch encoder (:mod:`eeengine.modeling_bert`)."""
+"""The reference executor: eeengine's own torch encoders (BERT, RoBERTa, ALBERT)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from eeengine.modeling_multiexit import MultiExitBert
 
 
 class TorchExecutor:
-    """Runs ``model.bert`` one layer at a time, with the query/key/value projections fused into
-    one matmul when the model is in eval mode.
+    """Runs ``model.backbone`` one layer at a time, with the query/key/value projections fused
+    into one matmul when the model is in eval mode.
 
     Args:
         model: the multi-exit model, on any device.
@@ -21,11 +21,11 @@ class TorchExecutor:
     def __init__(self, model: MultiExitBert) -> None:
         self.model = model
         if not model.training:
-            model.bert.fuse_qkv()
+            model.backbone.fuse_qkv()
 
     def embed(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
         """(batch_size, seq_len) int64 ids -> (batch_size, seq_len, hidden_size)."""
-        return self.model.bert.embeddings(input_ids, token_type_ids)
+        return self.model.backbone.embed(input_ids, token_type_ids)
 
     def mask(self, attention_mask: Tensor) -> Tensor | None:
         """The SDPA mask of :func:`eeengine.modeling_bert.attention_bias`."""
@@ -33,4 +33,4 @@ class TorchExecutor:
 
     def layer(self, index: int, hidden_states: Tensor, mask: Tensor | None) -> Tensor:
         """Layer ``index`` (0-based): (batch_size, seq_len, hidden_size) -> the same shape."""
-        return self.model.bert.encoder.layer[index](hidden_states, mask)
+        return self.model.backbone.layers[index](hidden_states, mask)

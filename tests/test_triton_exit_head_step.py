@@ -1,0 +1,215 @@
+"""The Triton kernel of exit_head_step (eeengine.kernels.exit_head_step) against its plain-torch
+twin (eeengine.runtime.exit_head_step_reference), with the helpers of test_exit_head_step.py.
+
+Without a GPU the kernel runs in Triton's interpreter on CPU tensors: tests/conftest.py sets
+TRITON_INTERPRET=1 before anything imports triton (only Triton reads it). The interpreter costs
+~5 ms per program, so batches are small. bf16 is left out: the interpreter's bf16 arithmetic is
+wrong. On a GPU the same tests run the compiled kernel on CUDA tensors. The sm_90 build check
+compiles it in a subprocess (the interpreted kernel of this process cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+from torch import Tensor
+
+from eeengine._custom_ops import fused_op, resolve_backend
+from tests.test_exit_head_step import (
+    BAD_ARGS,
+    NUM_LAYERS,
+    SCENARIOS,
+    assert_same,
+    good_args,
+    make_inputs,
+    make_policy,
+    run_both,
+)
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+pytest.importorskip("triton", reason="triton is not installed")
+from eeengine.kernels import exit_head_step as triton_kernel  # noqa: E402
+
+if not HAS_CUDA and not triton_kernel.INTERPRETED:
+    pytest.skip(
+        "no GPU, and triton was imported without TRITON_INTERPRET=1 (tests/conftest.py sets it "
+        "first; run these tests through pytest)",
+        allow_module_level=True,
+    )
+
+DTYPES = [torch.float32, torch.float16]  # bf16: the interpreter's arithmetic is wrong
+POLICIES = ["none", "entropy", "normalized_entropy", "max_prob", "patience", "pcee", "budget"]
+NUM_LABELS = [2, 5]
+BATCH_SIZES = [1, 7]
+
+
+def to_device(args: Sequence[object]) -> list[object]:
+    """The op's arguments with every tensor (and tensor in a list) moved to DEVICE."""
+
+    def move(a: object) -> object:
+        if isinstance(a, list):
+            return [move(x) for x in a]
+        return a.to(DEVICE) if torch.is_tensor(a) else a
+
+    return [move(a) for a in args]
+
+
+def on_device(*args: object) -> tuple[Tensor, Tensor]:
+    """Call the Triton op with every tensor argument moved to DEVICE; copy the in-place
+    updates (state, out_logits, out_layer) back into the caller's CPU tensors."""
+    moved = to_device(args)
+    logits, exit_mask = triton_kernel.exit_head_step_triton(*moved)
+    for index in (8, 10, 11):  # state, out_logits, out_layer
+        targets, results = args[index], moved[index]
+        if torch.is_tensor(targets):
+            targets, results = [targets], [results]
+        for target, result in zip(targets, results, strict=True):
+            target.copy_(result.cpu())
+    return logits.cpu(), exit_mask.cpu()
+
+
+def run(
+    name: str,
+    scenario: str,
+    dtype: torch.dtype,
+    batch_size: int = 7,
+    seq_len: int = 6,
+    hidden_size: int = 19,
+    num_labels: int = 5,
+    layer: int = 3,
+    op: Callable[..., tuple[Tensor, Tensor]] = on_device,
+) -> tuple[tuple, tuple]:
+    """Reference and Triton results for one policy scenario on random right-padded inputs."""
+    head, hidden, mask, gen = make_inputs(batch_size, seq_len, hidden_size, num_labels, dtype)
+    policy, state = make_policy(name, scenario, head(hidden.float(), mask), layer, gen)
+    return run_both(head, policy, hidden, mask, layer, state, gen, op)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("name", POLICIES)
+@torch.inference_mode()
+def test_policies_match_reference(name: str, scenario: str, dtype: torch.dtype) -> None:
+    ref, got = run(name, scenario, dtype)
+    assert_same(ref, got, dtype)
+    exits = int(got[1].sum())
+    if name == "none" or scenario == "none":
+        assert exits == 0
+    elif scenario == "all":
+        assert exits == 7
+    elif name != "budget":
+        assert 0 < exits < 7, "scenario 'some' should split the batch"
+
+
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+@pytest.mark.parametrize("num_labels", NUM_LABELS)
+@torch.inference_mode()
+def test_shapes_match_reference(num_labels: int, batch_size: int) -> None:
+    ref, got = run("pcee", "some", torch.float32, batch_size, 11, 83, num_labels, layer=2)
+    assert_same(ref, got, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["none", "patience"])
+@torch.inference_mode()
+def test_last_layer_every_row_exits(name: str) -> None:
+    ref, got = run(name, "none", torch.float32, layer=NUM_LAYERS)
+    assert bool(got[1].all())
+    assert_same(ref, got, torch.float32)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32])
+@torch.inference_mode()
+def test_padding_and_mask_dtypes(mask_dtype: torch.dtype) -> None:
+    head, hidden, mask, gen = make_inputs(5, 8, 19, 2, torch.float32)
+    mask[1:, 3:] = 0  # heavy padding
+    mask[2, :] = 0  # a row with no real token: the reference divides by clamp_min(1)
+    policy, state = make_policy("entropy", "some", head(hidden, mask), 1, gen)
+    ref, got = run_both(head, policy, hidden, mask.to(mask_dtype), 1, state, gen, on_device)
+    assert_same(ref, got, torch.float32)
+
+
+@torch.inference_mode()
+def test_strided_inputs() -> None:
+    """Batch/sequence slices (as the runtime's compaction makes) and a strided hidden dim."""
+    head, hidden, mask, gen = make_inputs(9, 12, 19, 3, torch.float32)
+    sliced, sliced_mask = hidden[1::2, :10], mask[1::2, :10]
+    wide = torch.randn(4, 10, 38, generator=gen)[..., ::2]
+    for h, m in ((sliced, sliced_mask), (wide, sliced_mask[:4])):
+        assert not h.is_contiguous()
+        policy, state = make_policy("max_prob", "some", head(h, m), 2, gen)
+        ref, got = run_both(head, policy, h, m, 2, state, gen, on_device)
+        assert_same(ref, got, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@torch.inference_mode()
+def test_pooled_input(dtype: torch.dtype) -> None:
+    """[CLS]+pooler output: the op takes the pooled (batch, hidden) rows and no mask."""
+    head, hidden, mask, gen = make_inputs(5, 4, 19, 5, torch.float32)
+    pooled = hidden[:, 0].to(dtype)
+    policy, state = make_policy("patience", "some", head.classifier(pooled.float()), 2, gen)
+    ref, got = run_both(head, policy, pooled, None, 2, state, gen, on_device)
+    assert_same(ref, got, dtype)
+
+
+def test_batch_of_zero_rows() -> None:
+    logits, exit_mask = on_device(
+        torch.randn(0, 3, 8), torch.ones(0, 3), torch.randn(2, 8), torch.randn(2),
+        1, [0.5], 1, NUM_LAYERS, [], torch.zeros(0, dtype=torch.long),
+        torch.zeros(4, 2), torch.zeros(4, dtype=torch.long),
+    )  # fmt: skip
+    assert logits.shape == (0, 2) and exit_mask.shape == (0,)
+
+
+@pytest.mark.parametrize(
+    ("arg", "value", "message"),
+    [case for case in BAD_ARGS if case[0] != "rows"],  # rows are not range-checked on device
+)
+def test_bad_arguments_are_named(arg: str, value: object, message: str) -> None:
+    on_device(*good_args().values())  # the good arguments pass
+    args = good_args()
+    args[arg] = value
+    with pytest.raises(RuntimeError, match=message):
+        on_device(*args.values())
+
+
+def test_triton_is_the_primary_gpu_backend() -> None:
+    policy = make_policy("pcee", "all", torch.zeros(1, 2), 1, torch.Generator())[0]
+    assert resolve_backend(None, policy, 2, "cuda") == "triton"
+    assert fused_op("triton") is triton_kernel.exit_head_step_triton
+
+
+def test_opcheck() -> None:
+    args = good_args()
+    args["params"] = [0.9, 1.0]
+    moved = to_device(list(args.values()))
+    torch.library.opcheck(torch.ops.eeengine.exit_head_step_triton.default, tuple(moved))
+
+
+def test_compiles_for_sm90_without_gpu() -> None:
+    """Build check: triton.compile for GPUTarget("cuda", 90, 32), in a fresh process without
+    TRITON_INTERPRET (this process imported the interpreted kernel)."""
+    code = (
+        "from eeengine.kernels.exit_head_step import compile_ahead_of_time\n"
+        "compiled = compile_ahead_of_time(90)\n"
+        "for k in compiled.values():\n"
+        "    assert '.target sm_90' in k.asm['ptx'] and k.asm['cubin']\n"
+        "print(len(compiled))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr:
+        pytest.skip(f"triton cannot compile for sm_90 here: {result.stderr.strip()[-300:]}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.split()[-1]) == 8
