@@ -10,21 +10,29 @@ Providers (all on the same fine-tuned checkpoint, the same inputs, tokenization 
 - ``papers_loop``: the papers' control flow: batch 1, after every layer an unfused head, the
   entropy, and a host check (``.item()``) whether to stop; run on eeengine's layers (HF's
   modules would only add overhead, so this is a lower bound on that loop's cost).
-- ``eeengine_full``: eeengine with policy ``none``.
-- ``eeengine_drop0.5`` / ``eeengine_drop1.0``: eeengine at the checkpoint's calibrated operating
-  points within 0.5 / 1.0 accuracy points of full depth.
+- ``eeengine_{executor}_full``: eeengine with policy ``none``, for each layer executor
+  (``torch``: eeengine's torch encoder; ``ort``: one ONNX Runtime session per layer, see
+  :mod:`eeengine.executors`).
+- ``eeengine_{executor}_drop0.5`` / ``..._drop1.0``: eeengine at the checkpoint's calibrated
+  operating points within 0.5 / 1.0 accuracy points of full depth.
 
 Batch-1 latency is measured interleaved: for each input, every provider runs once, in an order
 that rotates from input to input. Throughput runs each provider over the same batches in turn,
 repeated and interleaved. Results are reported as ratios to ``hf_eager``.
 
-    python benchmarks/compare.py --out benchmarks/results/compare_sst2
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/compare.py --threads 2 \
+        --out benchmarks/results/compare_sst2
+
+On a shared CPU set ``OMP_WAIT_POLICY=PASSIVE``: torch's OpenMP workers otherwise spin at
+every barrier while other processes hold the cores (measured on a busy 2-core machine: HF eager
+at batch 1, 205 ms with spinning, 12.5 ms passive). The report records the environment.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -37,7 +45,7 @@ from transformers import BertModel as HFBertModel
 from eeengine import Engine
 from eeengine.data import get_task, load_split
 from eeengine.defaults import default_checkpoint
-from eeengine.evaluation import choose_operating_point
+from eeengine.evaluation import choose_operating_point, policy_params
 from eeengine.metrics import accuracy
 from eeengine.policies.base import entropy
 
@@ -77,7 +85,13 @@ def torch_provider(engine: Engine, module: Callable) -> Predict:
     return predict
 
 
-def onnxruntime_provider(engine: Engine, model: FullDepth, workdir: Path) -> Predict:
+def onnxruntime_provider(engine: Engine, model: FullDepth, workdir: Path) -> tuple[Predict, dict]:
+    """The model exported with ``torch.onnx.export`` and optimized by ONNX Runtime's BERT
+    optimizer, as a practitioner would deploy it.
+
+    Returns:
+        The provider and the optimizer's fused-operator counts (which fusions applied).
+    """
     import onnxruntime
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -96,14 +110,20 @@ def onnxruntime_provider(engine: Engine, model: FullDepth, workdir: Path) -> Pre
         dynamo=False,
     )
     config = engine.model.config
-    optimize_model(
+    onnx_model = optimize_model(
         str(raw),
         model_type="bert",
         num_heads=config.num_attention_heads,
         hidden_size=config.hidden_size,
-    ).save_model_to_file(str(optimized))
+    )
+    fusions = {k: v for k, v in onnx_model.get_fused_operator_statistics().items() if v}
+    onnx_model.save_model_to_file(str(optimized))
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    # ORT's workers spin for a while after each run by default; in this shared process they
+    # would slow down whichever provider runs next (measured: HF eager +43 % right after an
+    # ORT run). eeengine's ORT executor turns spinning off for the same reason.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(
         str(optimized), options, providers=["CPUExecutionProvider"]
     )
@@ -115,7 +135,7 @@ def onnxruntime_provider(engine: Engine, model: FullDepth, workdir: Path) -> Pre
         (logits,) = session.run(None, {n: enc[n] for n in names})
         return logits.argmax(-1).tolist()
 
-    return predict
+    return predict, fusions
 
 
 def papers_loop_provider(engine: Engine, threshold: float) -> Predict:
@@ -148,25 +168,32 @@ def engine_provider(engine: Engine) -> Predict:
     return predict
 
 
+EXECUTORS = {"torch": "torch", "ort": "onnxruntime"}  # provider name part -> Engine executor
+
+
 def build_providers(ckpt: Path, workdir: Path) -> tuple[dict[str, Predict], dict[str, dict]]:
-    base = Engine(ckpt, policy="none")
+    """Every provider of the module docstring, and its settings (policy, executor, ...)."""
+    base = Engine(ckpt, policy="none", executor="torch")
     full = FullDepth(base)
+    ort, fusions = onnxruntime_provider(base, full, workdir)
     providers = {
         "hf_eager": torch_provider(base, full),
         "hf_compile": torch_provider(base, torch.compile(full, dynamic=True)),
-        "onnxruntime": onnxruntime_provider(base, full, workdir),
-        "eeengine_full": engine_provider(base),
+        "onnxruntime": ort,
     }
     settings = {name: {"policy": "none"} for name in providers}
+    settings["onnxruntime"]["fusions"] = fusions
+    points = {"full": ("none", {})}
     for drop in (0.5, 1.0):
         chosen = choose_operating_point(base.calibration, max_drop=drop)
-        if chosen is None:
-            continue
-        name, point = chosen
-        params = {k: point[k] for k in ("threshold", "patience") if k in point}
-        engine = Engine(ckpt, policy=name, **params)
-        providers[f"eeengine_drop{drop}"] = engine_provider(engine)
-        settings[f"eeengine_drop{drop}"] = {"policy": name, **params}
+        if chosen is not None:
+            points[f"drop{drop}"] = (chosen[0], policy_params(chosen[1]))
+    for short, executor in EXECUTORS.items():
+        for point, (policy, params) in points.items():
+            name = f"eeengine_{short}_{point}"
+            engine = Engine(ckpt, policy=policy, executor=executor, **params)
+            providers[name] = engine_provider(engine)
+            settings[name] = {"policy": policy, **params, "executor": executor}
     # The papers' loop at the raw-entropy point within 0.5 points, when the sweep has one.
     entropy_point = choose_operating_point(base.calibration, max_drop=0.5, policy="entropy")
     if entropy_point is not None:
@@ -207,6 +234,24 @@ def throughput(
     return best
 
 
+def environment() -> dict:
+    """What the timings depend on besides the code: threads, OpenMP waiting, versions, CPU."""
+    import platform
+
+    import onnxruntime
+    import transformers
+
+    return {
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        **{name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")},
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
 def _percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1]
 
@@ -219,8 +264,11 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's default)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compare_sst2"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     ckpt = args.ckpt or default_checkpoint()
     dev = load_split(get_task(args.task), "dev")
@@ -255,6 +303,7 @@ def main() -> None:
         "task": args.task,
         "inputs": len(texts),
         "threads": torch.get_num_threads(),
+        "environment": environment(),
         "checkpoint": str(ckpt),
         "providers": rows,
     }

@@ -59,13 +59,19 @@ def collate(
         input_ids, attention_mask, token_type_ids: (len(indices), max_len) int64; the mask is
         1 for real tokens.
     """
-    max_len = max(len(encoded.input_ids[i]) for i in indices)
-    input_ids = torch.full((len(indices), max_len), pad_token_id, dtype=torch.long)
-    token_type_ids = torch.zeros((len(indices), max_len), dtype=torch.long)
-    attention_mask = torch.zeros((len(indices), max_len), dtype=torch.long)
-    for row, i in enumerate(indices):
-        n = len(encoded.input_ids[i])
-        input_ids[row, :n] = torch.tensor(encoded.input_ids[i])
-        token_type_ids[row, :n] = torch.tensor(encoded.token_type_ids[i])
-        attention_mask[row, :n] = 1
+    lengths = [len(encoded.input_ids[i]) for i in indices]
+    max_len = max(lengths)
+    input_ids = torch.tensor(
+        [
+            encoded.input_ids[i] + [pad_token_id] * (max_len - n)
+            for i, n in zip(indices, lengths, strict=True)
+        ]
+    )
+    token_type_ids = torch.tensor(
+        [
+            encoded.token_type_ids[i] + [0] * (max_len - n)
+            for i, n in zip(indices, lengths, strict=True)
+        ]
+    )
+    attention_mask = (torch.arange(max_len) < torch.tensor(lengths)[:, None]).long()
     return input_ids.to(device), attention_mask.to(device), token_type_ids.to(device)

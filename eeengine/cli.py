@@ -14,6 +14,7 @@ from eeengine.data import Split, file_split, get_task, load_split
 from eeengine.defaults import default_checkpoint, minilm_dir
 from eeengine.engine import Engine
 from eeengine.evaluation import all_exit_logits, describe_point, exit_metrics, policy_params
+from eeengine.executors import EXECUTORS
 from eeengine.heads import LAYOUTS, POOLINGS
 from eeengine.report import markdown, sweep_report, write_report
 from eeengine.training import TrainConfig, train
@@ -25,6 +26,9 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--backend", choices=BACKENDS, help="default: the fastest fused op of the device"
+    )
+    parser.add_argument(
+        "--executor", choices=EXECUTORS, help="default: onnxruntime if installed, else torch"
     )
     parser.add_argument("--batch-size", type=int, default=32)
 
@@ -52,6 +56,7 @@ def _engine(args: argparse.Namespace) -> Engine:
         patience=args.patience,
         device=args.device,
         backend=args.backend,
+        executor=args.executor,
         **dict(_parse_param(p) for p in args.param),
     )
 
@@ -166,7 +171,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    engine = Engine(args.ckpt or default_checkpoint(), device=args.device, backend=args.backend)
+    engine = Engine(
+        args.ckpt or default_checkpoint(),
+        device=args.device,
+        backend=args.backend,
+        executor=args.executor,
+    )
     trained_on = engine.manifest["task"]["name"]
     task = get_task(args.task or trained_on)
     if task.name != trained_on:
@@ -210,6 +220,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     pruning = engine.token_pruning
     print(f"tokens      {json.dumps(pruning.to_json()) if pruning else 'no token pruning'}")
     print(f"backend     {engine.backend}" + ("" if HAS_C else f" ({LOAD_ERROR})"))
+    print(f"executor    {engine.executor}")
     if training:
         metrics = ", ".join(f"{v:.2f}" for v in training.get("dev_exit_metrics", []))
         print(

@@ -24,11 +24,12 @@ from eeengine.evaluation import (
     select_operating_point,
     sweep,
 )
+from eeengine.executors import make_executor
 from eeengine.flops import FlopCounter
 from eeengine.inputs import Example, normalize_inputs
 from eeengine.metrics import METRICS
 from eeengine.policies import ExitPolicy, make_policy
-from eeengine.runtime import early_exit_forward
+from eeengine.runtime import ExitOutput, early_exit_forward
 from eeengine.token_pruning import TokenPruning
 
 # Inputs tokenized and bucketed at a time: bounds memory for any number of texts.
@@ -96,6 +97,9 @@ class Engine:
         token_pruning: MPEE token-wise exit: "checkpoint" for the schedule in
             ``eeengine.json``, None for none, or a schedule (a :class:`TokenPruning` or its
             JSON form ``{"layers": [...], "keep_ratio": r, "beta": [...]}``).
+        executor: what runs the encoder layers (see :mod:`eeengine.executors`): "torch" (the
+            reference), "onnxruntime" (one ONNX Runtime session per layer, CPU, BERT backbones,
+            needs ``eeengine[onnx]``), or None for "onnxruntime" where it can run, else "torch".
         **policy_kwargs: other parameters of the policy, e.g. ``layer`` for ``budget``,
             ``window`` / ``window_test`` / ``window_range`` for ``elbert``, ``memory_weight``
             for ``mpee`` (see :mod:`eeengine.policies`).
@@ -112,9 +116,10 @@ class Engine:
             named).
         ValueError: unknown policy, threshold out of range, unknown or unavailable device,
             unknown backend or a fused backend where it cannot run, a bad token-pruning schedule
-            or one on a backbone that cannot prune (ALBERT with inner_group_num > 1); with
-            ``target_speedup`` or ``max_drop``: no calibration, policy parameters given as well,
-            or no calibrated point meets the target (the best reachable is named).
+            or one on a backbone that cannot prune (ALBERT with inner_group_num > 1), unknown
+            executor or "onnxruntime" where it cannot run; with ``target_speedup`` or
+            ``max_drop``: no calibration, policy parameters given as well, or no calibrated
+            point meets the target (the best reachable is named).
     """
 
     def __init__(
@@ -129,6 +134,7 @@ class Engine:
         max_length: int | None = None,
         backend: str | None = None,
         token_pruning: Literal["checkpoint"] | TokenPruning | dict | None = "checkpoint",
+        executor: str | None = None,
         **policy_kwargs: object,
     ) -> None:
         self.device = _resolve_device(device)
@@ -166,6 +172,7 @@ class Engine:
         self._backend = resolve_backend(backend, self.policy, self.model.num_labels, self.device)
         self.token_pruning = self._token_pruning(token_pruning)
         self._flops = FlopCounter.for_model(self.model)
+        self._executor = make_executor(executor, self.model)
 
     @property
     def num_layers(self) -> int:
@@ -175,6 +182,11 @@ class Engine:
     def backend(self) -> str:
         """Which implementation runs the exit step: "cpp", "triton", "cuda" or "reference"."""
         return self._backend
+
+    @property
+    def executor(self) -> str:
+        """What runs the encoder layers: "torch" or "onnxruntime"."""
+        return self._executor.name
 
     def _make_policy(self, name: str | None, given: dict) -> ExitPolicy:
         default = self.manifest["policy"]
@@ -385,34 +397,46 @@ class Engine:
                 *batch,
                 backend=self._backend,
                 token_pruning=self.token_pruning,
+                executor=self._executor,
             )
-            for row, i in enumerate(indices):
-                exit_layer = int(out.exit_layer[row])
+            for row, (i, prediction) in enumerate(
+                zip(indices, self._predictions(out), strict=True)
+            ):
                 length = len(encoded.input_ids[i])
-                prediction = self._prediction(out.logits[row], exit_layer)
                 if self.token_pruning is not None:
-                    prediction.tokens_kept = out.tokens_kept[row, :exit_layer].tolist()
-                prediction.flops = self._flops.executed(length, exit_layer, self.token_pruning)
+                    prediction.tokens_kept = out.tokens_kept[row, : prediction.exit_layer].tolist()
+                prediction.flops = self._flops.executed(
+                    length, prediction.exit_layer, self.token_pruning
+                )
                 prediction.full_flops = self._flops.full(length)
                 results[i] = prediction
         return results
 
-    def _prediction(self, logits: torch.Tensor, exit_layer: int) -> Prediction:
+    def _predictions(self, out: ExitOutput) -> list[Prediction]:
+        """One :class:`Prediction` per row, with one host copy per field for the whole batch."""
+        layers = out.exit_layer.tolist()
+        logits = out.logits.tolist()
         if self.label_names is None:
-            return Prediction(
-                None, None, None, logits[0].item(), exit_layer, self.num_layers, logits.tolist()
+            return [
+                Prediction(None, None, None, row[0], layer, self.num_layers, row)
+                for row, layer in zip(logits, layers, strict=True)
+            ]
+        all_probs = torch.softmax(out.logits, -1).tolist()
+        predictions = []
+        for row, probs, layer in zip(logits, all_probs, layers, strict=True):
+            best = max(range(len(probs)), key=probs.__getitem__)
+            predictions.append(
+                Prediction(
+                    label=self.label_names[best],
+                    score=probs[best],
+                    probs=dict(zip(self.label_names, probs, strict=True)),
+                    value=None,
+                    exit_layer=layer,
+                    num_layers=self.num_layers,
+                    logits=row,
+                )
             )
-        probs = torch.softmax(logits, -1)
-        best = int(probs.argmax())
-        return Prediction(
-            label=self.label_names[best],
-            score=probs[best].item(),
-            probs=dict(zip(self.label_names, probs.tolist(), strict=True)),
-            value=None,
-            exit_layer=exit_layer,
-            num_layers=self.num_layers,
-            logits=logits.tolist(),
-        )
+        return predictions
 
     def evaluate(self, split: Split, metric: str, batch_size: int = 32) -> dict:
         """Run :meth:`predict` on a labelled split and score it.

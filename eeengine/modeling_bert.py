@@ -75,12 +75,40 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_prob = config.attention_probs_dropout_prob
+        # One (3 * hidden_size, hidden_size) projection for inference, built by fuse_qkv();
+        # not saved (persistent=False), so state dicts keep Hugging Face's query/key/value keys.
+        self.qkv_weight: Tensor | None
+        self.qkv_bias: Tensor | None
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
+
+    def fuse_qkv(self) -> None:
+        """Concatenate the query, key and value projections into one matmul for inference.
+
+        The fused copy is used in eval mode with autograd off only (it is a detached copy), and
+        dropped by ``train()``; call this again after changing the weights in place outside
+        training.
+        """
+        projections = (self.query, self.key, self.value)
+        self.qkv_weight = torch.cat([p.weight.detach() for p in projections])
+        self.qkv_bias = torch.cat([p.bias.detach() for p in projections])
+
+    def train(self, mode: bool = True) -> BertSelfAttention:
+        if mode:
+            self.qkv_weight = self.qkv_bias = None
+        return super().train(mode)
 
     def _heads(self, x: Tensor) -> Tensor:
         batch_size, seq_len, _ = x.shape
         return x.view(
             batch_size, seq_len, self.num_attention_heads, self.attention_head_size
         ).transpose(1, 2)
+
+    def _project(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.qkv_weight is not None and not self.training and not torch.is_grad_enabled():
+            fused = F.linear(hidden_states, self.qkv_weight, self.qkv_bias)
+            return fused.chunk(3, dim=-1)
+        return self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)
 
     def forward(
         self, hidden_states: Tensor, attention_bias: Tensor | None
@@ -95,9 +123,7 @@ class BertSelfAttention(nn.Module):
             query, key: (batch_size, num_heads, seq_len, head_size), the projections SDPA
                 attended with (token pruning recomputes the [CLS] attention row from them).
         """
-        query = self._heads(self.query(hidden_states))
-        key = self._heads(self.key(hidden_states))
-        value = self._heads(self.value(hidden_states))
+        query, key, value = (self._heads(x) for x in self._project(hidden_states))
         context = F.scaled_dot_product_attention(
             query,
             key,
@@ -284,6 +310,12 @@ class LayerwiseEncoder(nn.Module):
         """Whether every layer can prune tokens (has ``pruned_forward``, see
         :class:`PrunableLayer`)."""
         return all(hasattr(layer, "pruned_forward") for layer in self.layers)
+
+    def fuse_qkv(self) -> None:
+        """Fuse every layer's query/key/value projections (:meth:`BertSelfAttention.fuse_qkv`)."""
+        for module in self.modules():
+            if isinstance(module, BertSelfAttention):
+                module.fuse_qkv()
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor

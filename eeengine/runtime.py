@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from eeengine import _custom_ops
+from eeengine.executors import LayerExecutor, TorchExecutor
 from eeengine.heads import ExitHead, LteHead
 from eeengine.modeling_bert import attention_bias
 from eeengine.modeling_multiexit import MultiExitBert
@@ -145,6 +146,7 @@ def early_exit_forward(
     token_type_ids: Tensor,
     backend: str = "reference",
     token_pruning: TokenPruning | None = None,
+    executor: LayerExecutor | None = None,
 ) -> ExitOutput:
     """Run the multi-exit model with per-sample early exit and batch compaction.
 
@@ -159,6 +161,9 @@ def early_exit_forward(
             Token pruning runs the fused op :func:`eeengine._custom_ops.token_prune` with
             "cpp", else :func:`eeengine.token_pruning.token_prune_reference`.
         token_pruning: the token-pruning schedule, or None for none.
+        executor: runs the embeddings and each encoder layer (see :mod:`eeengine.executors`);
+            None: the reference :class:`eeengine.executors.TorchExecutor`. Pruning layers run
+            the torch layer's ``pruned_forward`` whatever the executor.
 
     Returns:
         :class:`ExitOutput`. Equal, row by row, to running each row alone, and to
@@ -182,22 +187,28 @@ def early_exit_forward(
     tokens_kept = torch.zeros(batch_size, num_layers, dtype=torch.long, device=device)
     prune = _custom_ops.token_prune if backend == "cpp" else token_prune_reference
 
+    executor = executor or TorchExecutor(model)
     rows = torch.arange(batch_size, device=device)  # live row -> caller's row
-    hidden_states = model.backbone.embed(input_ids, token_type_ids)
-    bias = attention_bias(attention_mask)
+    hidden_states = executor.embed(input_ids, token_type_ids)
+    mask = executor.mask(attention_mask)
     state = policy.init_state(batch_size, device)
     # Class-attention memory of the non-[CLS] tokens (MPEE eq. 6), updated at pruning layers.
     memory = torch.zeros(batch_size, input_ids.shape[1] - 1, device=device)
     for layer in range(1, num_layers + 1):
-        encoder_layer = model.backbone.layers[layer - 1]
         beta = token_pruning.beta_at(layer) if token_pruning is not None else None
         if beta is None:
-            hidden_states = encoder_layer(hidden_states, bias)
+            hidden_states = executor.layer(layer - 1, hidden_states, mask)
         else:
-            hidden_states, attention_mask, memory = encoder_layer.pruned_forward(
-                hidden_states, bias, attention_mask, memory, token_pruning.keep_ratio, beta, prune
+            hidden_states, attention_mask, memory = model.backbone.layers[layer - 1].pruned_forward(
+                hidden_states,
+                attention_bias(attention_mask),
+                attention_mask,
+                memory,
+                token_pruning.keep_ratio,
+                beta,
+                prune,
             )
-            bias = attention_bias(attention_mask)
+            mask = executor.mask(attention_mask)
         tokens_kept[rows, layer - 1] = attention_mask.sum(1)
         step_args = (hidden_states, attention_mask, layer, num_layers, state, rows)
         head = model.exit_head(layer - 1)
@@ -219,6 +230,6 @@ def early_exit_forward(
         attention_mask = attention_mask[:, :seq_len]
         hidden_states = hidden_states[keep, :seq_len]
         memory = memory[keep, : seq_len - 1]
-        bias = attention_bias(attention_mask)
+        mask = executor.mask(attention_mask)
         state = {name: value[keep] for name, value in state.items()}
     return ExitOutput(out_logits, out_layer, tokens_kept)

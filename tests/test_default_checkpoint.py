@@ -7,6 +7,7 @@ from eeengine import Engine
 from eeengine.data import get_task, load_split
 from eeengine.defaults import default_checkpoint
 from eeengine.evaluation import all_exit_logits, exit_metrics
+from eeengine.executors import EXECUTORS
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,18 @@ def test_accuracy_and_speedup(engine, dev):
     assert result["value"] >= full_depth - 0.5
 
 
-def test_batched_equals_one_by_one_on_the_whole_dev_set(engine, dev):
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_batched_equals_one_by_one_on_the_whole_dev_set(dev, executor):
+    if executor == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    engine = Engine(default_checkpoint(), executor=executor)
     batched = engine.predict(dev.texts, batch_size=64)
     alone = [engine.predict(text) for text in dev.texts]
     assert [(p.label, p.exit_layer) for p in batched] == [(p.label, p.exit_layer) for p in alone]
+
+
+def test_onnxruntime_executor_exits_as_torch_on_the_whole_dev_set(dev):
+    pytest.importorskip("onnxruntime")
+    ort = Engine(default_checkpoint(), executor="onnxruntime").predict(dev.texts)
+    ref = Engine(default_checkpoint(), executor="torch").predict(dev.texts)
+    assert [(p.label, p.exit_layer) for p in ort] == [(p.label, p.exit_layer) for p in ref]
