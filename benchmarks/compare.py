@@ -16,6 +16,9 @@ Providers (all on the same fine-tuned checkpoint, the same inputs, tokenization 
 - ``eeengine_{executor}_drop0.5`` / ``..._drop1.0``: eeengine at the checkpoint's calibrated
   operating points within 0.5 / 1.0 accuracy points of full depth.
 
+Any classification task of ``data/`` works (``--task``, with a checkpoint trained on it);
+sentence-pair tasks (MRPC, RTE) give the long inputs, as (text, text_pair) tuples.
+
 Batch-1 latency is measured interleaved: for each input, every provider runs once, in an order
 that rotates from input to input. Throughput runs each provider over the same batches in turn,
 repeated and interleaved. Results are reported as ratios to ``hf_eager``.
@@ -69,9 +72,17 @@ class FullDepth(torch.nn.Module):
         return self.head(hidden, attention_mask)
 
 
-def _tokenize(engine: Engine, texts: list[str]) -> dict[str, torch.Tensor]:
+def _tokenize(engine: Engine, inputs: list, return_tensors: str = "pt") -> dict:
+    """Tokenize texts, or (text, text_pair) tuples, the same way for every provider."""
+    pairs = [pair for _, pair in inputs] if isinstance(inputs[0], tuple) else None
+    texts = [text for text, _ in inputs] if pairs is not None else inputs
     return engine.tokenizer(
-        texts, padding=True, truncation=True, max_length=engine.max_length, return_tensors="pt"
+        texts,
+        pairs,
+        padding=True,
+        truncation=True,
+        max_length=engine.max_length,
+        return_tensors=return_tensors,
     )
 
 
@@ -129,9 +140,7 @@ def onnxruntime_provider(engine: Engine, model: FullDepth, workdir: Path) -> tup
     )
 
     def predict(texts: list[str]) -> list[int]:
-        enc = engine.tokenizer(
-            texts, padding=True, truncation=True, max_length=engine.max_length, return_tensors="np"
-        )
+        enc = _tokenize(engine, texts, "np")
         (logits,) = session.run(None, {n: enc[n] for n in names})
         return logits.argmax(-1).tolist()
 
@@ -272,15 +281,18 @@ def main() -> None:
 
     ckpt = args.ckpt or default_checkpoint()
     dev = load_split(get_task(args.task), "dev")
-    if dev.text_pairs is not None:
-        raise SystemExit("compare.py handles single-text tasks (sst2, cola)")
-    texts, gold = dev.texts[: args.limit], dev.labels[: args.limit]
+    if get_task(args.task).label_names is None:
+        raise SystemExit(f"compare.py needs a classification task; {args.task} is regression")
+    inputs = dev.texts
+    if dev.text_pairs is not None:  # MRPC, RTE, QNLI, STS-B: (text, text_pair) tuples
+        inputs = list(zip(dev.texts, dev.text_pairs, strict=True))
+    texts, gold = inputs[: args.limit], dev.labels[: args.limit]
     with tempfile.TemporaryDirectory() as workdir:
         providers, settings = build_providers(ckpt, Path(workdir))
         for predict in providers.values():  # warm up (and compile) on other shapes
-            for text in dev.texts[-args.warmup :]:
+            for text in inputs[-args.warmup :]:
                 predict([text])
-            predict(dev.texts[: max(args.batch_sizes)])
+            predict(inputs[: max(args.batch_sizes)])
         times, labels = latency_batch1(providers, texts)
         rates = {b: throughput(providers, texts, b, args.repeats) for b in args.batch_sizes}
 
