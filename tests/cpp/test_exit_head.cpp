@@ -7,18 +7,12 @@
 #include <cstdio>
 #include <string>
 
+#include "expect.h"
 #include "ops.h"
 
+using eeengine_test::expect;
+
 namespace {
-
-int failures = 0;
-
-void expect(bool ok, const std::string& what) {
-  if (!ok) {
-    std::fprintf(stderr, "FAIL: %s\n", what.c_str());
-    ++failures;
-  }
-}
 
 // Two rows, three tokens, hidden 2, two classes; row 1 has one padding token.
 // weight = I, bias = 0, so the logits are the pooled means.
@@ -91,6 +85,5 @@ int main() {
   test_entropy_exit_and_latch();
   test_patience_through_dispatcher();
   test_last_layer_and_errors();
-  if (failures == 0) std::printf("all exit_head_step C++ tests passed\n");
-  return failures == 0 ? 0 : 1;
+  return eeengine_test::report("exit_head_step");
 }

@@ -6,18 +6,12 @@
 #include <string>
 #include <vector>
 
+#include "expect.h"
 #include "ops.h"
 
+using eeengine_test::expect;
+
 namespace {
-
-int failures = 0;
-
-void expect(bool ok, const std::string& what) {
-  if (!ok) {
-    std::fprintf(stderr, "FAIL: %s\n", what.c_str());
-    ++failures;
-  }
-}
 
 // One row of 6 tokens, hidden 2, one head of size 1: q = 1 and k_n = log w_n, so the [CLS]
 // attention is w / sum(w) = (0.1 | 0.3, 0.05, 0.25, 0.2, 0.1).
@@ -73,6 +67,5 @@ int main() {
   test_by_hand();
   test_keep_all_is_identity();
   test_errors_name_the_argument();
-  if (failures == 0) std::printf("all token_prune C++ tests passed\n");
-  return failures == 0 ? 0 : 1;
+  return eeengine_test::report("token_prune");
 }
