@@ -136,14 +136,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print("wrote " + ", ".join(str(path) for path in paths))
         return
     logits = all_exit_logits(
-        engine.model.cpu(),
+        engine.model,
         engine.tokenizer,
         dev.texts,
         dev.text_pairs,
         engine.max_length,
         token_pruning=engine.token_pruning,
     )
-    engine.model.to(engine.device)
     per_exit = exit_metrics(logits, dev.labels, metric)
     result = engine.evaluate(dev, metric, batch_size=args.batch_size)
     report = {
