@@ -1,7 +1,8 @@
 """Layer-wise exit alone against layer-wise + token-wise exit (MPEE), side by side in one
 process, on one checkpoint and a task's dev split: the task metric, MPEE's FLOPs ratio ρ and
-its inverse (the acceleration), the layer speed-up and wall-clock, each at the checkpoint's
-policy and at full depth (policy ``none``).
+its inverse (the acceleration), the layer speed-up and wall-clock, each at the operating point
+(the checkpoint's policy, or ``--policy`` with ``--threshold`` / ``--patience`` / ``--param``
+as in ``eeengine eval``) and at full depth (policy ``none``).
 
 Providers: ``layerwise`` (no pruning) and ``tokenwise`` (the pruning schedule: the
 checkpoint's, else ``--token-pruning``, else the 6-layer default). Each provider evaluates the
@@ -10,6 +11,8 @@ median over rounds, reported as a ratio to ``layerwise``.
 
     python benchmarks/compare_token_pruning.py --ckpt DIR --task sst2 \
         --out benchmarks/results/token_pruning_sst2
+    python benchmarks/compare_token_pruning.py --ckpt DIR --task sst2 --policy elbert \
+        --threshold 0.6 --param window=3 --param window_test=monotonic
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import statistics
 from pathlib import Path
 
 from eeengine import Engine
+from eeengine.cli import add_policy_args, policy_kwargs
 from eeengine.data import get_task, load_split
 from eeengine.token_pruning import DEFAULT_TOKEN_PRUNING
 
@@ -34,7 +38,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    add_policy_args(parser)
     args = parser.parse_args()
+    point = policy_kwargs(args)
 
     task = get_task(args.task)
     dev = load_split(task, "dev")
@@ -43,12 +49,13 @@ def main() -> None:
     providers = {"layerwise": None, "tokenwise": schedule}
     results: dict[str, dict] = {}
     for name, token_pruning in providers.items():
-        for policy in (None, "none"):
-            engine = Engine(args.ckpt, policy=policy, token_pruning=token_pruning)
-            key = f"{name}/{'full depth' if policy else 'policy'}"
+        for full_depth in (False, True):
+            policy = {"policy": "none"} if full_depth else point
+            engine = Engine(args.ckpt, token_pruning=token_pruning, **policy)
+            key = f"{name}/{'full depth' if full_depth else 'policy'}"
             result = engine.evaluate(dev, task.metric, batch_size=args.batch_size)
             results[key] = {"policy": repr(engine.policy), **{m: result[m] for m in MEASURES}}
-    engines = {name: Engine(args.ckpt, token_pruning=tp) for name, tp in providers.items()}
+    engines = {name: Engine(args.ckpt, token_pruning=tp, **point) for name, tp in providers.items()}
     seconds: dict[str, list[float]] = {name: [] for name in engines}
     for round_index in range(args.rounds):
         order = list(engines) if round_index % 2 == 0 else list(reversed(engines))

@@ -35,6 +35,12 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     _add_checkpoint_args(parser)
+    add_policy_args(parser)
+
+
+def add_policy_args(parser: argparse.ArgumentParser) -> None:
+    """``--policy``, ``--threshold``, ``--patience`` and repeated ``--param NAME=VALUE``; read
+    them back with :func:`policy_kwargs`."""
     parser.add_argument("--policy", help="exit policy (default: the checkpoint's)")
     parser.add_argument("--threshold", type=float, help="policy threshold")
     parser.add_argument("--patience", type=int, help="patience (pcee, patience)")
@@ -51,14 +57,25 @@ def _engine(args: argparse.Namespace) -> Engine:
     ckpt = args.ckpt or default_checkpoint()
     return Engine(
         ckpt,
-        policy=args.policy,
-        threshold=args.threshold,
-        patience=args.patience,
         device=args.device,
         backend=args.backend,
         executor=args.executor,
-        **dict(_parse_param(p) for p in args.param),
+        **policy_kwargs(args),
     )
+
+
+def policy_kwargs(args: argparse.Namespace) -> dict:
+    """The :class:`Engine` policy arguments of :func:`add_policy_args`' options.
+
+    Raises:
+        ValueError: a ``--param`` that is not NAME=VALUE.
+    """
+    return {
+        "policy": args.policy,
+        "threshold": args.threshold,
+        "patience": args.patience,
+        **dict(_parse_param(p) for p in args.param),
+    }
 
 
 def _parse_param(text: str) -> tuple[str, object]:
