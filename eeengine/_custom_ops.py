@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from eeengine.token_pruning import TokenPruneOutput, pruned_length
+from eeengine.token_pruning import TokenPruneOutput, pruned_length, token_prune_reference
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 # The fused backends of each device type, in the order resolve_backend tries them.
@@ -238,26 +238,29 @@ def token_prune(
     )
 
 
-if HAS_C:
+def token_prune_fake(
+    hidden_states: Tensor,
+    attention_mask: Tensor,
+    cls_query: Tensor,
+    key: Tensor,
+    memory: Tensor,
+    keep_ratio: float,
+    beta: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fake (meta) implementation of every backend of token_prune: output shapes only (the
+    width ``pruned_length(seq_len, keep_ratio)`` is static)."""
+    batch_size, seq_len, hidden_size = hidden_states.shape
+    out_len = pruned_length(seq_len, keep_ratio)
+    return (
+        hidden_states.new_empty((batch_size, out_len, hidden_size)),
+        attention_mask.new_empty((batch_size, out_len)),
+        memory.new_empty((batch_size, out_len - 1)),
+        hidden_states.new_empty((batch_size, out_len), dtype=torch.long),
+    )
 
-    @torch.library.register_fake("eeengine::token_prune")
-    def _token_prune_fake(
-        hidden_states: Tensor,
-        attention_mask: Tensor,
-        cls_query: Tensor,
-        key: Tensor,
-        memory: Tensor,
-        keep_ratio: float,
-        beta: float,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        batch_size, seq_len, hidden_size = hidden_states.shape
-        out_len = pruned_length(seq_len, keep_ratio)
-        return (
-            hidden_states.new_empty((batch_size, out_len, hidden_size)),
-            attention_mask.new_empty((batch_size, out_len)),
-            memory.new_empty((batch_size, out_len - 1)),
-            hidden_states.new_empty((batch_size, out_len), dtype=torch.long),
-        )
+
+if HAS_C:
+    torch.library.register_fake("eeengine::token_prune")(token_prune_fake)
 
 
 _warned: set[str] = set()  # reasons already warned about: one warning each per process
@@ -344,3 +347,18 @@ def fused_op(backend: str) -> Callable[..., tuple[Tensor, Tensor]]:
 
         return exit_head_step_triton
     return exit_head_step
+
+
+def prune_op(backend: str) -> Callable[..., TokenPruneOutput]:
+    """The token_prune of a backend, all with :func:`token_prune`'s signature and returns:
+    :func:`eeengine.token_pruning.token_prune_reference` (plain torch) for "reference", the C++
+    op for "cpp", the Triton op (``eeengine.kernels.token_prune.token_prune``) for the GPU
+    backends "triton" and "cuda" (imported here, so CPU-only installs never import triton; the
+    CUDA C++ kernels do not include token_prune, so "cuda" without triton gets the reference)."""
+    if backend == "triton" or (backend == "cuda" and importlib.util.find_spec("triton")):
+        from eeengine.kernels.token_prune import token_prune as token_prune_gpu
+
+        return token_prune_gpu
+    if backend == "cpp":
+        return token_prune
+    return token_prune_reference

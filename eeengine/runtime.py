@@ -158,8 +158,9 @@ def early_exit_forward(
         backend: how each layer's exit head and policy step run: "reference" (plain torch,
             :func:`exit_head_step_reference`), a fused op ("cpp" on CPU, "triton" or "cuda" on
             a GPU), or None for the fastest (see :func:`eeengine._custom_ops.resolve_backend`).
-            Token pruning runs the fused op :func:`eeengine._custom_ops.token_prune` with
-            "cpp", else :func:`eeengine.token_pruning.token_prune_reference`.
+            Token pruning runs the backend's op (:func:`eeengine._custom_ops.prune_op`): the
+            C++ op with "cpp", the Triton op with "triton" and "cuda", else
+            :func:`eeengine.token_pruning.token_prune_reference`.
         token_pruning: the token-pruning schedule, or None for none.
         executor: runs the embeddings and each encoder layer (see :mod:`eeengine.executors`);
             None: the reference :class:`eeengine.executors.TorchExecutor`. Pruning layers run
@@ -185,7 +186,8 @@ def early_exit_forward(
     out_logits = torch.empty(batch_size, model.num_labels, dtype=torch.float32, device=device)
     out_layer = torch.empty(batch_size, dtype=torch.long, device=device)
     tokens_kept = torch.zeros(batch_size, num_layers, dtype=torch.long, device=device)
-    prune = _custom_ops.token_prune if backend == "cpp" else token_prune_reference
+    # Imported only for a schedule: the Triton op imports triton.
+    prune = token_prune_reference if token_pruning is None else _custom_ops.prune_op(backend)
 
     executor = executor or TorchExecutor(model)
     rows = torch.arange(batch_size, device=device)  # live row -> caller's row
