@@ -146,6 +146,7 @@ def sweep(
     metric: str,
     signals: Mapping[str, Tensor] | None = None,
     extra_metrics: Sequence[str] = (),
+    flops: tuple[Tensor, Tensor] | None = None,
 ) -> dict:
     """Every policy that applies over its grid, on precomputed logits of all exits.
 
@@ -160,12 +161,17 @@ def sweep(
         signals: extra per-layer signals, each (num_layers, num_examples).
         extra_metrics: more keys of :data:`eeengine.metrics.METRICS` to report (e.g. MRPC's
             accuracy beside its F1).
+        flops: (executed, full) of :meth:`eeengine.flops.FlopCounter.tables`: (num_layers,
+            num_examples) FLOPs of each example when it exits at each layer, and (num_examples,)
+            FLOPs of the full model. With it every point also gets MPEE's ``flops_ratio``
+            ρ = Σ executed / Σ full (Kong et al. 2022, eq. 15) and ``flops_speedup`` 1 / ρ.
 
     Returns:
         ``{"metric", "num_layers", "full_depth", "full_depth_metrics", "policies": {name:
         [point, ...]}}`` where a point holds the policy's parameters, ``metric`` (the value of
         ``metric``), ``metrics`` (``{name: value}`` of ``metric`` and ``extra_metrics``),
-        ``avg_exit_layer`` (layers), ``layer_saving`` (1 - avg / L) and ``speedup`` (L / avg).
+        ``avg_exit_layer`` (layers), ``layer_saving`` (1 - avg / L) and ``speedup`` (L / avg),
+        and with ``flops`` also ``flops_ratio`` and ``flops_speedup``.
     """
     signals = signals or {}
     num_layers, _, num_labels = all_logits.shape
@@ -195,16 +201,19 @@ def sweep(
             exit_layer, logits = run_policy(policy, all_logits, signals)
             avg = exit_layer.double().mean().item()
             measured = scores(logits)
-            points.append(
-                {
-                    **policy.params(),
-                    "metric": measured[metric],
-                    "metrics": measured,
-                    "avg_exit_layer": avg,
-                    "layer_saving": 1.0 - avg / num_layers,
-                    "speedup": num_layers / avg,
-                }
-            )
+            point = {
+                **policy.params(),
+                "metric": measured[metric],
+                "metrics": measured,
+                "avg_exit_layer": avg,
+                "layer_saving": 1.0 - avg / num_layers,
+                "speedup": num_layers / avg,
+            }
+            if flops is not None:
+                executed, full = flops
+                ratio = executed.gather(0, exit_layer[None].long() - 1).sum() / full.sum()
+                point.update(flops_ratio=ratio.item(), flops_speedup=1.0 / ratio.item())
+            points.append(point)
         result["policies"][name] = points
     return result
 

@@ -24,7 +24,11 @@ without pruning has ρ slightly above 1.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
+from torch import Tensor
 
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.token_pruning import TokenPruning, num_kept
@@ -87,14 +91,36 @@ class FlopCounter:
     def executed(self, length: int, exit_layer: int, token_pruning: TokenPruning | None) -> int:
         """What the engine ran for a sample of ``length`` tokens that exited at ``exit_layer``
         (1-based) under ``token_pruning`` (None: no pruning)."""
+        return self.cumulative(length, token_pruning)[exit_layer - 1]
+
+    def cumulative(self, length: int, token_pruning: TokenPruning | None) -> list[int]:
+        """:meth:`executed` for every exit layer: entry l - 1 is what a sample of ``length``
+        tokens costs when it exits at layer l (layers 1..l, their pruning and their heads)."""
         if token_pruning is None:
             tokens = [length] * self.num_layers
         else:
             tokens = token_pruning.tokens_per_layer(length, self.num_layers)
-        flops = 0
-        layers = zip([length, *tokens], tokens[:exit_layer], strict=False)
+        flops, total = [], 0
+        layers = zip([length, *tokens], tokens, strict=False)
         for layer, (tokens_in, tokens_out) in enumerate(layers, start=1):
             if token_pruning is not None and layer in token_pruning.layers:
-                flops += self.token_prune(tokens_in, token_pruning.keep_ratio)
-            flops += self.layer(tokens_in, tokens_out) + self.head(tokens_out)
+                total += self.token_prune(tokens_in, token_pruning.keep_ratio)
+            total += self.layer(tokens_in, tokens_out) + self.head(tokens_out)
+            flops.append(total)
         return flops
+
+    def tables(
+        self, lengths: Sequence[int], token_pruning: TokenPruning | None
+    ) -> tuple[Tensor, Tensor]:
+        """The FLOPs tables :func:`eeengine.evaluation.sweep` takes, for samples of ``lengths``
+        tokens.
+
+        Returns:
+            executed: (num_layers, len(lengths)) float64, :meth:`cumulative` of each sample.
+            full: (len(lengths),) float64, :meth:`full` of each sample.
+        """
+        executed = torch.tensor(
+            [self.cumulative(n, token_pruning) for n in lengths], dtype=torch.float64
+        )
+        full = torch.tensor([self.full(n) for n in lengths], dtype=torch.float64)
+        return executed.reshape(len(lengths), self.num_layers).T, full

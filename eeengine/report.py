@@ -22,6 +22,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from eeengine.batching import encode
 from eeengine.data import Split
 from eeengine.engine import Engine
 from eeengine.evaluation import (
@@ -32,6 +33,7 @@ from eeengine.evaluation import (
     policy_params,
     sweep,
 )
+from eeengine.flops import FlopCounter
 
 # Layer speed-ups (L / average exit layer) the summary reports the metric at.
 SPEEDUP_TARGETS = (1.5, 2.0)
@@ -52,7 +54,8 @@ def sweep_report(
 
     The model runs to full depth once (:func:`eeengine.evaluation.all_exit_outputs`, with the
     engine's token pruning and the model's extra signals, so ``lte`` is swept when the model
-    has an LTE module).
+    has an LTE module). Every point carries MPEE's FLOPs ratio ρ and 1 / ρ (the engine's token
+    pruning and the inputs' token counts, :mod:`eeengine.flops`).
 
     Args:
         engine: the loaded checkpoint (its policy plays no part: every policy is swept).
@@ -78,7 +81,9 @@ def sweep_report(
         progress=progress,
         token_pruning=engine.token_pruning,
     )
-    calibration = sweep(all_logits, data.labels, metric, signals, extra_metrics)
+    lengths = encode(engine.tokenizer, data.texts, data.text_pairs, engine.max_length).lengths
+    flops = FlopCounter.for_model(engine.model).tables(lengths, engine.token_pruning)
+    calibration = sweep(all_logits, data.labels, metric, signals, extra_metrics, flops)
     names = list(calibration["full_depth_metrics"])
     per_exit = {name: exit_metrics(all_logits, data.labels, name) for name in names}
     return {
@@ -169,7 +174,7 @@ def markdown(report: dict) -> str:
 
 
 def _cell(point: dict | None, names: list[str], num_layers: int) -> str:
-    """``2.05x: 88.10 / 83.33 (avg 2.93 layers; threshold=0.3)`` or ``none``."""
+    """``2.05x: 88.10 / 83.33 (avg 2.93 layers, 1/ρ 2.10x; threshold=0.3)`` or ``none``."""
     if point is None:
         return "none"
     values = " / ".join(f"{point['metrics'][n]:.2f}" for n in names)
@@ -179,7 +184,8 @@ def _cell(point: dict | None, names: list[str], num_layers: int) -> str:
         if v is not None
     )
     speedup = num_layers / point["avg_exit_layer"]
-    return f"{speedup:.2f}x: {values} (avg {point['avg_exit_layer']:.2f} layers; {params})"
+    flops = f", 1/ρ {point['flops_speedup']:.2f}x" if "flops_speedup" in point else ""
+    return f"{speedup:.2f}x: {values} (avg {point['avg_exit_layer']:.2f} layers{flops}; {params})"
 
 
 def pareto_front(points: list[dict], metric: str) -> list[dict]:

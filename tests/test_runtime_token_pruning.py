@@ -16,6 +16,7 @@ from eeengine.data import Split
 from eeengine.flops import FlopCounter
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import make_policy, run_policy
+from eeengine.report import sweep_report
 from eeengine.runtime import early_exit_forward
 from eeengine.token_pruning import DEFAULT_TOKEN_PRUNING, TokenPruning
 from tests.conftest import BACKBONE_TYPES, HF_MODELS, SENTENCES, make_tiny_model
@@ -156,6 +157,9 @@ def test_flops_by_hand():
     # Full model: 2 layers on 5 tokens (640 + 400 + 640 each) and one head (5*4 + 16).
     assert counter.full(5) == 2 * 1680 + 36 == 3396
     assert counter.executed(5, 2, None) == 2 * (1680 + 36)
+    assert counter.cumulative(5, schedule) == [1640, 2952]
+    executed, full = counter.tables([5, 5], schedule)
+    assert executed.tolist() == [[1640, 1640], [2952, 2952]] and full.tolist() == [3396, 3396]
     cls_counter = FlopCounter(4, 8, 2, 2, pooling="cls")
     assert cls_counter.full(5) == 2 * 1680 + 2 * 16 + 16
 
@@ -198,6 +202,22 @@ def test_engine_evaluate_reports_flops_ratio(pruned_ckpt):
     ratio = sum(p.flops for p in predictions) / sum(p.full_flops for p in predictions)
     assert result["flops_ratio"] == pytest.approx(ratio) and ratio < 1
     assert result["flops_speedup"] == pytest.approx(1 / ratio)
+
+
+def test_sweep_flops_ratio_equals_the_engine_at_each_point(pruned_ckpt):
+    """ρ of every swept entropy point (from the FLOPs tables and the exits of the full-depth
+    pass) is what Engine.evaluate measures running that policy with pruning."""
+    engine = Engine(pruned_ckpt, policy="none")
+    split = Split(texts=SENTENCES, text_pairs=None, labels=[0, 1] * 4)
+    report = sweep_report(engine, "tiny", "dev", split, "accuracy")
+    points = report["policies"]["entropy"]
+    assert len({round(p["avg_exit_layer"], 6) for p in points}) > 1  # exits vary
+    for point in points[:: max(1, len(points) // 4)]:
+        measured = Engine(pruned_ckpt, policy="entropy", threshold=point["threshold"])
+        result = measured.evaluate(split, "accuracy")
+        assert point["avg_exit_layer"] == pytest.approx(result["avg_exit_layer"])
+        assert point["flops_ratio"] == pytest.approx(result["flops_ratio"])
+        assert point["flops_speedup"] == pytest.approx(result["flops_speedup"])
 
 
 def test_bad_schedule_in_checkpoint_is_named(pruned_ckpt, tmp_path):
