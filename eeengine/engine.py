@@ -281,7 +281,9 @@ class Engine:
             progress=progress,
             token_pruning=self.token_pruning,
         )
-        calibration = sweep(all_logits, values, task.metric, signals, task.extra_metrics)
+        lengths = encode(self.tokenizer, texts, text_pairs, self.max_length).lengths
+        flops = self._flops.tables(lengths, self.token_pruning)
+        calibration = sweep(all_logits, values, task.metric, signals, task.extra_metrics, flops)
         chosen, point = self._calibrated_policy(calibration, target_speedup, max_drop, policy)
         backend = resolve_backend(
             self._requested_backend, chosen, self.model.num_labels, self.device

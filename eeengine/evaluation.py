@@ -45,7 +45,15 @@ SWEEP_ELBERT_WINDOWS = (
 # Swept policies: those with a grid, and "budget" over layers 1 … L-1.
 SWEPT_POLICIES = (*SWEEP_GRIDS, "budget")
 # Keys of a sweep point that are measurements, not parameters of the policy.
-POINT_MEASUREMENTS = ("metric", "metrics", "avg_exit_layer", "layer_saving", "speedup")
+POINT_MEASUREMENTS = (
+    "metric",
+    "metrics",
+    "avg_exit_layer",
+    "layer_saving",
+    "speedup",
+    "flops_ratio",
+    "flops_speedup",
+)
 
 
 def sweep_params(name: str, num_labels: int, num_layers: int) -> list[dict]:

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import eeengine.training.trainer as trainer_module
 from eeengine import Engine
 from eeengine.cli import build_parser
+from eeengine.data import file_dataset
 from eeengine.training import TrainConfig, train
 from eeengine.training.recipes import RECIPES
 from eeengine.training.state import state_dir
@@ -240,8 +241,16 @@ def test_train_with_token_pruning(recipe, tiny_bert_dir, tiny_csv_task, tmp_path
     manifest = json.loads((path / "eeengine.json").read_text())
     assert manifest["token_pruning"] == schedule
     assert manifest["training"]["config"]["token_pruning"] == schedule
-    prediction = Engine(path, policy="none").predict(SENTENCES[5])
+    engine = Engine(path, policy="none")
+    prediction = engine.predict(SENTENCES[5])
     assert prediction.tokens_kept is not None and prediction.tokens_kept[-1] < 20
+    # The calibration's FLOPs ratio of a fixed exit is the engine's on the dev file.
+    point = engine.calibration["policies"]["budget"][1]
+    dev = file_dataset(
+        tiny_csv_task / "train.csv", tiny_csv_task / "dev.csv", "review", "verdict"
+    ).dev
+    measured = Engine(path, policy="budget", layer=point["layer"]).evaluate(dev, "accuracy")
+    assert point["flops_ratio"] == pytest.approx(measured["flops_ratio"])
 
 
 def test_cli_reads_the_schedule_as_json():

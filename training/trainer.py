@@ -38,6 +38,7 @@ from eeengine.evaluation import (
     policy_params,
     sweep,
 )
+from eeengine.flops import FlopCounter
 from eeengine.modeling_multiexit import MultiExitBert, load_backbone_weights
 from eeengine.token_pruning import TokenPruning
 from eeengine.training.recipes import Recipe, make_recipe
@@ -434,7 +435,13 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     if best.step != total_steps:
         model.load_state_dict(loop.best_model)
         recipe.load_state_dict(loop.best_recipe)
-    calibration = sweep(best.logits, data.dev.labels, data.metric, best.signals, data.extra_metrics)
+    dev_lengths = encode(
+        tokenizer, data.dev.texts, data.dev.text_pairs, eval_max_seq_length
+    ).lengths
+    flops = FlopCounter.for_model(model).tables(dev_lengths, token_pruning)
+    calibration = sweep(
+        best.logits, data.dev.labels, data.metric, best.signals, data.extra_metrics, flops
+    )
     training = {
         "steps": total_steps,
         "best_step": best.step,
