@@ -29,6 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from eeengine._custom_ops import PolicyCode, check_policy_params, exit_head_step_fake
+from eeengine.kernels._compile import compile_for_gpu
 
 # The policy codes as compile-time constants of the kernel (shared with csrc/ops.h through
 # PolicyCode; the kernel is specialized per policy, so unused branches are compiled out).
@@ -344,9 +345,6 @@ def compile_ahead_of_time(capability: int = 90, warp_size: int = 32) -> dict[str
     Raises:
         RuntimeError: the module was imported in interpreter mode.
     """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     if INTERPRETED:
         raise RuntimeError("compile_ahead_of_time needs TRITON_INTERPRET unset at import")
     pointers = {
@@ -363,7 +361,6 @@ def compile_ahead_of_time(capability: int = 90, warp_size: int = 32) -> dict[str
         "out_layer_ptr": "*i64",
     }
     floats = ("threshold", "log_num_labels")
-    target = GPUTarget("cuda", capability, warp_size)
     compiled = {}
     for code in PolicyCode:
         for has_mask in (True, False):
@@ -374,17 +371,8 @@ def compile_ahead_of_time(capability: int = 90, warp_size: int = 32) -> dict[str
                 "HAS_MASK": has_mask,
                 **_launch_config(seq_len=128, hidden_size=768, num_labels=3),
             }
-            signature = {}
-            for name in _exit_head_step_kernel.arg_names:
-                if name in constexprs:
-                    signature[name] = "constexpr"
-                elif name in pointers:
-                    signature[name] = (
-                        pointers[name] if has_mask or name != "hidden_ptr" else "*fp32"
-                    )
-                else:
-                    signature[name] = "fp32" if name in floats else "i32"
-            source = ASTSource(_exit_head_step_kernel, signature, constexprs)
-            variant = f"{code.name}/{'mask' if has_mask else 'pooled'}"
-            compiled[variant] = triton.compile(source, target=target)
+            variant_pointers = pointers if has_mask else {**pointers, "hidden_ptr": "*fp32"}
+            compiled[f"{code.name}/{'mask' if has_mask else 'pooled'}"] = compile_for_gpu(
+                _exit_head_step_kernel, variant_pointers, constexprs, floats, capability, warp_size
+            )
     return compiled

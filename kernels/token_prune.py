@@ -44,6 +44,7 @@ import triton.language as tl
 from torch import Tensor
 
 from eeengine._custom_ops import token_prune_fake
+from eeengine.kernels._compile import compile_for_gpu
 from eeengine.token_pruning import TokenPruneOutput, pruned_length
 
 # Elements of one [BLOCK_N, BLOCK_D] key tile or [BLOCK_N, BLOCK_H] hidden-state tile.
@@ -407,13 +408,9 @@ def compile_ahead_of_time(capability: int = 90, warp_size: int = 32) -> dict[str
     Raises:
         RuntimeError: the module was imported in interpreter mode.
     """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     if INTERPRETED:
         raise RuntimeError("compile_ahead_of_time needs TRITON_INTERPRET unset at import")
     floats = ("keep_ratio_hi", "keep_ratio_mid", "keep_ratio_lo", "one_minus_beta", "beta", "scale")
-    target = GPUTarget("cuda", capability, warp_size)
     compiled = {}
     for dtype, mask_dtype, seq_len in (("fp16", "i64", 128), ("fp32", "u8", 512)):
         pointers = {
@@ -428,14 +425,7 @@ def compile_ahead_of_time(capability: int = 90, warp_size: int = 32) -> dict[str
             "kept_indices_ptr": "*i64",
         }
         constexprs = _launch_config(seq_len, hidden_size=384, head_size=32)
-        signature = {}
-        for name in _token_prune_kernel.arg_names:
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name in pointers:
-                signature[name] = pointers[name]
-            else:
-                signature[name] = "fp32" if name in floats else "i32"
-        source = ASTSource(_token_prune_kernel, signature, constexprs)
-        compiled[f"{dtype}/N{seq_len}"] = triton.compile(source, target=target)
+        compiled[f"{dtype}/N{seq_len}"] = compile_for_gpu(
+            _token_prune_kernel, pointers, constexprs, floats, capability, warp_size
+        )
     return compiled
