@@ -33,6 +33,7 @@ def cell(recipe: str, seed: int, per_exit: list[float], pcee2: float | None) -> 
         "metric": "accuracy",
         "seconds": 10.0,
         "per_exit": per_exit,
+        "learned": {},
         "trade_off": {"pcee": {"1.5": None, "2": pcee2, "3": None}},
         "curve": {"pcee": [pcee2, None]},
     }
@@ -121,6 +122,7 @@ def test_grid_trains_each_cell_once_and_reports(tiny_bert_dir, tiny_csv_task, tm
     assert elbert_claims and all(c["seeds"] == 2 for c in elbert_claims[:1])
     markdown = (tmp_path / "out" / "r.md").read_text()
     assert "| elbert | 2 |" in markdown and "ELBERT: learnable loss weights" in markdown
+    assert "elbert learned loss_weights (layer 1 first): " in markdown
     assert (tmp_path / "out" / "r.png").stat().st_size > 0
 
 

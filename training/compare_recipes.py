@@ -102,7 +102,8 @@ def read_cell(path: Path) -> dict:
     """One trained cell: its task, recipe, seed, per-exit dev metric and trade-off.
 
     Returns:
-        ``{"task", "recipe", "seed", "metric", "seconds", "per_exit": [L floats],
+        ``{"task", "recipe", "seed", "metric", "seconds", "per_exit": [L floats], "learned"
+        (the recipe's learned parameters, e.g. ELBERT's loss weights),
         "trade_off": {policy: {"1.5": metric or None, ...}}, "curve": {policy: [metric or
         None per CURVE_SPEEDUPS]}}``; metrics in points.
     """
@@ -122,6 +123,7 @@ def read_cell(path: Path) -> dict:
         "metric": training["dev_metric"],
         "seconds": training["seconds"],
         "per_exit": training["dev_exit_metrics"],
+        "learned": training.get("recipe_learned") or {},
         "trade_off": {p: {f"{s:g}": best_at(p, s) for s in SPEEDUPS} for p in policies},
         "curve": {p: [best_at(p, s) for s in CURVE_SPEEDUPS] for p in policies},
     }
@@ -157,6 +159,10 @@ def aggregate(cells: list[dict]) -> dict:
             recipes[recipe] = {
                 "seeds": [c["seed"] for c in runs],
                 "seconds": mean_std([c["seconds"] for c in runs]),
+                "learned": {
+                    name: _columns([c["learned"][name] for c in runs])
+                    for name in runs[0]["learned"]
+                },
                 "per_exit": _columns([c["per_exit"] for c in runs]),
                 "trade_off": {
                     policy: {
@@ -276,6 +282,12 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {recipe} | {len(row['seeds'])} | {row['seconds']['mean']:.0f} | {exits} |"
             )
+        for recipe, row in recipes.items():
+            for name, values in row["learned"].items():
+                lines.append(
+                    f"\n{recipe} learned {name} (layer 1 first): "
+                    + ", ".join(f"{v['mean']:.3f}" for v in values)
+                )
         policies = list(next(iter(recipes.values()))["trade_off"])
         headers = [f"{p} ≥ {t}x" for p in policies for t in (f"{s:g}" for s in SPEEDUPS)]
         lines += ["", "| recipe | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
