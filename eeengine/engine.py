@@ -15,7 +15,7 @@ import torch
 from eeengine._custom_ops import resolve_backend
 from eeengine.batching import collate, encode, length_sorted_batches
 from eeengine.checkpoint import CALIBRATION, MANIFEST, CheckpointError, load_checkpoint
-from eeengine.data import Split, get_task
+from eeengine.data import TASKS, Split
 from eeengine.evaluation import (
     all_exit_outputs,
     check_target,
@@ -270,7 +270,7 @@ class Engine:
         )
         values = self._label_values(labels)
         check_target(target_speedup, max_drop)
-        task = get_task(self.manifest["task"]["name"])
+        metric, extra_metrics = self._task_metrics()
         all_logits, signals = all_exit_outputs(
             self.model,
             self.tokenizer,
@@ -283,7 +283,7 @@ class Engine:
         )
         lengths = encode(self.tokenizer, texts, text_pairs, self.max_length).lengths
         flops = self._flops.tables(lengths, self.token_pruning)
-        calibration = sweep(all_logits, values, task.metric, signals, task.extra_metrics, flops)
+        calibration = sweep(all_logits, values, metric, signals, extra_metrics, flops)
         chosen, point = self._calibrated_policy(calibration, target_speedup, max_drop, policy)
         backend = resolve_backend(
             self._requested_backend, chosen, self.model.num_labels, self.device
@@ -413,6 +413,14 @@ class Engine:
                 prediction.full_flops = self._flops.full(length)
                 results[i] = prediction
         return results
+
+    def _task_metrics(self) -> tuple[str, tuple[str, ...]]:
+        """The metric the checkpoint was calibrated with (``eeengine.json``) and, for a GLUE
+        task, its other official metrics; a task from the user's files has none."""
+        task = self.manifest["task"]
+        glue = TASKS.get(task["name"])
+        extra = glue.extra_metrics if glue is not None and glue.metric == task["metric"] else ()
+        return task["metric"], extra
 
     def _predictions(self, out: ExitOutput) -> list[Prediction]:
         """One :class:`Prediction` per row, with one host copy per field for the whole batch."""

@@ -12,9 +12,10 @@ from eeengine import Engine
 from eeengine._custom_ops import HAS_C
 from eeengine.checkpoint import save_checkpoint, update_checkpoint, write_json_atomic
 from eeengine.cli import main
-from eeengine.data import get_task, load_split
+from eeengine.data import file_dataset, get_task, load_split
 from eeengine.evaluation import choose_for_speedup, select_operating_point, sweep
-from tests.conftest import SENTENCES, make_tiny_model, tiny_manifest
+from eeengine.training import train
+from tests.conftest import SENTENCES, csv_config, make_tiny_model, tiny_manifest
 
 
 def _point(metric: float, avg: float, num_layers: int = 6, **params) -> dict:
@@ -324,3 +325,18 @@ def test_bad_arguments_fail_before_the_full_depth_pass(tiny_ckpt, monkeypatch, l
     monkeypatch.setattr(eeengine.engine, "all_exit_outputs", run_model)
     with pytest.raises(ValueError):
         engine.calibrate(SENTENCES, labels, **kwargs)
+
+
+def test_calibrate_a_checkpoint_trained_on_user_files(tiny_bert_dir, tiny_csv_task, tmp_path):
+    """A task from the user's files is not a GLUE name: calibration uses the checkpoint's metric
+    (accuracy), and the point it picks is what the engine then measures."""
+    path = train(csv_config(tiny_bert_dir, tiny_csv_task), tmp_path / "user", progress=False)
+    engine = Engine(path)
+    dev = file_dataset(
+        tiny_csv_task / "train.csv", tiny_csv_task / "dev.csv", "review", "verdict"
+    ).dev
+    labels = [engine.label_names[y] for y in dev.labels]
+    point = engine.calibrate(dev.texts, labels, max_drop=100.0, policy="budget")
+    assert engine.calibration["metric"] == "accuracy" and point["layer"] == 1
+    measured = engine.evaluate(dev, "accuracy")
+    assert measured["value"] == pytest.approx(point["metric"])
