@@ -33,6 +33,17 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
 
 
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    """The labelled data of ``eval`` and ``calibrate``, read by :func:`_eval_data`."""
+    parser.add_argument("--task", help="GLUE task (default: the checkpoint's)")
+    parser.add_argument("--split", default="dev")
+    parser.add_argument(
+        "--dev-file",
+        help="a CSV/TSV/JSONL file for a checkpoint trained with --train-file (default: its "
+        "own dev file)",
+    )
+
+
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     _add_checkpoint_args(parser)
     add_policy_args(parser)
@@ -194,10 +205,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         executor=args.executor,
     )
     trained_on = engine.manifest["task"]["name"]
-    task = get_task(args.task or trained_on)
-    if task.name != trained_on:
-        raise ValueError(f"the checkpoint was trained on {trained_on}, not {task.name}")
-    data = load_split(task, args.split)
+    if args.task is not None and get_task(args.task).name != trained_on:
+        raise ValueError(f"the checkpoint was trained on {trained_on}, not {args.task}")
+    name, split_name, _, _, data = _eval_data(args, engine)
     point = engine.calibrate(
         data.texts,
         data.labels,
@@ -209,7 +219,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         progress=True,
     )
     print(
-        f"{task.name} {args.split} ({len(data.texts)} examples): "
+        f"{name} {split_name} ({len(data.texts)} examples): "
         f"{describe_point(point['name'], point)}; full depth "
         f"{engine.calibration['full_depth']:.2f}; layer speed-up {point['speedup']:.2f}x "
         f"({point['layer_saving']:.1%} of layers saved)"
@@ -298,13 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="dev metric per exit and of the exit policy")
-    p.add_argument("--task", help="GLUE task (default: the checkpoint's)")
-    p.add_argument("--split", default="dev")
-    p.add_argument(
-        "--dev-file",
-        help="a CSV/TSV/JSONL file to evaluate a checkpoint trained with --train-file on "
-        "(default: its own dev file)",
-    )
+    _add_data_args(p)
     p.add_argument("--json", action="store_true")
     p.add_argument(
         "--sweep",
@@ -318,8 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "calibrate", help="measure every policy on a labelled split and pick an operating point"
     )
-    p.add_argument("--task", help="GLUE task (default: the checkpoint's)")
-    p.add_argument("--split", default="dev")
+    _add_data_args(p)
     p.add_argument("--policy", help="pick among this policy's points only (default: any)")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument(

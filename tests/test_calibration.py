@@ -327,9 +327,12 @@ def test_bad_arguments_fail_before_the_full_depth_pass(tiny_ckpt, monkeypatch, l
         engine.calibrate(SENTENCES, labels, **kwargs)
 
 
-def test_calibrate_a_checkpoint_trained_on_user_files(tiny_bert_dir, tiny_csv_task, tmp_path):
+def test_calibrate_a_checkpoint_trained_on_user_files(
+    tiny_bert_dir, tiny_csv_task, tmp_path, capsys
+):
     """A task from the user's files is not a GLUE name: calibration uses the checkpoint's metric
-    (accuracy), and the point it picks is what the engine then measures."""
+    (accuracy), and the point it picks is what the engine then measures; the CLI reads the
+    checkpoint's own dev file."""
     path = train(csv_config(tiny_bert_dir, tiny_csv_task), tmp_path / "user", progress=False)
     engine = Engine(path)
     dev = file_dataset(
@@ -340,3 +343,6 @@ def test_calibrate_a_checkpoint_trained_on_user_files(tiny_bert_dir, tiny_csv_ta
     assert engine.calibration["metric"] == "accuracy" and point["layer"] == 1
     measured = engine.evaluate(dev, "accuracy")
     assert measured["value"] == pytest.approx(point["metric"])
+    args = ["calibrate", "--ckpt", str(path), "--max-drop", "100", "--policy", "budget"]
+    assert main(args) == 0
+    assert "dev.csv (12 examples): budget(layer=1)" in capsys.readouterr().out
