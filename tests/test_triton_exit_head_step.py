@@ -30,20 +30,9 @@ from tests.test_exit_head_step import (
     make_policy,
     run_both,
 )
+from tests.triton_support import DEVICE, import_kernel
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-
-
-pytest.importorskip("triton", reason="triton is not installed")
-from eeengine.kernels import exit_head_step as triton_kernel  # noqa: E402
-
-if not HAS_CUDA and not triton_kernel.INTERPRETED:
-    pytest.skip(
-        "no GPU, and triton was imported without TRITON_INTERPRET=1 (tests/conftest.py sets it "
-        "first; run these tests through pytest)",
-        allow_module_level=True,
-    )
+triton_kernel = import_kernel("exit_head_step")
 
 DTYPES = [torch.float32, torch.float16]  # bf16: the interpreter's arithmetic is wrong
 POLICIES = ["none", "entropy", "normalized_entropy", "max_prob", "patience", "pcee", "budget"]

@@ -36,19 +36,9 @@ from tests.test_token_prune import (
     good_args,
     make_inputs,
 )
+from tests.triton_support import DEVICE, import_kernel
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-
-pytest.importorskip("triton", reason="triton is not installed")
-from eeengine.kernels import token_prune as triton_kernel  # noqa: E402
-
-if not HAS_CUDA and not triton_kernel.INTERPRETED:
-    pytest.skip(
-        "no GPU, and triton was imported without TRITON_INTERPRET=1 (tests/conftest.py sets it "
-        "first; run these tests through pytest)",
-        allow_module_level=True,
-    )
+triton_kernel = import_kernel("token_prune")
 
 DTYPES = [torch.float32, torch.float16]  # bf16: the interpreter's arithmetic is wrong
 # (keep ratio, candidates c) where r c lands exactly on an integer in float64: one rounding step
