@@ -10,9 +10,6 @@ compiles it in a subprocess (the interpreted kernel of this process cannot be co
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -30,7 +27,7 @@ from tests.test_exit_head_step import (
     make_policy,
     run_both,
 )
-from tests.triton_support import DEVICE, import_kernel
+from tests.triton_support import DEVICE, compile_for_sm90, import_kernel
 
 triton_kernel = import_kernel("exit_head_step")
 
@@ -184,21 +181,4 @@ def test_opcheck() -> None:
 
 
 def test_compiles_for_sm90_without_gpu() -> None:
-    """Build check: triton.compile for GPUTarget("cuda", 90, 32), in a fresh process without
-    TRITON_INTERPRET (this process imported the interpreted kernel)."""
-    code = (
-        "from eeengine.kernels.exit_head_step import compile_ahead_of_time\n"
-        "compiled = compile_ahead_of_time(90)\n"
-        "for k in compiled.values():\n"
-        "    assert '.target sm_90' in k.asm['ptx'] and k.asm['cubin']\n"
-        "print(len(compiled))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
-    )
-    if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr:
-        pytest.skip(f"triton cannot compile for sm_90 here: {result.stderr.strip()[-300:]}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert int(result.stdout.split()[-1]) == 8
+    assert compile_for_sm90("exit_head_step") == 8

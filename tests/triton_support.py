@@ -4,6 +4,9 @@ module, skipping the test module where the kernel cannot run."""
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
 from types import ModuleType
 
 import pytest
@@ -27,3 +30,30 @@ def import_kernel(name: str) -> ModuleType:
             allow_module_level=True,
         )
     return module
+
+
+def compile_for_sm90(name: str) -> int:
+    """Build check: run ``eeengine.kernels.<name>.compile_ahead_of_time(90)`` (triton.compile
+    for GPUTarget("cuda", 90, 32)) in a fresh process without TRITON_INTERPRET (the calling
+    process imported the interpreted kernel) and check every variant's PTX targets sm_90 and
+    has a cubin. Skips the test where triton has no ptxas.
+
+    Returns:
+        The number of variants compiled.
+    """
+    code = (
+        f"from eeengine.kernels.{name} import compile_ahead_of_time\n"
+        "compiled = compile_ahead_of_time(90)\n"
+        "for k in compiled.values():\n"
+        "    assert '.target sm_90' in k.asm['ptx'] and k.asm['cubin']\n"
+        "print(len(compiled))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr:
+        pytest.skip(f"triton cannot compile for sm_90 here: {result.stderr.strip()[-300:]}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return int(result.stdout.split()[-1])
