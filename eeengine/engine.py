@@ -20,6 +20,7 @@ from eeengine.evaluation import (
     all_exit_outputs,
     check_target,
     choose_operating_point,
+    flops_tables,
     policy_params,
     select_operating_point,
     sweep,
@@ -281,8 +282,9 @@ class Engine:
             progress=progress,
             token_pruning=self.token_pruning,
         )
-        lengths = encode(self.tokenizer, texts, text_pairs, self.max_length).lengths
-        flops = self._flops.tables(lengths, self.token_pruning)
+        flops = flops_tables(
+            self.model, self.tokenizer, texts, text_pairs, self.max_length, self.token_pruning
+        )
         calibration = sweep(all_logits, values, metric, signals, extra_metrics, flops)
         chosen, point = self._calibrated_policy(calibration, target_speedup, max_drop, policy)
         backend = resolve_backend(

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from eeengine.batching import collate, encode, length_sorted_batches
+from eeengine.flops import FlopCounter
 from eeengine.metrics import METRICS
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import POLICIES, make_policy, run_policy
@@ -110,6 +111,22 @@ def all_exit_outputs(
         for name, value in batch_signals.items():
             signals[name][:, indices] = value.float().cpu()
     return out, signals
+
+
+def flops_tables(
+    model: MultiExitBert,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    text_pairs: Sequence[str] | None,
+    max_length: int,
+    token_pruning: TokenPruning | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The ``flops`` argument of :func:`sweep` for these inputs: each one's FLOPs when it exits
+    at each layer (num_layers, len(texts)) and of the full model (len(texts),), float64, at its
+    own token count (truncated to ``max_length``) under ``token_pruning``
+    (:meth:`eeengine.flops.FlopCounter.tables`)."""
+    lengths = encode(tokenizer, texts, text_pairs, max_length).lengths
+    return FlopCounter.for_model(model).tables(lengths, token_pruning)
 
 
 def all_exit_logits(

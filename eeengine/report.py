@@ -22,7 +22,6 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from eeengine.batching import encode
 from eeengine.data import Split
 from eeengine.engine import Engine
 from eeengine.evaluation import (
@@ -30,10 +29,10 @@ from eeengine.evaluation import (
     choose_for_speedup,
     choose_operating_point,
     exit_metrics,
+    flops_tables,
     policy_params,
     sweep,
 )
-from eeengine.flops import FlopCounter
 
 # Layer speed-ups (L / average exit layer) the summary reports the metric at.
 SPEEDUP_TARGETS = (1.5, 2.0)
@@ -81,8 +80,14 @@ def sweep_report(
         progress=progress,
         token_pruning=engine.token_pruning,
     )
-    lengths = encode(engine.tokenizer, data.texts, data.text_pairs, engine.max_length).lengths
-    flops = FlopCounter.for_model(engine.model).tables(lengths, engine.token_pruning)
+    flops = flops_tables(
+        engine.model,
+        engine.tokenizer,
+        data.texts,
+        data.text_pairs,
+        engine.max_length,
+        engine.token_pruning,
+    )
     calibration = sweep(all_logits, data.labels, metric, signals, extra_metrics, flops)
     names = list(calibration["full_depth_metrics"])
     per_exit = {name: exit_metrics(all_logits, data.labels, name) for name in names}

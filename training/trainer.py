@@ -35,10 +35,10 @@ from eeengine.evaluation import (
     all_exit_outputs,
     choose_operating_point,
     exit_metrics,
+    flops_tables,
     policy_params,
     sweep,
 )
-from eeengine.flops import FlopCounter
 from eeengine.modeling_multiexit import MultiExitBert, load_backbone_weights
 from eeengine.token_pruning import TokenPruning
 from eeengine.training.recipes import Recipe, make_recipe
@@ -435,10 +435,10 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     if best.step != total_steps:
         model.load_state_dict(loop.best_model)
         recipe.load_state_dict(loop.best_recipe)
-    dev_lengths = encode(
-        tokenizer, data.dev.texts, data.dev.text_pairs, eval_max_seq_length
-    ).lengths
-    flops = FlopCounter.for_model(model).tables(dev_lengths, token_pruning)
+    dev = data.dev
+    flops = flops_tables(
+        model, tokenizer, dev.texts, dev.text_pairs, eval_max_seq_length, token_pruning
+    )
     calibration = sweep(
         best.logits, data.dev.labels, data.metric, best.signals, data.extra_metrics, flops
     )
