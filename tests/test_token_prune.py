@@ -279,10 +279,9 @@ def test_op_ties_and_identity() -> None:
     assert torch.equal(identity.attention_mask, mask)
 
 
-@requires_c
-@torch.inference_mode()
-def test_op_strided_inputs() -> None:
-    """The layouts the runtime passes: keys and [CLS] query as SDPA head views of (B, N, H)."""
+def strided_inputs() -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Non-contiguous inputs as the runtime passes them: keys and [CLS] query as SDPA head views
+    of (B, N, H), sliced hidden states and memory; rows of 10, 3, 7, 10 and 1 tokens."""
     gen = torch.Generator().manual_seed(SEED)
     batch_size, seq_len, heads, head_size = 5, 10, 4, 8
     projected = torch.randn(batch_size, seq_len, heads * head_size, generator=gen)
@@ -292,6 +291,14 @@ def test_op_strided_inputs() -> None:
     memory = torch.rand(batch_size, 12, generator=gen)[:, : seq_len - 1]
     inputs = (hidden, mask, heads_view[:, :, 0], heads_view, memory)
     assert not any(t.is_contiguous() for t in (hidden, heads_view, memory))
+    return inputs
+
+
+@requires_c
+@torch.inference_mode()
+def test_op_strided_inputs() -> None:
+    """The layouts the runtime passes: keys and [CLS] query as SDPA head views of (B, N, H)."""
+    inputs = strided_inputs()
     assert_same(
         token_prune(*inputs, 0.6, 0.5), token_prune_reference(*inputs, 0.6, 0.5), torch.float32
     )

@@ -32,6 +32,7 @@ from tests.test_token_prune import (
     assert_same,
     good_args,
     make_inputs,
+    strided_inputs,
 )
 from tests.triton_support import DEVICE, compile_for_sm90, import_kernel
 
@@ -156,15 +157,7 @@ def test_split_keep_ratio_is_exact() -> None:
 def test_strided_inputs() -> None:
     """The layouts the runtime passes: keys and [CLS] query as SDPA head views of (B, N, H),
     sliced hidden states and memory."""
-    gen = torch.Generator().manual_seed(0)
-    batch_size, seq_len, heads, head_size = 5, 10, 4, 8
-    projected = torch.randn(batch_size, seq_len, heads * head_size, generator=gen)
-    heads_view = projected.view(batch_size, seq_len, heads, head_size).transpose(1, 2)
-    hidden = torch.randn(batch_size, 12, 83, generator=gen)[:, 1:11]
-    mask = (torch.arange(seq_len) < torch.tensor([10, 3, 7, 10, 1])[:, None]).long()
-    memory = torch.rand(batch_size, 12, generator=gen)[:, : seq_len - 1]
-    inputs = (hidden, mask, heads_view[:, :, 0], heads_view, memory)
-    assert not any(t.is_contiguous() for t in (hidden, heads_view, memory))
+    inputs = strided_inputs()
     check(inputs, 0.6, 0.5, torch.float32)
 
 
