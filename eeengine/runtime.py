@@ -49,6 +49,46 @@ class ExitOutput:
     tokens_kept: Tensor | None = None
 
 
+class NonFiniteLogitsError(RuntimeError):
+    """The logits of the exit a row took are NaN or infinite, so no prediction can be made.
+
+    Raised by :func:`early_exit_forward` (for batch rows) and re-raised by ``Engine.predict``
+    for the caller's input indices (:meth:`for_inputs`).
+
+    Attributes:
+        rows: the bad rows (batch rows, or input indices after :meth:`for_inputs`).
+        layers: the 1-based exit layer of each bad row.
+    """
+
+    def __init__(self, rows: list[int], layers: list[int], what: str = "batch row") -> None:
+        self.rows, self.layers = rows, layers
+        listed = ", ".join(
+            f"{what} {row} at layer {layer}"
+            for row, layer in list(zip(rows, layers, strict=True))[:10]
+        )
+        super().__init__(
+            f"non-finite (NaN or infinite) logits for {len(rows)} input(s): {listed}; the "
+            "model's numbers overflowed, so no prediction is returned"
+        )
+
+    def for_inputs(self, indices: list[int]) -> NonFiniteLogitsError:
+        """The same error naming ``indices[row]`` (the caller's input index of each row)."""
+        return NonFiniteLogitsError([indices[row] for row in self.rows], self.layers, "input")
+
+
+def check_finite(out: ExitOutput) -> ExitOutput:
+    """``out`` when every latched logit is finite (one reduction and one host sync per batch).
+
+    Raises:
+        NonFiniteLogitsError: names the rows and the layer each exited at.
+    """
+    finite = torch.isfinite(out.logits).all(1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten()
+        raise NonFiniteLogitsError(bad.tolist(), out.exit_layer[bad].tolist())
+    return out
+
+
 def exit_head_step_reference(
     head: ExitHead,
     policy: ExitPolicy,
@@ -171,6 +211,8 @@ def early_exit_forward(
         :func:`eeengine.policies.run_policy` on the full-depth logits.
 
     Raises:
+        NonFiniteLogitsError: a row's latched logits are NaN or infinite (checked once per
+            batch, whatever the backend; the row and its exit layer are named).
         ValueError: an unknown backend; a fused backend where it cannot run (see
             :func:`eeengine._custom_ops.resolve_backend`), or with the model in training mode.
     """
@@ -234,4 +276,4 @@ def early_exit_forward(
         memory = memory[keep, : seq_len - 1]
         mask = executor.mask(attention_mask)
         state = {name: value[keep] for name, value in state.items()}
-    return ExitOutput(out_logits, out_layer, tokens_kept)
+    return check_finite(ExitOutput(out_logits, out_layer, tokens_kept))

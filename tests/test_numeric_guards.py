@@ -1,0 +1,43 @@
+"""A NaN or infinite logit never becomes a Prediction: the input and the layer are named."""
+
+import pytest
+import torch
+
+from eeengine import Engine
+from eeengine.batching import collate, encode
+from eeengine.policies import make_policy
+from eeengine.runtime import NonFiniteLogitsError, early_exit_forward
+from tests.conftest import SENTENCES, make_tiny_model
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_loop_names_rows_and_exit_layers(tiny_bert_dir, tokenizer, backend, value):
+    model = make_tiny_model(tiny_bert_dir)
+    batch = collate(encode(tokenizer, SENTENCES[:3], None, 64), [0, 1, 2], 0)
+    with torch.no_grad():
+        model.exit_heads[3].classifier.bias[1] = value  # the last exit overflows
+    with pytest.raises(NonFiniteLogitsError, match="batch row 0 at layer 4") as error:
+        early_exit_forward(model, make_policy("none"), *batch, backend=backend)
+    assert (error.value.rows, error.value.layers) == ([0, 1, 2], [4, 4, 4])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("batch_size", [1, 3, 32])
+def test_engine_names_the_input_whose_numbers_overflow(tiny_ckpt, backend, batch_size):
+    engine = Engine(tiny_ckpt, backend=backend, executor="torch")
+    expected = engine.predict(SENTENCES)
+    token = engine.tokenizer.convert_tokens_to_ids("masterpiece")  # only in SENTENCES[6]
+    embeddings = engine.model.bert.embeddings.word_embeddings.weight
+    saved = embeddings[token].clone()
+    with torch.no_grad():
+        embeddings[token] = float("inf")  # its hidden states turn NaN after the LayerNorm
+    with pytest.raises(NonFiniteLogitsError, match=r"1 input\(s\): input 6 at layer 4;") as error:
+        engine.predict(SENTENCES, batch_size=batch_size)
+    assert (error.value.rows, error.value.layers) == ([6], [4])
+    with torch.no_grad():
+        embeddings[token] = saved
+    again = engine.predict(SENTENCES)
+    assert [(p.label, p.exit_layer, p.logits) for p in again] == [
+        (p.label, p.exit_layer, p.logits) for p in expected
+    ]
