@@ -30,6 +30,11 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--executor", choices=EXECUTORS, help="default: onnxruntime if installed, else torch"
     )
+    parser.add_argument(
+        "--eager",
+        action="store_true",
+        help="on a CUDA device, run the sync-free loop eagerly instead of replaying CUDA graphs",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
 
 
@@ -71,6 +76,7 @@ def _engine(args: argparse.Namespace) -> Engine:
         device=args.device,
         backend=args.backend,
         executor=args.executor,
+        graph=not args.eager,
         **policy_kwargs(args),
     )
 
@@ -203,6 +209,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         device=args.device,
         backend=args.backend,
         executor=args.executor,
+        graph=not args.eager,
     )
     trained_on = engine.manifest["task"]["name"]
     if args.task is not None and get_task(args.task).name != trained_on:
@@ -247,6 +254,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"tokens      {json.dumps(pruning.to_json()) if pruning else 'no token pruning'}")
     print(f"backend     {engine.backend}" + ("" if HAS_C else f" ({LOAD_ERROR})"))
     print(f"executor    {engine.executor}")
+    print(f"loop        {engine.loop}")
     if training:
         metrics = ", ".join(f"{v:.2f}" for v in training.get("dev_exit_metrics", []))
         print(
