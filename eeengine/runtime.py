@@ -198,6 +198,27 @@ class ExitLoop:
             token_prune_reference if token_pruning is None else _custom_ops.prune_op(self.backend)
         )
 
+    @torch.inference_mode()
+    def run(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> ExitOutput:
+        """The whole loop on one right-padded batch (see :func:`early_exit_forward`): every
+        layer on the rows still live, exited rows dropped after each.
+
+        Args:
+            input_ids, attention_mask, token_type_ids: (batch_size, seq_len) int64; the mask
+                is 1 for real tokens.
+        """
+        out = self.outputs(input_ids.shape[0], input_ids.device)
+        live = self.start(input_ids, attention_mask, token_type_ids)
+        for layer in range(1, self.model.num_layers + 1):
+            exit_mask = self.step(live, layer, out)
+            if not bool(exit_mask.any()):
+                continue
+            keep = ~exit_mask
+            if not bool(keep.any()):
+                break
+            live = self.select(live, keep)
+        return out
+
     def outputs(self, batch_size: int, device: torch.device) -> ExitOutput:
         """Empty result buffers for ``batch_size`` rows (filled by :meth:`step`)."""
         return ExitOutput(
@@ -312,15 +333,6 @@ def early_exit_forward(
         ValueError: an unknown backend; a fused backend where it cannot run (see
             :func:`eeengine._custom_ops.resolve_backend`), or with the model in training mode.
     """
-    loop = ExitLoop(model, policy, backend, token_pruning, executor)
-    out = loop.outputs(input_ids.shape[0], input_ids.device)
-    live = loop.start(input_ids, attention_mask, token_type_ids)
-    for layer in range(1, model.num_layers + 1):
-        exit_mask = loop.step(live, layer, out)
-        if not bool(exit_mask.any()):
-            continue
-        keep = ~exit_mask
-        if not bool(keep.any()):
-            break
-        live = loop.select(live, keep)
-    return out
+    return ExitLoop(model, policy, backend, token_pruning, executor).run(
+        input_ids, attention_mask, token_type_ids
+    )
