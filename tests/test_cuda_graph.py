@@ -133,7 +133,8 @@ def pruning_model(tiny_bert_dir):
 @pytest.mark.parametrize(
     ("name", "params"),
     [("entropy", {"threshold": 0.45}), ("pcee", {"threshold": 0.75, "patience": 2}),
-     ("mpee", {"threshold": 0.5}), ("elbert", {"threshold": 0.3, "window": 3, "window_test": "stable"}), ("none", {})],
+     ("mpee", {"threshold": 0.5}), ("none", {}),
+     ("elbert", {"threshold": 0.3, "window": 3, "window_test": "stable"})],
 )  # fmt: skip
 @torch.inference_mode()
 def test_static_loop_with_token_pruning(pruning_model, tokenizer, name: str, params: dict) -> None:
