@@ -30,7 +30,7 @@ from eeengine.flops import FlopCounter
 from eeengine.inputs import Example, normalize_inputs
 from eeengine.metrics import METRICS
 from eeengine.policies import ExitPolicy, make_policy
-from eeengine.runtime import ExitOutput, early_exit_forward
+from eeengine.runtime import ExitLoop, ExitOutput, early_exit_forward
 from eeengine.token_pruning import TokenPruning
 
 # Inputs tokenized and bucketed at a time: bounds memory for any number of texts.
@@ -188,6 +188,11 @@ class Engine:
     def executor(self) -> str:
         """What runs the encoder layers: "torch" or "onnxruntime"."""
         return self._executor.name
+
+    def exit_loop(self) -> ExitLoop:
+        """The engine's early-exit loop (model, policy, backend, token pruning, executor) in
+        per-layer pieces, for callers that schedule layers themselves (``eeengine serve``)."""
+        return ExitLoop(self.model, self.policy, self._backend, self.token_pruning, self._executor)
 
     def _make_policy(self, name: str | None, given: dict) -> ExitPolicy:
         default = self.manifest["policy"]

@@ -137,6 +137,165 @@ def _exit_head_step_fused(
     return exit_mask
 
 
+@dataclass
+class LiveRows:
+    """The rows of a batch still running, between two layers of :class:`ExitLoop`.
+
+    Attributes:
+        rows: (batch_size,) int64, each live row's index into the :class:`ExitOutput` buffers.
+        hidden_states: (batch_size, seq_len, hidden_size), the output of the last layer run
+            (the embeddings before layer 1).
+        attention_mask: (batch_size, seq_len) int64, 1 for real tokens, right-padded; seq_len
+            is the longest live row.
+        mask: ``attention_mask`` in the executor's form (:meth:`LayerExecutor.mask`).
+        state: the policy's state, rows aligned with ``hidden_states``.
+        memory: (batch_size, seq_len - 1) float32, class-attention memory of the non-[CLS]
+            tokens (MPEE eq. 6), updated at token-pruning layers.
+    """
+
+    rows: Tensor
+    hidden_states: Tensor
+    attention_mask: Tensor
+    mask: object
+    state: State
+    memory: Tensor
+
+
+class ExitLoop:
+    """The pieces of :func:`early_exit_forward`, for callers that drive the model one layer at
+    a time over rows of their choosing (the server's layer-wise scheduler,
+    :mod:`eeengine.serve.scheduler`): :meth:`start` (embeddings), :meth:`step` (one layer and
+    its exit decision), :meth:`select` (drop exited rows).
+
+    Args:
+        model, policy, backend, token_pruning, executor: as :func:`early_exit_forward`.
+
+    Raises:
+        ValueError: as :func:`early_exit_forward`.
+    """
+
+    def __init__(
+        self,
+        model: MultiExitBert,
+        policy: ExitPolicy,
+        backend: str | None = "reference",
+        token_pruning: TokenPruning | None = None,
+        executor: LayerExecutor | None = None,
+    ) -> None:
+        device = next(model.parameters()).device
+        self.backend = _custom_ops.resolve_backend(backend, policy, model.num_labels, device)
+        if self.backend != "reference" and model.training:
+            raise ValueError(
+                f"backend {self.backend!r} runs the exit heads without dropout: call model.eval()"
+            )
+        self.model = model
+        self.policy = policy
+        self.token_pruning = token_pruning
+        self.executor = executor or TorchExecutor(model)
+        self._op = None if self.backend == "reference" else _custom_ops.fused_op(self.backend)
+        # Imported only for a schedule: the Triton op imports triton.
+        self._prune = (
+            token_prune_reference if token_pruning is None else _custom_ops.prune_op(self.backend)
+        )
+
+    @torch.inference_mode()
+    def run(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> ExitOutput:
+        """The whole loop on one right-padded batch (see :func:`early_exit_forward`): every
+        layer on the rows still live, exited rows dropped after each.
+
+        Args:
+            input_ids, attention_mask, token_type_ids: (batch_size, seq_len) int64; the mask
+                is 1 for real tokens.
+        """
+        out = self.outputs(input_ids.shape[0], input_ids.device)
+        live = self.start(input_ids, attention_mask, token_type_ids)
+        for layer in range(1, self.model.num_layers + 1):
+            exit_mask = self.step(live, layer, out)
+            if not bool(exit_mask.any()):
+                continue
+            keep = ~exit_mask
+            if not bool(keep.any()):
+                break
+            live = self.select(live, keep)
+        return out
+
+    def outputs(self, batch_size: int, device: torch.device) -> ExitOutput:
+        """Empty result buffers for ``batch_size`` rows (filled by :meth:`step`)."""
+        return ExitOutput(
+            torch.empty(batch_size, self.model.num_labels, dtype=torch.float32, device=device),
+            torch.empty(batch_size, dtype=torch.long, device=device),
+            torch.zeros(batch_size, self.model.num_layers, dtype=torch.long, device=device),
+        )
+
+    def start(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> LiveRows:
+        """Embed a right-padded batch: (batch_size, seq_len) int64 each, mask 1 = real token.
+        Its rows are 0..batch_size-1 of the output buffers."""
+        batch_size = input_ids.shape[0]
+        device = input_ids.device
+        return LiveRows(
+            rows=torch.arange(batch_size, device=device),
+            hidden_states=self.executor.embed(input_ids, token_type_ids),
+            attention_mask=attention_mask,
+            mask=self.executor.mask(attention_mask),
+            state=self.policy.init_state(batch_size, device),
+            memory=torch.zeros(batch_size, input_ids.shape[1] - 1, device=device),
+        )
+
+    def step(self, live: LiveRows, layer: int, out: ExitOutput) -> Tensor:
+        """Run ``layer`` (1-based) on the live rows, then its exit head and policy step; latch
+        the logits and exit layer of the rows that exit into ``out``. Updates ``live`` in place
+        (hidden states, and at a token-pruning layer the mask and memory; the policy state).
+
+        Returns:
+            exit_mask: (batch_size,) bool, True for rows that exit at ``layer`` (all of them at
+            the last layer).
+        """
+        model = self.model
+        num_layers = model.num_layers
+        beta = self.token_pruning.beta_at(layer) if self.token_pruning is not None else None
+        if beta is None:
+            live.hidden_states = self.executor.layer(layer - 1, live.hidden_states, live.mask)
+        else:
+            live.hidden_states, live.attention_mask, live.memory = model.backbone.layers[
+                layer - 1
+            ].pruned_forward(
+                live.hidden_states,
+                attention_bias(live.attention_mask),
+                live.attention_mask,
+                live.memory,
+                self.token_pruning.keep_ratio,
+                beta,
+                self._prune,
+            )
+            live.mask = self.executor.mask(live.attention_mask)
+        out.tokens_kept[live.rows, layer - 1] = live.attention_mask.sum(1)
+        step_args = (live.hidden_states, live.attention_mask, layer, num_layers, live.state)
+        head = model.exit_head(layer - 1)
+        if self._op is not None:
+            return _exit_head_step_fused(
+                self._op, head, self.policy, *step_args, live.rows, out.logits, out.exit_layer
+            )
+        _, exit_mask, live.state = exit_head_step_reference(
+            head, self.policy, *step_args, live.rows, out.logits, out.exit_layer, model.lte
+        )
+        return exit_mask
+
+    def select(self, live: LiveRows, keep: Tensor) -> LiveRows:
+        """The rows ``keep`` of ``live`` (a bool mask or int64 indices, non-empty), with the
+        padding columns none of them uses any more trimmed (right padding)."""
+        attention_mask = live.attention_mask[keep]
+        seq_len = int(attention_mask.sum(1).max())
+        attention_mask = attention_mask[:, :seq_len]
+        return LiveRows(
+            rows=live.rows[keep],
+            hidden_states=live.hidden_states[keep, :seq_len],
+            attention_mask=attention_mask,
+            mask=self.executor.mask(attention_mask),
+            state={name: value[keep] for name, value in live.state.items()},
+            memory=live.memory[keep, : seq_len - 1],
+        )
+
+
 @torch.inference_mode()
 def early_exit_forward(
     model: MultiExitBert,
@@ -174,64 +333,6 @@ def early_exit_forward(
         ValueError: an unknown backend; a fused backend where it cannot run (see
             :func:`eeengine._custom_ops.resolve_backend`), or with the model in training mode.
     """
-    backend = _custom_ops.resolve_backend(backend, policy, model.num_labels, input_ids.device)
-    if backend != "reference" and model.training:
-        raise ValueError(
-            f"backend {backend!r} runs the exit heads without dropout: call model.eval()"
-        )
-    op = None if backend == "reference" else _custom_ops.fused_op(backend)
-    batch_size = input_ids.shape[0]
-    device = input_ids.device
-    num_layers = model.num_layers
-    out_logits = torch.empty(batch_size, model.num_labels, dtype=torch.float32, device=device)
-    out_layer = torch.empty(batch_size, dtype=torch.long, device=device)
-    tokens_kept = torch.zeros(batch_size, num_layers, dtype=torch.long, device=device)
-    # Imported only for a schedule: the Triton op imports triton.
-    prune = token_prune_reference if token_pruning is None else _custom_ops.prune_op(backend)
-
-    executor = executor or TorchExecutor(model)
-    rows = torch.arange(batch_size, device=device)  # live row -> caller's row
-    hidden_states = executor.embed(input_ids, token_type_ids)
-    mask = executor.mask(attention_mask)
-    state = policy.init_state(batch_size, device)
-    # Class-attention memory of the non-[CLS] tokens (MPEE eq. 6), updated at pruning layers.
-    memory = torch.zeros(batch_size, input_ids.shape[1] - 1, device=device)
-    for layer in range(1, num_layers + 1):
-        beta = token_pruning.beta_at(layer) if token_pruning is not None else None
-        if beta is None:
-            hidden_states = executor.layer(layer - 1, hidden_states, mask)
-        else:
-            hidden_states, attention_mask, memory = model.backbone.layers[layer - 1].pruned_forward(
-                hidden_states,
-                attention_bias(attention_mask),
-                attention_mask,
-                memory,
-                token_pruning.keep_ratio,
-                beta,
-                prune,
-            )
-            mask = executor.mask(attention_mask)
-        tokens_kept[rows, layer - 1] = attention_mask.sum(1)
-        step_args = (hidden_states, attention_mask, layer, num_layers, state, rows)
-        head = model.exit_head(layer - 1)
-        if op is not None:
-            exit_mask = _exit_head_step_fused(op, head, policy, *step_args, out_logits, out_layer)
-        else:
-            _, exit_mask, state = exit_head_step_reference(
-                head, policy, *step_args, out_logits, out_layer, model.lte
-            )
-        if not bool(exit_mask.any()):
-            continue
-        keep = ~exit_mask
-        if not bool(keep.any()):
-            break
-        rows = rows[keep]
-        attention_mask = attention_mask[keep]
-        # Right padding: trim the columns that no live row uses any more.
-        seq_len = int(attention_mask.sum(1).max())
-        attention_mask = attention_mask[:, :seq_len]
-        hidden_states = hidden_states[keep, :seq_len]
-        memory = memory[keep, : seq_len - 1]
-        mask = executor.mask(attention_mask)
-        state = {name: value[keep] for name, value in state.items()}
-    return ExitOutput(out_logits, out_layer, tokens_kept)
+    return ExitLoop(model, policy, backend, token_pruning, executor).run(
+        input_ids, attention_mask, token_type_ids
+    )
