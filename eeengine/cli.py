@@ -17,7 +17,6 @@ from eeengine.evaluation import all_exit_logits, describe_point, exit_metrics, p
 from eeengine.executors import EXECUTORS
 from eeengine.heads import LAYOUTS, POOLINGS
 from eeengine.report import markdown, sweep_report, write_report
-from eeengine.scoring import DEFAULT_CHUNK_ROWS, ScoreJob, score_file
 from eeengine.training import TrainConfig, train
 from eeengine.training.recipes import BASE_RECIPES, RECIPES
 
@@ -237,13 +236,15 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
+    from eeengine.scoring import DEFAULT_CHUNK_ROWS, ScoreJob, score_file  # imports pyarrow
+
     job = ScoreJob(
         args.input,
         args.output,
         args.text_column,
         args.text_pair_column,
         args.id_column,
-        args.chunk_rows,
+        DEFAULT_CHUNK_ROWS if args.chunk_rows is None else args.chunk_rows,
     )
     options = {"batch_size": args.batch_size, "overwrite": args.overwrite}
     if args.ray:
@@ -387,8 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--chunk-rows",
         type=int,
-        default=DEFAULT_CHUNK_ROWS,
-        help="rows read, scored and written at a time (the work an interruption can lose)",
+        help="rows read, scored and written at a time, one part file each (bounds memory and "
+        "the work an interruption can lose; default 4096)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--ray", action="store_true", help="run on Ray Data (needs eeengine[ray])")
