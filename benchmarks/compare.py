@@ -229,7 +229,7 @@ def build_providers(
                         "backend": engine.backend,
                         "calibration_full_depth": sweep.get("full_depth"),
                     }
-            if precision == "fp32" and not prefix and _wanted("papers_loop", patterns):
+            if sweep and precision == "fp32" and not prefix and _wanted("papers_loop", patterns):
                 # The papers' loop at the raw-entropy point within 0.5 points, if there is one.
                 entropy_point = choose_operating_point(sweep, max_drop=0.5, policy="entropy")
                 if entropy_point is not None:
