@@ -120,8 +120,11 @@ def precisions() -> list[str]:
     return ["fp32"]
 
 
-def operating_points(engine: Engine, workload: Workload) -> tuple[dict, dict]:
-    """Full depth and the fastest points within 0.5 and 1.0 points of full depth.
+def operating_points(
+    engine: Engine, workload: Workload, drops: tuple[float, ...] = (0.5, 1.0)
+) -> tuple[dict, dict]:
+    """Full depth and the fastest points within each of ``drops`` accuracy points of full
+    depth.
 
     With a calibration split, the sweep is measured on it first (:meth:`Engine.calibrate`,
     which runs the engine's precision and token pruning).
@@ -131,9 +134,11 @@ def operating_points(engine: Engine, workload: Workload) -> tuple[dict, dict]:
     """
     if workload.calibration is not None:
         split = workload.calibration
-        engine.calibrate(split.texts, split.labels, split.text_pairs, max_drop=1.0, batch_size=16)
+        engine.calibrate(
+            split.texts, split.labels, split.text_pairs, max_drop=max(drops), batch_size=16
+        )
     points = {"full": ("none", {})}
-    for drop in (0.5, 1.0) if engine.calibration else ():
+    for drop in drops if engine.calibration else ():
         chosen = choose_operating_point(engine.calibration, max_drop=drop)
         if chosen is not None:
             points[f"drop{drop}"] = (chosen[0], policy_params(chosen[1]))
