@@ -21,7 +21,7 @@ from eeengine.data import Split
 from eeengine.evaluation import score_predictions
 from eeengine.executors import make_executor
 from eeengine.flops import FlopCounter
-from eeengine.inputs import normalize_inputs, split_examples
+from eeengine.inputs import char_limit, normalize_inputs, split_examples
 from eeengine.prediction import Prediction, predictions_from
 from eeengine.resolve import (
     resolve_device,
@@ -29,7 +29,7 @@ from eeengine.resolve import (
     resolve_token_pruning,
     validated_policy,
 )
-from eeengine.runtime import early_exit_forward
+from eeengine.runtime import DeviceLoop, ExitLoop, check_finite
 from eeengine.token_pruning import TokenPruning
 
 __all__ = ["Engine", "Prediction"]
@@ -62,6 +62,9 @@ class Engine:
             None, or a :class:`TokenPruning` / its JSON form.
         executor: what runs the encoder layers (:mod:`eeengine.executors`): "torch",
             "onnxruntime", or None for "onnxruntime" where it can run, else "torch".
+        graph: on a CUDA device, run each batch as one CUDA graph replay (no host sync per
+            layer; :mod:`eeengine.cuda_graph`); False runs the same sync-free loop eagerly.
+            Ignored on CPU (see :class:`eeengine.runtime.DeviceLoop`).
         **policy_kwargs: other policy parameters (``layer``, ``window``, ``window_test``,
             ``window_range``, ``memory_weight`` ...; see :mod:`eeengine.policies`).
 
@@ -92,6 +95,7 @@ class Engine:
         backend: str | None = None,
         token_pruning: Literal["checkpoint"] | TokenPruning | dict | None = "checkpoint",
         executor: str | None = None,
+        graph: bool = True,
         **policy_kwargs: object,
     ) -> None:
         self.device = resolve_device(device)
@@ -125,6 +129,7 @@ class Engine:
         )
         self._flops = FlopCounter.for_model(self.model)
         self._executor = make_executor(executor, self.model)
+        self._loop = DeviceLoop(self.model, self._executor, graph)
 
     @property
     def num_layers(self) -> int:
@@ -136,9 +141,19 @@ class Engine:
         return self._backend
 
     @property
+    def loop(self) -> str:
+        """The early-exit loop: "compaction" (CPU), "graph" or "eager" (CUDA)."""
+        return self._loop.mode
+
+    @property
     def executor(self) -> str:
         """What runs the encoder layers: "torch" or "onnxruntime"."""
         return self._executor.name
+
+    def exit_loop(self) -> ExitLoop:
+        """The engine's early-exit loop (model, policy, backend, token pruning, executor) in
+        per-layer pieces, for callers that schedule layers themselves (``eeengine serve``)."""
+        return ExitLoop(self.model, self.policy, self._backend, self.token_pruning, self._executor)
 
     def calibrate(
         self,
@@ -210,12 +225,18 @@ class Engine:
         Returns:
             One :class:`Prediction` for a single input, else a list in input order.
 
+        Texts are cut to :func:`eeengine.inputs.char_limit` characters before tokenization
+        (which bounds the cost of any input without changing the tokens kept for text of
+        normal density; see :mod:`eeengine.inputs`).
+
         Raises:
             TypeError / ValueError: a bad input (its index is named); nothing is run then.
+            eeengine.runtime.NonFiniteLogitsError: NaN or infinite logits (input and layer
+                named); no prediction is returned for the call.
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        examples, single = normalize_inputs(inputs)
+        examples, single = normalize_inputs(inputs, char_limit(self.max_length))
         texts, pairs = split_examples(examples)
         predictions: list[Prediction] = []
         chunk = batch_size * _CHUNK_BATCHES
@@ -237,16 +258,18 @@ class Engine:
             )
         results: list[Prediction | None] = [None] * len(texts)
         all_lengths = encoded.lengths
-        for indices in length_sorted_batches(all_lengths, batch_size):
-            batch = collate(encoded, indices, self.tokenizer.pad_token_id, self.device)
-            out = early_exit_forward(
-                self.model,
+        batches = length_sorted_batches(all_lengths, batch_size)
+        outs = [
+            self._loop(
                 self.policy,
-                *batch,
-                backend=self._backend,
-                token_pruning=self.token_pruning,
-                executor=self._executor,
+                self._backend,
+                self.token_pruning,
+                *collate(encoded, indices, self.tokenizer.pad_token_id, self.device),
             )
+            for indices in batches
+        ]
+        for indices, out in zip(batches, self._loop.to_host(outs), strict=True):
+            check_finite(out, [offset + i for i in indices])
             lengths = [all_lengths[i] for i in indices]
             batch_predictions = predictions_from(
                 out, lengths, self.label_names, self._flops, self.token_pruning

@@ -11,13 +11,19 @@ right-padded to the batch's longest), then the feed-forward on the kept tokens.
 The exit head, policy step and latch run either in plain torch (backend "reference",
 :func:`exit_head_step_reference`) or as one fused op (backend "cpp" on CPU,
 :func:`eeengine._custom_ops.exit_head_step`; "triton" or "cuda" on a GPU); all give the same
-exits and logits. On a GPU, :mod:`eeengine.cuda_graph` runs the same loop with no host sync.
+exits and logits.
+
+The compaction asks the host how many rows are left, a sync per layer on a GPU, so this loop
+runs on CPU only: on other devices :func:`early_exit_forward` runs the sync-free loop of
+:mod:`eeengine.static_loop` (exited rows padded, not dropped), which :mod:`eeengine.cuda_graph`
+captures in CUDA graphs; :class:`DeviceLoop` picks the loop for a device once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -31,6 +37,9 @@ from eeengine.policies import ExitPolicy
 from eeengine.policies.base import State
 from eeengine.token_pruning import TokenPruning, token_prune_reference
 
+if TYPE_CHECKING:
+    from eeengine.cuda_graph import GraphRunner
+
 
 @dataclass
 class ExitOutput:
@@ -40,13 +49,54 @@ class ExitOutput:
         logits: (batch_size, num_labels) float32, the logits of the exit each row took.
         exit_layer: (batch_size,) int64, 1-based layer at which each row exited.
         tokens_kept: (batch_size, num_layers) int64, real tokens of each row after each layer
-            (the width its feed-forward ran at), 0 after its exit layer; None from graph mode
-            (:mod:`eeengine.cuda_graph`, which does not prune tokens).
+            (the width its feed-forward ran at), 0 after its exit layer.
     """
 
     logits: Tensor
     exit_layer: Tensor
     tokens_kept: Tensor | None = None
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The fields in order (``dataclasses.astuple`` would deep-copy them)."""
+        return self.logits, self.exit_layer, self.tokens_kept
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """The logits of the exit an input took are NaN or infinite, so no prediction can be made.
+
+    Attributes:
+        inputs: the caller's indices of the bad inputs.
+        layers: the 1-based exit layer of each.
+    """
+
+    def __init__(self, inputs: list[int], layers: list[int]) -> None:
+        self.inputs, self.layers = inputs, layers
+        listed = ", ".join(
+            f"input {i} at layer {layer}"
+            for i, layer in list(zip(inputs, layers, strict=True))[:10]
+        )
+        super().__init__(
+            f"non-finite (NaN or infinite) logits for {len(inputs)} input(s): {listed}; the "
+            "model's numbers overflowed, so no prediction is returned"
+        )
+
+
+def check_finite(out: ExitOutput, inputs: Sequence[int]) -> None:
+    """Refuse a batch whose latched logits are not all finite: one reduction over
+    (batch_size, num_labels), on the host copy the predictions are read from (no extra device
+    sync), whatever loop or backend latched them.
+
+    Args:
+        out: a batch's result, on the CPU.
+        inputs: the caller's index of each row of ``out``.
+
+    Raises:
+        NonFiniteLogitsError: names the inputs and the layer each exited at.
+    """
+    finite = torch.isfinite(out.logits).all(1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        raise NonFiniteLogitsError([inputs[row] for row in bad], out.exit_layer[bad].tolist())
 
 
 def exit_head_step_reference(
@@ -90,11 +140,35 @@ def exit_head_step_reference(
     exit_mask, state = policy.step(logits, layer, state, **signals)
     if layer == num_layers:
         exit_mask = torch.ones_like(exit_mask)
-    if bool(exit_mask.any()):
-        outputs = policy.output_logits(logits, state)  # the logits, or MPEE's memory
-        out_logits[rows[exit_mask]] = outputs[exit_mask].float()
-        out_layer[rows[exit_mask]] = layer
+    outputs = policy.output_logits(logits, state)  # the logits, or MPEE's memory
+    latch(outputs, exit_mask, layer, rows, out_logits, out_layer)
     return logits, exit_mask, state
+
+
+def latch(
+    outputs: Tensor,
+    exit_mask: Tensor,
+    layer: int,
+    rows: Tensor,
+    out_logits: Tensor,
+    out_layer: Tensor,
+) -> None:
+    """``out_logits[rows[i]] = outputs[i]`` and ``out_layer[rows[i]] = layer`` for the rows i
+    that exit, without a host sync (no boolean-mask indexing): every row writes its output row,
+    non-exiting rows write back what is there. Rows may share an output row only if it is a
+    sink nobody reads (:mod:`eeengine.static_loop`).
+
+    Args:
+        outputs: (batch_size, num_labels), any float dtype.
+        exit_mask: (batch_size,) bool.
+        layer: 1-based layer.
+        rows: (batch_size,) int64 indices into ``out_logits`` / ``out_layer``.
+        out_logits: (batch_size_0, num_labels) float32, written in place.
+        out_layer: (batch_size_0,) int64, written in place.
+    """
+    current = out_logits.index_select(0, rows)
+    out_logits.index_copy_(0, rows, torch.where(exit_mask[:, None], outputs.float(), current))
+    out_layer.index_copy_(0, rows, out_layer.index_select(0, rows).masked_fill_(exit_mask, layer))
 
 
 def _exit_head_step_fused(
@@ -137,6 +211,165 @@ def _exit_head_step_fused(
     return exit_mask
 
 
+@dataclass
+class LiveRows:
+    """The rows of a batch still running, between two layers of :class:`ExitLoop`.
+
+    Attributes:
+        rows: (batch_size,) int64, each live row's index into the :class:`ExitOutput` buffers.
+        hidden_states: (batch_size, seq_len, hidden_size), the output of the last layer run
+            (the embeddings before layer 1).
+        attention_mask: (batch_size, seq_len) int64, 1 for real tokens, right-padded; seq_len
+            is the longest live row.
+        mask: ``attention_mask`` in the executor's form (:meth:`LayerExecutor.mask`).
+        state: the policy's state, rows aligned with ``hidden_states``.
+        memory: (batch_size, seq_len - 1) float32, class-attention memory of the non-[CLS]
+            tokens (MPEE eq. 6), updated at token-pruning layers.
+    """
+
+    rows: Tensor
+    hidden_states: Tensor
+    attention_mask: Tensor
+    mask: object
+    state: State
+    memory: Tensor
+
+
+class ExitLoop:
+    """The pieces of :func:`early_exit_forward`, for callers that drive the model one layer at
+    a time over rows of their choosing (the server's layer-wise scheduler,
+    :mod:`eeengine.serve.scheduler`): :meth:`start` (embeddings), :meth:`step` (one layer and
+    its exit decision), :meth:`select` (drop exited rows).
+
+    Args:
+        model, policy, backend, token_pruning, executor: as :func:`early_exit_forward`.
+
+    Raises:
+        ValueError: as :func:`early_exit_forward`.
+    """
+
+    def __init__(
+        self,
+        model: MultiExitBert,
+        policy: ExitPolicy,
+        backend: str | None = "reference",
+        token_pruning: TokenPruning | None = None,
+        executor: LayerExecutor | None = None,
+    ) -> None:
+        device = next(model.parameters()).device
+        self.backend = _custom_ops.resolve_backend(backend, policy, model.num_labels, device)
+        if self.backend != "reference" and model.training:
+            raise ValueError(
+                f"backend {self.backend!r} runs the exit heads without dropout: call model.eval()"
+            )
+        self.model = model
+        self.policy = policy
+        self.token_pruning = token_pruning
+        self.executor = executor or TorchExecutor(model)
+        self._op = None if self.backend == "reference" else _custom_ops.fused_op(self.backend)
+        # Imported only for a schedule: the Triton op imports triton.
+        self._prune = (
+            token_prune_reference if token_pruning is None else _custom_ops.prune_op(self.backend)
+        )
+
+    @torch.inference_mode()
+    def run(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> ExitOutput:
+        """The whole loop on one right-padded batch (see :func:`early_exit_forward`): every
+        layer on the rows still live, exited rows dropped after each.
+
+        Args:
+            input_ids, attention_mask, token_type_ids: (batch_size, seq_len) int64; the mask
+                is 1 for real tokens.
+        """
+        out = self.outputs(input_ids.shape[0], input_ids.device)
+        live = self.start(input_ids, attention_mask, token_type_ids)
+        for layer in range(1, self.model.num_layers + 1):
+            exit_mask = self.step(live, layer, out)
+            if not bool(exit_mask.any()):
+                continue
+            keep = ~exit_mask
+            if not bool(keep.any()):
+                break
+            live = self.select(live, keep)
+        return out
+
+    def outputs(self, batch_size: int, device: torch.device) -> ExitOutput:
+        """Empty result buffers for ``batch_size`` rows (filled by :meth:`step`)."""
+        return ExitOutput(
+            torch.empty(batch_size, self.model.num_labels, dtype=torch.float32, device=device),
+            torch.empty(batch_size, dtype=torch.long, device=device),
+            torch.zeros(batch_size, self.model.num_layers, dtype=torch.long, device=device),
+        )
+
+    def start(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> LiveRows:
+        """Embed a right-padded batch: (batch_size, seq_len) int64 each, mask 1 = real token.
+        Its rows are 0..batch_size-1 of the output buffers."""
+        batch_size = input_ids.shape[0]
+        device = input_ids.device
+        return LiveRows(
+            rows=torch.arange(batch_size, device=device),
+            hidden_states=self.executor.embed(input_ids, token_type_ids),
+            attention_mask=attention_mask,
+            mask=self.executor.mask(attention_mask),
+            state=self.policy.init_state(batch_size, device),
+            memory=torch.zeros(batch_size, input_ids.shape[1] - 1, device=device),
+        )
+
+    def step(self, live: LiveRows, layer: int, out: ExitOutput) -> Tensor:
+        """Run ``layer`` (1-based) on the live rows, then its exit head and policy step; latch
+        the logits and exit layer of the rows that exit into ``out``. Updates ``live`` in place
+        (hidden states, and at a token-pruning layer the mask and memory; the policy state).
+
+        Returns:
+            exit_mask: (batch_size,) bool, True for rows that exit at ``layer`` (all of them at
+            the last layer).
+        """
+        model = self.model
+        num_layers = model.num_layers
+        beta = self.token_pruning.beta_at(layer) if self.token_pruning is not None else None
+        if beta is None:
+            live.hidden_states = self.executor.layer(layer - 1, live.hidden_states, live.mask)
+        else:
+            live.hidden_states, live.attention_mask, live.memory = model.backbone.layers[
+                layer - 1
+            ].pruned_forward(
+                live.hidden_states,
+                attention_bias(live.attention_mask),
+                live.attention_mask,
+                live.memory,
+                self.token_pruning.keep_ratio,
+                beta,
+                self._prune,
+            )
+            live.mask = self.executor.mask(live.attention_mask)
+        out.tokens_kept[live.rows, layer - 1] = live.attention_mask.sum(1)
+        step_args = (live.hidden_states, live.attention_mask, layer, num_layers, live.state)
+        head = model.exit_head(layer - 1)
+        if self._op is not None:
+            return _exit_head_step_fused(
+                self._op, head, self.policy, *step_args, live.rows, out.logits, out.exit_layer
+            )
+        _, exit_mask, live.state = exit_head_step_reference(
+            head, self.policy, *step_args, live.rows, out.logits, out.exit_layer, model.lte
+        )
+        return exit_mask
+
+    def select(self, live: LiveRows, keep: Tensor) -> LiveRows:
+        """The rows ``keep`` of ``live`` (a bool mask or int64 indices, non-empty), with the
+        padding columns none of them uses any more trimmed (right padding)."""
+        attention_mask = live.attention_mask[keep]
+        seq_len = int(attention_mask.sum(1).max())
+        attention_mask = attention_mask[:, :seq_len]
+        return LiveRows(
+            rows=live.rows[keep],
+            hidden_states=live.hidden_states[keep, :seq_len],
+            attention_mask=attention_mask,
+            mask=self.executor.mask(attention_mask),
+            state={name: value[keep] for name, value in live.state.items()},
+            memory=live.memory[keep, : seq_len - 1],
+        )
+
+
 @torch.inference_mode()
 def early_exit_forward(
     model: MultiExitBert,
@@ -168,70 +401,110 @@ def early_exit_forward(
 
     Returns:
         :class:`ExitOutput`. Equal, row by row, to running each row alone, and to
-        :func:`eeengine.policies.run_policy` on the full-depth logits.
+        :func:`eeengine.policies.run_policy` on the full-depth logits. On a device other than
+        the CPU, the result of :func:`eeengine.static_loop.static_early_exit_forward` (no host
+        sync, no compaction, every layer runs; the executor is not used).
 
     Raises:
         ValueError: an unknown backend; a fused backend where it cannot run (see
             :func:`eeengine._custom_ops.resolve_backend`), or with the model in training mode.
     """
-    backend = _custom_ops.resolve_backend(backend, policy, model.num_labels, input_ids.device)
-    if backend != "reference" and model.training:
-        raise ValueError(
-            f"backend {backend!r} runs the exit heads without dropout: call model.eval()"
-        )
-    op = None if backend == "reference" else _custom_ops.fused_op(backend)
-    batch_size = input_ids.shape[0]
-    device = input_ids.device
-    num_layers = model.num_layers
-    out_logits = torch.empty(batch_size, model.num_labels, dtype=torch.float32, device=device)
-    out_layer = torch.empty(batch_size, dtype=torch.long, device=device)
-    tokens_kept = torch.zeros(batch_size, num_layers, dtype=torch.long, device=device)
-    # Imported only for a schedule: the Triton op imports triton.
-    prune = token_prune_reference if token_pruning is None else _custom_ops.prune_op(backend)
+    loop = ExitLoop(model, policy, backend, token_pruning, executor)
+    if input_ids.device.type != "cpu":
+        # The compaction asks the host how many rows are left: a sync per layer on a GPU.
+        from eeengine.static_loop import static_early_exit_forward  # imports this module
 
-    executor = executor or TorchExecutor(model)
-    rows = torch.arange(batch_size, device=device)  # live row -> caller's row
-    hidden_states = executor.embed(input_ids, token_type_ids)
-    mask = executor.mask(attention_mask)
-    state = policy.init_state(batch_size, device)
-    # Class-attention memory of the non-[CLS] tokens (MPEE eq. 6), updated at pruning layers.
-    memory = torch.zeros(batch_size, input_ids.shape[1] - 1, device=device)
-    for layer in range(1, num_layers + 1):
-        beta = token_pruning.beta_at(layer) if token_pruning is not None else None
-        if beta is None:
-            hidden_states = executor.layer(layer - 1, hidden_states, mask)
-        else:
-            hidden_states, attention_mask, memory = model.backbone.layers[layer - 1].pruned_forward(
-                hidden_states,
-                attention_bias(attention_mask),
-                attention_mask,
-                memory,
-                token_pruning.keep_ratio,
-                beta,
-                prune,
+        return static_early_exit_forward(
+            model, policy, input_ids, attention_mask, token_type_ids, loop.backend, token_pruning
+        )
+    return loop.run(input_ids, attention_mask, token_type_ids)
+
+
+class DeviceLoop:
+    """The early-exit loop of one model on one device, chosen once (at engine load):
+
+    - CPU: :func:`early_exit_forward`, the compaction loop, through ``executor``;
+    - CUDA, ``graph=True`` (the default): :class:`eeengine.cuda_graph.GraphRunner`, one CUDA
+      graph replay per batch, no host sync; a runner per policy (a new policy, threshold or
+      schedule captures new graphs), batches above the largest bucket run in slices;
+    - CUDA, ``graph=False``: :func:`eeengine.static_loop.static_early_exit_forward`, the same
+      loop eagerly, no host sync.
+
+    Args:
+        model: the multi-exit model, in eval mode, on its device.
+        executor: what runs the layers of the CPU loop.
+        graph: on CUDA, replay CUDA graphs (True) or run eagerly (False); ignored on CPU.
+    """
+
+    def __init__(self, model: MultiExitBert, executor: LayerExecutor, graph: bool = True) -> None:
+        self.model = model
+        self.executor = executor
+        self.device = next(model.parameters()).device
+        self.graph = graph and self.device.type == "cuda"
+        self._runner = None  # the GraphRunner of the last policy, and its key
+        self._runner_key: tuple | None = None
+
+    @property
+    def mode(self) -> str:
+        """ "compaction" (CPU), "graph" or "eager" (CUDA)."""
+        if self.device.type == "cpu":
+            return "compaction"
+        return "graph" if self.graph else "eager"
+
+    def __call__(
+        self,
+        policy: ExitPolicy,
+        backend: str,
+        token_pruning: TokenPruning | None,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        token_type_ids: Tensor,
+    ) -> ExitOutput:
+        """Early exit for one batch (inputs on the model's device, right-padded, mask 1 = real
+        token); the result stays on the device (see :meth:`to_host`)."""
+        if not self.graph:
+            return early_exit_forward(
+                self.model, policy, input_ids, attention_mask, token_type_ids, backend,
+                token_pruning, self.executor,
+            )  # fmt: skip
+        runner = self._graph_runner(policy, backend, token_pruning)
+        step = runner.batch_buckets[-1]
+        outs = [
+            runner(
+                input_ids[i : i + step], attention_mask[i : i + step], token_type_ids[i : i + step]
             )
-            mask = executor.mask(attention_mask)
-        tokens_kept[rows, layer - 1] = attention_mask.sum(1)
-        step_args = (hidden_states, attention_mask, layer, num_layers, state, rows)
-        head = model.exit_head(layer - 1)
-        if op is not None:
-            exit_mask = _exit_head_step_fused(op, head, policy, *step_args, out_logits, out_layer)
-        else:
-            _, exit_mask, state = exit_head_step_reference(
-                head, policy, *step_args, out_logits, out_layer, model.lte
+            for i in range(0, input_ids.shape[0], step)
+        ]
+        if len(outs) == 1:
+            return outs[0]
+        return ExitOutput(
+            *(torch.cat(parts) for parts in zip(*(o.tensors() for o in outs), strict=True))
+        )
+
+    def _graph_runner(
+        self, policy: ExitPolicy, backend: str, token_pruning: TokenPruning | None
+    ) -> GraphRunner:
+        from eeengine.cuda_graph import GraphRunner  # imports this module
+
+        key = (repr(policy), backend, token_pruning)
+        if key != self._runner_key:
+            self._runner = None  # free the old graphs first
+            self._runner = GraphRunner(self.model, policy, backend, token_pruning)
+            self._runner_key = key
+        return self._runner
+
+    def to_host(self, outputs: list[ExitOutput]) -> list[ExitOutput]:
+        """``outputs`` on the CPU. On a GPU: one non-blocking copy per tensor into pinned
+        memory, then one wait on an event for all of them (no per-batch sync)."""
+        if self.device.type == "cpu":
+            return outputs
+        copies = [
+            ExitOutput(
+                *(None if t is None else t.to("cpu", non_blocking=True) for t in o.tensors())
             )
-        if not bool(exit_mask.any()):
-            continue
-        keep = ~exit_mask
-        if not bool(keep.any()):
-            break
-        rows = rows[keep]
-        attention_mask = attention_mask[keep]
-        # Right padding: trim the columns that no live row uses any more.
-        seq_len = int(attention_mask.sum(1).max())
-        attention_mask = attention_mask[:, :seq_len]
-        hidden_states = hidden_states[keep, :seq_len]
-        memory = memory[keep, : seq_len - 1]
-        mask = executor.mask(attention_mask)
-        state = {name: value[keep] for name, value in state.items()}
-    return ExitOutput(out_logits, out_layer, tokens_kept)
+            for o in outputs
+        ]
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+        return copies
