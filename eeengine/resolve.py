@@ -102,7 +102,7 @@ def resolve_token_pruning(
         try:
             schedule = None if stored is None else TokenPruning.from_json(stored, model.num_layers)
         except ValueError as error:
-            raise CheckpointError(f"{path / MANIFEST}: token_pruning: {error}") from None
+            raise CheckpointError(f"{path / MANIFEST}: {error}") from None
     elif isinstance(given, dict):
         schedule = TokenPruning.from_json(given, model.num_layers)
     else:
