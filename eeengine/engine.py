@@ -27,10 +27,10 @@ from eeengine.evaluation import (
 )
 from eeengine.executors import make_executor
 from eeengine.flops import FlopCounter
-from eeengine.inputs import Example, normalize_inputs
+from eeengine.inputs import Example, char_limit, normalize_inputs
 from eeengine.metrics import METRICS
 from eeengine.policies import ExitPolicy, make_policy
-from eeengine.runtime import DeviceLoop, ExitLoop, ExitOutput
+from eeengine.runtime import DeviceLoop, ExitLoop, ExitOutput, check_finite
 from eeengine.token_pruning import TokenPruning
 
 # Inputs tokenized and bucketed at a time: bounds memory for any number of texts.
@@ -369,12 +369,18 @@ class Engine:
         Returns:
             One :class:`Prediction` for a single input, else a list in input order.
 
+        Texts are cut to :func:`eeengine.inputs.char_limit` characters before tokenization
+        (which bounds the cost of any input without changing the tokens kept for text of
+        normal density; see :mod:`eeengine.inputs`).
+
         Raises:
             TypeError / ValueError: a bad input (its index is named); nothing is run then.
+            eeengine.runtime.NonFiniteLogitsError: NaN or infinite logits (input and layer
+                named); no prediction is returned for the call.
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        examples, single = normalize_inputs(inputs)
+        examples, single = normalize_inputs(inputs, char_limit(self.max_length))
         predictions: list[Prediction] = []
         chunk = batch_size * _CHUNK_BATCHES
         for start in range(0, len(examples), chunk):
@@ -419,6 +425,7 @@ class Engine:
             for indices in batches
         ]
         for indices, out in zip(batches, self._loop.to_host(outs), strict=True):
+            check_finite(out, [offset + i for i in indices])
             for row, (i, prediction) in enumerate(
                 zip(indices, self._predictions(out), strict=True)
             ):
