@@ -137,7 +137,8 @@ for tool in memcheck racecheck; do
     fi
 done
 
-gpu_step compaction 30 "$PY" benchmarks/benchmark_compaction.py --out "$OUT/compaction.json"
+ckpt_step compaction 30 "$PY" benchmarks/benchmark_compaction.py --ckpt "$CKPT" \
+    --out "$OUT/compaction.json"
 
 ckpt_step compare 90 "$PY" benchmarks/gpu_compare.py --ckpt "$CKPT" --out "$OUT/compare.json" \
     --budget-s 70
