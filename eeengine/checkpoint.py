@@ -20,8 +20,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -138,12 +140,18 @@ def update_checkpoint(path: str | Path, policy: dict, calibration: dict) -> None
 
 
 def write_json_atomic(file: Path, data: dict) -> None:
-    """Write ``data`` as indented JSON to a temporary sibling of ``file``, flush it to disk,
-    then rename it over ``file``: readers see the old content or the new, never a mix."""
+    """Write ``data`` as indented JSON to ``file`` with :func:`write_atomic`."""
+    write_atomic(file, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
+
+
+def write_atomic(file: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call ``write`` on a temporary sibling of ``file`` opened for binary writing, flush it to
+    disk, then rename it over ``file``: readers see the old content or the new, never a mix,
+    and an interruption leaves no partial ``file``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.tmp-", dir=file.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, file)

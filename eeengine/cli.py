@@ -1,4 +1,4 @@
-"""The ``eeengine`` command: train, predict, eval, calibrate, info."""
+"""The ``eeengine`` command: train, predict, eval, calibrate, info, score."""
 
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--executor", choices=EXECUTORS, help="default: onnxruntime if installed, else torch"
+    )
+    parser.add_argument(
+        "--eager",
+        action="store_true",
+        help="on a CUDA device, run the sync-free loop eagerly instead of replaying CUDA graphs",
     )
     parser.add_argument("--batch-size", type=int, default=32)
 
@@ -65,14 +70,19 @@ def add_policy_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _engine(args: argparse.Namespace) -> Engine:
-    ckpt = args.ckpt or default_checkpoint()
-    return Engine(
-        ckpt,
-        device=args.device,
-        backend=args.backend,
-        executor=args.executor,
+    return Engine(**_engine_settings(args))
+
+
+def _engine_settings(args: argparse.Namespace) -> dict:
+    """:class:`Engine`'s keyword arguments from :func:`_add_engine_args`' options."""
+    return {
+        "checkpoint": str(args.ckpt or default_checkpoint()),
+        "device": args.device,
+        "backend": args.backend,
+        "executor": args.executor,
+        "graph": not args.eager,
         **policy_kwargs(args),
-    )
+    }
 
 
 def policy_kwargs(args: argparse.Namespace) -> dict:
@@ -203,6 +213,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         device=args.device,
         backend=args.backend,
         executor=args.executor,
+        graph=not args.eager,
     )
     trained_on = engine.manifest["task"]["name"]
     if args.task is not None and get_task(args.task).name != trained_on:
@@ -231,6 +242,34 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         print(f"wrote the default policy and calibration.json of {engine.path}")
 
 
+def cmd_score(args: argparse.Namespace) -> None:
+    from eeengine.scoring import DEFAULT_CHUNK_ROWS, ScoreJob, score_file  # imports pyarrow
+
+    job = ScoreJob(
+        args.input,
+        args.output,
+        args.text_column,
+        args.text_pair_column,
+        args.id_column,
+        DEFAULT_CHUNK_ROWS if args.chunk_rows is None else args.chunk_rows,
+    )
+    options = {"batch_size": args.batch_size, "overwrite": args.overwrite}
+    if args.ray:
+        from eeengine.ray_scoring import score_file_ray
+
+        summary = score_file_ray(
+            job, _engine_settings(args), actors=args.actors, address=args.address, **options
+        )
+    else:
+        summary = score_file(job, _engine_settings(args), **options)
+    resumed = f" ({summary.resumed_rows} written before the run was interrupted)"
+    layers = f"; average exit layer {summary.avg_exit_layer:.2f}" if summary.avg_exit_layer else ""
+    print(
+        f"wrote {summary.rows} rows to {job.output}{resumed if summary.resumed_rows else ''} "
+        f"in {summary.seconds:.1f} s{layers}"
+    )
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     engine = Engine(args.ckpt or default_checkpoint())
     m = engine.manifest
@@ -247,6 +286,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"tokens      {json.dumps(pruning.to_json()) if pruning else 'no token pruning'}")
     print(f"backend     {engine.backend}" + ("" if HAS_C else f" ({LOAD_ERROR})"))
     print(f"executor    {engine.executor}")
+    print(f"loop        {engine.loop}")
     if training:
         metrics = ", ".join(f"{v:.2f}" for v in training.get("dev_exit_metrics", []))
         print(
@@ -340,6 +380,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_checkpoint_args(p)
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser(
+        "score",
+        help="score a CSV/TSV/JSONL/Parquet file, streaming, resumable",
+        description="Predict every row of a file and write row, [id], label, score and "
+        "exit_layer (regression: value) in input order, in the format of the output's suffix. "
+        "Memory stays bounded; rerunning an interrupted run resumes it.",
+    )
+    p.add_argument("--input", required=True, type=Path, help=".csv, .tsv, .jsonl or .parquet")
+    p.add_argument("--output", required=True, type=Path, help=".csv, .tsv, .jsonl or .parquet")
+    p.add_argument("--text-column", required=True)
+    p.add_argument("--text-pair-column", help="second segment of sentence-pair inputs")
+    p.add_argument("--id-column", help="an input column to copy to the output")
+    p.add_argument(
+        "--chunk-rows",
+        type=int,
+        help="rows read, scored and written at a time, one part file each (bounds memory and "
+        "the work an interruption can lose; default 4096)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--ray", action="store_true", help="run on Ray Data (needs eeengine[ray])")
+    p.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
+    p.add_argument("--actors", type=int, default=2, help="Ray actors, one Engine each (default 2)")
+    _add_engine_args(p)
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("ckpt", nargs="?", help="checkpoint directory (default: the cached SST-2 model)")

@@ -215,15 +215,8 @@ def _rows(path: Path) -> list[tuple[int, dict]]:
     with open(path, encoding="utf-8-sig", newline="") as f:
         if kind == "jsonl":
             for line, text in enumerate(f, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{line}: expected a JSON object")
-                rows.append((line, row))
+                if text.strip():
+                    rows.append((line, json_record(text, f"{path}:{line}")))
             return rows
         quoting = csv.QUOTE_MINIMAL if kind == "csv" else csv.QUOTE_NONE
         reader = csv.reader(f, delimiter="," if kind == "csv" else "\t", quoting=quoting)
@@ -239,6 +232,21 @@ def _rows(path: Path) -> list[tuple[int, dict]]:
                 )
             rows.append((reader.line_num, dict(zip(header, record, strict=True))))
     return rows
+
+
+def json_record(text: str, where: str) -> dict:
+    """One line of a JSONL file as a JSON object.
+
+    Raises:
+        ValueError: invalid JSON or not an object (``where`` names the file and line).
+    """
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    return record
 
 
 def _read_file(

@@ -30,7 +30,7 @@ from eeengine.flops import FlopCounter
 from eeengine.inputs import Example, normalize_inputs
 from eeengine.metrics import METRICS
 from eeengine.policies import ExitPolicy, make_policy
-from eeengine.runtime import ExitOutput, early_exit_forward
+from eeengine.runtime import DeviceLoop, ExitLoop, ExitOutput
 from eeengine.token_pruning import TokenPruning
 
 # Inputs tokenized and bucketed at a time: bounds memory for any number of texts.
@@ -101,6 +101,9 @@ class Engine:
         executor: what runs the encoder layers (see :mod:`eeengine.executors`): "torch" (the
             reference), "onnxruntime" (one ONNX Runtime session per layer, CPU, BERT backbones,
             needs ``eeengine[onnx]``), or None for "onnxruntime" where it can run, else "torch".
+        graph: on a CUDA device, run each batch as one CUDA graph replay (no host sync per
+            layer; :mod:`eeengine.cuda_graph`); False runs the same sync-free loop eagerly.
+            Ignored on CPU (see :class:`eeengine.runtime.DeviceLoop`).
         **policy_kwargs: other parameters of the policy, e.g. ``layer`` for ``budget``,
             ``window`` / ``window_test`` / ``window_range`` for ``elbert``, ``memory_weight``
             for ``mpee`` (see :mod:`eeengine.policies`).
@@ -136,6 +139,7 @@ class Engine:
         backend: str | None = None,
         token_pruning: Literal["checkpoint"] | TokenPruning | dict | None = "checkpoint",
         executor: str | None = None,
+        graph: bool = True,
         **policy_kwargs: object,
     ) -> None:
         self.device = _resolve_device(device)
@@ -174,6 +178,7 @@ class Engine:
         self.token_pruning = self._token_pruning(token_pruning)
         self._flops = FlopCounter.for_model(self.model)
         self._executor = make_executor(executor, self.model)
+        self._loop = DeviceLoop(self.model, self._executor, graph)
 
     @property
     def num_layers(self) -> int:
@@ -185,9 +190,19 @@ class Engine:
         return self._backend
 
     @property
+    def loop(self) -> str:
+        """The early-exit loop: "compaction" (CPU), "graph" or "eager" (CUDA)."""
+        return self._loop.mode
+
+    @property
     def executor(self) -> str:
         """What runs the encoder layers: "torch" or "onnxruntime"."""
         return self._executor.name
+
+    def exit_loop(self) -> ExitLoop:
+        """The engine's early-exit loop (model, policy, backend, token pruning, executor) in
+        per-layer pieces, for callers that schedule layers themselves (``eeengine serve``)."""
+        return ExitLoop(self.model, self.policy, self._backend, self.token_pruning, self._executor)
 
     def _make_policy(self, name: str | None, given: dict) -> ExitPolicy:
         default = self.manifest["policy"]
@@ -393,16 +408,17 @@ class Engine:
                 encoded.token_type_ids[i] = truncated.token_type_ids[j]
 
         results: list[Prediction | None] = [None] * len(examples)
-        for indices in length_sorted_batches(encoded.lengths, batch_size):
-            batch = collate(encoded, indices, self.tokenizer.pad_token_id, self.device)
-            out = early_exit_forward(
-                self.model,
+        batches = length_sorted_batches(encoded.lengths, batch_size)
+        outs = [
+            self._loop(
                 self.policy,
-                *batch,
-                backend=self._backend,
-                token_pruning=self.token_pruning,
-                executor=self._executor,
+                self._backend,
+                self.token_pruning,
+                *collate(encoded, indices, self.tokenizer.pad_token_id, self.device),
             )
+            for indices in batches
+        ]
+        for indices, out in zip(batches, self._loop.to_host(outs), strict=True):
             for row, (i, prediction) in enumerate(
                 zip(indices, self._predictions(out), strict=True)
             ):
