@@ -30,6 +30,7 @@ from eeengine.flops import FlopCounter
 from eeengine.inputs import Example, normalize_inputs
 from eeengine.metrics import METRICS
 from eeengine.policies import ExitPolicy, make_policy
+from eeengine.precision import check_precision, read_calibration
 from eeengine.runtime import DeviceLoop, ExitLoop, ExitOutput
 from eeengine.token_pruning import TokenPruning
 
@@ -101,6 +102,12 @@ class Engine:
         executor: what runs the encoder layers (see :mod:`eeengine.executors`): "torch" (the
             reference), "onnxruntime" (one ONNX Runtime session per layer, CPU, BERT backbones,
             needs ``eeengine[onnx]``), or None for "onnxruntime" where it can run, else "torch".
+            With "onnxruntime" the torch copy of the layers it runs is dropped (one copy of the
+            weights in memory).
+        precision: the encoder layers' precision on CPU (see :mod:`eeengine.precision`):
+            "fp32"; "int8" (per-channel int8 linear weights, onnxruntime executor); "bf16"
+            (torch executor). Exit heads stay fp32. The policy's parameters come from that
+            precision's calibration (``calibration-int8.json``) when the checkpoint has one.
         graph: on a CUDA device, run each batch as one CUDA graph replay (no host sync per
             layer; :mod:`eeengine.cuda_graph`); False runs the same sync-free loop eagerly.
             Ignored on CPU (see :class:`eeengine.runtime.DeviceLoop`).
@@ -121,7 +128,8 @@ class Engine:
         ValueError: unknown policy, threshold out of range, unknown or unavailable device,
             unknown backend or a fused backend where it cannot run, a bad token-pruning schedule
             or one on a backbone that cannot prune (ALBERT with inner_group_num > 1), unknown
-            executor or "onnxruntime" where it cannot run; with ``target_speedup`` or
+            executor or "onnxruntime" where it cannot run, an unknown precision or one the
+            executor does not run or off the CPU; with ``target_speedup`` or
             ``max_drop``: no calibration, policy parameters given as well, or no calibrated
             point meets the target (the best reachable is named).
     """
@@ -140,13 +148,17 @@ class Engine:
         token_pruning: Literal["checkpoint"] | TokenPruning | dict | None = "checkpoint",
         executor: str | None = None,
         graph: bool = True,
+        precision: str = "fp32",
         **policy_kwargs: object,
     ) -> None:
         self.device = _resolve_device(device)
+        self.precision = check_precision(precision, self.device.type)
         ckpt = load_checkpoint(checkpoint)
         self.path = Path(checkpoint)
         self.manifest = ckpt.manifest
-        self.calibration = ckpt.calibration
+        self.calibration = (
+            ckpt.calibration if precision == "fp32" else read_calibration(self.path, precision)
+        )
         self.tokenizer = ckpt.tokenizer
         self.label_names = ckpt.label_names
         self.model = ckpt.model.to(self.device)
@@ -177,7 +189,11 @@ class Engine:
         self._backend = resolve_backend(backend, self.policy, self.model.num_labels, self.device)
         self.token_pruning = self._token_pruning(token_pruning)
         self._flops = FlopCounter.for_model(self.model)
-        self._executor = make_executor(executor, self.model)
+        pruned = () if self.token_pruning is None else self.token_pruning.layers
+        # The engine owns its model: the executor keeps one copy of the weights.
+        self._executor = make_executor(
+            executor, self.model, precision, torch_layers={layer - 1 for layer in pruned}
+        )
         self._loop = DeviceLoop(self.model, self._executor, graph)
 
     @property
@@ -208,7 +224,8 @@ class Engine:
         default = self.manifest["policy"]
         name = name or default["name"]
         stored = {}
-        if name == default["name"]:
+        # The default's parameters were calibrated at fp32; other precisions re-pick them.
+        if name == default["name"] and (self.precision == "fp32" or not self.calibration):
             stored = policy_params(default)
         elif self.calibration:
             chosen = choose_operating_point(self.calibration, policy=name)
@@ -296,6 +313,7 @@ class Engine:
             batch_size=batch_size,
             progress=progress,
             token_pruning=self.token_pruning,
+            executor=self._executor,
         )
         flops = flops_tables(
             self.model, self.tokenizer, texts, text_pairs, self.max_length, self.token_pruning

@@ -79,6 +79,7 @@ def sweep_report(
         engine.max_length,
         progress=progress,
         token_pruning=engine.token_pruning,
+        executor=engine.exit_loop().executor,  # the engine's layers, at its precision
     )
     flops = flops_tables(
         engine.model,

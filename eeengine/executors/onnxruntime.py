@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -195,15 +196,22 @@ def quantize_int8(model: onnx.ModelProto, output: Path) -> None:
     docstring)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
-        model,
-        output,
-        per_channel=True,
-        reduce_range=not cpu_has_vnni(),
-        weight_type=QuantType.QInt8,
-        # The contrib ops' outputs have no inferred type; they are all float32.
-        extra_options={"DefaultTensorType": TensorProto.FLOAT},
-    )
+    # The quantizer logs a hint about its pre-processing pass (for exported graphs; these are
+    # built already fused) on the root logger at every call.
+    previous = logging.root.manager.disable
+    logging.disable(max(previous, logging.WARNING))
+    try:
+        quantize_dynamic(
+            model,
+            output,
+            per_channel=True,
+            reduce_range=not cpu_has_vnni(),
+            weight_type=QuantType.QInt8,
+            # The contrib ops' outputs have no inferred type; they are all float32.
+            extra_options={"DefaultTensorType": TensorProto.FLOAT},
+        )
+    finally:
+        logging.disable(previous)
 
 
 def cpu_has_vnni() -> bool:
