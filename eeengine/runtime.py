@@ -21,7 +21,7 @@ captures in CUDA graphs; :class:`DeviceLoop` picks the loop for a device once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -59,6 +59,44 @@ class ExitOutput:
     def tensors(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """The fields in order (``dataclasses.astuple`` would deep-copy them)."""
         return self.logits, self.exit_layer, self.tokens_kept
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """The logits of the exit an input took are NaN or infinite, so no prediction can be made.
+
+    Attributes:
+        inputs: the caller's indices of the bad inputs.
+        layers: the 1-based exit layer of each.
+    """
+
+    def __init__(self, inputs: list[int], layers: list[int]) -> None:
+        self.inputs, self.layers = inputs, layers
+        listed = ", ".join(
+            f"input {i} at layer {layer}"
+            for i, layer in list(zip(inputs, layers, strict=True))[:10]
+        )
+        super().__init__(
+            f"non-finite (NaN or infinite) logits for {len(inputs)} input(s): {listed}; the "
+            "model's numbers overflowed, so no prediction is returned"
+        )
+
+
+def check_finite(out: ExitOutput, inputs: Sequence[int]) -> None:
+    """Refuse a batch whose latched logits are not all finite: one reduction over
+    (batch_size, num_labels), on the host copy the predictions are read from (no extra device
+    sync), whatever loop or backend latched them.
+
+    Args:
+        out: a batch's result, on the CPU.
+        inputs: the caller's index of each row of ``out``.
+
+    Raises:
+        NonFiniteLogitsError: names the inputs and the layer each exited at.
+    """
+    finite = torch.isfinite(out.logits).all(1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        raise NonFiniteLogitsError([inputs[row] for row in bad], out.exit_layer[bad].tolist())
 
 
 def exit_head_step_reference(
