@@ -75,7 +75,7 @@ def test_onnxruntime_engine_keeps_one_copy_of_the_layers(tiny_ckpt):
     assert engine.model.backbone.embeddings.word_embeddings.weight.device.type == "cpu"
     # Full-depth evaluation runs through the executor, not the dropped torch layers.
     point = engine.calibrate(SENTENCES, [i % 2 for i in range(len(SENTENCES))], max_drop=100.0)
-    assert point["metric"] >= 0.0
+    assert point.metric >= 0.0
 
 
 def test_executor_keeps_torch_layers_it_is_told_to(tiny_bert_dir):
