@@ -3,7 +3,7 @@ operating point at each precision calibrated on the checkpoint's own held-out sl
 
 For each checkpoint and precision (fp32, int8, bf16):
 - per-exit dev metric (the task's metric, every exit at full depth, through the engine's own
-  executor at that precision: ``eeengine.evaluation.all_exit_logits(..., executor=...)``);
+  executor at that precision: :func:`eeengine.report.per_exit_metrics`);
 - the default policy (the checkpoint's policy name) with parameters picked on the calibration
   slice the trainer held out (:func:`training.trainer.split_calibration`, same seed; never on
   dev), fastest within ``--max-drop`` points of full depth on that slice, then run on dev:
@@ -27,8 +27,8 @@ import torch
 
 from eeengine import Engine
 from eeengine.data import get_task, load_split
-from eeengine.evaluation import all_exit_logits, exit_metrics
 from eeengine.precision import write_calibration
+from eeengine.report import per_exit_metrics
 from eeengine.training import TrainConfig
 from eeengine.training.trainer import load_dataset, split_calibration
 
@@ -45,16 +45,7 @@ def measure(ckpt: str, precision: str, max_drop: float, write: bool) -> dict:
     config = TrainConfig(**{**manifest["training"]["config"], "task": task.name})
     _, calib, _ = split_calibration(config, load_dataset(config))
     dev = load_split(task, "dev")
-    logits = all_exit_logits(
-        engine.model,
-        engine.tokenizer,
-        dev.texts,
-        dev.text_pairs,
-        engine.max_length,
-        token_pruning=engine.token_pruning,
-        executor=engine.exit_loop().executor,
-    )
-    per_exit = exit_metrics(logits, dev.labels, metric)
+    per_exit = per_exit_metrics(engine, dev, metric)
     name = manifest["policy"]["name"]
     point = engine.calibrate(
         calib.texts, calib.labels, calib.text_pairs, max_drop=max_drop, policy=name

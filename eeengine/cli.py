@@ -13,11 +13,10 @@ from eeengine.checkpoint import CheckpointError, update_checkpoint
 from eeengine.data import Split, file_split, get_task, load_split, unlabeled_file
 from eeengine.defaults import default_checkpoint, minilm_dir
 from eeengine.engine import Engine
-from eeengine.evaluation import all_exit_logits, exit_metrics
 from eeengine.executors import EXECUTORS, PRECISIONS
 from eeengine.heads import LAYOUTS, POOLINGS
 from eeengine.precision import write_calibration
-from eeengine.report import markdown, sweep_report, write_report
+from eeengine.report import markdown, per_exit_metrics, sweep_report, write_report
 from eeengine.training import TrainConfig, train
 from eeengine.training.recipes import BASE_RECIPES, RECIPES
 
@@ -181,16 +180,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(markdown(report))
         print("wrote " + ", ".join(str(path) for path in paths))
         return
-    logits = all_exit_logits(
-        engine.model,
-        engine.tokenizer,
-        dev.texts,
-        dev.text_pairs,
-        engine.max_length,
-        token_pruning=engine.token_pruning,
-        executor=engine.exit_loop().executor,  # the engine's layers, at its precision
-    )
-    per_exit = exit_metrics(logits, dev.labels, metric)
+    per_exit = per_exit_metrics(engine, dev, metric)
     result = engine.evaluate(dev, metric, batch_size=args.batch_size)
     report = {
         "task": name,
