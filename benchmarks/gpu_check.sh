@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU check of issue 13, for a lent GPU machine (one H200, torch 2.11 + CUDA 13,
 # triton, transformers, onnxruntime and pytest preinstalled, no package registry). At most
-# ~10 minutes (the sum of the step limits is 595 s; a normal run takes less); every step has its
+# ~10 minutes (the sum of the step limits is 605 s; a normal run takes less); every step has its
 # own time limit, its log in $OUT/<step>.log, and one line in $OUT/steps.txt as it finishes;
 # $OUT/summary.txt (printed at the end) holds them all:
 #
@@ -73,7 +73,7 @@ run_step() { # step limit_s command...; a step named in GPU_CHECK_SKIP is skippe
     fi
 }
 
-run_step env 20 "$PY" -c '
+run_step env 45 "$PY" -c '
 import shutil, subprocess, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda)
 print("gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
@@ -103,7 +103,7 @@ gpu_step() { # step limit_s command...: run_step, or skip without a GPU
     fi
 }
 
-gpu_step build 150 env MAX_JOBS=16 "$PY" -m pip install --no-build-isolation --no-deps -e .
+gpu_step build 140 env MAX_JOBS=16 "$PY" -m pip install --no-build-isolation --no-deps -e .
 gpu_step extension 20 "$PY" -c '
 import torch
 from eeengine import _custom_ops
@@ -137,10 +137,11 @@ for tool in memcheck racecheck; do
     fi
 done
 
-gpu_step compaction 30 "$PY" benchmarks/benchmark_compaction.py --out "$OUT/compaction.json"
+ckpt_step compaction 30 "$PY" benchmarks/benchmark_compaction.py --ckpt "$CKPT" \
+    --out "$OUT/compaction.json"
 
-ckpt_step compare 90 "$PY" benchmarks/gpu_compare.py --ckpt "$CKPT" --out "$OUT/compare.json" \
-    --budget-s 70
+ckpt_step compare 85 "$PY" benchmarks/gpu_compare.py --ckpt "$CKPT" --out "$OUT/compare.json" \
+    --budget-s 65
 
 {
     echo "gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ), ${SECONDS}s, results in $OUT"

@@ -305,6 +305,15 @@ def cmd_info(args: argparse.Namespace) -> None:
             f"training    recipe {training.get('recipe')}, "
             f"dev {training.get('dev_metric')} per exit: {metrics}"
         )
+    reports = training.get("default_policy")
+    if reports:
+        calib, dev = reports["calibration"], reports["dev"]
+        source = training["calibration_data"]["source"]
+        print(
+            f"calibrated  on {source}: default policy promised a drop of {calib['drop']:.2f} "
+            f"at {calib['avg_exit_layer']:.2f} layers; measured on dev {dev['drop']:.2f} at "
+            f"{dev['avg_exit_layer']:.2f} layers"
+        )
 
 
 # TrainConfig field annotation -> argparse type (booleans are flags).

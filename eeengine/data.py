@@ -16,7 +16,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-DATA_DIR = Path(os.environ.get("EEENGINE_DATA", Path(__file__).resolve().parent.parent / "data"))
+
+def _data_dir() -> Path:
+    """``$EEENGINE_DATA``; else the copy of ``data/`` an installed wheel carries
+    (``eeengine/_data``); else ``data/`` beside the source tree (editable installs)."""
+    if os.environ.get("EEENGINE_DATA"):
+        return Path(os.environ["EEENGINE_DATA"])
+    packaged = Path(__file__).resolve().parent / "_data"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "data"
+
+
+DATA_DIR = _data_dir()
 
 
 @dataclass(frozen=True)

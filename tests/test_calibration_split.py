@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+from eeengine.cli import main
 from eeengine.data import Split, calibration_size, holdout_split
 from eeengine.training import TrainConfig, train
 from eeengine.training.trainer import schedule
@@ -106,7 +107,7 @@ def test_dev_plays_no_part_in_selection_or_calibration(tiny_bert_dir, tiny_csv_t
         assert report["drop"] == pytest.approx(report["full_depth"] - report["metric"])
 
 
-def test_calib_file_replaces_the_holdout(tiny_bert_dir, tiny_csv_task, tmp_path):
+def test_calib_file_replaces_the_holdout(tiny_bert_dir, tiny_csv_task, tmp_path, capsys):
     config = csv_config(tiny_bert_dir, tiny_csv_task, calib_file=str(tiny_csv_task / "dev.csv"))
     path = train(config, tmp_path / "c", progress=False)
     training = json.loads((path / "eeengine.json").read_text())["training"]
@@ -115,5 +116,9 @@ def test_calib_file_replaces_the_holdout(tiny_bert_dir, tiny_csv_task, tmp_path)
         "examples": 12,
     }
     assert training["train_examples"] == 40  # nothing held out of train.csv
+    assert main(["info", str(path)]) == 0
+    promised = training["default_policy"]["calibration"]["drop"]
+    expected = f"on {tiny_csv_task / 'dev.csv'}: default policy promised a drop of {promised:.2f}"
+    assert expected in capsys.readouterr().out
     with pytest.raises(ValueError, match="--calib-file needs --train-file"):
         train(TrainConfig(base_model=str(tiny_bert_dir), calib_file="x.csv"), tmp_path / "g", False)

@@ -51,7 +51,7 @@ def test_recipe_settings_are_recorded(tiny_bert_dir, tiny_csv_task, tmp_path):
     path = train(csv_config(tiny_bert_dir, tiny_csv_task, recipe="elbert"), tmp_path / "e", False)
     training = json.loads((path / "eeengine.json").read_text())["training"]
     assert training["recipe_params"] == {"init": 4.0, "lr": 1e-2}
-    native_bf16 = trainer_module._cpu_has_native_bf16()
+    native_bf16 = trainer_module._cpu_has_amx_bf16()
     assert training["mixed_precision"] == ("bf16" if native_bf16 else None)
     weights = training["recipe_learned"]["loss_weights"]
     assert len(weights) == 4 and sum(weights) == pytest.approx(4.0, abs=1e-4)
