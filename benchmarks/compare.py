@@ -81,18 +81,22 @@ IMDB = DATA_DIR / "IMDB-long" / "reviews.tsv"
 @dataclass
 class Workload:
     """What is measured: the reported inputs and labels, the token limit, and the labelled
-    inputs operating points are calibrated on (None: the checkpoint's ``calibration.json``)."""
+    inputs operating points are calibrated on (None: the checkpoint's ``calibration.json``),
+    with their labels, or without (``label_free``: by agreement with full depth)."""
 
     task: str
     inputs: list
     labels: list[int]
     max_length: int | None
     calibration: Split | None
+    label_free: bool = False
 
 
-def load_workload(task: str, calibration_limit: int | None = None) -> Workload:
-    """``imdb``: reviews 1-1,500 calibrate, 1,501-3,000 are reported, at 512 tokens; a
-    classification task of ``data/``: its dev split.
+def load_workload(
+    task: str, calibration_limit: int | None = None, label_free: bool = False
+) -> Workload:
+    """``imdb``: reviews 1-1,500 calibrate (with their labels, or ``label_free``), 1,501-3,000
+    are reported, at 512 tokens; a classification task of ``data/``: its dev split.
 
     Raises:
         SystemExit: a regression task.
@@ -103,7 +107,8 @@ def load_workload(task: str, calibration_limit: int | None = None) -> Workload:
         half = len(reviews.texts) // 2
         end = half if calibration_limit is None else min(half, calibration_limit)
         calibration = Split(reviews.texts[:end], None, reviews.labels[:end])
-        return Workload(task, reviews.texts[half:], reviews.labels[half:], 512, calibration)
+        reported = reviews.texts[half:], reviews.labels[half:]
+        return Workload(task, *reported, 512, calibration, label_free)
     if get_task(task).label_names is None:
         raise SystemExit(f"compare.py needs a classification task; {task} is regression")
     dev = load_split(get_task(task), "dev")
@@ -120,24 +125,41 @@ def precisions() -> list[str]:
     return ["fp32"]
 
 
-def operating_points(engine: Engine, workload: Workload) -> tuple[dict, dict]:
-    """Full depth and the fastest points within 0.5 and 1.0 points of full depth.
+def operating_points(
+    engine: Engine, workload: Workload, drops: tuple[float, ...] = (0.5, 1.0)
+) -> tuple[dict, dict]:
+    """Full depth and the fastest points within each of ``drops`` accuracy points of full
+    depth.
 
     With a calibration split, the sweep is measured on it first (:meth:`Engine.calibrate`,
-    which runs the engine's precision and token pruning).
+    which runs the engine's precision and token pruning); label-free, its metric is agreement
+    with full depth in percent, so ``drop1.0`` is the fastest point agreeing on >= 99 %.
 
     Returns:
         {point name: (policy, parameters)} and the sweep they come from.
     """
     if workload.calibration is not None:
         split = workload.calibration
-        engine.calibrate(split.texts, split.labels, split.text_pairs, max_drop=1.0, batch_size=16)
+        labels = None if workload.label_free else split.labels
+        engine.calibrate(split.texts, labels, split.text_pairs, max_drop=max(drops), batch_size=16)
     points = {"full": ("none", {})}
-    for drop in (0.5, 1.0) if engine.calibration else ():
+    for drop in drops if engine.calibration else ():
         chosen = choose_operating_point(engine.calibration, max_drop=drop)
         if chosen is not None:
             points[f"drop{drop}"] = (chosen[0], policy_params(chosen[1]))
     return points, engine.calibration
+
+
+def _calibration_engine(
+    ckpt: Path, workload: Workload, pruning: dict | None, kwargs: dict
+) -> Engine:
+    """The engine a configuration's sweep is measured with: its precision and pruning, on the
+    torch executor where that precision runs there, else on ONNX Runtime (int8)."""
+    settings = {"policy": "none", "max_length": workload.max_length, "token_pruning": pruning}
+    try:
+        return Engine(ckpt, executor="torch", **settings, **kwargs)
+    except ValueError:
+        return Engine(ckpt, executor="onnxruntime", **settings, **kwargs)
 
 
 def _wanted(name: str, patterns: list[str] | None) -> bool:
@@ -194,15 +216,13 @@ def build_providers(
         kwargs = {} if precision == "fp32" else {"precision": precision}
         tag = "" if precision == "fp32" else f"{precision}_"
         for prefix, pruning in variants.items():
-            names = [f"eeengine_{e}_{tag}{prefix}{p}" for e in EXECUTORS for p in ("full", "drop*")]
+            point_names = ("full", "drop0.5", "drop1.0")
+            names = [f"eeengine_{e}_{tag}{prefix}{p}" for e in EXECUTORS for p in point_names]
             if (pruning is None and prefix) or not any(_wanted(n, patterns) for n in names):
                 continue
             if prefix and workload.calibration is None and not base.manifest.get("token_pruning"):
                 continue  # no calibration measured with pruning to pick its points from
-            calibrated = Engine(
-                ckpt, policy="none", executor="torch", max_length=workload.max_length,
-                token_pruning=pruning, **kwargs,
-            )  # fmt: skip
+            calibrated = _calibration_engine(ckpt, workload, pruning, kwargs)
             points, sweep = operating_points(calibrated, workload)
             if prefix:
                 points.pop("full")
@@ -304,6 +324,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="report on the first N inputs (default: all)")
     parser.add_argument("--latency-limit", type=int, help="batch-1 latency on the first N only")
     parser.add_argument("--calibration-limit", type=int, help="imdb: calibrate on N reviews")
+    parser.add_argument(
+        "--label-free", action="store_true", help="imdb: calibrate by agreement, not labels"
+    )
     parser.add_argument("--providers", nargs="+", help="shell patterns of providers to run")
     parser.add_argument(
         "--token-pruning",
@@ -324,7 +347,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()  # and the tokenizer says so before
 
     ckpt = args.ckpt or default_checkpoint()
-    workload = load_workload(args.task, args.calibration_limit)
+    workload = load_workload(args.task, args.calibration_limit, args.label_free)
     texts, gold = workload.inputs[: args.limit], workload.labels[: args.limit]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
@@ -366,6 +389,7 @@ def main() -> None:
         "inputs": len(texts),
         "latency_inputs": len(texts[: args.latency_limit]),
         "max_length": workload.max_length,
+        "label_free_calibration": workload.label_free,
         "calibration_inputs": None
         if workload.calibration is None
         else len(workload.calibration.texts),
