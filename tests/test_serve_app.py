@@ -91,8 +91,9 @@ def test_raw_scores_are_the_exit_logits(client, engine) -> None:
     )
 
 
-def test_truncate(client, engine) -> None:
-    long_text = " ".join(["wonderful"] * (engine.max_length + 20))
+@pytest.mark.parametrize("words", [80, 100_000])  # over 64 tokens; over the character cut
+def test_truncate(client, engine, words) -> None:
+    long_text = " ".join(["wonderful"] * words)
     refused = client.post("/predict", json={"inputs": long_text})
     assert refused.status_code == 413
     assert refused.json()["error_type"] == "validation"
@@ -115,6 +116,7 @@ def test_truncate(client, engine) -> None:
         (b'{"inputs": "a", "truncate": "maybe"}', 422, "validation"),
         (b'{"inputs": ["a", "b", "c"]}', 422, "validation"),
         (b'{"inputs": [["a", "b", "c"]]}', 422, "validation"),
+        (b'{"inputs": "lone \\ud800 surrogate"}', 422, "validation"),
         (b'{"inputs": ""}', 400, "empty"),
         (b'{"inputs": [["ok"], ["   "]]}', 400, "empty"),
         (b'{"inputs": []}', 400, "empty"),

@@ -36,6 +36,7 @@ from starlette.types import Message
 from transformers import PreTrainedTokenizerBase
 
 from eeengine.engine import Engine
+from eeengine.inputs import char_limit
 from eeengine.serve import BATCHING
 from eeengine.serve.batcher import Batcher, Job, JobResult, StaticBatcher
 from eeengine.serve.layerwise import LayerwiseBatcher
@@ -194,7 +195,11 @@ def create_app(
         state.in_flight += 1
         try:
             try:
-                examples, single = parse_inputs(body.inputs, config.max_client_batch_size)
+                examples, single = parse_inputs(
+                    body.inputs,
+                    config.max_client_batch_size,
+                    char_limit(model.max_input_length) if body.truncate else None,
+                )
                 ids, types = tokenize(
                     model.tokenizer, examples, model.max_input_length, body.truncate
                 )

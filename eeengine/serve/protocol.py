@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, StrictBool, StrictStr
 from transformers import PreTrainedTokenizerBase
 
 from eeengine.batching import encode
-from eeengine.inputs import Example, normalize_inputs
+from eeengine.inputs import Example, char_limit, normalize_inputs
 
 
 class ServeError(Exception):
@@ -66,12 +66,21 @@ class ErrorResponse(BaseModel):
     error_type: str
 
 
-def parse_inputs(inputs: str | list, max_client_batch_size: int) -> tuple[list[Example], bool]:
+def parse_inputs(
+    inputs: str | list, max_client_batch_size: int, max_chars: int | None = None
+) -> tuple[list[Example], bool]:
     """TEI's ``inputs`` as a list of (text, text_pair or None), and whether it was one input.
 
+    Args:
+        inputs: the request's ``inputs``.
+        max_client_batch_size: inputs one request may hold.
+        max_chars: cut each text to this many characters, as ``Engine.predict`` does
+            (:func:`eeengine.inputs.char_limit`); None to keep them whole.
+
     Raises:
-        ServeError: 422 for a list of more than 2 strings (one input is a text or a pair), 413
-            for a batch over ``max_client_batch_size``, 400 for no input or an empty text.
+        ServeError: 422 for a list of more than 2 strings (one input is a text or a pair) or a
+            text that is not valid Unicode, 413 for a batch over ``max_client_batch_size``, 400
+            for no input or an empty text.
     """
     if isinstance(inputs, str):
         items, single = [inputs], True
@@ -107,9 +116,11 @@ def parse_inputs(inputs: str | list, max_client_batch_size: int) -> tuple[list[E
                 f"inputs[{index}] has {len(item)} strings; an input is [text] or [text, text_pair]",
             )
     try:
-        return normalize_inputs(examples)[0], single
-    except ValueError as error:  # an empty or whitespace-only text
-        raise ServeError(400, "empty", str(error)) from None
+        return normalize_inputs(examples, max_chars)[0], single
+    except ValueError as error:  # an empty text, or a lone surrogate ("\ud800") in one
+        empty = "empty" in str(error)
+        status, kind = (400, "empty") if empty else (422, "validation")
+        raise ServeError(status, kind, str(error)) from None
 
 
 def tokenize(
@@ -118,22 +129,35 @@ def tokenize(
     """Token ids and token type ids of each input, as ``Engine.predict`` encodes them.
 
     Args:
+        examples: the inputs of :func:`parse_inputs` (cut to
+            :func:`eeengine.inputs.char_limit` characters when ``truncate``).
         max_length: the server's ``--max-input-length`` (the engine's ``max_length``).
         truncate: cut longer inputs to ``max_length`` (longest-first for pairs); else refuse.
 
     Raises:
-        ServeError: 413 for an input over ``max_length`` tokens without ``truncate``.
+        ServeError: 413 for an input over ``max_length`` tokens without ``truncate``; a text
+            over :func:`eeengine.inputs.char_limit` characters is refused so without being
+            tokenized (its tokens would need over ``CHARS_PER_TOKEN`` characters each to fit).
     """
+    if not truncate:
+        limit = char_limit(max_length)
+        for i, texts in enumerate(examples):
+            if any(text is not None and len(text) > limit for text in texts):
+                raise ServeError(
+                    413,
+                    "validation",
+                    f"inputs[{i}] has over {limit} characters, more than the maximum input "
+                    f'length {max_length} tokens can hold; send "truncate": true to cut it',
+                )
     input_ids: list[list[int] | None] = [None] * len(examples)
     token_type_ids: list[list[int] | None] = [None] * len(examples)
-    limit = max_length if truncate else None
     for has_pair in (False, True):
         index = [i for i, (_, pair) in enumerate(examples) if (pair is not None) == has_pair]
         if not index:
             continue
         texts = [examples[i][0] for i in index]
         pairs = [examples[i][1] for i in index] if has_pair else None
-        encoded = encode(tokenizer, texts, pairs, limit)
+        encoded = encode(tokenizer, texts, pairs, max_length if truncate else None)
         for i, ids, types in zip(index, encoded.input_ids, encoded.token_type_ids, strict=True):
             if len(ids) > max_length:
                 raise ServeError(
