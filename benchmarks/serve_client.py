@@ -28,7 +28,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(command: list[str], port: int, timeout: float = 300.0, log: Path | None = None):
+def start_server(command: list[str], port: int, timeout: float = 900.0, log: Path | None = None):
     """Start ``command`` (a server listening on ``port``) and wait until /health answers 200.
 
     Raises:
@@ -68,7 +68,7 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def stop_server(proc: subprocess.Popen, timeout: float = 60.0) -> int:
+def stop_server(proc: subprocess.Popen, timeout: float = 300.0) -> int:
     """SIGTERM, then the exit status (killed after ``timeout`` s: returns -9)."""
     proc.send_signal(signal.SIGTERM)
     try:

@@ -22,12 +22,14 @@ the requests in flight; then the worker finishes what was submitted and stops.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -327,3 +329,18 @@ def engine_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
 def _logits_and_layers(out: object) -> tuple[torch.Tensor, torch.Tensor]:
     return out.logits, out.exit_layer
+
+
+def run(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
+    """Serve ``app`` with uvicorn until SIGINT or SIGTERM; exit status 0 after a SIGTERM.
+
+    uvicorn drains on the signal (no new connections, requests in flight answered, then the
+    app's shutdown empties the model's queue), then raises the signal again; that raise exits
+    with status 0 here: a requested, clean shutdown.
+    """
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
 
 from eeengine._custom_ops import BACKENDS
 from eeengine.cli import add_policy_args, policy_kwargs
@@ -66,9 +65,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     try:
-        import uvicorn
-
-        from eeengine.serve.app import ServeConfig, engine_app
+        from eeengine.serve.app import ServeConfig, engine_app, run
     except ImportError as error:
         raise RuntimeError(
             f"eeengine serve needs the serve extra: pip install 'eeengine[serve]' ({error})"
@@ -88,12 +85,4 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_client_batch_size=args.max_client_batch_size,
         batching=args.batching,
     )
-    app = engine_app(engine, config)
-    # uvicorn drains on SIGTERM (no new connections, requests in flight answered, the model's
-    # queue emptied), then raises the signal again; exit 0 then: a requested, clean shutdown.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-
-
-def _exit_cleanly(signum: int, frame: object) -> None:
-    raise SystemExit(0)
+    run(engine_app(engine, config), args.host, args.port, args.log_level)
