@@ -228,3 +228,29 @@ def test_limits_are_checked(engine) -> None:
         engine_app(engine, ServeConfig(max_batch_tokens=engine.max_length - 1))
     with pytest.raises(ValueError, match="batching"):
         engine_app(engine, ServeConfig(batching="dynamic"))
+
+
+def test_non_finite_logits_are_an_error_not_an_answer(engine) -> None:
+    """As Engine.predict: NaN logits give no prediction (500, the model failed), and the
+    server goes on answering."""
+    loop = engine.exit_loop()
+
+    def run_batch(input_ids, *rest):
+        out = loop.run(input_ids, *rest)
+        poisoned = (input_ids == engine.tokenizer.convert_tokens_to_ids("nan")).any(1)
+        out.logits[poisoned] = float("nan")
+        return out.logits, out.exit_layer
+
+    model = ServedModel(engine.tokenizer, engine.label_names, engine.num_layers, engine.max_length)
+    app = create_app(
+        model,
+        ServeConfig(),
+        lambda **limits: StaticBatcher(run_batch, device=engine.device, **limits),
+    )
+    with TestClient(app) as client:
+        _ready(client)
+        bad = client.post("/predict", json={"inputs": "nan"})
+        assert bad.status_code == 500 and bad.json()["error_type"] == "backend"
+        assert "non-finite" in bad.json()["error"]
+        ok = client.post("/predict", json={"inputs": SENTENCES[0]})
+        _check_prediction(ok.json(), engine.predict(SENTENCES[0]), engine.label_names)

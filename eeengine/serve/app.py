@@ -39,6 +39,7 @@ from transformers import PreTrainedTokenizerBase
 
 from eeengine.engine import Engine
 from eeengine.inputs import char_limit
+from eeengine.runtime import ExitOutput, NonFiniteLogitsError, check_finite
 from eeengine.serve import BATCHING
 from eeengine.serve.batcher import Batcher, Job, JobResult, StaticBatcher
 from eeengine.serve.layerwise import LayerwiseBatcher
@@ -221,6 +222,14 @@ def create_app(
         if result is None:
             metrics.requests.labels("cancelled").inc()
             return Response(status_code=499)  # nobody reads it: the client is gone
+        try:  # as Engine.predict: no answer from NaN or infinite logits
+            check_finite(
+                ExitOutput(torch.tensor(result.logits), torch.tensor(result.exit_layer)),
+                range(len(result.logits)),
+            )
+        except NonFiniteLogitsError as error:
+            metrics.requests.labels("error").inc()
+            raise ServeError(500, "backend", str(error)) from None
         answers = predictions(result.logits, result.exit_layer, model.label_names, body.raw_scores)
         metrics.requests.labels("ok").inc()
         total = time.perf_counter() - started
