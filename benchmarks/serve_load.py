@@ -47,8 +47,8 @@ from eeengine.data import file_split, get_task, load_split
 
 SERVERS = ("eeengine", "static", "hf")
 LOADS = {
-    "sst2": [5, 10, 20, 40, 60, 80, 120, 160, 240, 320, 480],
-    "imdb": [1, 2, 4, 8, 12, 16, 24, 32],
+    "sst2": [2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384],
+    "imdb": [0.5, 1, 2, 4, 8, 16],
 }
 MAX_INPUT_LENGTH = {"sst2": None, "imdb": 512}
 
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> dict:
                 )
             rows: dict[str, list[dict]] = {name: [] for name in args.servers}
             live = list(args.servers)
-            for k, rate in enumerate(LOADS[data]):
+            for k, rate in enumerate(args.loads or LOADS[data]):
                 order = live[k % len(live) :] + live[: k % len(live)] if live else []
                 for name in order:
                     row = asyncio.run(
@@ -234,7 +234,8 @@ def main() -> None:
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--data", nargs="+", choices=list(LOADS), default=list(LOADS))
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
-    parser.add_argument("--seconds", type=float, default=15.0, help="per server and load")
+    parser.add_argument("--loads", nargs="+", type=float, help="req/s (default: LOADS)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per server and load")
     parser.add_argument("--max-requests", type=int, default=1500, help="per server and load")
     parser.add_argument("--give-up-ms", type=float, default=1000.0, help="p99 that ends a ramp")
     parser.add_argument("--out", type=Path, help="writes OUT.json and OUT.md")
