@@ -1,4 +1,4 @@
-"""The ``eeengine`` command: train, predict, eval, calibrate, info, score."""
+"""The ``eeengine`` command: train, predict, eval, calibrate, info, score, serve."""
 
 from __future__ import annotations
 
@@ -447,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", nargs="?", help="checkpoint directory (default: the cached SST-2 model)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.set_defaults(func=cmd_info)
+
+    from eeengine.serve.cli import add_serve_parser  # imports this module's helpers
+
+    add_serve_parser(sub)
     return parser
 
 
