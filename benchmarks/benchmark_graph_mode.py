@@ -1,10 +1,11 @@
 """Batch-1 latency on a GPU: graph mode (eeengine.cuda_graph.GraphRunner, one CUDA graph replay,
-no host sync) against the plain loop (eeengine.runtime.early_exit_forward, one host sync per
-layer) with the fused Triton op and with the plain-torch reference.
+no host sync) against the same loop run eagerly (eeengine.runtime.early_exit_forward on a GPU:
+eeengine.static_loop, no host sync, every layer runs) with the fused Triton op and with the
+plain-torch reference.
 
 Random MiniLM-sized model (6 layers, hidden 384, 12 heads; the shape of
 benchmark_exit_head_step.py), batch 1. Policy ``budget`` at k = 1, 3, 6 makes every row exit at
-layer k, so the graph's IF nodes skip L - k layers; the plain loop stops after layer k too.
+layer k, so the graph's IF nodes skip L - k layers; the eager loop runs every layer.
 Providers run interleaved (each repetition runs each once, in turn); each call is timed
 end to end with a device synchronize after it (the measurement's, not the engine's).
 
@@ -40,7 +41,7 @@ def providers(
     model: MultiExitBert, policy: BudgetPolicy, inputs: tuple
 ) -> dict[str, Callable[[], object]]:
     """The calls to time, by provider name, each on the same batch."""
-    runner = GraphRunner(model, policy, backend="triton")
+    runner = GraphRunner(model, policy, "triton")
     return {
         "graph": lambda: runner(*inputs),
         "plain-triton": lambda: early_exit_forward(model, policy, *inputs, backend="triton"),

@@ -27,8 +27,16 @@ from typing import BinaryIO
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from eeengine.checkpoint_checks import (
+    CheckpointError,
+    check_config_sizes,
+    check_tensors,
+    check_tokenizer,
+    read_header,
+    tokenizer_file,
+)
 from eeengine.heads import LAYOUTS, POOLINGS
 from eeengine.modeling_multiexit import BACKBONES, MultiExitBert
 
@@ -45,11 +53,6 @@ _REQUIRED = {
     "policy": dict,
     "max_seq_length": int,
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is missing, incomplete or corrupt; the message names the file
-    and the field."""
 
 
 @dataclass
@@ -163,6 +166,11 @@ def write_atomic(file: Path, write: Callable[[BinaryIO], object]) -> None:
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load and validate a checkpoint directory.
 
+    Besides the format, the files must agree with the model they describe (see
+    :mod:`eeengine.checkpoint_checks`): sizes in ``config.json`` that the weights can hold,
+    finite floating-point weights, a tokenizer that fits the embeddings, a ``max_seq_length``
+    the position embeddings cover, distinct label names.
+
     Raises:
         FileNotFoundError: the directory or one of its files does not exist (named).
         CheckpointError: a file is corrupt or a field is missing or wrong (file and field named).
@@ -172,30 +180,42 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     manifest = _read_json(path / MANIFEST)
     _validate_manifest(manifest, path / MANIFEST)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found")
     try:
         config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # transformers raises many kinds on a corrupt config
         raise CheckpointError(
-            f"{path / 'config.json'}: cannot read the backbone config: {e}"
+            f"{config_file}: cannot read the backbone config: {type(e).__name__}: {e}"
         ) from None
     if config.model_type != manifest["backbone"]:
         raise CheckpointError(
-            f"{path / 'config.json'}: model_type {config.model_type!r} does not match field "
+            f"{config_file}: model_type {config.model_type!r} does not match field "
             f"'backbone' = {manifest['backbone']!r} of {MANIFEST}"
         )
     task = manifest["task"]
     num_labels = len(task["label_names"]) if task["type"] == "classification" else 1
     heads = manifest["exit_heads"]
-    model = MultiExitBert(
-        config,
-        num_labels,
-        pooling=heads["pooling"],
-        layout=heads.get("layout", "per_layer"),
-        lte=heads.get("lte", False),
-    )
+
+    def build(config: PretrainedConfig) -> MultiExitBert:
+        return MultiExitBert(
+            config,
+            num_labels,
+            pooling=heads["pooling"],
+            layout=heads.get("layout", "per_layer"),
+            lte=heads.get("lte", False),
+        )
+
     weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found")
+    check_config_sizes(config, build, read_header(weights), config_file, weights)
+    model = build(config)
+    limit = model.backbone.max_positions
+    if not 2 < manifest["max_seq_length"] <= limit:
+        raise CheckpointError(
+            f"{path / MANIFEST}: field 'max_seq_length' = {manifest['max_seq_length']}, expected "
+            f"[3, {limit}] (the position embeddings of {config_file})"
+        )
     try:
         state = load_file(weights)
     except (SafetensorError, OSError) as e:
@@ -213,12 +233,17 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"{weights}: weights do not match config.json and {MANIFEST}: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}, shape mismatch {mismatched[:3]}"
         )
+    check_tensors(state, weights)
     model.load_state_dict(state)
     model.eval()
+    vocabulary = tokenizer_file(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot load the tokenizer files: {e}") from None
+    except Exception as e:  # tokenizers raises a bare Exception on a corrupt tokenizer.json
+        raise CheckpointError(
+            f"{path}: cannot load the tokenizer files: {type(e).__name__}: {e}"
+        ) from None
+    check_tokenizer(tokenizer, config, manifest["backbone"], vocabulary, config_file)
     calibration = _read_json(path / CALIBRATION) if (path / CALIBRATION).exists() else {}
     return Checkpoint(model, tokenizer, manifest, calibration)
 
@@ -263,6 +288,8 @@ def _validate_manifest(manifest: dict, file: Path) -> None:
             isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)
         ):
             raise CheckpointError(f"{file}: field 'task.label_names' must list >= 2 label names")
+        if len(set(names)) != len(names):
+            raise CheckpointError(f"{file}: field 'task.label_names' = {names} repeats a name")
     heads = manifest["exit_heads"]
     if heads.get("pooling") not in POOLINGS:
         raise CheckpointError(f"{file}: field 'exit_heads.pooling' must be one of {POOLINGS}")

@@ -1,46 +1,66 @@
-"""The early-exit loop on a GPU with no host synchronization: ``graph`` mode.
+"""The early-exit loop on a GPU with no host synchronization: ``graph`` mode, the CUDA default.
 
-The whole loop (embeddings, every encoder layer, every fused exit step) for one bucketed input
-shape (batch, seq_len) is captured once in a CUDA graph and replayed for every batch that fits
-the bucket. The host never learns which rows exited:
+The whole loop of :mod:`eeengine.static_loop` (embeddings, every encoder layer, token pruning,
+every exit step) for one bucketed input shape (batch, seq_len) is captured once in a CUDA
+graph and replayed for every batch that fits the bucket. The host never learns which rows
+exited: the exit flags stay on the device (rows move to the sink row), and layers 2 ... L each
+sit in a CUDA graph conditional IF node on the one-element device tensor ``any(rows < B)``, so
+once every row has exited the rest of the graph is skipped on the GPU. torch builds the nodes
+during capture (``CUDAGraph.get_currently_capturing_graph().begin_capture_to_if_node(pred)`` ...
+``end_capture_to_conditional_node()``, torch >= 2.5 built with CUDA >= 12.4).
 
-- the exit flags stay on the device in ``rows``: row b latches into ``out_logits[rows[b]]`` and
-  ``out_layer[rows[b]]``; when it exits, ``rows[b]`` is set to the sink row B, so its later
-  (ignored) exits land in the sink and its result stays latched;
-- "is any row still live" is a one-element bool tensor on the device, ``any(rows < B)``, and
-  layers l + 1 ... L are captured inside a CUDA graph conditional IF node on it, one node per
-  layer, nested (torch 2.13 builds them during capture:
-  ``CUDAGraph.get_currently_capturing_graph().begin_capture_to_if_node(pred)`` ...
-  ``end_capture_to_conditional_node()``; see
-  torch/_higher_order_ops/cudagraph_conditional_nodes.py). Once every row has exited, the
-  rest of the graph is skipped on the GPU.
+Three details make the same capture work on torch 2.11 and 2.13 without growing memory:
 
-Unlike :func:`eeengine.runtime.early_exit_forward`, rows are not compacted: exited rows keep
-flowing through the layers (masked, their results latched) until the whole batch is done. Rows
-and columns the bucket adds are padding: padded rows start in the sink, padded tokens are masked.
-Results equal the plain loop's (same exits, logits to fp32 tolerance).
+- The IF nodes are siblings, not nested: "a row is live" can only turn false, so the node of
+  layer l + 1 is skipped whenever the node of layer l was. Only one node is open at a time.
+- torch captures each IF body on a stream from its low-priority stream pool. Before torch 2.13
+  that stream can be the capture stream itself (the pool is round robin, and
+  ``torch.cuda.Stream()`` takes from it too), and capture fails. The capture stream here is
+  taken from the high-priority pool, so it never comes back from the low-priority one.
+- The caching allocator keeps blocks (and cuBLAS its workspace) per stream: bodies captured
+  on up to 32 pool streams would each hold their own. :class:`_PinnedBodyStream` advances the
+  pool so that every IF body of every graph is captured on one stream, and the loop is warmed
+  up on that stream and on the capture stream before capture; all graphs share one pool.
 
-Needs a CUDA device, CUDA 12.4+ (conditional nodes) and a fused GPU exit op ("triton" or
-"cuda", see :func:`eeengine._custom_ops.resolve_backend`). Nothing here touches CUDA at import.
+Thresholds and the other policy parameters are captured as kernel arguments: a runner belongs
+to one policy, and :class:`eeengine.runtime.DeviceLoop` makes a new runner (recapturing)
+when the policy changes, so a graph never replays stale thresholds.
+
+Where conditional nodes do not work (CUDA < 12.4, a torch without them, a probe that fails),
+:func:`conditional_nodes_unavailable` says why, and the runner captures every layer
+unconditionally (still no host sync; a batch whose rows all exited early still runs every
+layer), with one warning naming the reason. Nothing here touches CUDA at import.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+import functools
+import warnings
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from eeengine import _custom_ops
+from eeengine.compaction import run_compacting_loop
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import ExitPolicy
-from eeengine.runtime import ExitOutput, _exit_head_step_fused
+from eeengine.runtime import ExitOutput
+from eeengine.static_loop import (
+    StaticLoop,
+    allocate_static_loop,
+    read_outputs,
+    run_static_loop,
+    write_inputs,
+)
+from eeengine.token_pruning import TokenPruning
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 SEQ_BUCKETS = (16, 32, 64, 128, 256, 512)
+# Streams torch.cuda.Stream() may cycle through before the pool is taken as not round robin.
+_MAX_POOL = 256
 
 
 def bucket(size: int, buckets: Sequence[int], what: str) -> int:
@@ -55,143 +75,121 @@ def bucket(size: int, buckets: Sequence[int], what: str) -> int:
     return buckets[index]
 
 
+class _PinnedBodyStream:
+    """Makes every IF body capture on one stream of torch's low-priority stream pool.
+
+    torch's ``begin_capture_to_if_node`` takes the next stream of the pool (round robin, shared
+    with ``torch.cuda.Stream()``). The cycle is learnt once; before each IF node the pool is
+    advanced (by taking streams) until the next one it hands out is ``self.stream``.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        first = torch.cuda.Stream(device)
+        cycle = [first]
+        while len(cycle) < _MAX_POOL:
+            stream = torch.cuda.Stream(device)
+            if stream.cuda_stream == first.cuda_stream:
+                break
+            cycle.append(stream)
+        self.device = device
+        self.round_robin = 1 < len(cycle) < _MAX_POOL
+        self.stream = cycle[1 % len(cycle)]
+        self._before = cycle[0].cuda_stream  # the stream the pool hands out just before
+        self._cycle_length = len(cycle)
+
+    def advance(self) -> None:
+        """Take streams until the pool's next one is :attr:`stream`."""
+        if not self.round_robin:
+            return
+        for _ in range(self._cycle_length):
+            if torch.cuda.Stream(self.device).cuda_stream == self._before:
+                return
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
 @contextlib.contextmanager
-def _if_node(pred: Tensor) -> Iterator[None]:
+def _if_node(pred: Tensor, body: _PinnedBodyStream) -> Iterator[None]:
     """Capture the block into a CUDA graph IF node that runs only while ``pred`` (a
-    one-element CUDA bool tensor, read on the device at this point of the stream) is true."""
+    one-element CUDA bool tensor, read on the device at this point of the graph) is true."""
+    body.advance()
     graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
     graph.begin_capture_to_if_node(pred)
     try:
+        if torch.cuda.current_stream(body.device).cuda_stream != body.stream.cuda_stream:
+            _warn_once(
+                "eeengine: CUDA graph IF bodies are captured on several streams (torch's "
+                "stream pool is not the round robin eeengine expects); graph-pool memory may "
+                "grow with every bucket"
+            )
         yield
     finally:
         graph.end_capture_to_conditional_node()
 
 
-@dataclass
-class StaticLoop:
-    """The static buffers of one bucket's loop (and its graph): replay reads the inputs and
-    writes the outputs.
+@functools.cache
+def conditional_nodes_unavailable(device: torch.device) -> str | None:
+    """Why CUDA graph conditional IF nodes cannot be used on ``device``, or None.
 
-    Attributes:
-        input_ids, attention_mask, token_type_ids: (batch, seq_len) inputs, written before replay.
-        rows: (batch,) int64, each row's output row: b for real rows, the sink row ``batch``
-            for padding rows; written before replay (the loop works on a copy).
-        state: the policy's initial state for ``batch`` rows (the loop works on copies).
-        out_logits: (batch + 1, num_labels) float32; the last row is the sink.
-        out_layer: (batch + 1,) int64; the last entry is the sink.
-        graph: the captured loop, None until captured.
+    Checks that torch has them, then captures a graph with one IF node and replays it with the
+    predicate true and false (a torch built with CUDA < 12.4, or a driver without conditional
+    nodes, fails here). Cached per device.
     """
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    token_type_ids: Tensor
-    rows: Tensor
-    state: dict[str, Tensor]
-    out_logits: Tensor
-    out_layer: Tensor
-    graph: torch.cuda.CUDAGraph | None = None
-
-
-def allocate_static_loop(
-    model: MultiExitBert,
-    policy: ExitPolicy,
-    batch_size: int,
-    seq_len: int,
-    device: torch.device,
-) -> StaticLoop:
-    """The buffers of a (batch_size, seq_len) bucket on ``device``."""
-    ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
-    return StaticLoop(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        token_type_ids=torch.zeros_like(ids),
-        rows=torch.arange(batch_size, device=device),
-        state=policy.init_state(batch_size, device),
-        out_logits=torch.zeros(batch_size + 1, model.num_labels, device=device),
-        out_layer=torch.zeros(batch_size + 1, dtype=torch.long, device=device),
-    )
-
-
-def write_inputs(
-    s: StaticLoop, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor
-) -> None:
-    """Copy a batch into the bucket's buffers, padding it up to the bucket, with device ops
-    only (no host sync when the batch is on the buffers' device).
-
-    Args:
-        s: the bucket's buffers; the batch must fit.
-        input_ids, attention_mask, token_type_ids: (n, seq_len), right-padded; mask 1 = real.
-    """
-    n, seq_len = input_ids.shape
-    batch_size = s.rows.shape[0]
-    for static, given in (
-        (s.input_ids, input_ids),
-        (s.attention_mask, attention_mask),
-        (s.token_type_ids, token_type_ids),
-    ):
-        static.zero_()
-        static[:n, :seq_len].copy_(given)
-    s.attention_mask[n:, 0] = 1  # padding rows get one token: no all-masked attention row
-    arange = torch.arange(batch_size, device=s.rows.device)
-    s.rows.copy_(arange).masked_fill_(arange >= n, batch_size)  # padding rows start in the sink
-
-
-def run_static_loop(
-    model: MultiExitBert,
-    policy: ExitPolicy,
-    op: Callable[..., tuple[Tensor, Tensor]],
-    s: StaticLoop,
-    conditional: bool,
-) -> None:
-    """The early-exit loop on the buffers of ``s``, without compaction: rows that exit move
-    to the sink row, so their latched results stay. With ``conditional`` (during CUDA graph
-    capture), layers 2 ... L each sit in an IF node, nested, on "a row is still live".
-
-    Args:
-        model: the multi-exit model, in eval mode, on the buffers' device.
-        policy: the exit policy.
-        op: the fused exit step (:func:`eeengine._custom_ops.fused_op`).
-        s: the bucket's buffers, inputs written (:func:`write_inputs`).
-        conditional: capture the IF nodes (only while capturing a CUDA graph).
-    """
-    batch_size = s.rows.shape[0]
-    num_layers = model.num_layers
-    rows = s.rows.clone()  # the sink index ``batch_size`` marks rows that are done
-    state = {name: value.clone() for name, value in s.state.items()}
-    hidden_states = model.backbone.embed(s.input_ids, s.token_type_ids)
-    bias = s.attention_mask.bool()[:, None, None, :]  # always a mask: no host-side check
-    with contextlib.ExitStack() as nested:
-        for layer in range(1, num_layers + 1):
-            if conditional and layer > 1:
-                nested.enter_context(_if_node(torch.any(rows < batch_size)))
-            hidden_states = model.backbone.layers[layer - 1](hidden_states, bias)
-            exit_mask = _exit_head_step_fused(
-                op, model.exit_head(layer - 1), policy, hidden_states, s.attention_mask,
-                layer, num_layers, state, rows, s.out_logits, s.out_layer,
-            )  # fmt: skip
-            rows.masked_fill_(exit_mask, batch_size)
+    if not hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node"):
+        return f"torch {torch.__version__} has no CUDA graph conditional nodes (needs >= 2.5)"
+    try:
+        pred = torch.zeros((), dtype=torch.bool, device=device)
+        out = torch.zeros((), device=device)
+        body = _PinnedBodyStream(device)
+        stream = torch.cuda.Stream(device, priority=-1)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            with _if_node(pred, body):
+                out.add_(1.0)
+        for value in (False, True):
+            pred.fill_(value)
+            graph.replay()
+        if float(out) != 1.0:
+            return f"a CUDA graph IF node ran {float(out):g} times out of 1"
+    except (RuntimeError, AttributeError) as error:
+        return f"capturing a CUDA graph IF node failed: {error}"
+    return None
 
 
 class GraphRunner:
     """Run a multi-exit model with per-row early exit, one CUDA graph replay per batch.
 
     Args:
-        model: the multi-exit model, on a CUDA device, in eval mode.
-        policy: an exit policy the fused op implements (``op_code`` is not None).
-        backend: the fused GPU op, "triton" or "cuda"; None for the first available.
+        model: the multi-exit model, on a CUDA device, in eval mode (the query/key/value
+            projections are fused here, once, if they are not yet).
+        policy: any exit policy the model supports.
+        backend: the exit step, as :func:`eeengine._custom_ops.resolve_backend` returns it for
+            the policy on this device ("triton", "cuda", or "reference": plain torch ops, also
+            captured, no host sync).
+        token_pruning: the MPEE token-pruning schedule, or None.
+        compact: partition live rows into smaller static buffers before every layer
+            (:mod:`eeengine.compaction`) instead of padding exited rows; no token pruning.
         batch_buckets, seq_buckets: the shapes graphs are captured for, ascending; a batch is
             padded up to the next bucket (a graph is captured on first use of a bucket).
 
     Raises:
-        ValueError: a model not on CUDA or in training mode, a policy the fused op does not
-            implement, or a backend that is not available (the message says why).
+        ValueError: a model not on CUDA or in training mode; ``compact`` with token pruning.
     """
 
     def __init__(
         self,
         model: MultiExitBert,
         policy: ExitPolicy,
-        backend: str | None = None,
+        backend: str,
+        token_pruning: TokenPruning | None = None,
+        compact: bool = False,
         batch_buckets: Sequence[int] = BATCH_BUCKETS,
         seq_buckets: Sequence[int] = SEQ_BUCKETS,
     ) -> None:
@@ -200,47 +198,61 @@ class GraphRunner:
             raise ValueError(f"graph mode needs the model on a CUDA device, not {device}")
         if model.training:
             raise ValueError("graph mode runs the exit heads without dropout: call model.eval()")
-        if getattr(policy, "op_code", None) is None:
-            raise ValueError(
-                f"graph mode needs a policy the fused exit op implements, not {policy.name!r}"
-            )
-        if backend is None:
-            backend = _custom_ops.resolve_backend(None, policy, model.num_labels, device)
-            if backend == "reference":
-                raise ValueError("graph mode needs a fused GPU exit op ('triton' or 'cuda')")
-        else:
-            backend = _custom_ops.resolve_backend(backend, policy, model.num_labels, device)
         self.model = model
         self.policy = policy
-        self.backend = backend
+        self.backend = _custom_ops.resolve_backend(backend, policy, model.num_labels, device)
+        if compact and token_pruning is not None:
+            raise ValueError("compaction (compact=True) does not support token pruning yet")
+        self.conditional_unavailable = conditional_nodes_unavailable(device)
+        if compact and self.conditional_unavailable is not None:
+            raise ValueError(f"compaction needs conditional nodes: {self.conditional_unavailable}")
+        self.token_pruning = token_pruning
+        self.compact = compact
         self.device = device
-        self._op = _custom_ops.fused_op(backend)
-        max_positions = model.config.max_position_embeddings
+        if not model.backbone.qkv_fused:
+            model.backbone.fuse_qkv()
         self.batch_buckets = tuple(sorted(batch_buckets))
-        self.seq_buckets = tuple(sorted(s for s in seq_buckets if s <= max_positions))
+        max_positions = model.backbone.max_positions
+        self.seq_buckets = tuple(sorted({min(s, max_positions) for s in seq_buckets}))
+        if self.conditional_unavailable is not None:
+            _warn_once(
+                "eeengine: CUDA graphs without conditional nodes (every layer runs even when "
+                f"all rows exited): {self.conditional_unavailable}"
+            )
         self._loops: dict[tuple[int, int], StaticLoop] = {}
         self._pool: tuple[int, int] | None = None
+        self._capture_stream = torch.cuda.Stream(device, priority=-1)
+        self._body = _PinnedBodyStream(device)
+
+    def _run(self, s: StaticLoop, conditional: bool, warm_up: bool = False) -> None:
+        """The loop on ``s``: with IF nodes (capturing), or without (every layer, and with
+        ``compact`` every size, for the warm-up)."""
+        if_node = functools.partial(_if_node, body=self._body) if conditional else None
+        if self.compact:
+            run_compacting_loop(self.model, self.policy, self.backend, s, if_node, warm_up)
+        else:
+            run_static_loop(self.model, self.policy, self.backend, s, self.token_pruning, if_node)
 
     def _capture(self, batch_size: int, seq_len: int) -> StaticLoop:
         """Allocate the buffers of a bucket, warm every kernel up, capture the loop."""
-        device = self.device
-        s = allocate_static_loop(self.model, self.policy, batch_size, seq_len, device)
-        # Warm-up outside the graph runs every layer, i.e. the body of every IF node (Triton
-        # compiles, cuBLAS picks its kernels), on a side stream as torch.cuda.graphs advises;
-        # the IF nodes have no else side.
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            run_static_loop(self.model, self.policy, self._op, s, conditional=False)
-        torch.cuda.current_stream(device).wait_stream(side)
+        s = allocate_static_loop(self.model, batch_size, seq_len, self.device)
+        current = torch.cuda.current_stream(self.device)
+        # Warm-up outside the graph on both streams the capture uses (Triton compiles, cuBLAS
+        # picks its kernels and allocates its per-stream workspace): every layer runs, i.e.
+        # the body of every IF node; the IF nodes have no else side.
+        for stream in (self._capture_stream, self._body.stream):
+            stream.wait_stream(current)
+            with torch.cuda.stream(stream):
+                self._run(s, conditional=False, warm_up=True)
+            current.wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        s.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(s.graph, pool=self._pool):
-            run_static_loop(self.model, self.policy, self._op, s, conditional=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream):
+            self._run(s, conditional=self.conditional_unavailable is None)
+        s.graph = graph
         return s
 
-    @torch.inference_mode()
     def __call__(
         self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor
     ) -> ExitOutput:
@@ -249,28 +261,30 @@ class GraphRunner:
         captures it, which synchronizes).
 
         Args:
-            input_ids, attention_mask, token_type_ids: (batch_size, seq_len), right-padded;
-                the mask is 1 for real tokens.
+            input_ids, attention_mask, token_type_ids: (batch_size, seq_len) int64,
+                right-padded; the mask is 1 for real tokens.
 
         Returns:
-            :class:`eeengine.runtime.ExitOutput` for the batch's rows, in order.
+            :class:`eeengine.runtime.ExitOutput` for the batch's rows, in order, on the device
+            (``tokens_kept`` set).
 
         Raises:
             ValueError: the batch or sequence is larger than the largest bucket.
         """
         n, seq_len = input_ids.shape
-        if n == 0:
-            return ExitOutput(
-                torch.empty(0, self.model.num_labels, device=self.device),
-                torch.empty(0, dtype=torch.long, device=self.device),
-            )
         key = (
             bucket(n, self.batch_buckets, "batch size"),
             bucket(seq_len, self.seq_buckets, "sequence length"),
         )
-        if key not in self._loops:
-            self._loops[key] = self._capture(*key)
-        s = self._loops[key]
-        write_inputs(s, input_ids, attention_mask, token_type_ids)
-        s.graph.replay()
-        return ExitOutput(s.out_logits[:n].clone(), s.out_layer[:n].clone())
+        with torch.inference_mode():
+            if key not in self._loops:
+                self._loops[key] = self._capture(*key)
+            s = self._loops[key]
+            write_inputs(s, input_ids, attention_mask, token_type_ids)
+            s.graph.replay()
+            return read_outputs(s, n)
+
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        """The (batch, seq_len) shapes captured so far."""
+        return sorted(self._loops)

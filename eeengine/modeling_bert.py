@@ -311,8 +311,18 @@ class LayerwiseEncoder(nn.Module):
         :class:`PrunableLayer`)."""
         return all(hasattr(layer, "pruned_forward") for layer in self.layers)
 
+    @property
+    def qkv_fused(self) -> bool:
+        """Whether every layer's fused query/key/value projection exists (:meth:`fuse_qkv`)."""
+        return all(
+            module.qkv_weight is not None
+            for module in self.modules()
+            if isinstance(module, BertSelfAttention)
+        )
+
     def fuse_qkv(self) -> None:
-        """Fuse every layer's query/key/value projections (:meth:`BertSelfAttention.fuse_qkv`)."""
+        """Fuse every layer's query/key/value projections (:meth:`BertSelfAttention.fuse_qkv`)
+        into new tensors (call it once: a CUDA graph captured before keeps reading the old ones)."""
         for module in self.modules():
             if isinstance(module, BertSelfAttention):
                 module.fuse_qkv()
@@ -398,8 +408,10 @@ class BertModel(LayerwiseEncoder):
 
 def attention_bias(attention_mask: Tensor) -> Tensor | None:
     """Turn a (batch_size, seq_len) 1/0 mask into the bool SDPA mask of shape
-    (batch_size, 1, 1, seq_len), or None when nothing is padded (SDPA's fastest path)."""
+    (batch_size, 1, 1, seq_len), or, on CPU, None when nothing is padded (SDPA's fastest path;
+    finding out reads the mask on the host, a sync elsewhere, so other devices always get the
+    mask)."""
     mask = attention_mask.bool()
-    if bool(mask.all()):
+    if mask.device.type == "cpu" and bool(mask.all()):
         return None
     return mask[:, None, None, :]

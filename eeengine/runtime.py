@@ -11,13 +11,19 @@ right-padded to the batch's longest), then the feed-forward on the kept tokens.
 The exit head, policy step and latch run either in plain torch (backend "reference",
 :func:`exit_head_step_reference`) or as one fused op (backend "cpp" on CPU,
 :func:`eeengine._custom_ops.exit_head_step`; "triton" or "cuda" on a GPU); all give the same
-exits and logits. On a GPU, :mod:`eeengine.cuda_graph` runs the same loop with no host sync.
+exits and logits.
+
+The compaction asks the host how many rows are left, a sync per layer on a GPU, so this loop
+runs on CPU only: on other devices :func:`early_exit_forward` runs the sync-free loop of
+:mod:`eeengine.static_loop` (exited rows padded, not dropped), which :mod:`eeengine.cuda_graph`
+captures in CUDA graphs; :class:`DeviceLoop` picks the loop for a device once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -31,6 +37,9 @@ from eeengine.policies import ExitPolicy
 from eeengine.policies.base import State
 from eeengine.token_pruning import TokenPruning, token_prune_reference
 
+if TYPE_CHECKING:
+    from eeengine.cuda_graph import GraphRunner
+
 
 @dataclass
 class ExitOutput:
@@ -40,13 +49,54 @@ class ExitOutput:
         logits: (batch_size, num_labels) float32, the logits of the exit each row took.
         exit_layer: (batch_size,) int64, 1-based layer at which each row exited.
         tokens_kept: (batch_size, num_layers) int64, real tokens of each row after each layer
-            (the width its feed-forward ran at), 0 after its exit layer; None from graph mode
-            (:mod:`eeengine.cuda_graph`, which does not prune tokens).
+            (the width its feed-forward ran at), 0 after its exit layer.
     """
 
     logits: Tensor
     exit_layer: Tensor
     tokens_kept: Tensor | None = None
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The fields in order (``dataclasses.astuple`` would deep-copy them)."""
+        return self.logits, self.exit_layer, self.tokens_kept
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """The logits of the exit an input took are NaN or infinite, so no prediction can be made.
+
+    Attributes:
+        inputs: the caller's indices of the bad inputs.
+        layers: the 1-based exit layer of each.
+    """
+
+    def __init__(self, inputs: list[int], layers: list[int]) -> None:
+        self.inputs, self.layers = inputs, layers
+        listed = ", ".join(
+            f"input {i} at layer {layer}"
+            for i, layer in list(zip(inputs, layers, strict=True))[:10]
+        )
+        super().__init__(
+            f"non-finite (NaN or infinite) logits for {len(inputs)} input(s): {listed}; the "
+            "model's numbers overflowed, so no prediction is returned"
+        )
+
+
+def check_finite(out: ExitOutput, inputs: Sequence[int]) -> None:
+    """Refuse a batch whose latched logits are not all finite: one reduction over
+    (batch_size, num_labels), on the host copy the predictions are read from (no extra device
+    sync), whatever loop or backend latched them.
+
+    Args:
+        out: a batch's result, on the CPU.
+        inputs: the caller's index of each row of ``out``.
+
+    Raises:
+        NonFiniteLogitsError: names the inputs and the layer each exited at.
+    """
+    finite = torch.isfinite(out.logits).all(1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        raise NonFiniteLogitsError([inputs[row] for row in bad], out.exit_layer[bad].tolist())
 
 
 def exit_head_step_reference(
@@ -90,11 +140,35 @@ def exit_head_step_reference(
     exit_mask, state = policy.step(logits, layer, state, **signals)
     if layer == num_layers:
         exit_mask = torch.ones_like(exit_mask)
-    if bool(exit_mask.any()):
-        outputs = policy.output_logits(logits, state)  # the logits, or MPEE's memory
-        out_logits[rows[exit_mask]] = outputs[exit_mask].float()
-        out_layer[rows[exit_mask]] = layer
+    outputs = policy.output_logits(logits, state)  # the logits, or MPEE's memory
+    latch(outputs, exit_mask, layer, rows, out_logits, out_layer)
     return logits, exit_mask, state
+
+
+def latch(
+    outputs: Tensor,
+    exit_mask: Tensor,
+    layer: int,
+    rows: Tensor,
+    out_logits: Tensor,
+    out_layer: Tensor,
+) -> None:
+    """``out_logits[rows[i]] = outputs[i]`` and ``out_layer[rows[i]] = layer`` for the rows i
+    that exit, without a host sync (no boolean-mask indexing): every row writes its output row,
+    non-exiting rows write back what is there. Rows may share an output row only if it is a
+    sink nobody reads (:mod:`eeengine.static_loop`).
+
+    Args:
+        outputs: (batch_size, num_labels), any float dtype.
+        exit_mask: (batch_size,) bool.
+        layer: 1-based layer.
+        rows: (batch_size,) int64 indices into ``out_logits`` / ``out_layer``.
+        out_logits: (batch_size_0, num_labels) float32, written in place.
+        out_layer: (batch_size_0,) int64, written in place.
+    """
+    current = out_logits.index_select(0, rows)
+    out_logits.index_copy_(0, rows, torch.where(exit_mask[:, None], outputs.float(), current))
+    out_layer.index_copy_(0, rows, out_layer.index_select(0, rows).masked_fill_(exit_mask, layer))
 
 
 def _exit_head_step_fused(
@@ -327,12 +401,110 @@ def early_exit_forward(
 
     Returns:
         :class:`ExitOutput`. Equal, row by row, to running each row alone, and to
-        :func:`eeengine.policies.run_policy` on the full-depth logits.
+        :func:`eeengine.policies.run_policy` on the full-depth logits. On a device other than
+        the CPU, the result of :func:`eeengine.static_loop.static_early_exit_forward` (no host
+        sync, no compaction, every layer runs; the executor is not used).
 
     Raises:
         ValueError: an unknown backend; a fused backend where it cannot run (see
             :func:`eeengine._custom_ops.resolve_backend`), or with the model in training mode.
     """
-    return ExitLoop(model, policy, backend, token_pruning, executor).run(
-        input_ids, attention_mask, token_type_ids
-    )
+    loop = ExitLoop(model, policy, backend, token_pruning, executor)
+    if input_ids.device.type != "cpu":
+        # The compaction asks the host how many rows are left: a sync per layer on a GPU.
+        from eeengine.static_loop import static_early_exit_forward  # imports this module
+
+        return static_early_exit_forward(
+            model, policy, input_ids, attention_mask, token_type_ids, loop.backend, token_pruning
+        )
+    return loop.run(input_ids, attention_mask, token_type_ids)
+
+
+class DeviceLoop:
+    """The early-exit loop of one model on one device, chosen once (at engine load):
+
+    - CPU: :func:`early_exit_forward`, the compaction loop, through ``executor``;
+    - CUDA, ``graph=True`` (the default): :class:`eeengine.cuda_graph.GraphRunner`, one CUDA
+      graph replay per batch, no host sync; a runner per policy (a new policy, threshold or
+      schedule captures new graphs), batches above the largest bucket run in slices;
+    - CUDA, ``graph=False``: :func:`eeengine.static_loop.static_early_exit_forward`, the same
+      loop eagerly, no host sync.
+
+    Args:
+        model: the multi-exit model, in eval mode, on its device.
+        executor: what runs the layers of the CPU loop.
+        graph: on CUDA, replay CUDA graphs (True) or run eagerly (False); ignored on CPU.
+    """
+
+    def __init__(self, model: MultiExitBert, executor: LayerExecutor, graph: bool = True) -> None:
+        self.model = model
+        self.executor = executor
+        self.device = next(model.parameters()).device
+        self.graph = graph and self.device.type == "cuda"
+        self._runner = None  # the GraphRunner of the last policy, and its key
+        self._runner_key: tuple | None = None
+
+    @property
+    def mode(self) -> str:
+        """ "compaction" (CPU), "graph" or "eager" (CUDA)."""
+        if self.device.type == "cpu":
+            return "compaction"
+        return "graph" if self.graph else "eager"
+
+    def __call__(
+        self,
+        policy: ExitPolicy,
+        backend: str,
+        token_pruning: TokenPruning | None,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        token_type_ids: Tensor,
+    ) -> ExitOutput:
+        """Early exit for one batch (inputs on the model's device, right-padded, mask 1 = real
+        token); the result stays on the device (see :meth:`to_host`)."""
+        if not self.graph:
+            return early_exit_forward(
+                self.model, policy, input_ids, attention_mask, token_type_ids, backend,
+                token_pruning, self.executor,
+            )  # fmt: skip
+        runner = self._graph_runner(policy, backend, token_pruning)
+        step = runner.batch_buckets[-1]
+        outs = [
+            runner(
+                input_ids[i : i + step], attention_mask[i : i + step], token_type_ids[i : i + step]
+            )
+            for i in range(0, input_ids.shape[0], step)
+        ]
+        if len(outs) == 1:
+            return outs[0]
+        return ExitOutput(
+            *(torch.cat(parts) for parts in zip(*(o.tensors() for o in outs), strict=True))
+        )
+
+    def _graph_runner(
+        self, policy: ExitPolicy, backend: str, token_pruning: TokenPruning | None
+    ) -> GraphRunner:
+        from eeengine.cuda_graph import GraphRunner  # imports this module
+
+        key = (repr(policy), backend, token_pruning)
+        if key != self._runner_key:
+            self._runner = None  # free the old graphs first
+            self._runner = GraphRunner(self.model, policy, backend, token_pruning)
+            self._runner_key = key
+        return self._runner
+
+    def to_host(self, outputs: list[ExitOutput]) -> list[ExitOutput]:
+        """``outputs`` on the CPU. On a GPU: one non-blocking copy per tensor into pinned
+        memory, then one wait on an event for all of them (no per-batch sync)."""
+        if self.device.type == "cpu":
+            return outputs
+        copies = [
+            ExitOutput(
+                *(None if t is None else t.to("cpu", non_blocking=True) for t in o.tensors())
+            )
+            for o in outputs
+        ]
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+        return copies

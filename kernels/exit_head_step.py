@@ -30,6 +30,7 @@ from torch import Tensor
 
 from eeengine._custom_ops import PolicyCode, check_policy_params, exit_head_step_fake
 from eeengine.kernels._compile import compile_for_gpu
+from eeengine.kernels._launch import device_guard
 
 # The policy codes as compile-time constants of the kernel (shared with csrc/ops.h through
 # PolicyCode; the kernel is specialized per policy, so unused branches are compiled out).
@@ -311,17 +312,18 @@ def exit_head_step_triton(
     mask = _last_dim_contiguous(mask)
     weight = _last_dim_contiguous(weight)
     counter, prev = (list(state) + [rows, rows])[:2]  # placeholders where the policy has none
-    _exit_head_step_kernel[(batch_size,)](
-        hidden, hidden.stride(0), hidden.stride(1) if hidden.dim() == 3 else 0,
-        mask, mask.stride(0),
-        weight, weight.stride(0), bias.contiguous(),
-        counter, prev, rows.contiguous(),
-        logits, exit_mask.view(torch.uint8), out_logits, out_layer,
-        seq_len, hidden.shape[-1], num_labels,
-        threshold, patience, budget, layer, num_layers, math.log(num_labels),
-        POLICY=int(policy), HAS_MASK=attention_mask is not None,
-        **_launch_config(seq_len, hidden.shape[-1], num_labels),
-    )  # fmt: skip
+    with device_guard(hidden):
+        _exit_head_step_kernel[(batch_size,)](
+            hidden, hidden.stride(0), hidden.stride(1) if hidden.dim() == 3 else 0,
+            mask, mask.stride(0),
+            weight, weight.stride(0), bias.contiguous(),
+            counter, prev, rows.contiguous(),
+            logits, exit_mask.view(torch.uint8), out_logits, out_layer,
+            seq_len, hidden.shape[-1], num_labels,
+            threshold, patience, budget, layer, num_layers, math.log(num_labels),
+            POLICY=int(policy), HAS_MASK=attention_mask is not None,
+            **_launch_config(seq_len, hidden.shape[-1], num_labels),
+        )  # fmt: skip
     return logits, exit_mask
 
 

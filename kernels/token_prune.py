@@ -45,6 +45,7 @@ from torch import Tensor
 
 from eeengine._custom_ops import token_prune_fake
 from eeengine.kernels._compile import compile_for_gpu
+from eeengine.kernels._launch import device_guard
 from eeengine.token_pruning import TokenPruneOutput, pruned_length
 
 # Elements of one [BLOCK_N, BLOCK_D] key tile or [BLOCK_N, BLOCK_H] hidden-state tile.
@@ -354,17 +355,18 @@ def token_prune_triton(
         attention_mask.view(torch.uint8) if attention_mask.dtype == torch.bool else attention_mask
     )
     out_mask_view = out_mask.view(torch.uint8) if out_mask.dtype == torch.bool else out_mask
-    _token_prune_kernel[(batch_size,)](
-        hidden, hidden.stride(0), hidden.stride(1),
-        mask, mask.stride(0), mask.stride(1),
-        query, query.stride(0), query.stride(1),
-        keys, keys.stride(0), keys.stride(1), keys.stride(2),
-        memory, memory.stride(0), memory.stride(1) if seq_len > 1 else 1,
-        out_hidden, out_mask_view, out_memory, kept_indices,
-        seq_len, hidden_size, heads, head_size, out_len,
-        *split_keep_ratio(keep_ratio), 1.0 - beta, beta, 1.0 / math.sqrt(head_size),
-        **_launch_config(seq_len, hidden_size, head_size),
-    )  # fmt: skip
+    with device_guard(hidden):
+        _token_prune_kernel[(batch_size,)](
+            hidden, hidden.stride(0), hidden.stride(1),
+            mask, mask.stride(0), mask.stride(1),
+            query, query.stride(0), query.stride(1),
+            keys, keys.stride(0), keys.stride(1), keys.stride(2),
+            memory, memory.stride(0), memory.stride(1) if seq_len > 1 else 1,
+            out_hidden, out_mask_view, out_memory, kept_indices,
+            seq_len, hidden_size, heads, head_size, out_len,
+            *split_keep_ratio(keep_ratio), 1.0 - beta, beta, 1.0 / math.sqrt(head_size),
+            **_launch_config(seq_len, hidden_size, head_size),
+        )  # fmt: skip
     return out_hidden, out_mask, out_memory, kept_indices
 
 

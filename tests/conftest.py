@@ -47,10 +47,20 @@ def tiny_config(**overrides) -> BertConfig:
     return BertConfig(**{**TINY, **overrides})
 
 
+# The MiniLM vocabulary's [CLS] and [SEP], as bos/eos of the RoBERTa and ALBERT configs (whose
+# defaults name their own vocabularies' ids), so checkpoints with the MiniLM tokenizer load.
+MINILM_SPECIAL = {"bos_token_id": 101, "eos_token_id": 102}
+
+
 def tiny_roberta_config(**overrides) -> RobertaConfig:
     """RoBERTa-shaped: padding id 0 (the MiniLM vocabulary's [PAD]), so positions start at 1;
     one token type."""
-    settings = {"max_position_embeddings": 66, "pad_token_id": 0, "type_vocab_size": 1}
+    settings = {
+        "max_position_embeddings": 66,
+        "pad_token_id": 0,
+        "type_vocab_size": 1,
+        **MINILM_SPECIAL,
+    }
     return RobertaConfig(**{**TINY, **settings, **overrides})
 
 
@@ -61,6 +71,7 @@ def tiny_albert_config(**overrides) -> AlbertConfig:
             **TINY,
             "embedding_size": 16,
             "pad_token_id": 0,
+            **MINILM_SPECIAL,
             "hidden_dropout_prob": 0.1,
             **overrides,
         }
@@ -183,7 +194,7 @@ def tiny_csv_task(tmp_path_factory):
 
 
 def csv_config(base_model, task_dir, **overrides):
-    """A TrainConfig on :func:`tiny_csv_task`: 3 steps of batch 16 (no resume state)."""
+    """A TrainConfig on :func:`tiny_csv_task`: one epoch of batch 16 (no resume state)."""
     from eeengine.training import TrainConfig
 
     return TrainConfig(
@@ -194,6 +205,7 @@ def csv_config(base_model, task_dir, **overrides):
             "text_column": "review",
             "label_column": "verdict",
             "batch_size": 16,
+            "epochs": 1.0,
             "save_every": 0,
             **overrides,
         }

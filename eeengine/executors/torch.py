@@ -10,7 +10,8 @@ from eeengine.modeling_multiexit import MultiExitBert
 
 class TorchExecutor:
     """Runs ``model.backbone`` one layer at a time, with the query/key/value projections fused
-    into one matmul when the model is in eval mode.
+    into one matmul when the model is in eval mode (fused once: a second executor on the same
+    model reuses the fused weights, so a CUDA graph captured earlier still reads live memory).
 
     Args:
         model: the multi-exit model, on any device.
@@ -20,7 +21,7 @@ class TorchExecutor:
 
     def __init__(self, model: MultiExitBert) -> None:
         self.model = model
-        if not model.training:
+        if not model.training and not model.backbone.qkv_fused:
             model.backbone.fuse_qkv()
 
     def embed(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:

@@ -1,0 +1,16 @@
+"""What every Triton launcher shares."""
+
+import contextlib
+from contextlib import AbstractContextManager
+
+import torch
+from torch import Tensor
+
+
+def device_guard(tensor: Tensor) -> AbstractContextManager[object]:
+    """Make ``tensor``'s GPU the current device for a launch: Triton launches on the current
+    device, so a model on ``cuda:1`` would otherwise run its kernels on ``cuda:0`` (reading
+    memory of another device). A no-op for CPU tensors (Triton's interpreter)."""
+    if tensor.is_cuda:
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
