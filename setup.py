@@ -1,9 +1,12 @@
 import torch
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-# Metadata lives in pyproject.toml; package_dir maps training/ to eeengine.training and the
-# Triton kernels of kernels/ to eeengine.kernels (never a top-level package named kernels).
+# Metadata lives in pyproject.toml. Packages are discovered under three roots, all in the
+# eeengine.* namespace: eeengine/, kernels/ (the Triton kernels, as eeengine.kernels: never a
+# top-level package named kernels, which transformers probes for) and training/ (as
+# eeengine.training). data/ travels in the wheel as eeengine/_data (eeengine.data finds it), so
+# the first run trains on SST-2 from any directory.
 # eeengine._C holds the C++ ops of csrc/ (loaded by eeengine/_custom_ops.py; optional at run
 # time: without it the engine falls back to the plain-torch reference with a warning).
 SOURCES = ["csrc/exit_head.cpp", "csrc/token_prune.cpp", "csrc/torch_bindings.cpp"]
@@ -11,21 +14,17 @@ SOURCES = ["csrc/exit_head.cpp", "csrc/token_prune.cpp", "csrc/torch_bindings.cp
 # wheel cannot build them); they register the CUDA dispatch key under EEENGINE_CUDA.
 WITH_CUDA = torch.version.cuda is not None and CUDA_HOME is not None
 
+ROOTS = {"eeengine": "eeengine", "eeengine.kernels": "kernels", "eeengine.training": "training"}
+PACKAGES = [
+    f"{name}.{sub}" if sub else name
+    for name, folder in ROOTS.items()
+    for sub in ["", *find_packages(folder)]
+]
+
 setup(
-    package_dir={
-        "eeengine": "eeengine",
-        "eeengine.policies": "eeengine/policies",
-        "eeengine.kernels": "kernels",
-        "eeengine.training": "training",
-        "eeengine.training.recipes": "training/recipes",
-    },
-    packages=[
-        "eeengine",
-        "eeengine.policies",
-        "eeengine.kernels",
-        "eeengine.training",
-        "eeengine.training.recipes",
-    ],
+    package_dir={**ROOTS, "eeengine._data": "data"},
+    packages=[*PACKAGES, "eeengine._data"],
+    package_data={"eeengine._data": ["README.md", "MANIFEST.sha256", "*/*"]},
     ext_modules=[
         CUDAExtension(
             "eeengine._C",

@@ -1,30 +1,41 @@
 """eeengine against what a practitioner would deploy instead, side by side in one process.
 
-Providers (all on the same fine-tuned checkpoint, the same inputs, tokenization included):
+Providers (all on the same fine-tuned checkpoint, the same inputs, tokenization included; the
+peers are built in :mod:`peers`):
 
 - ``hf_eager``: Hugging Face ``transformers.BertModel`` (SDPA) + the checkpoint's last exit head,
   full depth.
 - ``hf_compile``: the same under ``torch.compile`` (dynamic shapes).
-- ``onnxruntime``: the same model exported to ONNX and optimized with ONNX Runtime's BERT graph
-  fusions (``onnxruntime.transformers.optimizer``), full depth.
+- ``onnxruntime``: the same model exported with eager attention and optimized with ONNX
+  Runtime's BERT graph fusions (``Attention`` fused), one session, full depth, fp32.
+- ``ort_int8``: that optimized model after ``onnxruntime.quantization.quantize_dynamic``
+  (int8 weights), full depth.
 - ``papers_loop``: the papers' control flow: batch 1, after every layer an unfused head, the
-  entropy, and a host check (``.item()``) whether to stop; run on eeengine's layers (HF's
-  modules would only add overhead, so this is a lower bound on that loop's cost).
-- ``eeengine_{executor}_full``: eeengine with policy ``none``, for each layer executor
-  (``torch``: eeengine's torch encoder; ``ort``: one ONNX Runtime session per layer, see
-  :mod:`eeengine.executors`).
-- ``eeengine_{executor}_drop0.5`` / ``..._drop1.0``: eeengine at the checkpoint's calibrated
-  operating points within 0.5 / 1.0 accuracy points of full depth.
+  entropy, and a host check (``.item()``) whether to stop, on eeengine's layers.
+- ``eeengine_{executor}[_{precision}][_tok]_{point}``: ``Engine.predict`` for each layer
+  executor (``torch``; ``ort``: one ONNX Runtime session per layer), each precision the Engine
+  offers (fp32 unnamed; ``bf16`` / ``int8`` where ``Engine`` takes ``precision``), without and
+  with (``_tok``) MPEE token pruning (the checkpoint's schedule, else ``--token-pruning``), at
+  ``full`` depth and at the operating points ``drop0.5`` / ``drop1.0``: the fastest calibrated
+  point within 0.5 / 1.0 accuracy points of full depth.
 
-Any classification task of ``data/`` works (``--task``, with a checkpoint trained on it);
-sentence-pair tasks (MRPC, RTE) give the long inputs, as (text, text_pair) tuples.
+Tasks (``--task``): any classification task of ``data/`` (dev split; sentence-pair tasks give
+(text, text_pair) inputs), operating points from the checkpoint's ``calibration.json``; or
+``imdb``: the 3,000 long movie reviews of ``data/IMDB-long`` at 512 tokens with an SST-2
+checkpoint, where every configuration is calibrated (``Engine.calibrate``, labels) on the first
+half of the reviews and everything is reported on the second half, never on what it was tuned
+on.
 
 Batch-1 latency is measured interleaved: for each input, every provider runs once, in an order
 that rotates from input to input. Throughput runs each provider over the same batches in turn,
-repeated and interleaved. Results are reported as ratios to ``hf_eager``.
+repeated and interleaved; its first pass also gives each provider's accuracy (and eeengine's
+average exit layer and FLOPs ratio) over all reported inputs. Results are ratios to
+``hf_eager`` and to ``ort_int8``.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/compare.py --threads 2 \
         --out benchmarks/results/compare_sst2
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/compare.py --threads 2 --task imdb \
+        --out benchmarks/results/compare_imdb
 
 On a shared CPU set ``OMP_WAIT_POLICY=PASSIVE``: torch's OpenMP workers otherwise spin at
 every barrier while other processes hold the cores (measured on a busy 2-core machine: HF eager
@@ -34,186 +45,222 @@ at batch 1, 205 ms with spinning, 12.5 ms passive). The report records the envir
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import inspect
 import json
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import BertModel as HFBertModel
+import transformers
+from peers import (
+    FullDepth,
+    Predict,
+    onnxruntime_provider,
+    papers_loop_provider,
+    torch_provider,
+)
 
 from eeengine import Engine
-from eeengine.data import get_task, load_split
+from eeengine.data import DATA_DIR, Split, file_split, get_task, load_split
 from eeengine.defaults import default_checkpoint
 from eeengine.evaluation import choose_operating_point, policy_params
 from eeengine.metrics import accuracy
-from eeengine.policies.base import entropy
-
-Predict = Callable[[list[str]], list[int]]
-
-
-class FullDepth(torch.nn.Module):
-    """transformers.BertModel with the checkpoint's last exit head: logits (batch, C)."""
-
-    def __init__(self, engine: Engine) -> None:
-        super().__init__()
-        self.bert = HFBertModel(engine.model.config, add_pooling_layer=False)
-        self.bert.load_state_dict(engine.model.bert.state_dict())
-        self.head = engine.model.exit_heads[-1]
-        self.eval()
-
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        hidden = self.bert(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).last_hidden_state
-        return self.head(hidden, attention_mask)
-
-
-def _tokenize(engine: Engine, inputs: list, return_tensors: str = "pt") -> dict:
-    """Tokenize texts, or (text, text_pair) tuples, the same way for every provider."""
-    pairs = [pair for _, pair in inputs] if isinstance(inputs[0], tuple) else None
-    texts = [text for text, _ in inputs] if pairs is not None else inputs
-    return engine.tokenizer(
-        texts,
-        pairs,
-        padding=True,
-        truncation=True,
-        max_length=engine.max_length,
-        return_tensors=return_tensors,
-    )
-
-
-def torch_provider(engine: Engine, module: Callable) -> Predict:
-    @torch.inference_mode()
-    def predict(texts: list[str]) -> list[int]:
-        enc = _tokenize(engine, texts)
-        logits = module(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
-        return logits.argmax(-1).tolist()
-
-    return predict
-
-
-def onnxruntime_provider(engine: Engine, model: FullDepth, workdir: Path) -> tuple[Predict, dict]:
-    """The model exported with ``torch.onnx.export`` and optimized by ONNX Runtime's BERT
-    optimizer, as a practitioner would deploy it.
-
-    Returns:
-        The provider and the optimizer's fused-operator counts (which fusions applied).
-    """
-    import onnxruntime
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    raw, optimized = workdir / "model.onnx", workdir / "model.opt.onnx"
-    enc = _tokenize(engine, ["a dummy input", "another one for the batch axis"])
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    axes = {name: {0: "batch", 1: "sequence"} for name in names}
-    torch.onnx.export(
-        model,
-        tuple(enc[n] for n in names),
-        str(raw),
-        input_names=names,
-        output_names=["logits"],
-        dynamic_axes={**axes, "logits": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    config = engine.model.config
-    onnx_model = optimize_model(
-        str(raw),
-        model_type="bert",
-        num_heads=config.num_attention_heads,
-        hidden_size=config.hidden_size,
-    )
-    fusions = {k: v for k, v in onnx_model.get_fused_operator_statistics().items() if v}
-    onnx_model.save_model_to_file(str(optimized))
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    # ORT's workers spin for a while after each run by default; in this shared process they
-    # would slow down whichever provider runs next (measured: HF eager +43 % right after an
-    # ORT run). eeengine's ORT executor turns spinning off for the same reason.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = onnxruntime.InferenceSession(
-        str(optimized), options, providers=["CPUExecutionProvider"]
-    )
-
-    def predict(texts: list[str]) -> list[int]:
-        enc = _tokenize(engine, texts, "np")
-        (logits,) = session.run(None, {n: enc[n] for n in names})
-        return logits.argmax(-1).tolist()
-
-    return predict, fusions
-
-
-def papers_loop_provider(engine: Engine, threshold: float) -> Predict:
-    """One sample at a time, host check per layer (DeeBERT / PABEE style, raw entropy)."""
-    model = engine.model
-
-    @torch.inference_mode()
-    def predict(texts: list[str]) -> list[int]:
-        labels = []
-        for text in texts:
-            enc = _tokenize(engine, [text])
-            hidden = model.bert.embeddings(enc["input_ids"], enc["token_type_ids"])
-            for layer, head in zip(model.bert.encoder.layer, model.exit_heads, strict=True):
-                hidden = layer(hidden, None)
-                logits = head(hidden, enc["attention_mask"])
-                if entropy(logits).item() < threshold:
-                    break
-            labels.append(int(logits.argmax(-1).item()))
-        return labels
-
-    return predict
-
-
-def engine_provider(engine: Engine) -> Predict:
-    names = engine.label_names
-
-    def predict(texts: list[str]) -> list[int]:
-        return [names.index(p.label) for p in engine.predict(texts, batch_size=len(texts))]
-
-    return predict
-
+from eeengine.token_pruning import DEFAULT_TOKEN_PRUNING
 
 EXECUTORS = {"torch": "torch", "ort": "onnxruntime"}  # provider name part -> Engine executor
+BASELINES = ("hf_eager", "ort_int8")  # ratio columns
+IMDB = DATA_DIR / "IMDB-long" / "reviews.tsv"
 
 
-def build_providers(ckpt: Path, workdir: Path) -> tuple[dict[str, Predict], dict[str, dict]]:
-    """Every provider of the module docstring, and its settings (policy, executor, ...)."""
-    base = Engine(ckpt, policy="none", executor="torch")
-    full = FullDepth(base)
-    ort, fusions = onnxruntime_provider(base, full, workdir)
-    providers = {
-        "hf_eager": torch_provider(base, full),
-        "hf_compile": torch_provider(base, torch.compile(full, dynamic=True)),
-        "onnxruntime": ort,
-    }
-    settings = {name: {"policy": "none"} for name in providers}
-    settings["onnxruntime"]["fusions"] = fusions
+@dataclass
+class Workload:
+    """What is measured: the reported inputs and labels, the token limit, and the labelled
+    inputs operating points are calibrated on (None: the checkpoint's ``calibration.json``),
+    with their labels, or without (``label_free``: by agreement with full depth)."""
+
+    task: str
+    inputs: list
+    labels: list[int]
+    max_length: int | None
+    calibration: Split | None
+    label_free: bool = False
+
+
+def load_workload(
+    task: str, calibration_limit: int | None = None, label_free: bool = False
+) -> Workload:
+    """``imdb``: reviews 1-1,500 calibrate (with their labels, or ``label_free``), 1,501-3,000
+    are reported, at 512 tokens; a classification task of ``data/``: its dev split.
+
+    Raises:
+        SystemExit: a regression task.
+    """
+    if task == "imdb":
+        # label 0 = negative, 1 = positive: the SST-2 checkpoint's class indices.
+        reviews = file_split(IMDB, "sentence", "label", None, ("0", "1"))
+        half = len(reviews.texts) // 2
+        end = half if calibration_limit is None else min(half, calibration_limit)
+        calibration = Split(reviews.texts[:end], None, reviews.labels[:end])
+        reported = reviews.texts[half:], reviews.labels[half:]
+        return Workload(task, *reported, 512, calibration, label_free)
+    if get_task(task).label_names is None:
+        raise SystemExit(f"compare.py needs a classification task; {task} is regression")
+    dev = load_split(get_task(task), "dev")
+    inputs = dev.texts
+    if dev.text_pairs is not None:  # MRPC, RTE, QNLI: (text, text_pair) tuples
+        inputs = list(zip(dev.texts, dev.text_pairs, strict=True))
+    return Workload(task, inputs, dev.labels, None, None)
+
+
+def precisions() -> list[str]:
+    """fp32, plus bf16 and int8 where this eeengine's Engine takes ``precision``."""
+    if "precision" in inspect.signature(Engine).parameters:
+        return ["fp32", "bf16", "int8"]
+    return ["fp32"]
+
+
+def operating_points(
+    engine: Engine, workload: Workload, drops: tuple[float, ...] = (0.5, 1.0)
+) -> tuple[dict, dict]:
+    """Full depth and the fastest points within each of ``drops`` accuracy points of full
+    depth.
+
+    With a calibration split, the sweep is measured on it first (:meth:`Engine.calibrate`,
+    which runs the engine's precision and token pruning); label-free, its metric is agreement
+    with full depth in percent, so ``drop1.0`` is the fastest point agreeing on >= 99 %.
+
+    Returns:
+        {point name: (policy, parameters)} and the sweep they come from.
+    """
+    if workload.calibration is not None:
+        split = workload.calibration
+        labels = None if workload.label_free else split.labels
+        engine.calibrate(split.texts, labels, split.text_pairs, max_drop=max(drops), batch_size=16)
     points = {"full": ("none", {})}
-    for drop in (0.5, 1.0):
-        chosen = choose_operating_point(base.calibration, max_drop=drop)
+    for drop in drops if engine.calibration else ():
+        chosen = choose_operating_point(engine.calibration, max_drop=drop)
         if chosen is not None:
             points[f"drop{drop}"] = (chosen[0], policy_params(chosen[1]))
-    for short, executor in EXECUTORS.items():
-        for point, (policy, params) in points.items():
-            name = f"eeengine_{short}_{point}"
-            engine = Engine(ckpt, policy=policy, executor=executor, **params)
-            providers[name] = engine_provider(engine)
-            settings[name] = {"policy": policy, **params, "executor": executor}
-    # The papers' loop at the raw-entropy point within 0.5 points, when the sweep has one.
-    entropy_point = choose_operating_point(base.calibration, max_drop=0.5, policy="entropy")
-    if entropy_point is not None:
-        threshold = entropy_point[1]["threshold"]
-        providers["papers_loop"] = papers_loop_provider(base, threshold)
-        settings["papers_loop"] = {"policy": "entropy", "threshold": threshold}
+    return points, engine.calibration
+
+
+def _calibration_engine(
+    ckpt: Path, workload: Workload, pruning: dict | None, kwargs: dict
+) -> Engine:
+    """The engine a configuration's sweep is measured with: its precision and pruning, on the
+    torch executor where that precision runs there, else on ONNX Runtime (int8)."""
+    settings = {"policy": "none", "max_length": workload.max_length, "token_pruning": pruning}
+    try:
+        return Engine(ckpt, executor="torch", **settings, **kwargs)
+    except ValueError:
+        return Engine(ckpt, executor="onnxruntime", **settings, **kwargs)
+
+
+def _wanted(name: str, patterns: list[str] | None) -> bool:
+    return patterns is None or any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
+class EngineRecorder:
+    """An engine provider that also sums what its predictions report (exit layer, FLOPs)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.reset()
+
+    def reset(self) -> None:
+        self.count, self.exit_layers, self.flops, self.full_flops = 0, 0, 0, 0
+
+    def __call__(self, texts: list) -> list[int]:
+        predictions = self.engine.predict(texts, batch_size=len(texts))
+        for p in predictions:
+            self.count += 1
+            self.exit_layers += p.exit_layer
+            self.flops += p.flops
+            self.full_flops += p.full_flops
+        names = self.engine.label_names
+        return [names.index(p.label) for p in predictions]
+
+
+def build_providers(
+    ckpt: Path,
+    workload: Workload,
+    workdir: Path,
+    patterns: list[str] | None = None,
+    token_pruning: dict | None = None,
+) -> tuple[dict[str, Predict], dict[str, dict]]:
+    """Every provider of the module docstring whose name matches one of ``patterns`` (shell
+    patterns; None: all), and its settings (policy, executor, calibration point, ...)."""
+    base = Engine(ckpt, policy="none", executor="torch", max_length=workload.max_length)
+    providers: dict[str, Predict] = {}
+    settings: dict[str, dict] = {}
+    peers = {
+        "hf_eager": lambda _: (torch_provider(base, FullDepth(base)), {}),
+        "hf_compile": lambda _: (torch_provider(base, torch.compile(FullDepth(base))), {}),
+        "onnxruntime": lambda path: onnxruntime_provider(base, path),
+        "ort_int8": lambda path: onnxruntime_provider(base, path, int8=True),
+    }
+    for name, build in peers.items():
+        if _wanted(name, patterns):
+            (workdir / name).mkdir()
+            providers[name], extra = build(workdir / name)
+            settings[name] = {"policy": "none", **extra}
+    schedule = base.manifest.get("token_pruning") or token_pruning
+    variants = {"": None, "tok_": schedule}
+    for precision in precisions():
+        kwargs = {} if precision == "fp32" else {"precision": precision}
+        tag = "" if precision == "fp32" else f"{precision}_"
+        for prefix, pruning in variants.items():
+            point_names = ("full", "drop0.5", "drop1.0")
+            names = [f"eeengine_{e}_{tag}{prefix}{p}" for e in EXECUTORS for p in point_names]
+            if (pruning is None and prefix) or not any(_wanted(n, patterns) for n in names):
+                continue
+            if prefix and workload.calibration is None and not base.manifest.get("token_pruning"):
+                continue  # no calibration measured with pruning to pick its points from
+            calibrated = _calibration_engine(ckpt, workload, pruning, kwargs)
+            points, sweep = operating_points(calibrated, workload)
+            if prefix:
+                points.pop("full")
+            for short, executor in EXECUTORS.items():
+                for point, (policy, params) in points.items():
+                    name = f"eeengine_{short}_{tag}{prefix}{point}"
+                    if not _wanted(name, patterns):
+                        continue
+                    try:
+                        engine = Engine(
+                            ckpt, policy=policy, executor=executor, token_pruning=pruning,
+                            max_length=workload.max_length, **kwargs, **params,
+                        )  # fmt: skip
+                    except ValueError as error:  # e.g. a precision this executor lacks
+                        print(f"skipped {name}: {error}")
+                        continue
+                    providers[name] = EngineRecorder(engine)
+                    settings[name] = {
+                        "policy": policy,
+                        **params,
+                        "executor": executor,
+                        "precision": precision,
+                        "token_pruning": pruning,
+                        "backend": engine.backend,
+                        "calibration_full_depth": sweep.get("full_depth"),
+                    }
+            if sweep and precision == "fp32" and not prefix and _wanted("papers_loop", patterns):
+                # The papers' loop at the raw-entropy point within 0.5 points, if there is one.
+                entropy_point = choose_operating_point(sweep, max_drop=0.5, policy="entropy")
+                if entropy_point is not None:
+                    threshold = entropy_point[1]["threshold"]
+                    providers["papers_loop"] = papers_loop_provider(base, threshold)
+                    settings["papers_loop"] = {"policy": "entropy", "threshold": threshold}
     return providers, settings
 
 
 def latency_batch1(
-    providers: dict[str, Predict], texts: list[str]
+    providers: dict[str, Predict], texts: list
 ) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
     """Per-input latency in ms and the predicted labels, interleaved across providers."""
     names = list(providers)
@@ -228,19 +275,23 @@ def latency_batch1(
 
 
 def throughput(
-    providers: dict[str, Predict], texts: list[str], batch_size: int, repeats: int
-) -> dict[str, float]:
-    """Sentences per second over ``texts`` in batches, best of interleaved repeats."""
+    providers: dict[str, Predict], texts: list, batch_size: int, repeats: int
+) -> tuple[dict[str, float], dict[str, list[int]]]:
+    """Inputs per second over ``texts`` in batches, best of interleaved repeats, and each
+    provider's predicted labels (from its first pass)."""
     batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
     best = {n: 0.0 for n in providers}
+    labels: dict[str, list[int]] = {}
     names = list(providers)
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            predicted = []
             start = time.perf_counter()
             for batch in batches:
-                providers[name](batch)
+                predicted += providers[name](batch)
             best[name] = max(best[name], len(texts) / (time.perf_counter() - start))
-    return best
+            labels.setdefault(name, predicted)
+    return best, labels
 
 
 def environment() -> dict:
@@ -254,6 +305,7 @@ def environment() -> dict:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
+        "load_average": os.getloadavg(),
         **{name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")},
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -262,14 +314,26 @@ def environment() -> dict:
 
 
 def _percentile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100)[int(q) - 1]
+    return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", type=Path, help="checkpoint (default: the cached SST-2 one)")
-    parser.add_argument("--task", default="sst2")
-    parser.add_argument("--limit", type=int, help="use the first N dev inputs (default: all)")
+    parser.add_argument("--task", default="sst2", help="a classification task of data/, or imdb")
+    parser.add_argument("--limit", type=int, help="report on the first N inputs (default: all)")
+    parser.add_argument("--latency-limit", type=int, help="batch-1 latency on the first N only")
+    parser.add_argument("--calibration-limit", type=int, help="imdb: calibrate on N reviews")
+    parser.add_argument(
+        "--label-free", action="store_true", help="imdb: calibrate by agreement, not labels"
+    )
+    parser.add_argument("--providers", nargs="+", help="shell patterns of providers to run")
+    parser.add_argument(
+        "--token-pruning",
+        type=json.loads,
+        default=DEFAULT_TOKEN_PRUNING,
+        help="schedule of the _tok providers when the checkpoint has none (JSON)",
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=20)
@@ -278,43 +342,59 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Reviews longer than 512 tokens are truncated on purpose; Engine warns on each call.
+    warnings.filterwarnings("ignore", message=r".*longer than \d+ tokens were truncated")
+    transformers.logging.set_verbosity_error()  # and the tokenizer says so before
 
     ckpt = args.ckpt or default_checkpoint()
-    dev = load_split(get_task(args.task), "dev")
-    if get_task(args.task).label_names is None:
-        raise SystemExit(f"compare.py needs a classification task; {args.task} is regression")
-    inputs = dev.texts
-    if dev.text_pairs is not None:  # MRPC, RTE, QNLI, STS-B: (text, text_pair) tuples
-        inputs = list(zip(dev.texts, dev.text_pairs, strict=True))
-    texts, gold = inputs[: args.limit], dev.labels[: args.limit]
+    workload = load_workload(args.task, args.calibration_limit, args.label_free)
+    texts, gold = workload.inputs[: args.limit], workload.labels[: args.limit]
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
-        providers, settings = build_providers(ckpt, Path(workdir))
+        providers, settings = build_providers(
+            ckpt, workload, Path(workdir), args.providers, args.token_pruning
+        )
+        print(f"built {len(providers)} providers in {time.perf_counter() - started:.0f} s")
         for predict in providers.values():  # warm up (and compile) on other shapes
-            for text in inputs[-args.warmup :]:
+            for text in workload.inputs[-args.warmup :]:
                 predict([text])
-            predict(inputs[: max(args.batch_sizes)])
-        times, labels = latency_batch1(providers, texts)
-        rates = {b: throughput(providers, texts, b, args.repeats) for b in args.batch_sizes}
+            predict(workload.inputs[-max(args.batch_sizes) :])
+        times, _ = latency_batch1(providers, texts[: args.latency_limit])
+        for predict in providers.values():
+            if isinstance(predict, EngineRecorder):
+                predict.reset()
+        rates, labels = {}, {}
+        for b in args.batch_sizes:
+            rates[b], predicted = throughput(providers, texts, b, args.repeats)
+            labels = labels or predicted
 
     rows = {}
-    for name in providers:
+    for name, predict in providers.items():
         median = statistics.median(times[name])
-        rows[name] = {
-            **settings[name],
-            "accuracy": accuracy(labels[name], gold),
-            "median_ms": median,
-            "p90_ms": _percentile(times[name], 90),
-            "speedup_median_vs_hf": statistics.median(times["hf_eager"]) / median,
-            **{f"sentences_per_s_b{b}": rates[b][name] for b in args.batch_sizes},
-            **{
-                f"throughput_vs_hf_b{b}": rates[b][name] / rates[b]["hf_eager"]
-                for b in args.batch_sizes
-            },
-        }
+        rows[name] = {**settings[name], "accuracy": accuracy(labels[name], gold)}
+        if isinstance(predict, EngineRecorder):
+            rows[name]["avg_exit_layer"] = predict.exit_layers / predict.count
+            rows[name]["flops_ratio"] = predict.flops / predict.full_flops
+        rows[name].update(median_ms=median, p90_ms=_percentile(times[name], 90))
+        for base in BASELINES:
+            if base in providers:
+                rows[name][f"speedup_median_vs_{base}"] = statistics.median(times[base]) / median
+        for b in args.batch_sizes:
+            rows[name][f"sentences_per_s_b{b}"] = rates[b][name]
+            for base in BASELINES:
+                if base in providers:
+                    rows[name][f"throughput_vs_{base}_b{b}"] = rates[b][name] / rates[b][base]
     report = {
         "task": args.task,
         "inputs": len(texts),
+        "latency_inputs": len(texts[: args.latency_limit]),
+        "max_length": workload.max_length,
+        "label_free_calibration": workload.label_free,
+        "calibration_inputs": None
+        if workload.calibration is None
+        else len(workload.calibration.texts),
         "threads": torch.get_num_threads(),
+        "seconds": time.perf_counter() - started,
         "environment": environment(),
         "checkpoint": str(ckpt),
         "providers": rows,
@@ -328,19 +408,27 @@ def main() -> None:
 
 
 def _markdown(report: dict, batch_sizes: list[int]) -> str:
-    head = "| provider | policy | accuracy | median ms (b=1) | p90 ms | × HF (median) |"
-    head += "".join(f" sent/s b={b} | × HF b={b} |" for b in batch_sizes)
-    lines = [head, "|" + "---|" * (6 + 2 * len(batch_sizes))]
-    for name, r in report["providers"].items():
+    rows = report["providers"]
+    bases = [b for b in BASELINES if b in rows]
+    head = "| provider | policy | accuracy | avg exit layer | 1/ρ | median ms (b=1) | p90 ms |"
+    head += "".join(f" × {b} |" for b in bases)
+    for size in batch_sizes:
+        head += f" inputs/s b={size} |" + "".join(f" × {b} b={size} |" for b in bases)
+    lines = [head, "|" + "---|" * head.count(" |")]
+    for name, r in rows.items():
         policy = r["policy"] + "".join(f" {k}={r[k]}" for k in ("threshold", "patience") if k in r)
+        if r.get("window"):
+            policy += f" window={r['window']} {r.get('window_test', '')}"
+        layers = f"{r['avg_exit_layer']:.2f}" if "avg_exit_layer" in r else ""
+        flops = f"{1 / r['flops_ratio']:.2f}×" if "flops_ratio" in r else ""
         line = (
-            f"| {name} | {policy} | {r['accuracy']:.2f} | {r['median_ms']:.2f} | "
-            f"{r['p90_ms']:.2f} | {r['speedup_median_vs_hf']:.2f} |"
+            f"| {name} | {policy} | {r['accuracy']:.2f} | {layers} | {flops} | "
+            f"{r['median_ms']:.2f} | {r['p90_ms']:.2f} |"
         )
-        line += "".join(
-            f" {r[f'sentences_per_s_b{b}']:.0f} | {r[f'throughput_vs_hf_b{b}']:.2f} |"
-            for b in batch_sizes
-        )
+        line += "".join(f" {r[f'speedup_median_vs_{b}']:.2f} |" for b in bases)
+        for size in batch_sizes:
+            line += f" {r[f'sentences_per_s_b{size}']:.1f} |"
+            line += "".join(f" {r[f'throughput_vs_{b}_b{size}']:.2f} |" for b in bases)
         lines.append(line)
     return "\n".join(lines) + "\n"
 
@@ -351,12 +439,12 @@ def _plot(report: dict, batch_size: int, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in report["providers"].items():
         ax.scatter(r[f"sentences_per_s_b{batch_size}"], r["accuracy"])
-        ax.annotate(name, (r[f"sentences_per_s_b{batch_size}"], r["accuracy"]), fontsize=8)
-    ax.set_xlabel(f"sentences / s at batch {batch_size} ({report['threads']} threads)")
-    ax.set_ylabel(f"{report['task']} dev accuracy (%)")
+        ax.annotate(name, (r[f"sentences_per_s_b{batch_size}"], r["accuracy"]), fontsize=7)
+    ax.set_xlabel(f"inputs / s at batch {batch_size} ({report['threads']} threads)")
+    ax.set_ylabel(f"{report['task']} accuracy (%), {report['inputs']} reported inputs")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 import torch
-from compare import EXECUTORS, FullDepth, Predict, engine_provider, environment, torch_provider
+from compare import EXECUTORS, environment
+from peers import FullDepth, Predict, engine_provider, torch_provider
 
 from eeengine import Engine
 from eeengine.data import get_task, load_split

@@ -44,6 +44,34 @@ def encode(
     return Encoded(enc["input_ids"], enc["token_type_ids"])
 
 
+def encode_truncating(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    text_pairs: Sequence[str] | None,
+    max_length: int,
+) -> tuple[Encoded, list[int]]:
+    """:func:`encode` without truncation, then the inputs longer than ``max_length`` tokens
+    encoded again truncated (longest-first for pairs).
+
+    Returns:
+        The encoded inputs, all at most ``max_length`` tokens, and the indices of the inputs
+        that were truncated.
+    """
+    encoded = encode(tokenizer, texts, text_pairs, None)
+    too_long = [i for i, n in enumerate(encoded.lengths) if n > max_length]
+    if too_long:
+        truncated = encode(
+            tokenizer,
+            [texts[i] for i in too_long],
+            [text_pairs[i] for i in too_long] if text_pairs is not None else None,
+            max_length,
+        )
+        for j, i in enumerate(too_long):
+            encoded.input_ids[i] = truncated.input_ids[j]
+            encoded.token_type_ids[i] = truncated.token_type_ids[j]
+    return encoded, too_long
+
+
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first), to limit padding."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])

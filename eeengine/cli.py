@@ -10,10 +10,10 @@ from pathlib import Path
 
 from eeengine._custom_ops import BACKENDS, HAS_C, LOAD_ERROR
 from eeengine.checkpoint import CheckpointError, update_checkpoint
-from eeengine.data import Split, file_split, get_task, load_split
+from eeengine.data import Split, file_split, get_task, load_split, unlabeled_file
 from eeengine.defaults import default_checkpoint, minilm_dir
 from eeengine.engine import Engine
-from eeengine.evaluation import all_exit_logits, describe_point, exit_metrics, policy_params
+from eeengine.evaluation import all_exit_logits, exit_metrics
 from eeengine.executors import EXECUTORS
 from eeengine.heads import LAYOUTS, POOLINGS
 from eeengine.report import markdown, sweep_report, write_report
@@ -215,30 +215,39 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         executor=args.executor,
         graph=not args.eager,
     )
-    trained_on = engine.manifest["task"]["name"]
-    if args.task is not None and get_task(args.task).name != trained_on:
-        raise ValueError(f"the checkpoint was trained on {trained_on}, not {args.task}")
-    name, split_name, _, _, data = _eval_data(args, engine)
+    if args.unlabeled:
+        if args.task or args.dev_file:
+            raise ValueError("--unlabeled calibrates on its own texts: drop --task / --dev-file")
+        if not args.text_column:
+            raise ValueError("--unlabeled needs --text-column")
+        data = unlabeled_file(args.unlabeled, args.text_column, args.text_pair_column)
+        name, split_name, labels = "unlabeled", Path(args.unlabeled).name, None
+    else:
+        if args.agreement is not None:
+            raise ValueError("--agreement is the target of --unlabeled calibration")
+        trained_on = engine.manifest["task"]["name"]
+        if args.task is not None and get_task(args.task).name != trained_on:
+            raise ValueError(f"the checkpoint was trained on {trained_on}, not {args.task}")
+        name, split_name, _, _, data = _eval_data(args, engine)
+        labels = data.labels
     point = engine.calibrate(
         data.texts,
-        data.labels,
+        labels,
         data.text_pairs,
         target_speedup=args.target_speedup,
         max_drop=args.max_drop,
+        agreement=args.agreement,
         policy=args.policy,
         batch_size=args.batch_size,
         progress=True,
     )
     print(
-        f"{name} {split_name} ({len(data.texts)} examples): "
-        f"{describe_point(point['name'], point)}; full depth "
-        f"{engine.calibration['full_depth']:.2f}; layer speed-up {point['speedup']:.2f}x "
-        f"({point['layer_saving']:.1%} of layers saved)"
+        f"{name} {split_name} ({len(data.texts)} examples, {engine.calibration['metric']}): "
+        f"{point.describe()}; full depth {engine.calibration['full_depth']:.2f}; layer "
+        f"speed-up {point.speedup:.2f}x ({point.layer_saving:.1%} of layers saved)"
     )
     if args.write:
-        update_checkpoint(
-            engine.path, {"name": point["name"], **policy_params(point)}, engine.calibration
-        )
+        update_checkpoint(engine.path, point.to_json(), engine.calibration)
         print(f"wrote the default policy and calibration.json of {engine.path}")
 
 
@@ -292,6 +301,15 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(
             f"training    recipe {training.get('recipe')}, "
             f"dev {training.get('dev_metric')} per exit: {metrics}"
+        )
+    reports = training.get("default_policy")
+    if reports:
+        calib, dev = reports["calibration"], reports["dev"]
+        source = training["calibration_data"]["source"]
+        print(
+            f"calibrated  on {source}: default policy promised a drop of {calib['drop']:.2f} "
+            f"at {calib['avg_exit_layer']:.2f} layers; measured on dev {dev['drop']:.2f} at "
+            f"{dev['avg_exit_layer']:.2f} layers"
         )
 
 
@@ -360,11 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
-        "calibrate", help="measure every policy on a labelled split and pick an operating point"
+        "calibrate",
+        help="measure every policy on a labelled split (or unlabeled in-domain texts) and pick "
+        "an operating point",
     )
     _add_data_args(p)
     p.add_argument("--policy", help="pick among this policy's points only (default: any)")
-    target = p.add_mutually_exclusive_group(required=True)
+    target = p.add_mutually_exclusive_group()
     target.add_argument(
         "--target-speedup",
         type=float,
@@ -373,6 +393,19 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument(
         "--max-drop", type=float, help="the fastest point within this many metric points"
     )
+    target.add_argument(
+        "--agreement",
+        type=float,
+        help="with --unlabeled: the fastest point whose predictions agree with full depth on "
+        "at least this fraction of the texts (default 0.99)",
+    )
+    p.add_argument(
+        "--unlabeled",
+        help="calibrate without labels on the texts of this CSV/TSV/JSONL file (in-domain "
+        "traffic): agreement with full depth",
+    )
+    p.add_argument("--text-column", help="text column of --unlabeled")
+    p.add_argument("--text-pair-column", help="second-segment column of --unlabeled")
     p.add_argument(
         "--write",
         action="store_true",

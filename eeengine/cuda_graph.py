@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from eeengine import _custom_ops
+from eeengine.compaction import run_compacting_loop
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import ExitPolicy
 from eeengine.runtime import ExitOutput
@@ -173,11 +174,13 @@ class GraphRunner:
             the policy on this device ("triton", "cuda", or "reference": plain torch ops, also
             captured, no host sync).
         token_pruning: the MPEE token-pruning schedule, or None.
+        compact: partition live rows into smaller static buffers before every layer
+            (:mod:`eeengine.compaction`) instead of padding exited rows; no token pruning.
         batch_buckets, seq_buckets: the shapes graphs are captured for, ascending; a batch is
             padded up to the next bucket (a graph is captured on first use of a bucket).
 
     Raises:
-        ValueError: a model not on CUDA or in training mode.
+        ValueError: a model not on CUDA or in training mode; ``compact`` with token pruning.
     """
 
     def __init__(
@@ -186,6 +189,7 @@ class GraphRunner:
         policy: ExitPolicy,
         backend: str,
         token_pruning: TokenPruning | None = None,
+        compact: bool = False,
         batch_buckets: Sequence[int] = BATCH_BUCKETS,
         seq_buckets: Sequence[int] = SEQ_BUCKETS,
     ) -> None:
@@ -197,14 +201,19 @@ class GraphRunner:
         self.model = model
         self.policy = policy
         self.backend = _custom_ops.resolve_backend(backend, policy, model.num_labels, device)
+        if compact and token_pruning is not None:
+            raise ValueError("compaction (compact=True) does not support token pruning yet")
+        self.conditional_unavailable = conditional_nodes_unavailable(device)
+        if compact and self.conditional_unavailable is not None:
+            raise ValueError(f"compaction needs conditional nodes: {self.conditional_unavailable}")
         self.token_pruning = token_pruning
+        self.compact = compact
         self.device = device
         if not model.backbone.qkv_fused:
             model.backbone.fuse_qkv()
         self.batch_buckets = tuple(sorted(batch_buckets))
         max_positions = model.backbone.max_positions
         self.seq_buckets = tuple(sorted({min(s, max_positions) for s in seq_buckets}))
-        self.conditional_unavailable = conditional_nodes_unavailable(device)
         if self.conditional_unavailable is not None:
             _warn_once(
                 "eeengine: CUDA graphs without conditional nodes (every layer runs even when "
@@ -215,9 +224,14 @@ class GraphRunner:
         self._capture_stream = torch.cuda.Stream(device, priority=-1)
         self._body = _PinnedBodyStream(device)
 
-    def _run(self, s: StaticLoop, conditional: bool) -> None:
+    def _run(self, s: StaticLoop, conditional: bool, warm_up: bool = False) -> None:
+        """The loop on ``s``: with IF nodes (capturing), or without (every layer, and with
+        ``compact`` every size, for the warm-up)."""
         if_node = functools.partial(_if_node, body=self._body) if conditional else None
-        run_static_loop(self.model, self.policy, self.backend, s, self.token_pruning, if_node)
+        if self.compact:
+            run_compacting_loop(self.model, self.policy, self.backend, s, if_node, warm_up)
+        else:
+            run_static_loop(self.model, self.policy, self.backend, s, self.token_pruning, if_node)
 
     def _capture(self, batch_size: int, seq_len: int) -> StaticLoop:
         """Allocate the buffers of a bucket, warm every kernel up, capture the loop."""
@@ -229,7 +243,7 @@ class GraphRunner:
         for stream in (self._capture_stream, self._body.stream):
             stream.wait_stream(current)
             with torch.cuda.stream(stream):
-                self._run(s, conditional=False)
+                self._run(s, conditional=False, warm_up=True)
             current.wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()

@@ -11,11 +11,22 @@ import csv
 import json
 import math
 import os
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-DATA_DIR = Path(os.environ.get("EEENGINE_DATA", Path(__file__).resolve().parent.parent / "data"))
+
+def _data_dir() -> Path:
+    """``$EEENGINE_DATA``; else the copy of ``data/`` an installed wheel carries
+    (``eeengine/_data``); else ``data/`` beside the source tree (editable installs)."""
+    if os.environ.get("EEENGINE_DATA"):
+        return Path(os.environ["EEENGINE_DATA"])
+    packaged = Path(__file__).resolve().parent / "_data"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "data"
+
+
+DATA_DIR = _data_dir()
 
 
 @dataclass(frozen=True)
@@ -252,11 +263,11 @@ def json_record(text: str, where: str) -> dict:
 def _read_file(
     path: Path,
     columns: dict[str, str],
-    labels: Callable[[object, str], int | float],
+    labels: Callable[[object, str], int | float] | None,
 ) -> Split:
-    """Texts and labels of a user file; ``columns`` maps "text", "label" and optionally "pair"
+    """Texts and labels of a user file; ``columns`` maps "text", optionally "label" and "pair"
     to column names, ``labels(value, where)`` converts a label cell (``where`` names file, line
-    and column for errors)."""
+    and column for errors); without a "label" column the split's labels are empty."""
     rows = _rows(path)
     if not rows:
         raise ValueError(f"{path}: no examples")
@@ -279,7 +290,9 @@ def _read_file(
         texts.append(row[columns["text"]].strip())
         if pairs is not None:
             pairs.append(row[columns["pair"]].strip())
-        values.append(labels(row[columns["label"]], f"{path}:{line}: column {columns['label']!r}"))
+        if labels is not None:
+            where = f"{path}:{line}: column {columns['label']!r}"
+            values.append(labels(row[columns["label"]], where))
     return Split(texts, pairs, values)
 
 
@@ -316,6 +329,21 @@ def _sort_key(name: str) -> tuple:
         return (0, float(name), name)
     except ValueError:
         return (1, 0.0, name)
+
+
+def unlabeled_file(
+    path: str | Path, text_column: str, text_pair_column: str | None = None
+) -> Split:
+    """The texts (and text pairs) of a CSV, TSV or JSONL file without labels, for label-free
+    calibration; the split's ``labels`` are empty.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unknown file type, no rows, a missing column or an empty text (file, line
+            and column named).
+    """
+    columns = {"text": text_column, **({"pair": text_pair_column} if text_pair_column else {})}
+    return _read_file(Path(path), columns, None)
 
 
 def file_split(
@@ -391,3 +419,45 @@ def file_dataset(
     train.labels = [label_names.index(name) for name in train.labels]
     dev = file_split(dev_file, *columns, label_names, f"the training file {train_file}")
     return Dataset(train_file.stem, label_names, "accuracy", train, dev)
+
+
+def calibration_size(num_examples: int) -> int:
+    """How many training rows a run holds out for calibration when no calibration file is
+    given: 10 % of the rows, at least 100 (thresholds picked on fewer move by whole points)
+    and at most 2,000 (the sweep's metric is then within about ±1 point), never more than a
+    quarter of the rows."""
+    return min(2000, max(100, round(0.1 * num_examples)), num_examples // 4)
+
+
+def holdout_split(split: Split, size: int, seed: int, stratify: bool) -> tuple[Split, Split]:
+    """Split ``split`` into (rest, held out) with ``size`` held-out rows, seeded.
+
+    Classification (``stratify``): every class keeps its share of the rows in the held-out
+    part (largest remainders decide the rounding), rows drawn at random within a class.
+    Regression: rows drawn at random. Both parts keep the original row order.
+
+    Raises:
+        ValueError: ``size`` is not in [1, len(split) - 1].
+    """
+    n = len(split.texts)
+    if not 0 < size < n:
+        raise ValueError(f"cannot hold out {size} of {n} rows for calibration")
+    rng = random.Random(seed)
+    if stratify:
+        by_class: dict[int, list[int]] = {}
+        for i, label in enumerate(split.labels):
+            by_class.setdefault(int(label), []).append(i)
+        quotas = {c: size * len(rows) / n for c, rows in by_class.items()}
+        counts = {c: math.floor(q) for c, q in quotas.items()}
+        for c in sorted(quotas, key=lambda c: counts[c] - quotas[c])[: size - sum(counts.values())]:
+            counts[c] += 1
+        held = {i for c, rows in sorted(by_class.items()) for i in rng.sample(rows, counts[c])}
+    else:
+        held = set(rng.sample(range(n), size))
+
+    def subset(keep: bool) -> Split:
+        rows = [i for i in range(n) if (i in held) != keep]
+        pairs = None if split.text_pairs is None else [split.text_pairs[i] for i in rows]
+        return Split([split.texts[i] for i in rows], pairs, [split.labels[i] for i in rows])
+
+    return subset(True), subset(False)

@@ -158,6 +158,38 @@ def exit_metrics(all_logits: Tensor, labels: Sequence, metric: str) -> list[floa
     return [METRICS[metric](predictions_of(layer_logits), labels) for layer_logits in all_logits]
 
 
+def score_predictions(predictions: Sequence, labels: Sequence, metric: str) -> dict:
+    """Score :class:`eeengine.prediction.Prediction` s of a labelled split.
+
+    Args:
+        predictions: one per example, in the split's order.
+        labels: class indices or values, one per example.
+        metric: name in :data:`eeengine.metrics.METRICS`.
+
+    Returns:
+        ``{"metric", "value", "avg_exit_layer" (layers), "layer_saving" (1 - avg / L),
+        "speedup" (L / avg), "flops_ratio" (MPEE's ρ = Σ executed / Σ full-model FLOPs),
+        "flops_speedup" (1 / ρ, MPEE's acceleration)}``.
+    """
+    if predictions[0].label is None:
+        outputs = [p.value for p in predictions]
+    else:
+        names = list(predictions[0].probs)
+        outputs = [names.index(p.label) for p in predictions]
+    num_layers = predictions[0].num_layers
+    avg = sum(p.exit_layer for p in predictions) / len(predictions)
+    flops_ratio = sum(p.flops for p in predictions) / sum(p.full_flops for p in predictions)
+    return {
+        "metric": metric,
+        "value": METRICS[metric](outputs, labels),
+        "avg_exit_layer": avg,
+        "layer_saving": 1.0 - avg / num_layers,
+        "speedup": num_layers / avg,
+        "flops_ratio": flops_ratio,
+        "flops_speedup": 1.0 / flops_ratio,
+    }
+
+
 def policy_params(point: dict) -> dict:
     """The parameters of the policy in a sweep point (or in ``eeengine.json``'s ``policy``):
     every key but the measurements and ``name``, e.g. ``layer`` for ``budget`` or ``window``
@@ -259,7 +291,7 @@ def choose_operating_point(
     """
     floor = calibration["full_depth"] - max_drop
     best = None
-    for name, point in _points(calibration, policy):
+    for name, point in iter_points(calibration, policy):
         if point["metric"] < floor - 1e-9:
             continue
         key = (point["avg_exit_layer"], -point["metric"])
@@ -286,7 +318,7 @@ def choose_for_speedup(
     """
     num_layers = calibration["num_layers"]
     best = None
-    for name, point in _points(calibration, policy):
+    for name, point in iter_points(calibration, policy):
         if num_layers / point["avg_exit_layer"] < target_speedup - 1e-9:
             continue
         key = (-point["metric"], point["avg_exit_layer"])
@@ -295,88 +327,7 @@ def choose_for_speedup(
     return None if best is None else (best[1], best[2])
 
 
-def select_operating_point(
-    calibration: dict,
-    target_speedup: float | None = None,
-    max_drop: float | None = None,
-    policy: str | None = None,
-) -> tuple[str, dict]:
-    """Pick a calibrated point by speed (:func:`choose_for_speedup`) or by metric loss
-    (:func:`choose_operating_point`); exactly one of ``target_speedup`` and ``max_drop``.
-
-    Args:
-        calibration: the result of :func:`sweep` (``calibration.json``).
-        target_speedup: the most accurate point with L / avg_exit_layer >= this (>= 1).
-        max_drop: the fastest point within this many metric points of full depth (>= 0).
-        policy: restrict to one policy; None searches every calibrated policy.
-
-    Returns:
-        (policy name, point).
-
-    Raises:
-        ValueError: both or neither of ``target_speedup`` / ``max_drop`` given, a value out of
-            range, ``policy`` not in the calibration, or no point meets the target (the message
-            gives the best reachable value).
-    """
-    check_target(target_speedup, max_drop)
-    if policy is not None and policy not in calibration["policies"]:
-        raise ValueError(
-            f"policy {policy!r} is not calibrated for this model; calibrated: "
-            f"{', '.join(calibration['policies']) or 'none'}"
-        )
-    if next(_points(calibration, policy), None) is None:
-        raise ValueError("the calibration has no swept points")
-    which = f"policy {policy!r}" if policy else "any policy"
-    num_layers = calibration["num_layers"]
-    if target_speedup is not None:
-        chosen = choose_for_speedup(calibration, target_speedup, policy)
-        if chosen is None:
-            name, point = min(_points(calibration, policy), key=lambda p: p[1]["avg_exit_layer"])
-            raise ValueError(
-                f"no calibrated point of {which} reaches a layer speed-up of "
-                f"{target_speedup:g}x; the fastest is "
-                f"{num_layers / point['avg_exit_layer']:.2f}x ({describe_point(name, point)})"
-            )
-        return chosen
-    chosen = choose_operating_point(calibration, max_drop, policy)
-    if chosen is None:
-        name, point = max(_points(calibration, policy), key=lambda p: p[1]["metric"])
-        drop = calibration["full_depth"] - point["metric"]
-        raise ValueError(
-            f"no calibrated point of {which} is within {max_drop:g} points of full depth "
-            f"({calibration['metric']} {calibration['full_depth']:.2f}); the most accurate "
-            f"loses {drop:.2f} ({describe_point(name, point)})"
-        )
-    return chosen
-
-
-def check_target(target_speedup: float | None, max_drop: float | None) -> None:
-    """Check an operating-point target before any work is done.
-
-    Raises:
-        ValueError: both or neither given, ``target_speedup`` < 1 (L / average exit layer
-            cannot be), or ``max_drop`` < 0 metric points.
-    """
-    if (target_speedup is None) == (max_drop is None):
-        raise ValueError("give exactly one of target_speedup and max_drop")
-    if target_speedup is not None and not target_speedup >= 1.0:
-        raise ValueError(
-            f"target_speedup must be >= 1 (L / average exit layer), got {target_speedup}"
-        )
-    if max_drop is not None and not max_drop >= 0.0:
-        raise ValueError(f"max_drop must be >= 0 metric points, got {max_drop}")
-
-
-def describe_point(name: str, point: dict) -> str:
-    """One line for a sweep point: the policy, its parameters, metric and average exit layer."""
-    params = ", ".join(f"{k}={v}" for k, v in policy_params(point).items() if v is not None)
-    return (
-        f"{name}({params}): metric {point['metric']:.2f}, "
-        f"average exit layer {point['avg_exit_layer']:.2f}"
-    )
-
-
-def _points(calibration: dict, policy: str | None) -> Iterator[tuple[str, dict]]:
+def iter_points(calibration: dict, policy: str | None) -> Iterator[tuple[str, dict]]:
     """(policy name, point) of every swept point, or of one policy's."""
     for name, points in calibration["policies"].items():
         if policy is None or name == policy:

@@ -57,6 +57,21 @@ def normalize_inputs(inputs: object, max_chars: int | None = None) -> tuple[list
     return [_example(item, index, max_chars) for index, item in enumerate(inputs)], False
 
 
+def split_examples(examples: list[Example]) -> tuple[list[str], list[str] | None]:
+    """The texts and the text pairs (None when no example has a pair) of ``examples``.
+
+    Raises:
+        ValueError: a mix of single texts and (text, text_pair) pairs.
+    """
+    texts = [text for text, _ in examples]
+    pairs = [pair for _, pair in examples]
+    if all(pair is None for pair in pairs):
+        return texts, None
+    if any(pair is None for pair in pairs):
+        raise ValueError("mix of single texts and (text, text_pair) inputs in one call")
+    return texts, pairs
+
+
 def _example(item: object, index: int | None, max_chars: int | None) -> Example:
     where = "input" if index is None else f"inputs[{index}]"
     if isinstance(item, str):

@@ -60,7 +60,27 @@ def spearman(predictions: Sequence[float], labels: Sequence[float]) -> float:
     return pearson(_average_ranks(predictions), _average_ranks(labels))
 
 
+# Regression agreement: a value agrees with full depth when within this fraction of the spread
+# (max - min) of the full-depth values (STS-B, 0-5 scale: about 0.25).
+REGRESSION_AGREEMENT = 0.05
+
+
+def agreement(predictions: Sequence[int | float], reference: Sequence[int | float]) -> float:
+    """Percent (0-100) of predictions that agree with ``reference``, the full-depth predictions
+    of the same inputs: the same class index, or for regression (float values) within
+    :data:`REGRESSION_AGREEMENT` times the spread (max - min) of ``reference``.
+
+    The metric of label-free calibration (:mod:`eeengine.calibration`)."""
+    p = torch.as_tensor(predictions)
+    y = torch.as_tensor(reference)
+    if not y.is_floating_point():
+        return accuracy(predictions, reference)
+    tolerance = REGRESSION_AGREEMENT * (y.max() - y.min()).item()
+    return 100.0 * ((p.double() - y.double()).abs() <= tolerance).double().mean().item()
+
+
 METRICS = {
+    "agreement": agreement,
     "accuracy": accuracy,
     "f1": f1,
     "matthews": matthews,

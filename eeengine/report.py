@@ -22,16 +22,14 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from eeengine.calibration import measure_trade_off
 from eeengine.data import Split
 from eeengine.engine import Engine
 from eeengine.evaluation import (
-    all_exit_outputs,
     choose_for_speedup,
     choose_operating_point,
     exit_metrics,
-    flops_tables,
     policy_params,
-    sweep,
 )
 
 # Layer speed-ups (L / average exit layer) the summary reports the metric at.
@@ -51,7 +49,7 @@ def sweep_report(
 ) -> dict:
     """Sweep every policy that applies to ``engine``'s model on a labelled split.
 
-    The model runs to full depth once (:func:`eeengine.evaluation.all_exit_outputs`, with the
+    The model runs to full depth once (:func:`eeengine.calibration.measure_trade_off`, with the
     engine's token pruning and the model's extra signals, so ``lte`` is swept when the model
     has an LTE module). Every point carries MPEE's FLOPs ratio ρ and 1 / ρ (the engine's token
     pruning and the inputs' token counts, :mod:`eeengine.flops`).
@@ -71,24 +69,19 @@ def sweep_report(
         ``checkpoint``, ``metrics`` (the names reported, primary first), ``exits`` (per
         single exit: ``layer`` and ``metrics``) and ``summary`` (see :func:`summarize`).
     """
-    all_logits, signals = all_exit_outputs(
+    trade_off = measure_trade_off(
         engine.model,
         engine.tokenizer,
         data.texts,
         data.text_pairs,
+        data.labels,
+        metric,
         engine.max_length,
-        progress=progress,
-        token_pruning=engine.token_pruning,
-    )
-    flops = flops_tables(
-        engine.model,
-        engine.tokenizer,
-        data.texts,
-        data.text_pairs,
-        engine.max_length,
+        extra_metrics,
         engine.token_pruning,
+        progress=progress,
     )
-    calibration = sweep(all_logits, data.labels, metric, signals, extra_metrics, flops)
+    calibration, all_logits = trade_off.sweep, trade_off.all_logits
     names = list(calibration["full_depth_metrics"])
     per_exit = {name: exit_metrics(all_logits, data.labels, name) for name in names}
     return {

@@ -194,7 +194,7 @@ def tiny_csv_task(tmp_path_factory):
 
 
 def csv_config(base_model, task_dir, **overrides):
-    """A TrainConfig on :func:`tiny_csv_task`: 3 steps of batch 16 (no resume state)."""
+    """A TrainConfig on :func:`tiny_csv_task`: one epoch of batch 16 (no resume state)."""
     from eeengine.training import TrainConfig
 
     return TrainConfig(
@@ -205,6 +205,7 @@ def csv_config(base_model, task_dir, **overrides):
             "text_column": "review",
             "label_column": "verdict",
             "batch_size": 16,
+            "epochs": 1.0,
             "save_every": 0,
             **overrides,
         }

@@ -6,14 +6,16 @@ import shutil
 
 import pytest
 
+import eeengine.calibration
 import eeengine.checkpoint as checkpoint_module
-import eeengine.engine
 from eeengine import Engine
 from eeengine._custom_ops import HAS_C
+from eeengine.calibration import select_operating_point
 from eeengine.checkpoint import save_checkpoint, update_checkpoint, write_json_atomic
 from eeengine.cli import main
 from eeengine.data import file_dataset, get_task, load_split
-from eeengine.evaluation import choose_for_speedup, select_operating_point, sweep
+from eeengine.evaluation import choose_for_speedup, sweep
+from eeengine.metrics import agreement
 from eeengine.training import train
 from tests.conftest import SENTENCES, csv_config, make_tiny_model, tiny_manifest
 
@@ -67,8 +69,8 @@ CALIBRATION = {
     ],
 )
 def test_select_operating_point(kwargs, expected):
-    name, point = select_operating_point(CALIBRATION, **kwargs)
-    assert (name, point["threshold"]) == expected
+    point = select_operating_point(CALIBRATION, **kwargs)
+    assert (point.name, point.params["threshold"]) == expected
 
 
 def test_choose_for_speedup_returns_none_when_too_fast():
@@ -144,7 +146,7 @@ def calibrated_ckpt(tmp_path_factory, tiny_bert_dir, tokenizer):
 def test_engine_target_speedup_and_max_drop(calibrated_ckpt):
     engine = Engine(calibrated_ckpt, target_speedup=2.0)
     assert (engine.policy.name, engine.policy.threshold) == ("entropy", 0.5)
-    assert engine.operating_point["speedup"] == 2.0
+    assert engine.operating_point.speedup == 2.0
     engine = Engine(calibrated_ckpt, max_drop=1.0)
     assert engine.policy.name == "elbert" and engine.policy.window == 2
     engine = Engine(calibrated_ckpt, policy="entropy", max_drop=1.0)
@@ -179,22 +181,22 @@ def test_calibrate_switches_to_a_point_the_engine_reproduces(tiny_ckpt, dev):
     engine = Engine(tiny_ckpt)
     texts, labels = dev.texts[:200], dev.labels[:200]
     point = engine.calibrate(texts, labels, target_speedup=1.5, policy="elbert")
-    assert point["name"] == "elbert" and point["speedup"] >= 1.5
+    assert point.name == "elbert" and point.speedup >= 1.5
     assert engine.policy.name == "elbert" and engine.operating_point == point
     assert engine.backend == "reference"  # the C++ op does not implement elbert
     assert set(engine.calibration["policies"]) >= {"entropy", "pcee", "elbert", "budget"}
     # the engine, row by row, takes exactly the exits the sweep measured
     predictions = engine.predict(texts)
     avg = sum(p.exit_layer for p in predictions) / len(predictions)
-    assert avg == pytest.approx(point["avg_exit_layer"])
+    assert avg == pytest.approx(point.avg_exit_layer)
     accuracy = 100 * sum(
         engine.label_names.index(p.label) == y for p, y in zip(predictions, labels, strict=True)
     )
-    assert accuracy / len(labels) == pytest.approx(point["metric"])
+    assert accuracy / len(labels) == pytest.approx(point.metric)
 
     names = [engine.label_names[y] for y in labels]
     point = engine.calibrate(texts, names, max_drop=100.0, policy="budget")
-    assert point["layer"] == 1  # anything goes: the fastest point
+    assert point.params == {"layer": 1}  # anything goes: the fastest point
     if HAS_C:
         assert (engine.policy.name, engine.backend) == ("budget", "cpp")
 
@@ -204,7 +206,7 @@ def test_calibrate_switches_to_a_point_the_engine_reproduces(tiny_ckpt, dev):
     [
         (SENTENCES, [0] * 3, {"target_speedup": 1.5}, ValueError, "8 texts but 3 labels"),
         (SENTENCES, [0] * 8, {"text_pairs": ["x"]}, ValueError, "8 texts but 1 text_pairs"),
-        ([], [], {"target_speedup": 1.5}, ValueError, "at least one labelled example"),
+        ([], [], {"target_speedup": 1.5}, ValueError, "at least one text"),
         (SENTENCES, [0] * 7 + [2], {"target_speedup": 1.5}, ValueError, r"labels\[7\] = 2"),
         (SENTENCES, [0] * 7 + ["neutral"], {"max_drop": 1}, ValueError, r"labels\[7\]"),
         (SENTENCES[:2] + [" "], [0] * 3, {"max_drop": 1}, ValueError, r"inputs\[2\] is empty"),
@@ -237,7 +239,7 @@ def test_cli_calibrate_without_write_changes_nothing(ckpt_copy, capsys):
     before = {p.name: p.read_bytes() for p in ckpt_copy.iterdir()}
     assert main(["calibrate", "--ckpt", str(ckpt_copy), "--task", "sst2", "--max-drop", "1"]) == 0
     out = capsys.readouterr().out
-    assert "sst2 dev (872 examples)" in out and "layer speed-up" in out
+    assert "sst2 dev (872 examples, accuracy)" in out and "layer speed-up" in out
     assert {p.name: p.read_bytes() for p in ckpt_copy.iterdir()} == before
 
 
@@ -307,9 +309,8 @@ def test_cli_calibrate_errors(ckpt_copy, capsys, args, message):
 
 
 def test_cli_calibrate_needs_a_target(ckpt_copy, capsys):
-    with pytest.raises(SystemExit):
-        main(["calibrate", "--ckpt", str(ckpt_copy)])
-    assert "one of the arguments --target-speedup --max-drop is required" in capsys.readouterr().err
+    assert main(["calibrate", "--ckpt", str(ckpt_copy)]) == 2
+    assert "exactly one of target_speedup and max_drop" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -322,7 +323,7 @@ def test_bad_arguments_fail_before_the_full_depth_pass(tiny_ckpt, monkeypatch, l
     def run_model(*args, **kwargs):
         pytest.fail("the model ran before the arguments were checked")
 
-    monkeypatch.setattr(eeengine.engine, "all_exit_outputs", run_model)
+    monkeypatch.setattr(eeengine.calibration, "all_exit_outputs", run_model)
     with pytest.raises(ValueError):
         engine.calibrate(SENTENCES, labels, **kwargs)
 
@@ -340,9 +341,71 @@ def test_calibrate_a_checkpoint_trained_on_user_files(
     ).dev
     labels = [engine.label_names[y] for y in dev.labels]
     point = engine.calibrate(dev.texts, labels, max_drop=100.0, policy="budget")
-    assert engine.calibration["metric"] == "accuracy" and point["layer"] == 1
+    assert engine.calibration["metric"] == "accuracy" and point.params == {"layer": 1}
     measured = engine.evaluate(dev, "accuracy")
-    assert measured["value"] == pytest.approx(point["metric"])
+    assert measured["value"] == pytest.approx(point.metric)
     args = ["calibrate", "--ckpt", str(path), "--max-drop", "100", "--policy", "budget"]
     assert main(args) == 0
-    assert "dev.csv (12 examples): budget(layer=1)" in capsys.readouterr().out
+    assert "dev.csv (12 examples, accuracy): budget(layer=1)" in capsys.readouterr().out
+
+
+# --- label-free calibration: agreement with full depth ----------------------------------------
+
+
+def test_agreement_metric_by_hand():
+    assert agreement([0, 1, 1, 0], [0, 1, 0, 0]) == 75.0
+    # regression: within 5 % of the reference's spread (4.0 here: tolerance 0.2)
+    assert agreement([0.1, 1.3, 2.0, 3.19, 5.0], [0.0, 1.0, 2.0, 3.0, 4.0]) == pytest.approx(60.0)
+
+
+@pytest.mark.parametrize("target", [0.9, 0.99])
+def test_calibrate_without_labels_agrees_with_full_depth(tiny_ckpt, dev, target):
+    texts = dev.texts[:200]
+    full = [p.label for p in Engine(tiny_ckpt, policy="none").predict(texts)]
+    engine = Engine(tiny_ckpt)
+    point = engine.calibrate(texts, agreement=target)
+    assert engine.calibration["metric"] == "agreement"
+    assert engine.calibration["full_depth"] == 100.0
+    ours = [p.label for p in engine.predict(texts)]
+    measured = 100 * sum(a == b for a, b in zip(ours, full, strict=True)) / len(texts)
+    assert measured == pytest.approx(point.metric) and measured >= 100 * target
+    # the fastest such point: every faster swept point agrees less
+    for points in engine.calibration["policies"].values():
+        for other in points:
+            if other["avg_exit_layer"] < point.avg_exit_layer - 1e-9:
+                assert other["metric"] < 100 * target
+
+
+def test_calibrate_without_labels_defaults_to_99_percent(tiny_ckpt, dev):
+    engine = Engine(tiny_ckpt)
+    point = engine.calibrate(dev.texts[:100])
+    assert point.metric >= 99.0
+
+
+@pytest.mark.parametrize(
+    ("labels", "kwargs", "message"),
+    [
+        ([0] * 8, {"agreement": 0.9}, "agreement is the target of calibration without labels"),
+        (None, {"agreement": 1.5}, r"agreement must be in \(0, 1\]"),
+        (None, {"agreement": 0.9, "max_drop": 1.0}, "max_drop or agreement, not both"),
+        (None, {"agreement": 0.9, "target_speedup": 2.0}, "exactly one"),
+    ],
+)
+def test_label_free_argument_errors(tiny_ckpt, labels, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Engine(tiny_ckpt).calibrate(SENTENCES, labels, **kwargs)
+
+
+def test_cli_calibrate_unlabeled_writes_the_point(ckpt_copy, dev, tmp_path, capsys):
+    from tests.conftest import write_rows
+
+    file = tmp_path / "traffic.csv"
+    write_rows(file, ["id", "text"], [[str(i), t] for i, t in enumerate(dev.texts[:60])])
+    args = ["calibrate", "--ckpt", str(ckpt_copy), "--unlabeled", str(file), "--agreement", "0.95"]
+    assert main([*args, "--text-column", "text", "--write"]) == 0
+    out = capsys.readouterr().out
+    assert "unlabeled traffic.csv (60 examples, agreement)" in out
+    calibration = json.loads((ckpt_copy / "calibration.json").read_text())
+    assert calibration["metric"] == "agreement"
+    assert main([*args]) == 2
+    assert "--unlabeled needs --text-column" in capsys.readouterr().err

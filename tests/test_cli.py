@@ -77,7 +77,7 @@ def test_default_checkpoint_is_trained_once_then_cached(
     monkeypatch.setattr(
         eeengine.defaults,
         "default_config",
-        lambda: TrainConfig(base_model=str(tiny_bert_dir), max_train_examples=32),
+        lambda: TrainConfig(base_model=str(tiny_bert_dir), max_train_examples=32, epochs=1.0),
     )
     assert main(["predict", "good"]) == 0
     captured = capsys.readouterr()

@@ -310,3 +310,16 @@ def test_every_row_exits_at_layer_1() -> None:
     got = replay_without_sync(runner, inputs)
     assert bool((got.exit_layer == 1).all())
     assert int(got.tokens_kept[:, 1:].abs().sum()) == 0
+
+
+@requires_cuda
+@pytest.mark.parametrize("policy", POLICIES, ids=repr)
+def test_compacting_graph_matches_compaction_loop_without_host_sync(policy: ExitPolicy) -> None:
+    """Live rows partitioned into smaller buffers by IF nodes (eeengine.compaction)."""
+    reference = tiny_model("mean")
+    backend = "triton" if policy.op_code is not None else "reference"
+    runner = GraphRunner(tiny_model("mean").cuda(), policy, backend, compact=True)
+    for batch_size, seq_len in ((8, 10), (5, 10), (1, 7)):
+        inputs = batch(batch_size, seq_len, torch.device("cpu"))
+        got = replay_without_sync(runner, tuple(t.cuda() for t in inputs))
+        assert_same(got, early_exit_forward(reference, policy, *inputs))

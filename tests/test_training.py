@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import eeengine.training.trainer as trainer_module
 from eeengine import Engine
 from eeengine.cli import build_parser
-from eeengine.data import file_dataset
+from eeengine.data import calibration_size, file_dataset, holdout_split
 from eeengine.training import TrainConfig, train
 from eeengine.training.recipes import RECIPES
 from eeengine.training.state import state_dir
@@ -51,7 +51,8 @@ def test_recipe_settings_are_recorded(tiny_bert_dir, tiny_csv_task, tmp_path):
     path = train(csv_config(tiny_bert_dir, tiny_csv_task, recipe="elbert"), tmp_path / "e", False)
     training = json.loads((path / "eeengine.json").read_text())["training"]
     assert training["recipe_params"] == {"init": 4.0, "lr": 1e-2}
-    assert training["mixed_precision"] is None  # fp32 on CPU
+    native_bf16 = trainer_module._cpu_has_amx_bf16()
+    assert training["mixed_precision"] == ("bf16" if native_bf16 else None)
     weights = training["recipe_learned"]["loss_weights"]
     assert len(weights) == 4 and sum(weights) == pytest.approx(4.0, abs=1e-4)
     s = 1 / (1 + math.exp(-4))
@@ -69,7 +70,7 @@ def test_two_stage_freezes_the_backbone_and_final_head_in_stage_2(
         return real_step(loop, batch, labels)
 
     monkeypatch.setattr(trainer_module._Loop, "train_step", spy)
-    config = csv_config(tiny_bert_dir, tiny_csv_task, recipe="two_stage", epochs=2.0)
+    config = csv_config(tiny_bert_dir, tiny_csv_task, recipe="two_stage", epochs=3.0)
     train(config, tmp_path / "two", progress=False)
     before_stage2, last = snapshots[3], snapshots[5]  # 6 steps: stage 2 is steps 3-5
     for key, value in last.items():
@@ -108,11 +109,18 @@ def test_regression_on_a_user_file(tiny_bert_dir, tmp_path):
         label_column="score",
         regression=True,
         recipe="lte",
+        epochs=1.0,
         save_every=0,
     )
     path = train(config, tmp_path / "reg", progress=False)
     task = json.loads((path / "eeengine.json").read_text())["task"]
-    assert task == {"name": "train", "type": "regression", "label_names": None, "metric": "pearson"}
+    assert task == {
+        "name": "train",
+        "type": "regression",
+        "label_names": None,
+        "metric": "pearson",
+        "metrics": ["pearson"],
+    }
     prediction = Engine(path, policy="lte", threshold=0.5).predict("ok")
     assert prediction.label is None and isinstance(prediction.value, float)
 
@@ -125,7 +133,13 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(
     tiny_bert_dir, tiny_csv_task, tmp_path, monkeypatch
 ):
     config = csv_config(
-        tiny_bert_dir, tiny_csv_task, recipe="elbert", epochs=2.0, save_every=2, eval_every=2
+        tiny_bert_dir,
+        tiny_csv_task,
+        recipe="elbert",
+        epochs=3.0,
+        save_every=2,
+        eval_every=2,
+        early_stopping=0,
     )
     reference = train(config, tmp_path / "reference", progress=False)
 
@@ -175,8 +189,13 @@ def test_resume_refuses_a_state_of_another_config(
         )
 
 
-def test_best_evaluation_is_kept(tiny_bert_dir, tiny_csv_task, tmp_path, monkeypatch):
-    scores = iter([[90.0] * 4, [10.0] * 4, [20.0] * 4])  # evaluations at steps 1, 2, 3
+def test_best_evaluation_is_kept_and_training_stops_early(
+    tiny_bert_dir, tiny_csv_task, tmp_path, monkeypatch
+):
+    """Evaluations on the calibration slice at steps 1, 2, 3 score 90, 10, 20: two without a
+    gain stop the run at step 3 of 6, the weights of step 1 are saved, and dev (scored 55
+    afterwards) is only reported."""
+    scores = iter([[90.0] * 4, [10.0] * 4, [20.0] * 4, [55.0] * 4])
 
     def fake_metrics(logits, labels, metric):
         return next(scores)
@@ -190,10 +209,13 @@ def test_best_evaluation_is_kept(tiny_bert_dir, tiny_csv_task, tmp_path, monkeyp
         return real_offer(loop, evaluation)
 
     monkeypatch.setattr(trainer_module._Loop, "offer", spy)
-    config = csv_config(tiny_bert_dir, tiny_csv_task, eval_every=1)
+    config = csv_config(tiny_bert_dir, tiny_csv_task, epochs=3.0, eval_every=1)
     path = train(config, tmp_path / "best", progress=False)
     training = json.loads((path / "eeengine.json").read_text())["training"]
-    assert training["best_step"] == 1 and training["dev_exit_metrics"] == [90.0] * 4
+    assert training["best_step"] == 1 and training["calibration_exit_metrics"] == [90.0] * 4
+    assert training["steps"] == 3 and training["schedule"]["stopped_early"]
+    assert training["schedule"]["total_steps"] == 6
+    assert training["dev_exit_metrics"] == [55.0] * 4
     saved = load_file(path / "model.safetensors")
     for key, value in saved.items():
         torch.testing.assert_close(value, weights[1][key], rtol=0, atol=0)
@@ -212,7 +234,11 @@ def test_failed_training_leaves_existing_checkpoint(tiny_ckpt, tiny_bert_dir, tm
 
 def test_glue_task_by_name(tiny_bert_dir, tmp_path):
     config = TrainConfig(
-        base_model=str(tiny_bert_dir), max_train_examples=32, batch_size=16, save_every=0
+        base_model=str(tiny_bert_dir),
+        max_train_examples=32,
+        batch_size=16,
+        epochs=1.0,
+        save_every=0,
     )
     path = train(config, tmp_path / "sst2", progress=False)
     manifest = json.loads((path / "eeengine.json").read_text())
@@ -244,12 +270,14 @@ def test_train_with_token_pruning(recipe, tiny_bert_dir, tiny_csv_task, tmp_path
     engine = Engine(path, policy="none")
     prediction = engine.predict(SENTENCES[5])
     assert prediction.tokens_kept is not None and prediction.tokens_kept[-1] < 20
-    # The calibration's FLOPs ratio of a fixed exit is the engine's on the dev file.
+    # The calibration's FLOPs ratio of a fixed exit is the engine's on the held-out rows.
     point = engine.calibration["policies"]["budget"][1]
-    dev = file_dataset(
+    train_rows = file_dataset(
         tiny_csv_task / "train.csv", tiny_csv_task / "dev.csv", "review", "verdict"
-    ).dev
-    measured = Engine(path, policy="budget", layer=point["layer"]).evaluate(dev, "accuracy")
+    ).train
+    size = calibration_size(len(train_rows.texts))
+    _, calib = holdout_split(train_rows, size, config.seed, stratify=True)
+    measured = Engine(path, policy="budget", layer=point["layer"]).evaluate(calib, "accuracy")
     assert point["flops_ratio"] == pytest.approx(measured["flops_ratio"])
 
 

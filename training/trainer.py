@@ -7,19 +7,27 @@ which parameters train in which stage, and its own parameters (own AdamW group).
 
 The loop: AdamW with linear warm-up and decay, length-bucketed batches (sorted within random
 pools of batches, batch order shuffled), a fixed seed, gradient clipping, bf16 autocast on
-CUDA (fp32 on CPU), a tqdm bar with loss and throughput. Every ``save_every`` steps the
-training state is saved atomically next to the output (:mod:`eeengine.training.state`); a
-rerun with the same config resumes from it and ends exactly where an uninterrupted run would.
-Every ``eval_every`` steps, and at the end, every exit is evaluated on dev; the weights with
-the best mean dev metric over the exits are kept. Then a sweep of every exit policy
-(``calibration.json``) and the default policy: the fastest within ``max_drop`` points of full
-depth. The checkpoint is written atomically, so a failed run never damages an existing one.
+CUDA and on CPUs with AMX (fp32 elsewhere: AVX-512 BF16 alone was slower), a tqdm bar with
+loss and throughput. Every ``save_every`` steps the training state is saved atomically next
+to the output (:mod:`eeengine.training.state`); a rerun with the same config resumes from it
+and ends exactly where an uninterrupted run would.
+Model selection and threshold calibration never see the dev set: a stratified, seeded slice of
+the training data (:func:`eeengine.data.calibration_size` rows, or ``calib_file``) is held out.
+Every ``eval_every`` steps (by default every epoch of a multi-epoch run), and at the end, every
+exit is evaluated on that slice; the weights with the best mean metric over the exits are kept,
+and training stops early after ``early_stopping`` evaluations without a gain. Then a sweep of
+every exit policy on the slice (``calibration.json``) and the default policy: the fastest within
+``max_drop`` points of full depth there. Dev is only reported: every exit, and the default
+policy's metric and drop beside the drop promised on the slice. Small data sets get more epochs
+(at least ``min_steps`` optimizer steps, up to ``max_auto_epochs``); the run says what it chose.
+The checkpoint is written atomically, so a failed run never damages an existing one.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,17 +37,21 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from eeengine.batching import Encoded, collate, encode
+from eeengine.calibration import OperatingPoint, measure_trade_off
 from eeengine.checkpoint import save_checkpoint
-from eeengine.data import Dataset, file_dataset, glue_dataset
-from eeengine.evaluation import (
-    all_exit_outputs,
-    choose_operating_point,
-    exit_metrics,
-    flops_tables,
-    policy_params,
-    sweep,
+from eeengine.data import (
+    Dataset,
+    Split,
+    calibration_size,
+    file_dataset,
+    file_split,
+    glue_dataset,
+    holdout_split,
 )
+from eeengine.evaluation import all_exit_outputs, exit_metrics, predictions_of
+from eeengine.metrics import METRICS
 from eeengine.modeling_multiexit import MultiExitBert, load_backbone_weights
+from eeengine.policies import run_policy
 from eeengine.token_pruning import TokenPruning
 from eeengine.training.recipes import Recipe, make_recipe
 from eeengine.training.state import load_state, remove_state, save_state
@@ -65,20 +77,28 @@ class TrainConfig:
         recipe: training recipe (see :mod:`eeengine.training.recipes`); ``lte_base`` is the
             recipe under ``lte``.
         layout, pooling: exit heads (see :mod:`eeengine.heads`).
-        epochs: passes over the (possibly limited) training set; fractions allowed.
+        epochs: passes over the (possibly limited) training set; fractions allowed. None:
+            enough epochs for ``min_steps`` optimizer steps, at least 1 and at most
+            ``max_auto_epochs`` (SST-2: 1; a 600-row file: 10).
+        min_steps, max_auto_epochs: the rule of ``epochs=None``.
+        calib_file: the user's labelled file (same columns as ``train_file``) to select the
+            best step and calibrate thresholds on; None: hold out
+            :func:`eeengine.data.calibration_size` training rows (stratified, seeded).
+        early_stopping: stop after this many evaluations on the calibration slice without a
+            better mean metric over the exits (0: never stop early).
         max_train_examples: use only the first N examples of a seeded shuffle (None: all).
         lr, head_lr: AdamW learning rates of the backbone and of the exit heads (and LTE).
         max_seq_length: truncation length in training (tokens); inference uses
             ``eval_max_seq_length``. Both are capped at the model's position embeddings.
         device: "cpu" or "cuda[:N]".
-        mixed_precision: bf16 autocast where the device supports it (CUDA with bf16); fp32
-            otherwise.
-        eval_every: evaluate every exit on dev every N steps and keep the best weights
-            (0: only at the end).
+        mixed_precision: bf16 autocast where it is faster (CUDA with bf16; CPUs with AMX);
+            fp32 otherwise.
+        eval_every: evaluate every exit on the calibration slice every N steps and keep the
+            best weights (0: every epoch when training for more than one, else at the end).
         save_every: save the resumable training state every N steps (0: never).
         resume: continue from a saved training state of the same config, if there is one.
         max_drop: the default policy is the fastest within this many metric points of full
-            depth on dev.
+            depth on the calibration slice.
         token_pruning: an MPEE token-pruning schedule (``{"layers", "keep_ratio", "beta"}``,
             e.g. :data:`eeengine.token_pruning.DEFAULT_TOKEN_PRUNING` for 6 layers) to train,
             evaluate and save with; None: no pruning.
@@ -96,7 +116,9 @@ class TrainConfig:
     lte_base: str = "alternating"
     layout: str = "per_layer"
     pooling: str = "mean"
-    epochs: float = 1.0
+    epochs: float | None = None
+    min_steps: int = 300
+    max_auto_epochs: float = 10.0
     max_train_examples: int | None = None
     batch_size: int = 32
     lr: float = 1e-4
@@ -114,6 +136,8 @@ class TrainConfig:
     resume: bool = True
     max_drop: float = 0.5
     token_pruning: dict | None = None
+    calib_file: str | None = None
+    early_stopping: int = 2
 
 
 def load_dataset(config: TrainConfig) -> Dataset:
@@ -138,6 +162,56 @@ def load_dataset(config: TrainConfig) -> Dataset:
         config.text_pair_column,
         config.regression,
     )
+
+
+def split_calibration(config: TrainConfig, data: Dataset) -> tuple[Split, Split, str]:
+    """(training rows, calibration rows, where the calibration rows come from): the user's
+    ``calib_file``, or :func:`eeengine.data.calibration_size` rows held out of the training
+    split (stratified by class, seeded). The dev split is never among them.
+
+    Raises:
+        ValueError: ``calib_file`` without ``train_file``, or a bad calibration file.
+    """
+    if config.calib_file:
+        if config.train_file is None:
+            raise ValueError("--calib-file needs --train-file (a GLUE task holds out train rows)")
+        calib = file_split(
+            config.calib_file,
+            config.text_column,
+            config.label_column,
+            config.text_pair_column,
+            data.label_names,
+            f"the labels of {config.train_file}",
+        )
+        return data.train, calib, str(config.calib_file)
+    size = calibration_size(len(data.train.texts))
+    train, calib = holdout_split(data.train, size, config.seed, data.label_names is not None)
+    return train, calib, f"{size} training rows held out (stratified, seed {config.seed})"
+
+
+def schedule(config: TrainConfig, num_examples: int) -> dict:
+    """Epochs, optimizer steps and evaluation interval of a run on ``num_examples`` rows.
+
+    ``epochs=None`` adapts to the data: enough epochs for ``min_steps`` steps, at least one and
+    at most ``max_auto_epochs``. ``eval_every=0`` evaluates every epoch when there is more than
+    one, else only at the end.
+
+    Returns:
+        ``{"epochs", "steps_per_epoch", "total_steps", "eval_every"}``.
+    """
+    steps_per_epoch = math.ceil(num_examples / config.batch_size)
+    epochs = config.epochs
+    if epochs is None:
+        wanted = math.ceil(config.min_steps / steps_per_epoch)
+        epochs = float(max(1, min(config.max_auto_epochs, wanted)))
+    total_steps = max(1, round(epochs * steps_per_epoch))
+    eval_every = config.eval_every or (steps_per_epoch if total_steps > steps_per_epoch else 0)
+    return {
+        "epochs": epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "eval_every": eval_every,
+    }
 
 
 def _batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -171,8 +245,23 @@ def _param_groups(model: MultiExitBert, recipe: Recipe, config: TrainConfig) -> 
 
 
 def _uses_bf16(device: torch.device, mixed_precision: bool) -> bool:
-    """bf16 autocast runs on a CUDA device that supports it; CPU trains in fp32."""
-    return mixed_precision and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    """bf16 autocast runs on a CUDA device that supports it and on CPUs with AMX (AMX-BF16
+    tiles). Not on AVX-512 BF16 alone: there a MiniLM training step (batch 32, 48 tokens, one
+    thread) measured 0.69x the speed of fp32 here, so those CPUs train in fp32."""
+    if not mixed_precision:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return _cpu_has_amx_bf16()
+
+
+def _cpu_has_amx_bf16() -> bool:
+    """Whether /proc/cpuinfo lists AMX-BF16 (False where it cannot be read)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags.split()
 
 
 @dataclass
@@ -191,24 +280,26 @@ class _Evaluation:
 def _evaluate(
     model: MultiExitBert,
     tokenizer: PreTrainedTokenizerBase,
-    data: Dataset,
+    split: Split,
+    metric: str,
     max_length: int,
     step: int,
     progress: bool,
     token_pruning: TokenPruning | None,
 ) -> _Evaluation:
-    """Every exit on dev (logits, signals and the metric per exit); leaves the model training."""
+    """Every exit on ``split`` (logits, signals and the metric per exit); leaves the model
+    training."""
     logits, signals = all_exit_outputs(
         model,
         tokenizer,
-        data.dev.texts,
-        data.dev.text_pairs,
+        split.texts,
+        split.text_pairs,
         max_length,
         progress=progress,
         token_pruning=token_pruning,
     )
     model.train()
-    return _Evaluation(step, exit_metrics(logits, data.dev.labels, data.metric), logits, signals)
+    return _Evaluation(step, exit_metrics(logits, split.labels, metric), logits, signals)
 
 
 def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -238,6 +329,7 @@ class _Loop:
         self.position = 0
         self.stage: int | None = None
         self.best: _Evaluation | None = None
+        self.stale = 0  # evaluations since the best one
         self.best_model: dict | None = None
         self.best_recipe: dict | None = None
         self.device = next(model.parameters()).device
@@ -275,8 +367,10 @@ class _Loop:
         """Keep ``evaluation`` and the current weights if they beat the best so far; return
         the best. Ties go to the later step."""
         if self.best is None or evaluation.score >= self.best.score:
-            self.best = evaluation
+            self.best, self.stale = evaluation, 0
             self.best_model, self.best_recipe = _cpu_state(self.model), _cpu_state(self.recipe)
+        else:
+            self.stale += 1
         return self.best
 
     def state(self) -> dict:
@@ -293,6 +387,7 @@ class _Loop:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "best": self.best,
+            "stale": self.stale,
             "best_model": self.best_model,
             "best_recipe": self.best_recipe,
         }
@@ -307,11 +402,8 @@ class _Loop:
         self.recipe.load_state_dict(state["recipe"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.best, self.best_model, self.best_recipe = (
-            state["best"],
-            state["best_model"],
-            state["best_recipe"],
-        )
+        self.best, self.stale = state["best"], state["stale"]
+        self.best_model, self.best_recipe = state["best_model"], state["best_recipe"]
 
 
 def _manifest(
@@ -319,14 +411,11 @@ def _manifest(
     data: Dataset,
     model: MultiExitBert,
     recipe: Recipe,
-    calibration: dict,
+    policy: dict,
     max_seq_length: int,
     training: dict,
 ) -> dict:
-    """``eeengine.json`` of the trained model: the default policy is the fastest calibrated
-    point within ``config.max_drop`` of full depth; ``training`` gets the recipe and config."""
-    chosen = choose_operating_point(calibration, config.max_drop)
-    policy = {"name": "none"} if chosen is None else {"name": chosen[0], **policy_params(chosen[1])}
+    """``eeengine.json`` of the trained model; ``training`` gets the recipe and config."""
     return {
         "backbone": model.backbone_type,
         "task": {
@@ -334,6 +423,7 @@ def _manifest(
             "type": "classification" if data.label_names else "regression",
             "label_names": list(data.label_names) if data.label_names else None,
             "metric": data.metric,
+            "metrics": [data.metric, *data.extra_metrics],
         },
         "exit_heads": {
             "layout": config.layout,
@@ -353,6 +443,29 @@ def _manifest(
     }
 
 
+def _policy_report(
+    point: OperatingPoint | None, evaluation: _Evaluation, labels: list, metric: str
+) -> dict:
+    """The default policy on one split (run exactly as the engine runs it, on the logits of
+    every exit): its metric, full depth's, the drop and the average exit layer."""
+    full_depth = evaluation.per_exit[-1]
+    if point is None:
+        return {
+            "metric": full_depth,
+            "full_depth": full_depth,
+            "drop": 0.0,
+            "avg_exit_layer": float(len(evaluation.per_exit)),
+        }
+    exit_layer, logits = run_policy(point.policy(), evaluation.logits, evaluation.signals)
+    value = METRICS[metric](predictions_of(logits), labels)
+    return {
+        "metric": value,
+        "full_depth": full_depth,
+        "drop": full_depth - value,
+        "avg_exit_layer": exit_layer.double().mean().item(),
+    }
+
+
 def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     """Train and save a checkpoint to ``out``; returns its path.
 
@@ -363,6 +476,7 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     """
     started = time.time()
     data = load_dataset(config)
+    train_split, calib, calib_source = split_calibration(config, data)
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -385,16 +499,16 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     max_seq_length = min(config.max_seq_length, model.backbone.max_positions)
     eval_max_seq_length = min(config.eval_max_seq_length, model.backbone.max_positions)
 
-    order = list(range(len(data.train.texts)))
+    order = list(range(len(train_split.texts)))
     rng.shuffle(order)
     order = order[: config.max_train_examples]
-    texts = [data.train.texts[i] for i in order]
-    pairs = [data.train.text_pairs[i] for i in order] if data.train.text_pairs else None
-    labels = torch.tensor([data.train.labels[i] for i in order])
+    texts = [train_split.texts[i] for i in order]
+    pairs = [train_split.text_pairs[i] for i in order] if train_split.text_pairs else None
+    labels = torch.tensor([train_split.labels[i] for i in order])
     encoded = encode(tokenizer, texts, pairs, max_seq_length)
 
-    steps_per_epoch = math.ceil(len(texts) / config.batch_size)
-    total_steps = max(1, round(config.epochs * steps_per_epoch))
+    plan = schedule(config, len(texts))
+    total_steps = plan["total_steps"]
     optimizer = torch.optim.AdamW(_param_groups(model, recipe, config))
     scheduler = get_linear_schedule_with_warmup(
         optimizer, round(config.warmup_ratio * total_steps), total_steps
@@ -403,9 +517,13 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     saved = load_state(out, asdict(config), RESUMABLE_CHANGES) if config.resume else None
     if saved is not None:
         loop.restore(saved)
+    if progress:
+        print(_describe_plan(plan, len(texts), calib_source, loop.bf16, config), file=sys.stderr)
 
     def evaluate(step: int) -> _Evaluation:
-        return _evaluate(model, tokenizer, data, eval_max_seq_length, step, progress, token_pruning)
+        return _evaluate(
+            model, tokenizer, calib, data.metric, eval_max_seq_length, step, progress, token_pruning
+        )
 
     model.train()
     bar = tqdm(
@@ -416,6 +534,7 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
         unit="step",
     )
     seen, loop_started = 0, time.perf_counter()
+    stopped_early = False
     while loop.step < total_steps:
         indices = loop.next_batch(encoded)
         batch = collate(encoded, indices, tokenizer.pad_token_id, device)
@@ -425,33 +544,82 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
         bar.set_postfix(loss=f"{loss:.3f}", ex_per_s=f"{rate:.0f}")
         bar.update()
         if loop.step < total_steps:
-            if config.eval_every and loop.step % config.eval_every == 0:
+            if plan["eval_every"] and loop.step % plan["eval_every"] == 0:
                 loop.offer(evaluate(loop.step))
+                if config.early_stopping and loop.stale >= config.early_stopping:
+                    stopped_early = True
+                    break
             if config.save_every and loop.step % config.save_every == 0:
                 save_state(out, {"config": asdict(config), **loop.state()})
     bar.close()
 
-    best = loop.offer(evaluate(total_steps))
-    if best.step != total_steps:
+    best = loop.best if stopped_early else loop.offer(evaluate(loop.step))
+    if best.step != loop.step:
         model.load_state_dict(loop.best_model)
         recipe.load_state_dict(loop.best_recipe)
-    dev = data.dev
-    flops = flops_tables(
-        model, tokenizer, dev.texts, dev.text_pairs, eval_max_seq_length, token_pruning
+    trade_off = measure_trade_off(
+        model,
+        tokenizer,
+        calib.texts,
+        calib.text_pairs,
+        calib.labels,
+        data.metric,
+        eval_max_seq_length,
+        data.extra_metrics,
+        token_pruning,
+        outputs=(best.logits, best.signals),
     )
-    calibration = sweep(
-        best.logits, data.dev.labels, data.metric, best.signals, data.extra_metrics, flops
+    try:
+        point: OperatingPoint | None = trade_off.select(max_drop=config.max_drop)
+    except ValueError:
+        point = None
+    dev = _evaluate(
+        model,
+        tokenizer,
+        data.dev,
+        data.metric,
+        eval_max_seq_length,
+        best.step,
+        progress,
+        token_pruning,
     )
     training = {
-        "steps": total_steps,
+        "steps": loop.step,
+        "schedule": {**plan, "stopped_early": stopped_early},
         "best_step": best.step,
         "train_examples": len(texts),
+        "calibration_data": {"source": calib_source, "examples": len(calib.texts)},
         "mixed_precision": "bf16" if loop.bf16 else None,
         "seconds": round(time.time() - started, 1),
         "dev_metric": data.metric,
-        "dev_exit_metrics": best.per_exit,
+        "calibration_exit_metrics": best.per_exit,
+        "dev_exit_metrics": dev.per_exit,
+        "default_policy": {
+            "calibration": _policy_report(point, best, calib.labels, data.metric),
+            "dev": _policy_report(point, dev, data.dev.labels, data.metric),
+        },
     }
-    manifest = _manifest(config, data, model, recipe, calibration, eval_max_seq_length, training)
-    path = save_checkpoint(out, model.cpu(), tokenizer, manifest, calibration)
+    policy = {"name": "none"} if point is None else point.to_json()
+    manifest = _manifest(config, data, model, recipe, policy, eval_max_seq_length, training)
+    path = save_checkpoint(out, model.cpu(), tokenizer, manifest, trade_off.sweep)
     remove_state(out)
     return path
+
+
+def _describe_plan(
+    plan: dict, num_examples: int, calib_source: str, bf16: bool, config: TrainConfig
+) -> str:
+    """What the run chose, in one line for the user."""
+    chosen = "" if config.epochs is not None else f" (chosen for >= {config.min_steps} steps)"
+    every = f"every {plan['eval_every']} steps" if plan["eval_every"] else "at the end"
+    stop = (
+        f", stopping after {config.early_stopping} evaluations without a gain"
+        if config.early_stopping and plan["eval_every"]
+        else ""
+    )
+    return (
+        f"eeengine train: {num_examples} training rows, calibration on {calib_source}; "
+        f"{plan['epochs']:g} epoch(s){chosen}, {plan['total_steps']} steps of "
+        f"{config.batch_size}; best step by the calibration slice, evaluated {every}{stop}; "
+        f"{'bf16 autocast' if bf16 else 'fp32'}"
+    )

@@ -1,0 +1,118 @@
+"""Few-shot: what fine-tuning a multi-exit model with default flags buys over a linear probe.
+
+For each task: a balanced, seeded subset of N training rows (N / C per class) is written as a
+user CSV; ``eeengine train`` runs on it with default flags (which hold out a calibration slice
+and pick epochs for the data size); the baseline is logistic regression on frozen mean-pooled
+all-MiniLM-L6-v2 embeddings of the same N rows (:mod:`eeengine.training.baseline`). Both are
+scored by accuracy on the task's full dev set, which neither saw.
+
+    python benchmarks/few_shot.py --tasks sst2 mrpc rte --rows 600 --out results/few_shot
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from eeengine.data import Split, get_task, load_split
+from eeengine.defaults import minilm_dir
+from eeengine.training import TrainConfig, train
+from eeengine.training.baseline import linear_probe
+
+
+def balanced_subset(split: Split, rows: int, num_classes: int, seed: int) -> Split:
+    """``rows // num_classes`` rows of every class, drawn with ``seed``, in file order."""
+    rng = random.Random(seed)
+    chosen = []
+    for label in range(num_classes):
+        members = [i for i, y in enumerate(split.labels) if y == label]
+        chosen += rng.sample(members, rows // num_classes)
+    chosen.sort()
+    pairs = None if split.text_pairs is None else [split.text_pairs[i] for i in chosen]
+    return Split([split.texts[i] for i in chosen], pairs, [split.labels[i] for i in chosen])
+
+
+def write_csv(path: Path, split: Split, label_names: tuple[str, ...]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "pair", "label"] if split.text_pairs else ["text", "label"])
+        for i, text in enumerate(split.texts):
+            pair = [split.text_pairs[i]] if split.text_pairs else []
+            writer.writerow([text, *pair, label_names[split.labels[i]]])
+
+
+def run_task(name: str, rows: int, seed: int, workdir: Path) -> dict:
+    task = get_task(name)
+    subset = balanced_subset(load_split(task, "train"), rows, len(task.label_names), seed)
+    dev = load_split(task, "dev")
+    write_csv(workdir / f"{name}-train.csv", subset, task.label_names)
+    write_csv(workdir / f"{name}-dev.csv", dev, task.label_names)
+    config = TrainConfig(
+        base_model=str(minilm_dir()),
+        train_file=str(workdir / f"{name}-train.csv"),
+        dev_file=str(workdir / f"{name}-dev.csv"),
+        text_column="text",
+        text_pair_column="pair" if subset.text_pairs else None,
+        label_column="label",
+        seed=seed,
+    )
+    started = time.perf_counter()
+    manifest = json.loads(
+        (train(config, workdir / name, progress=True) / "eeengine.json").read_text()
+    )
+    seconds = time.perf_counter() - started
+    training = manifest["training"]
+    baseline = linear_probe(minilm_dir(), subset, dev, "accuracy")
+    return {
+        "task": name,
+        "rows": rows,
+        "seed": seed,
+        "fine_tuned_full_depth": training["dev_exit_metrics"][-1],
+        "fine_tuned_exits": training["dev_exit_metrics"],
+        "default_policy_dev": training["default_policy"]["dev"],
+        "schedule": training["schedule"],
+        "train_seconds": round(seconds, 1),
+        "linear_probe": baseline,
+    }
+
+
+def markdown(results: list[dict]) -> str:
+    lines = [
+        "| task | rows | linear probe (frozen MiniLM) | eeengine train, default flags: full depth "
+        "| default policy (avg exit layer) | epochs, steps chosen |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        policy, plan = r["default_policy_dev"], r["schedule"]
+        lines.append(
+            f"| {r['task']} | {r['rows']} | {r['linear_probe']:.2f} | "
+            f"{r['fine_tuned_full_depth']:.2f} | {policy['metric']:.2f} "
+            f"({policy['avg_exit_layer']:.2f}) | {plan['epochs']:g}, {plan['total_steps']}"
+            f"{' (stopped early)' if plan['stopped_early'] else ''} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=["sst2"])
+    parser.add_argument("--rows", type=int, default=600)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="results/few_shot")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [run_task(name, args.rows, args.seed, Path(tmp)) for name in args.tasks]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,329 @@
+"""Operating points: measure every exit policy's trade-off on data, then pick one.
+
+One pipeline serves :meth:`eeengine.Engine.calibrate`, ``eeengine eval --sweep`` and the
+trainer: the logits of every exit (one full-depth pass) → the FLOPs each input costs when it
+exits at each layer → every policy swept over its grid (:func:`eeengine.evaluation.sweep`) →
+one :class:`OperatingPoint` chosen by speed (``target_speedup``) or by metric loss
+(``max_drop``).
+
+Calibrating without labels (``labels=None``) measures *agreement with full depth*: each input's
+full-depth prediction is its label and the metric is :func:`agreement` (percent of inputs whose
+prediction matches full depth). The fastest point with agreement >= ``a`` is chosen on the
+user's own in-domain texts, where thresholds tuned on another distribution do not transfer (a
+model calibrated on SST-2 sentences loses points on 512-token movie reviews).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from eeengine.evaluation import (
+    all_exit_outputs,
+    choose_for_speedup,
+    choose_operating_point,
+    flops_tables,
+    iter_points,
+    policy_params,
+    predictions_of,
+    sweep,
+)
+from eeengine.inputs import normalize_inputs
+from eeengine.modeling_multiexit import MultiExitBert
+from eeengine.policies import ExitPolicy, make_policy
+from eeengine.token_pruning import TokenPruning
+
+AGREEMENT = "agreement"
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """One calibrated setting of an exit policy and what it measured.
+
+    Attributes:
+        name: the policy (a key of :data:`eeengine.policies.POLICIES`).
+        params: its parameters (``threshold``, ``patience``, ``window``, ``layer`` ...).
+        metric: the calibration metric at this point (e.g. accuracy in percent, or
+            :func:`eeengine.metrics.agreement` with full depth in percent).
+        avg_exit_layer: average exit layer (layers, 1 … L).
+        speedup: layer speed-up L / avg_exit_layer.
+        layer_saving: 1 - avg_exit_layer / L (the papers' "speed-up").
+        metrics: every metric measured at the point, ``{name: value}``.
+        flops_ratio: MPEE's ρ = Σ executed / Σ full-model FLOPs (None when not measured).
+        flops_speedup: 1 / ρ.
+    """
+
+    name: str
+    params: dict = field(hash=False)
+    metric: float
+    avg_exit_layer: float
+    speedup: float
+    layer_saving: float
+    metrics: dict = field(default_factory=dict, hash=False)
+    flops_ratio: float | None = None
+    flops_speedup: float | None = None
+
+    @classmethod
+    def from_sweep(cls, name: str, point: dict) -> OperatingPoint:
+        """The point of policy ``name`` as :func:`eeengine.evaluation.sweep` stores it."""
+        return cls(
+            name=name,
+            params=policy_params(point),
+            metric=point["metric"],
+            avg_exit_layer=point["avg_exit_layer"],
+            speedup=point["speedup"],
+            layer_saving=point["layer_saving"],
+            metrics=point.get("metrics", {}),
+            flops_ratio=point.get("flops_ratio"),
+            flops_speedup=point.get("flops_speedup"),
+        )
+
+    def policy(self) -> ExitPolicy:
+        """A fresh :class:`eeengine.policies.ExitPolicy` with these parameters."""
+        return make_policy(self.name, **self.params)
+
+    def to_json(self) -> dict:
+        """The policy as ``eeengine.json`` stores it: ``{"name", **params}``."""
+        return {"name": self.name, **self.params}
+
+    def describe(self) -> str:
+        """One line: the policy, its parameters, metric and average exit layer."""
+        params = ", ".join(f"{k}={v}" for k, v in self.params.items() if v is not None)
+        return (
+            f"{self.name}({params}): metric {self.metric:.2f}, "
+            f"average exit layer {self.avg_exit_layer:.2f}"
+        )
+
+
+@dataclass
+class TradeOff:
+    """Every policy's measured trade-off on one data set.
+
+    Attributes:
+        sweep: the :func:`eeengine.evaluation.sweep` result (the content of
+            ``calibration.json``): ``metric``, ``full_depth``, ``policies`` …
+        all_logits: (num_layers, num_examples, num_labels) float32, every exit's logits.
+        labels: the labels the sweep was scored against (full-depth predictions when
+            calibrating without labels).
+    """
+
+    sweep: dict
+    all_logits: Tensor
+    labels: list
+
+    def select(
+        self,
+        target_speedup: float | None = None,
+        max_drop: float | None = None,
+        policy: str | None = None,
+    ) -> OperatingPoint:
+        """See :func:`select_operating_point`."""
+        return select_operating_point(self.sweep, target_speedup, max_drop, policy)
+
+
+def measure_trade_off(
+    model: MultiExitBert,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    text_pairs: Sequence[str] | None,
+    labels: Sequence | None,
+    metric: str,
+    max_length: int,
+    extra_metrics: Sequence[str] = (),
+    token_pruning: TokenPruning | None = None,
+    batch_size: int = 64,
+    progress: bool = False,
+    outputs: tuple[Tensor, dict[str, Tensor]] | None = None,
+) -> TradeOff:
+    """Run the model to full depth once and sweep every policy that applies.
+
+    Args:
+        model, tokenizer: the checkpoint's.
+        texts, text_pairs: the inputs (``text_pairs`` None for single-sentence tasks).
+        labels: class indices or values, one per text; None to calibrate for agreement with
+            full depth (``metric`` and ``extra_metrics`` are then ignored).
+        metric: the key of :data:`eeengine.metrics.METRICS` points are picked by.
+        max_length: tokens per input (longer inputs are truncated).
+        extra_metrics: more metrics recorded at every point.
+        token_pruning: the schedule the engine runs with (it changes logits and FLOPs).
+        batch_size: rows per full-depth forward pass.
+        progress: show a progress bar.
+        outputs: (logits, signals) of :func:`eeengine.evaluation.all_exit_outputs` when the
+            caller has them already (the trainer's last evaluation).
+
+    Returns:
+        A :class:`TradeOff`; every point carries MPEE's FLOPs ratio ρ and 1 / ρ.
+    """
+    if outputs is None:
+        outputs = all_exit_outputs(
+            model,
+            tokenizer,
+            texts,
+            text_pairs,
+            max_length,
+            batch_size=batch_size,
+            progress=progress,
+            token_pruning=token_pruning,
+        )
+    all_logits, signals = outputs
+    if labels is None:
+        labels, metric, extra_metrics = predictions_of(all_logits[-1]), AGREEMENT, ()
+    flops = flops_tables(model, tokenizer, texts, text_pairs, max_length, token_pruning)
+    result = sweep(all_logits, list(labels), metric, signals, extra_metrics, flops)
+    return TradeOff(result, all_logits, list(labels))
+
+
+def check_calibration_args(
+    texts: Sequence[str],
+    labels: Sequence | None,
+    text_pairs: Sequence[str] | None,
+    target_speedup: float | None,
+    max_drop: float | None,
+    agreement_fraction: float | None,
+) -> float | None:
+    """Check the arguments of :meth:`eeengine.Engine.calibrate` before any work is done, and
+    return the ``max_drop`` to select with (without labels: agreement points below full
+    depth's 100 %, from ``agreement_fraction``, default 0.99, unless ``target_speedup`` is
+    given).
+
+    Raises:
+        TypeError / ValueError: a text that is not a non-empty string (index named).
+        ValueError: no texts, mismatched lengths, a target missing or given twice, or
+            ``agreement_fraction`` with labels or out of (0, 1].
+    """
+    if text_pairs is not None and len(text_pairs) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(text_pairs)} text_pairs")
+    if not texts:
+        raise ValueError("calibration needs at least one text")
+    normalize_inputs(
+        list(texts) if text_pairs is None else list(zip(texts, text_pairs, strict=True))
+    )
+    if labels is not None:
+        if agreement_fraction is not None:
+            raise ValueError("agreement is the target of calibration without labels")
+        if len(labels) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+    elif agreement_fraction is not None or (target_speedup is None and max_drop is None):
+        if max_drop is not None:
+            raise ValueError("give max_drop or agreement, not both")
+        max_drop = agreement_target(0.99 if agreement_fraction is None else agreement_fraction)
+    check_target(target_speedup, max_drop)
+    return max_drop
+
+
+def agreement_target(agreement_fraction: float) -> float:
+    """``max_drop`` (agreement points below full depth's 100 %) of an agreement fraction.
+
+    Raises:
+        ValueError: the fraction is not in (0, 1].
+    """
+    if not 0.0 < agreement_fraction <= 1.0:
+        raise ValueError(f"agreement must be in (0, 1], got {agreement_fraction}")
+    return 100.0 * (1.0 - agreement_fraction)
+
+
+def select_operating_point(
+    calibration: dict,
+    target_speedup: float | None = None,
+    max_drop: float | None = None,
+    policy: str | None = None,
+) -> OperatingPoint:
+    """Pick a calibrated point by speed or by metric loss; exactly one of ``target_speedup``
+    and ``max_drop``.
+
+    Args:
+        calibration: a :func:`eeengine.evaluation.sweep` result (``calibration.json``).
+        target_speedup: the most accurate point with L / avg_exit_layer >= this (>= 1).
+        max_drop: the fastest point within this many metric points of full depth (>= 0).
+        policy: restrict to one policy; None searches every calibrated policy.
+
+    Raises:
+        ValueError: both or neither of ``target_speedup`` / ``max_drop``, a value out of range,
+            ``policy`` not in the calibration, or no point meets the target (the message gives
+            the best reachable value).
+    """
+    check_target(target_speedup, max_drop)
+    if policy is not None and policy not in calibration["policies"]:
+        raise ValueError(
+            f"policy {policy!r} is not calibrated for this model; calibrated: "
+            f"{', '.join(calibration['policies']) or 'none'}"
+        )
+    points = [OperatingPoint.from_sweep(n, p) for n, p in iter_points(calibration, policy)]
+    if not points:
+        raise ValueError("the calibration has no swept points")
+    which = f"policy {policy!r}" if policy else "any policy"
+    if target_speedup is not None:
+        chosen = choose_for_speedup(calibration, target_speedup, policy)
+        if chosen is None:
+            fastest = min(points, key=lambda p: p.avg_exit_layer)
+            raise ValueError(
+                f"no calibrated point of {which} reaches a layer speed-up of "
+                f"{target_speedup:g}x; the fastest is {fastest.speedup:.2f}x "
+                f"({fastest.describe()})"
+            )
+        return OperatingPoint.from_sweep(*chosen)
+    chosen = choose_operating_point(calibration, max_drop, policy)
+    if chosen is None:
+        best = max(points, key=lambda p: p.metric)
+        raise ValueError(
+            f"no calibrated point of {which} is within {max_drop:g} points of full depth "
+            f"({calibration['metric']} {calibration['full_depth']:.2f}); the most accurate "
+            f"loses {calibration['full_depth'] - best.metric:.2f} ({best.describe()})"
+        )
+    return OperatingPoint.from_sweep(*chosen)
+
+
+def check_target(target_speedup: float | None, max_drop: float | None) -> None:
+    """Check an operating-point target before any work is done.
+
+    Raises:
+        ValueError: both or neither given, ``target_speedup`` < 1 (L / average exit layer
+            cannot be), or ``max_drop`` < 0 metric points.
+    """
+    if (target_speedup is None) == (max_drop is None):
+        raise ValueError("give exactly one of target_speedup and max_drop")
+    if target_speedup is not None and not target_speedup >= 1.0:
+        raise ValueError(
+            f"target_speedup must be >= 1 (L / average exit layer), got {target_speedup}"
+        )
+    if max_drop is not None and not max_drop >= 0.0:
+        raise ValueError(f"max_drop must be >= 0 metric points, got {max_drop}")
+
+
+def label_values(
+    labels: Sequence[int | str | float], label_names: Sequence[str] | None
+) -> list[int] | list[float]:
+    """Class indices (label names are looked up in ``label_names``) or, for regression
+    (``label_names`` None), float values; checked one by one.
+
+    Raises:
+        TypeError: a regression label that is not a number (its index named).
+        ValueError: a classification label that is neither a name nor an index in range.
+    """
+    if label_names is None:
+        values = []
+        for i, label in enumerate(labels):
+            if isinstance(label, bool) or not isinstance(label, numbers.Real):
+                raise TypeError(f"labels[{i}] must be a number (regression), got {label!r}")
+            values.append(float(label))
+        return values
+    indices = []
+    for i, label in enumerate(labels):
+        if isinstance(label, str) and label in label_names:
+            indices.append(list(label_names).index(label))
+        elif (
+            isinstance(label, numbers.Integral)
+            and not isinstance(label, bool)
+            and 0 <= label < len(label_names)
+        ):
+            indices.append(int(label))
+        else:
+            raise ValueError(
+                f"labels[{i}] = {label!r} is neither a label name {list(label_names)} nor a "
+                f"class index in [0, {len(label_names) - 1}]"
+            )
+    return indices

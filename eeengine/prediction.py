@@ -1,0 +1,86 @@
+"""``Prediction``: the engine's answer for one input, and how a batch's exit outputs become
+predictions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from eeengine.flops import FlopCounter
+from eeengine.runtime import ExitOutput
+from eeengine.token_pruning import TokenPruning
+
+
+@dataclass
+class Prediction:
+    """The engine's answer for one input.
+
+    Attributes:
+        label: predicted label name (classification), else None.
+        score: probability of the predicted label (classification), else None.
+        probs: softmax probabilities per label name (classification), else None.
+        value: predicted value (regression), else None.
+        exit_layer: 1-based layer whose exit head produced the answer.
+        num_layers: depth of the model (exit_layer == num_layers means full depth).
+        logits: raw logits of the exit taken, float32 values.
+        tokens_kept: real tokens left after each layer the input ran (length ``exit_layer``)
+            under token-wise exit; None without token pruning.
+        flops: FLOPs the engine executed for this input (see :mod:`eeengine.flops`).
+        full_flops: FLOPs of the full model (every layer, no pruning, one head) on this input;
+            MPEE's ρ = Σ flops / Σ full_flops over a data set.
+    """
+
+    label: str | None
+    score: float | None
+    probs: dict[str, float] | None
+    value: float | None
+    exit_layer: int
+    num_layers: int
+    logits: list[float] = field(repr=False)
+    tokens_kept: list[int] | None = None
+    flops: int | None = None
+    full_flops: int | None = None
+
+
+def predictions_from(
+    out: ExitOutput,
+    lengths: Sequence[int],
+    label_names: Sequence[str] | None,
+    flop_counter: FlopCounter,
+    token_pruning: TokenPruning | None,
+) -> list[Prediction]:
+    """One :class:`Prediction` per row of a batch's exit output, with one host copy per field
+    for the whole batch.
+
+    Args:
+        out: the latched ``logits`` (batch, num_labels), ``exit_layer`` (batch,) and, under
+            token pruning, ``tokens_kept`` (batch, num_layers) of a batch.
+        lengths: each row's token count (for its FLOPs).
+        label_names: class names in index order; None for regression (one logit: the value).
+        flop_counter: the model's :class:`eeengine.flops.FlopCounter`.
+        token_pruning: the schedule the batch ran with.
+    """
+    num_layers = flop_counter.num_layers
+    layers = out.exit_layer.tolist()
+    logits = out.logits.tolist()
+    kept = out.tokens_kept.tolist() if token_pruning is not None else [None] * len(layers)
+    probs = torch.softmax(out.logits.float(), -1).tolist() if label_names else logits
+    predictions = []
+    for row, row_probs, layer, length, row_kept in zip(
+        logits, probs, layers, lengths, kept, strict=True
+    ):
+        if label_names is None:
+            prediction = Prediction(None, None, None, row[0], layer, num_layers, row)
+        else:
+            best = max(range(len(row_probs)), key=row_probs.__getitem__)
+            named = dict(zip(label_names, row_probs, strict=True))
+            prediction = Prediction(
+                label_names[best], row_probs[best], named, None, layer, num_layers, row
+            )
+        prediction.tokens_kept = None if row_kept is None else row_kept[:layer]
+        prediction.flops = flop_counter.executed(length, layer, token_pruning)
+        prediction.full_flops = flop_counter.full(length)
+        predictions.append(prediction)
+    return predictions

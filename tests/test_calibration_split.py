@@ -1,0 +1,124 @@
+"""The calibration protocol: model selection and thresholds come from rows held out of the
+training data (or a calibration file), never from the dev set that is reported; the schedule
+adapts to the data size."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from eeengine.cli import main
+from eeengine.data import Split, calibration_size, holdout_split
+from eeengine.training import TrainConfig, train
+from eeengine.training.trainer import schedule
+from tests.conftest import SENTENCES, csv_config, write_rows
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [(67349, 2000), (3668, 367), (2490, 249), (600, 100), (300, 75), (40, 10)],
+)
+def test_calibration_size_rule(rows, expected):
+    assert calibration_size(rows) == expected
+
+
+def _split(n: int, positive_share: float) -> Split:
+    labels = [int(i < positive_share * n) for i in range(n)]
+    return Split([f"text {i}" for i in range(n)], None, labels)
+
+
+@pytest.mark.parametrize(("n", "share", "size"), [(1000, 0.7, 100), (101, 0.33, 17), (50, 0.5, 7)])
+def test_holdout_is_stratified_disjoint_and_seeded(n, share, size):
+    split = _split(n, share)
+    rest, held = holdout_split(split, size, seed=3, stratify=True)
+    assert len(held.texts) == size and len(rest.texts) == n - size
+    assert set(rest.texts).isdisjoint(held.texts)
+    assert sorted(rest.texts + held.texts) == sorted(split.texts)
+    # every class keeps its share: within one row of size * share
+    positives = Counter(held.labels)[1]
+    assert abs(positives - size * share) <= 1
+    # the rows keep their labels and the original order
+    for text, label in zip(held.texts, held.labels, strict=True):
+        assert label == int(int(text.split()[1]) < share * n)
+    assert held.texts == sorted(held.texts, key=lambda t: int(t.split()[1]))
+    assert holdout_split(split, size, seed=3, stratify=True)[1] == held
+    assert holdout_split(split, size, seed=4, stratify=True)[1] != held
+
+
+def test_holdout_regression_and_bad_sizes():
+    split = Split(["a", "b", "c", "d"], ["w", "x", "y", "z"], [0.5, 1.5, 2.5, 3.5])
+    rest, held = holdout_split(split, 1, seed=0, stratify=False)
+    assert len(held.texts) == 1 and held.text_pairs[0] == "wxyz"["abcd".index(held.texts[0])]
+    assert held.labels[0] == 0.5 + "abcd".index(held.texts[0])
+    for size in (0, 4):
+        with pytest.raises(ValueError, match=f"cannot hold out {size} of 4 rows"):
+            holdout_split(split, size, seed=0, stratify=False)
+
+
+@pytest.mark.parametrize(
+    ("rows", "overrides", "expected"),
+    [
+        # SST-2: one epoch is plenty of steps
+        (65349, {}, {"epochs": 1.0, "total_steps": 2043, "eval_every": 0}),
+        # 600 rows less 100 held out: 16 steps an epoch, 10 epochs (the cap), every epoch
+        (500, {}, {"epochs": 10.0, "total_steps": 160, "eval_every": 16}),
+        # MRPC: 3 epochs reach 300 steps
+        (3301, {}, {"epochs": 3.0, "total_steps": 312, "eval_every": 104}),
+        # explicit epochs win
+        (
+            500,
+            {"epochs": 2.0, "eval_every": 5},
+            {"epochs": 2.0, "total_steps": 32, "eval_every": 5},
+        ),
+    ],
+)
+def test_schedule_adapts_to_the_data_size(rows, overrides, expected):
+    plan = schedule(TrainConfig(base_model="", **overrides), rows)
+    assert {k: plan[k] for k in expected} == expected
+
+
+def test_dev_plays_no_part_in_selection_or_calibration(tiny_bert_dir, tiny_csv_task, tmp_path):
+    """Two runs that differ only in their dev file (one with every label flipped) keep the same
+    best step, weights and calibration; only the dev report differs."""
+    rows = [[t, "good" if i % 2 == 0 else "bad"] for i, t in enumerate(SENTENCES * 5)][:12]
+    flipped = [[t, "bad" if v == "good" else "good"] for t, v in rows]
+    write_rows(tmp_path / "flipped.csv", ["review", "verdict"], flipped)
+    runs = []
+    for name, dev in (("a", tiny_csv_task / "dev.csv"), ("b", tmp_path / "flipped.csv")):
+        config = csv_config(tiny_bert_dir, tiny_csv_task, epochs=3.0, dev_file=str(dev))
+        path = train(config, tmp_path / name, progress=False)
+        runs.append(
+            (
+                json.loads((path / "eeengine.json").read_text())["training"],
+                (path / "calibration.json").read_text(),
+                (path / "model.safetensors").read_bytes(),
+            )
+        )
+    (first, calib_a, weights_a), (second, calib_b, weights_b) = runs
+    assert first["best_step"] == second["best_step"]
+    assert calib_a == calib_b and weights_a == weights_b
+    assert first["calibration_exit_metrics"] == second["calibration_exit_metrics"]
+    flipped_metric = [100.0 - m for m in first["dev_exit_metrics"]]
+    assert second["dev_exit_metrics"] == pytest.approx(flipped_metric)
+    assert first["calibration_data"]["examples"] == 10  # 40 training rows: a quarter at most
+    reports = first["default_policy"]
+    assert set(reports) == {"calibration", "dev"}
+    for report in reports.values():
+        assert report["drop"] == pytest.approx(report["full_depth"] - report["metric"])
+
+
+def test_calib_file_replaces_the_holdout(tiny_bert_dir, tiny_csv_task, tmp_path, capsys):
+    config = csv_config(tiny_bert_dir, tiny_csv_task, calib_file=str(tiny_csv_task / "dev.csv"))
+    path = train(config, tmp_path / "c", progress=False)
+    training = json.loads((path / "eeengine.json").read_text())["training"]
+    assert training["calibration_data"] == {
+        "source": str(tiny_csv_task / "dev.csv"),
+        "examples": 12,
+    }
+    assert training["train_examples"] == 40  # nothing held out of train.csv
+    assert main(["info", str(path)]) == 0
+    promised = training["default_policy"]["calibration"]["drop"]
+    expected = f"on {tiny_csv_task / 'dev.csv'}: default policy promised a drop of {promised:.2f}"
+    assert expected in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--calib-file needs --train-file"):
+        train(TrainConfig(base_model=str(tiny_bert_dir), calib_file="x.csv"), tmp_path / "g", False)
