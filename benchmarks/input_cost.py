@@ -62,6 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--before", action="store_true")
+    parser.add_argument("--executor", default="torch", help="torch or onnxruntime")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -69,7 +70,7 @@ def main() -> None:
     with open(DATA_DIR / "IMDB-long" / "reviews.tsv", newline="", encoding="utf-8") as f:
         reviews = [row[0] for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)][1:]
     with tempfile.TemporaryDirectory() as tmp:
-        engine = Engine(minilm_checkpoint(Path(tmp) / "minilm"))
+        engine = Engine(minilm_checkpoint(Path(tmp) / "minilm"), executor=args.executor)
         review = next(r for r in reviews if len(engine.tokenizer(r)["input_ids"]) > 600)
         inputs = {
             "512-token review": review,

@@ -22,6 +22,7 @@ import io
 import json
 import math
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from transformers import BertModel as HFBertModel
 
 from eeengine import Engine, Prediction
 from eeengine.checkpoint import CALIBRATION, CheckpointError, save_checkpoint, write_json_atomic
+from eeengine.cli import build_parser
 from eeengine.cli import main as cli_main
 from eeengine.defaults import minilm_dir
 from eeengine.modeling_multiexit import MultiExitBert
@@ -412,6 +414,7 @@ def cli_case(argv: list[str], label_names: list[str]) -> str:
         if not message.startswith("eeengine: error: ") or "Traceback" in message:
             return f"FAIL exit {code} without a message: {message[:200]}"
         return "error message"
+    texts = build_parser().parse_args(argv).texts
     if "--json" in argv:
         rows = json.loads(out.getvalue())
         bad = [
@@ -419,10 +422,14 @@ def cli_case(argv: list[str], label_names: list[str]) -> str:
             for r in rows
             if r["label"] not in label_names or abs(sum(r["probs"].values()) - 1) > 1e-5
         ]
-        return f"FAIL garbage: {bad[:1]}" if bad else "answers"
-    lines = out.getvalue().splitlines()
-    if any(line.split()[0] not in label_names for line in lines if line.strip()):
-        return f"FAIL garbage: {lines[:2]}"
+        return f"FAIL garbage: {bad[:1]}" if bad or len(rows) != len(texts) else "answers"
+    # One "label  score%  exit k/L  text" line per text; a text may hold newlines itself.
+    answer = re.compile(rf"^({'|'.join(map(re.escape, label_names))}) +\d+\.\d%  exit \d+/\d+  ")
+    answers = [line for line in out.getvalue().split("\n") if answer.match(line)]
+    if len(answers) != len(texts):
+        return (
+            f"FAIL garbage: {len(answers)} answers for {len(texts)} texts: {out.getvalue()[:200]!r}"
+        )
     return "answers"
 
 
