@@ -313,6 +313,17 @@ def environment() -> dict:
     }
 
 
+def prepare(threads: int | None, ckpt: Path | None) -> Path:
+    """Set torch's CPU threads (None: its default), silence the truncation warnings (reviews
+    longer than the limit are truncated on purpose; Engine and the tokenizer warn on each
+    call), and return the checkpoint (None: the cached default)."""
+    if threads:
+        torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", message=r".*longer than \d+ tokens were truncated")
+    transformers.logging.set_verbosity_error()
+    return ckpt or default_checkpoint()
+
+
 def _percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
 
@@ -340,13 +351,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's default)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compare_sst2"))
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    # Reviews longer than 512 tokens are truncated on purpose; Engine warns on each call.
-    warnings.filterwarnings("ignore", message=r".*longer than \d+ tokens were truncated")
-    transformers.logging.set_verbosity_error()  # and the tokenizer says so before
-
-    ckpt = args.ckpt or default_checkpoint()
+    ckpt = prepare(args.threads, args.ckpt)
     workload = load_workload(args.task, args.calibration_limit, args.label_free)
     texts, gold = workload.inputs[: args.limit], workload.labels[: args.limit]
     started = time.perf_counter()

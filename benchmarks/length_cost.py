@@ -25,22 +25,19 @@ import argparse
 import json
 import statistics
 import time
-import warnings
 from pathlib import Path
 
-import torch
-import transformers
 from compare import (
     EngineRecorder,
     environment,
     latency_batch1,
     load_workload,
     operating_points,
+    prepare,
     throughput,
 )
 
 from eeengine import Engine
-from eeengine.defaults import default_checkpoint
 from eeengine.metrics import accuracy
 from eeengine.token_pruning import DEFAULT_TOKEN_PRUNING
 
@@ -120,12 +117,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's default)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/length_cost_imdb"))
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", message=r".*longer than \d+ tokens were truncated")
-    transformers.logging.set_verbosity_error()
-
-    ckpt = args.ckpt or default_checkpoint()
+    ckpt = prepare(args.threads, args.ckpt)
     workload = load_workload("imdb", args.calibration_limit)
     texts, gold = workload.inputs[: args.limit], workload.labels[: args.limit]
     started = time.perf_counter()

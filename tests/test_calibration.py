@@ -9,7 +9,7 @@ import pytest
 import eeengine.calibration
 import eeengine.checkpoint as checkpoint_module
 from eeengine import Engine
-from eeengine._custom_ops import HAS_C
+from eeengine._custom_ops import HAS_C, LOAD_ERROR
 from eeengine.calibration import select_operating_point
 from eeengine.checkpoint import save_checkpoint, update_checkpoint, write_json_atomic
 from eeengine.cli import main
@@ -197,8 +197,17 @@ def test_calibrate_switches_to_a_point_the_engine_reproduces(tiny_ckpt, dev):
     names = [engine.label_names[y] for y in labels]
     point = engine.calibrate(texts, names, max_drop=100.0, policy="budget")
     assert point.params == {"layer": 1}  # anything goes: the fastest point
-    if HAS_C:
-        assert (engine.policy.name, engine.backend) == ("budget", "cpp")
+    assert engine.policy.name == "budget"
+
+
+@pytest.mark.skipif(not HAS_C, reason=f"C++ extension not available: {LOAD_ERROR}")
+def test_calibrate_moves_the_engine_onto_the_cpp_op_where_the_policy_has_one(tiny_ckpt, dev):
+    engine = Engine(tiny_ckpt)
+    texts, labels = dev.texts[:40], dev.labels[:40]
+    engine.calibrate(texts, labels, max_drop=100.0, policy="elbert")
+    assert engine.backend == "reference"  # the C++ op does not implement elbert
+    engine.calibrate(texts, labels, max_drop=100.0, policy="budget")
+    assert (engine.policy.name, engine.backend) == ("budget", "cpp")
 
 
 @pytest.mark.parametrize(

@@ -1,20 +1,24 @@
-"""Layer executors against the reference (eeengine's torch encoder, unfused), and the Engine
-with each executor.
+"""Layer executors against an independent reference, Hugging Face transformers' BertModel on
+the same weights (its hidden states, and :func:`run_policy` on the exit heads' logits of them),
+and the Engine with each executor. Every test gets its own model (the torch executor fuses the
+query/key/value projections in place), so the module passes in any order.
 
-Tolerance: ONNX Runtime computes the same fp32 math with other kernels (GEMM blocking, fused
-softmax and LayerNorm), so only the order of fp32 sums differs. That moves each layer's output
-by a few ulps of the largest activation; ATOL = 1e-5 covers it with margin (measured: <= 6e-6
-on all-MiniLM-L6-v2, whose activations reach ~10). Exit decisions must be equal.
+Tolerance: eeengine's torch layers and transformers' differ in the order of fp32 sums only
+(<= 1e-5, as :func:`tests.conftest.assert_matches_transformers`). ONNX Runtime computes the
+same fp32 math with other kernels (GEMM blocking, fused softmax and LayerNorm), so only the
+order of fp32 sums differs. That moves each layer's output by a few ulps of the largest
+activation; ATOL = 1e-5 covers it with margin (measured: <= 6e-6 on all-MiniLM-L6-v2, whose
+activations reach ~10). Exit decisions must be equal.
 """
 
 import pytest
 import torch
+from transformers import BertModel as HFBertModel
 
 from eeengine import Engine
 from eeengine.batching import collate, encode
 from eeengine.executors import EXECUTORS, TorchExecutor, make_executor
-from eeengine.modeling_bert import attention_bias
-from eeengine.policies import make_policy
+from eeengine.policies import make_policy, run_policy
 from eeengine.runtime import early_exit_forward
 from tests.conftest import SENTENCES, make_tiny_model
 
@@ -28,8 +32,10 @@ def _available(name: str) -> str:
     return name
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def model(tiny_bert_dir):
+    """A fresh model per test: the torch executor fuses its query/key/value projections in
+    place, which must not leak into another test."""
     return make_tiny_model(tiny_bert_dir)
 
 
@@ -43,30 +49,33 @@ def batch(tokenizer):
     return input_ids, attention_mask, token_type_ids
 
 
-def _reference_hidden_states(model, input_ids, attention_mask, token_type_ids) -> list:
-    """Embeddings, then every layer, through the unfused torch modules."""
-    bias = attention_bias(attention_mask)
-    hidden = model.backbone.embed(input_ids, token_type_ids)
-    states = [hidden]
-    for layer in model.backbone.layers:
-        hidden = layer(hidden, bias)
-        states.append(hidden)
-    return states
+@pytest.fixture(scope="module")
+def expected_hidden_states(tiny_bert_dir, batch) -> tuple:
+    """The independent reference: Hugging Face transformers' BertModel on the same weights
+    (:func:`make_tiny_model` loads the backbone from ``tiny_bert_dir``); the embeddings, then
+    the output of every layer, each (batch_size, seq_len, hidden_size) float32."""
+    input_ids, attention_mask, token_type_ids = batch
+    hf = HFBertModel.from_pretrained(tiny_bert_dir).eval()
+    with torch.no_grad():
+        return hf(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            output_hidden_states=True,
+        ).hidden_states
 
 
 @pytest.mark.parametrize("name", EXECUTORS)
-def test_every_layer_matches_the_reference(model, batch, name):
+def test_every_layer_matches_transformers(model, batch, expected_hidden_states, name):
     input_ids, attention_mask, token_type_ids = batch
+    expected = expected_hidden_states
     with torch.inference_mode():
-        expected = _reference_hidden_states(model, *batch)
         executor = make_executor(_available(name), model)
         assert executor.name == name
-        hidden = executor.embed(input_ids, token_type_ids)
-        actual = [hidden]
+        actual = [executor.embed(input_ids, token_type_ids)]
         mask = executor.mask(attention_mask)
         for index in range(model.num_layers):
-            hidden = executor.layer(index, expected[index], mask)  # same input per layer
-            actual.append(hidden)
+            actual.append(executor.layer(index, expected[index], mask))  # same input per layer
     real = attention_mask.bool()
     for layer, (a, e) in enumerate(zip(actual, expected, strict=True)):
         torch.testing.assert_close(a[real], e[real], atol=ATOL, rtol=RTOL, msg=f"layer {layer}")
@@ -80,14 +89,26 @@ def test_every_layer_matches_the_reference(model, batch, name):
         ("pcee", {"threshold": 0.75, "patience": 2}),
     ],
 )
-def test_loop_exits_as_with_the_reference(model, batch, name, policy, params):
+def test_loop_exits_as_the_policy_on_transformers_states(
+    model, batch, expected_hidden_states, name, policy, params
+):
+    """The loop (compaction, executor) against :func:`run_policy` on the exit heads' logits
+    of the transformers hidden states: no compaction, no executor, no eeengine encoder."""
     policy = make_policy(policy, **params)
-    expected = early_exit_forward(model, policy, *batch)
+    attention_mask = batch[1]
+    with torch.no_grad():
+        all_logits = torch.stack(
+            [
+                model.exit_head(index).classify(model.exit_head(index).pool(hidden, attention_mask))
+                for index, hidden in enumerate(expected_hidden_states[1:])
+            ]
+        )
+    expected_layer, expected_logits = run_policy(policy, all_logits)
     executor = make_executor(_available(name), model)
     actual = early_exit_forward(model, policy, *batch, executor=executor)
-    assert len(set(expected.exit_layer.tolist())) >= 2  # rows leave the batch early
-    assert actual.exit_layer.tolist() == expected.exit_layer.tolist()
-    torch.testing.assert_close(actual.logits, expected.logits, atol=ATOL, rtol=RTOL)
+    assert len(set(expected_layer.tolist())) >= 2  # rows leave the batch early
+    assert actual.exit_layer.tolist() == expected_layer.tolist()
+    torch.testing.assert_close(actual.logits, expected_logits, atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("name", EXECUTORS)
@@ -116,27 +137,24 @@ def test_engine_executors_agree(tiny_ckpt):
     )
 
 
-def _copy(model):
-    """A fresh, unfused copy of ``model`` in eval mode."""
-    clone = type(model)(model.config, model.num_labels)
-    clone.load_state_dict(model.state_dict())
-    return clone.eval()
-
-
-def test_fused_qkv_is_used_in_eval_only(model, batch):
-    fresh = _copy(model)
+def test_fused_qkv_is_used_in_eval_only(model, batch, expected_hidden_states):
+    input_ids, attention_mask, token_type_ids = batch
+    TorchExecutor(model)  # fuses
+    attention = model.bert.encoder.layer[0].attention.self
+    assert attention.qkv_weight.shape == (
+        3 * attention.query.out_features,
+        attention.query.in_features,
+    )
+    with torch.no_grad():  # the fused copy is what runs in eval: the originals no longer matter
+        for layer in model.bert.encoder.layer:
+            layer.attention.self.query.weight.zero_()
     with torch.inference_mode():
-        expected = _reference_hidden_states(fresh, *batch)[-1]
-        TorchExecutor(fresh)  # fuses
-        attention = fresh.bert.encoder.layer[0].attention.self
-        assert attention.qkv_weight.shape == (
-            3 * attention.query.out_features,
-            attention.query.in_features,
-        )
-        fused = _reference_hidden_states(fresh, *batch)[-1]
-    torch.testing.assert_close(fused, expected, atol=ATOL, rtol=RTOL)
-    assert "qkv_weight" not in "".join(fresh.state_dict())  # Hugging Face keys only
-    fresh.train()
+        fused = model.backbone(input_ids, attention_mask, token_type_ids)
+    real = attention_mask.bool()
+    for layer, (a, e) in enumerate(zip(fused, expected_hidden_states[1:], strict=True), start=1):
+        torch.testing.assert_close(a[real], e[real], atol=ATOL, rtol=RTOL, msg=f"layer {layer}")
+    assert "qkv_weight" not in "".join(model.state_dict())  # Hugging Face keys only
+    model.train()
     assert attention.qkv_weight is None  # training never reads a stale copy
 
 

@@ -38,6 +38,10 @@ from eeengine.policies.pcee import PceePolicy
 from eeengine.runtime import early_exit_forward, exit_head_step_reference
 
 requires_c = pytest.mark.skipif(not HAS_C, reason=f"C++ extension not available: {LOAD_ERROR}")
+# Whether the extension was built with CUDA kernels (asks the dispatcher; no GPU needed).
+HAS_CUDA_KERNEL = HAS_C and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "eeengine::exit_head_step", "CUDA"
+)
 
 SEED = 0
 NUM_LAYERS = 6
@@ -429,10 +433,14 @@ def test_resolve_backend() -> None:
     assert resolve_backend("reference", policy, 2) == "reference"
     with pytest.raises(ValueError, match="unknown backend 'gpu'"):
         resolve_backend("gpu", policy, 2)
-    if HAS_C:
-        assert resolve_backend(None, policy, 2) == "cpp"
-        assert resolve_backend("cpp", policy, 2) == "cpp"
-        assert _custom_ops.fused_op("cpp") is exit_head_step
+
+
+@requires_c
+def test_resolve_backend_picks_the_cpp_op_on_cpu() -> None:
+    policy = EntropyPolicy(0.5)
+    assert resolve_backend(None, policy, 2) == "cpp"
+    assert resolve_backend("cpp", policy, 2) == "cpp"
+    assert _custom_ops.fused_op("cpp") is exit_head_step
 
 
 def test_resolve_backend_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -444,18 +452,21 @@ def test_resolve_backend_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="backend 'cpp' does not run on cuda devices"):
         resolve_backend("cpp", policy, 2, "cuda")
     assert resolve_backend("reference", policy, 2, "cuda") == "reference"
-    has_cuda_kernel = HAS_C and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "eeengine::exit_head_step", "CUDA"
-    )
-    if not has_cuda_kernel:
-        with pytest.raises(ValueError, match="backend 'cuda' is not available"):
-            resolve_backend("cuda", policy, 2, "cuda")
     monkeypatch.setattr(_custom_ops.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match="triton is not installed"):
         resolve_backend("triton", policy, 2, "cuda")
-    if not has_cuda_kernel:
-        with pytest.warns(UserWarning, match="triton is not installed; .*without CUDA kernels"):
-            assert resolve_backend(None, policy, 2, "cuda") == "reference"
+
+
+@pytest.mark.skipif(HAS_CUDA_KERNEL, reason="eeengine._C has CUDA kernels: 'cuda' is available")
+def test_resolve_backend_without_cuda_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No "cuda" backend, and without triton no fused op at all on CUDA devices."""
+    monkeypatch.setattr(_custom_ops, "_warned", set())
+    policy = EntropyPolicy(0.5)
+    with pytest.raises(ValueError, match="backend 'cuda' is not available"):
+        resolve_backend("cuda", policy, 2, "cuda")
+    monkeypatch.setattr(_custom_ops.importlib.util, "find_spec", lambda name: None)
+    with pytest.warns(UserWarning, match="triton is not installed; .*without CUDA kernels"):
+        assert resolve_backend(None, policy, 2, "cuda") == "reference"
 
 
 def test_fallback_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from eeengine import Engine
+from eeengine._custom_ops import HAS_C, LOAD_ERROR
 from eeengine.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,3 +65,21 @@ def test_export_fp16_checkpoint(tiny_ckpt: Path, tmp_path: Path) -> None:
     engine.model.backbone.fuse_qkv()  # the weights changed in place after load
     want = engine.predict(texts)
     assert [(p.label, p.exit_layer) for p in got] == [(p.label, p.exit_layer) for p in want]
+
+
+@pytest.mark.skipif(not HAS_C, reason=f"C++ extension not available: {LOAD_ERROR}")
+def test_sanitizer_workload_checks_pass_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/sanitize_ops.py (what compute-sanitizer runs) on CPU tensors, the Triton
+    kernels interpreted: its checks against the reference pass, so on the GPU only a real
+    kernel fault can fail it."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    import sanitize_ops
+
+    def copy(a: object) -> object:
+        if isinstance(a, list):
+            return [copy(x) for x in a]
+        return a.clone() if torch.is_tensor(a) else a
+
+    monkeypatch.setattr(sanitize_ops, "to_cuda", copy)
+    assert sanitize_ops.check_exit_ops() >= 28
+    assert sanitize_ops.check_token_prune() == 2

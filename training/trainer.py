@@ -185,8 +185,10 @@ def split_calibration(config: TrainConfig, data: Dataset) -> tuple[Split, Split,
         )
         return data.train, calib, str(config.calib_file)
     size = calibration_size(len(data.train.texts))
-    train, calib = holdout_split(data.train, size, config.seed, data.label_names is not None)
-    return train, calib, f"{size} training rows held out (stratified, seed {config.seed})"
+    stratify = data.label_names is not None
+    train, calib = holdout_split(data.train, size, config.seed, stratify)
+    how = "stratified, " if stratify else ""
+    return train, calib, f"{size} training rows held out ({how}seed {config.seed})"
 
 
 def schedule(config: TrainConfig, num_examples: int) -> dict:

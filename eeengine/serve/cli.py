@@ -1,0 +1,88 @@
+"""``eeengine serve``: the command line of the HTTP server (TEI's option names)."""
+
+from __future__ import annotations
+
+import argparse
+
+from eeengine._custom_ops import BACKENDS
+from eeengine.cli import add_policy_args, policy_kwargs
+from eeengine.defaults import default_checkpoint
+from eeengine.engine import Engine
+from eeengine.executors import EXECUTORS
+from eeengine.serve import BATCHING
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``eeengine serve`` on the ``eeengine`` command's subparsers."""
+    p = sub.add_parser(
+        "serve",
+        help="serve a checkpoint over HTTP (text-embeddings-inference's /predict)",
+        description="POST /predict (text-embeddings-inference's request and response, plus "
+        "each input's exit layer), GET /health, /info, /metrics (Prometheus), /docs. "
+        "Needs the serve extra: pip install 'eeengine[serve]'.",
+    )
+    p.add_argument("--ckpt", help="checkpoint directory (default: the cached SST-2 model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=BACKENDS, help="default: the device's fused op")
+    p.add_argument("--executor", choices=EXECUTORS, help="default: onnxruntime if installed")
+    p.add_argument(
+        "--batching",
+        choices=BATCHING,
+        default="continuous",
+        help="continuous: layer-wise continuous batching (one queue per depth); static: a "
+        "batch runs to completion before the next starts, as in text-embeddings-inference",
+    )
+    p.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        default=512,
+        help="requests in flight; one more is answered 429 at once",
+    )
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=16384,
+        help="padded tokens per model call (inputs x longest input)",
+    )
+    p.add_argument(
+        "--max-batch-requests", type=int, help="inputs per model call (default: no limit)"
+    )
+    p.add_argument(
+        "--max-client-batch-size", type=int, default=32, help="inputs per request; more get 413"
+    )
+    p.add_argument(
+        "--max-input-length",
+        type=int,
+        help="tokens per input (default: the checkpoint's max_seq_length); longer inputs are "
+        'refused (413) unless the request says "truncate": true',
+    )
+    p.add_argument("--log-level", default="info", help="uvicorn's log level")
+    add_policy_args(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        from eeengine.serve.app import ServeConfig, engine_app, run
+    except ImportError as error:
+        raise RuntimeError(
+            f"eeengine serve needs the serve extra: pip install 'eeengine[serve]' ({error})"
+        ) from None
+    engine = Engine(
+        args.ckpt or default_checkpoint(),
+        device=args.device,
+        backend=args.backend,
+        executor=args.executor,
+        max_length=args.max_input_length,
+        **policy_kwargs(args),
+    )
+    config = ServeConfig(
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_batch_tokens=args.max_batch_tokens,
+        max_batch_requests=args.max_batch_requests,
+        max_client_batch_size=args.max_client_batch_size,
+        batching=args.batching,
+    )
+    run(engine_app(engine, config), args.host, args.port, args.log_level)

@@ -1,0 +1,161 @@
+"""Layer-wise continuous batching: one queue per depth.
+
+An encoder batch cannot be refilled the way an LLM's decode batch is: rows at different depths
+need different layer weights. So the worker keeps one queue per depth (inputs that have run
+layers 1..d and wait for layer d + 1); new inputs enter at layer 1 while survivors of earlier
+requests go deeper, and inputs at the same depth, from any requests, run together in one layer
+call (right-padded to the longest of them). After the call, inputs that exit are answered at
+once and the rest move to the next depth's queue.
+
+Which depth runs next: **the fullest queue** (most inputs waiting; a tie goes to the deeper
+queue, whose inputs are closer to done). A layer call costs a fixed overhead plus
+work per token, so running the fullest queue spends the overhead on the most inputs; it cannot
+starve a queue, because the queue that runs empties (up to the batch limits) while the others
+only grow. New inputs compete as the queue of depth 0.
+
+Every layer runs through the engine's own loop pieces (:class:`eeengine.runtime.ExitLoop`:
+``start``, ``step``, ``select``), so each input gets the same logits and exit layer as
+``Engine.predict`` whatever it was batched with (tested over random arrival orders).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from eeengine.runtime import ExitLoop, LiveRows
+from eeengine.serve.batcher import Batcher, Row
+
+
+@dataclass(eq=False)
+class _Group:
+    """Inputs at the same depth: their live state and, row by row, which input each is."""
+
+    live: LiveRows
+    rows: list[Row]
+
+    @property
+    def width(self) -> int:
+        return self.live.attention_mask.shape[1]
+
+
+class LayerwiseBatcher(Batcher):
+    """Layer-wise continuous batching over an engine's :class:`ExitLoop`.
+
+    Args:
+        loop: the engine's loop (:meth:`eeengine.Engine.exit_loop`).
+        **limits: the arguments of :class:`eeengine.serve.batcher.Batcher`; the limits apply to
+            every layer call.
+    """
+
+    name = "continuous"
+
+    def __init__(self, loop: ExitLoop, **limits: object) -> None:
+        super().__init__(**limits)
+        self._loop = loop
+        # layers done -> groups waiting for the next layer, oldest first
+        self._queues: dict[int, list[_Group]] = {d: [] for d in range(1, self.num_layers)}
+
+    def _has_work(self) -> bool:
+        return bool(self._pending) or any(self._queues.values())
+
+    def _waiting(self) -> int:
+        deep = sum(len(g.rows) for groups in self._queues.values() for g in groups)
+        return len(self._pending) + deep
+
+    def _pick(self) -> int:
+        """Layers done by the inputs to run next (0: new inputs): the fullest queue, ties to
+        the deeper one."""
+        best, most = 0, len(self._pending)
+        for done, groups in self._queues.items():
+            count = sum(len(g.rows) for g in groups)
+            if count and count >= most:
+                best, most = done, count
+        return best
+
+    def _iteration(self) -> None:
+        done = self._pick()
+        group = self._start() if done == 0 else self._take(done)
+        if group is None:
+            return
+        try:
+            self._step(group, done + 1)
+        except Exception as error:  # never kill the worker: fail this call's jobs only
+            self._fail({job for job, _ in group.rows}, error)
+
+    def _start(self) -> _Group | None:
+        """New inputs that fit the limits, embedded."""
+        rows = self._take_pending()
+        if not rows:
+            return None
+        return _Group(self._loop.start(*self._collate(rows)), rows)
+
+    def _take(self, done: int) -> _Group:
+        """The oldest groups of queue ``done`` that fit the limits, merged into one (the last
+        one split if only part of it fits; at least one input)."""
+        groups = self._queues[done]
+        taken: list[_Group] = []
+        count = width = 0
+        while groups:
+            head = groups[0]
+            wider = max(width, head.width)
+            room = min(self.max_batch_requests, self.max_batch_tokens // wider) - count
+            if room >= len(head.rows):
+                taken.append(groups.pop(0))
+                count, width = count + len(head.rows), wider
+                continue
+            room = room if taken else max(room, 1)
+            if room > 0:
+                taken.append(self._select(head, torch.arange(room)))
+                groups[0] = self._select(head, torch.arange(room, len(head.rows)))
+            break
+        return self._merge(taken)
+
+    def _select(self, group: _Group, index: torch.Tensor) -> _Group:
+        """The rows ``index`` (int64, or a bool mask) of ``group``."""
+        live = self._loop.select(group.live, index.to(group.live.hidden_states.device))
+        keep = index.nonzero().flatten() if index.dtype == torch.bool else index
+        return _Group(live, [group.rows[i] for i in keep.tolist()])
+
+    def _merge(self, groups: list[_Group]) -> _Group:
+        """One group of all rows of ``groups``, right-padded to the widest."""
+        if len(groups) == 1:
+            return groups[0]
+        width = max(g.width for g in groups)
+        lives = [g.live for g in groups]
+        attention_mask = torch.cat(
+            [F.pad(x.attention_mask, (0, width - x.attention_mask.shape[1])) for x in lives]
+        )
+        live = LiveRows(
+            rows=torch.arange(attention_mask.shape[0], device=attention_mask.device),
+            hidden_states=torch.cat(
+                [F.pad(x.hidden_states, (0, 0, 0, width - x.hidden_states.shape[1])) for x in lives]
+            ),
+            attention_mask=attention_mask,
+            mask=self._loop.executor.mask(attention_mask),
+            state={k: torch.cat([x.state[k] for x in lives]) for k in lives[0].state},
+            memory=torch.cat([F.pad(x.memory, (0, width - 1 - x.memory.shape[1])) for x in lives]),
+        )
+        return _Group(live, [row for g in groups for row in g.rows])
+
+    def _step(self, group: _Group, layer: int) -> None:
+        """Run ``layer`` on ``group``: answer the inputs that exit, queue the others for the
+        next layer. Inputs of cancelled jobs are dropped first."""
+        cancelled = [job.cancelled for job, _ in group.rows]
+        if any(cancelled):
+            if all(cancelled):
+                return
+            group = self._select(group, ~torch.tensor(cancelled))
+        live, rows = group.live, group.rows
+        live.rows = torch.arange(len(rows), device=live.hidden_states.device)
+        self.metrics.observe_batch(len(rows), group.width)
+        out = self._loop.outputs(len(rows), live.hidden_states.device)
+        exit_mask = self._loop.step(live, layer, out)
+        exits = exit_mask.tolist()
+        if any(exits):
+            exited = [row for row, e in zip(rows, exits, strict=True) if e]
+            self._finish(exited, out.logits[exit_mask], [layer] * len(exited))
+        if not all(exits):
+            self._queues[layer].append(self._select(group, ~exit_mask.cpu()))

@@ -1,0 +1,201 @@
+"""The server's batchers against ``Engine.predict``: every request gets the logits and exit
+layers the engine gives it alone, whatever it was batched with and whenever it arrived.
+
+The worker loop is driven by hand here (admit, one model call, admit ...), so hypothesis
+controls the interleaving: which requests arrive between two model calls, and the batch limits
+(which split queues across calls).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+import torch  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from eeengine import Engine  # noqa: E402
+from eeengine.checkpoint import save_checkpoint  # noqa: E402
+from eeengine.serve.batcher import Batcher, Job, StaticBatcher  # noqa: E402
+from eeengine.serve.layerwise import LayerwiseBatcher  # noqa: E402
+from eeengine.serve.metrics import ServeMetrics  # noqa: E402
+from eeengine.serve.protocol import tokenize  # noqa: E402
+from tests.conftest import SENTENCES, make_tiny_model, tiny_manifest  # noqa: E402
+
+TEXTS = [*SENTENCES, "bad", "an utterly forgettable sequel , loud and empty", "fine"]
+PAIRS = [(a, b) for a, b in zip(SENTENCES, reversed(SENTENCES), strict=True)]
+
+# Policies with per-row state of different kinds: none kept (entropy), a counter (pcee), the
+# last predictions (elbert), a logits memory (mpee); and token pruning (memory, pruned widths).
+# Thresholds where the tiny model's rows exit at different layers (1, 2, 4 on these texts).
+ENGINES = {
+    "entropy": {"threshold": 0.5},
+    "pcee": {"policy": "pcee", "threshold": 0.8, "patience": 2},
+    "elbert": {"policy": "elbert", "threshold": 0.7, "window": 3},
+    "mpee": {"policy": "mpee", "threshold": 0.5},
+    "pruning": {
+        "threshold": 0.5,
+        "token_pruning": {"layers": [2], "keep_ratio": 0.6, "beta": [1.0]},
+    },
+}
+
+
+@pytest.fixture(scope="module", params=list(ENGINES))
+def engine(request, tiny_ckpt) -> Engine:
+    return Engine(tiny_ckpt, **ENGINES[request.param])
+
+
+def _job(engine: Engine, inputs: list) -> Job:
+    examples = [(x, None) if isinstance(x, str) else x for x in inputs]
+    return Job(*tokenize(engine.tokenizer, examples, engine.max_length, truncate=True))
+
+
+def _batcher(kind: str, engine: Engine, max_batch_tokens: int, max_batch_requests: int | None):
+    limits = dict(
+        num_layers=engine.num_layers,
+        pad_token_id=engine.tokenizer.pad_token_id,
+        device=engine.device,
+        max_batch_tokens=max_batch_tokens,
+        max_batch_requests=max_batch_requests,
+        metrics=ServeMetrics(engine.num_layers),
+    )
+    loop = engine.exit_loop()
+    if kind == "static":
+        return StaticBatcher(
+            lambda *b: (lambda o: (o.logits, o.exit_layer))(loop.run(*b)), **limits
+        )
+    return LayerwiseBatcher(loop, **limits)
+
+
+def _drive(batcher: Batcher, arrivals: list[list[Job]]) -> None:
+    """Submit ``arrivals[k]`` before the k-th model call, then run until all is done."""
+    with torch.inference_mode():
+        for jobs in arrivals:
+            for job in jobs:
+                batcher.submit(job)
+            batcher._admit(block=False)
+            if batcher._has_work():
+                batcher._iteration()
+        while batcher._has_work():
+            batcher._iteration()
+
+
+def _assert_matches_engine(engine: Engine, job: Job, inputs: list) -> None:
+    result = job.future.result(timeout=0)
+    expected = engine.predict(list(inputs))
+    assert result.exit_layer == [p.exit_layer for p in expected]
+    torch.testing.assert_close(
+        torch.tensor(result.logits),
+        torch.tensor([p.logits for p in expected]),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+requests_strategy = st.lists(
+    st.lists(st.sampled_from(TEXTS), min_size=1, max_size=4)
+    | st.lists(st.sampled_from(PAIRS), min_size=1, max_size=2),
+    min_size=1,
+    max_size=6,
+)
+
+
+@pytest.mark.parametrize("kind", ["continuous", "static"])
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    requests=requests_strategy,
+    gaps=st.lists(st.integers(0, 3), min_size=6, max_size=6),
+    max_batch_tokens=st.sampled_from([64, 100, 400, 16384]),
+    max_batch_requests=st.sampled_from([None, 1, 3]),
+)
+def test_results_equal_engine_predict(
+    engine, kind, requests, gaps, max_batch_tokens, max_batch_requests
+) -> None:
+    batcher = _batcher(kind, engine, max_batch_tokens, max_batch_requests)
+    jobs = [_job(engine, inputs) for inputs in requests]
+    arrivals: list[list[Job]] = []
+    for job, gap in zip(jobs, gaps, strict=False):  # ``gap`` model calls before this arrival
+        arrivals += [[] for _ in range(gap)] + [[job]]
+    _drive(batcher, arrivals)
+    for job, inputs in zip(jobs, requests, strict=True):
+        _assert_matches_engine(engine, job, inputs)
+
+
+def test_layerwise_merges_depths_across_requests(tiny_ckpt) -> None:
+    """Rows of different requests at the same depth run in one layer call: with a request
+    arriving between every call, the calls still carry rows of several requests."""
+    engine = Engine(tiny_ckpt, policy="none")  # every row runs every layer
+    batcher = _batcher("continuous", engine, 16384, None)
+    jobs = [_job(engine, [text]) for text in TEXTS[:4]]
+    _drive(batcher, [[job] for job in jobs])
+    sizes = batcher.metrics.batch_size.collect()[0].samples
+    count = next(s.value for s in sizes if s.name.endswith("_count"))
+    total = next(s.value for s in sizes if s.name.endswith("_sum"))
+    # 4 requests x 4 layers = 16 rows run; without merging that takes 16 calls
+    assert total == 16 and count < 16
+    for job, text in zip(jobs, TEXTS[:4], strict=True):
+        _assert_matches_engine(engine, job, [text])
+
+
+def test_cancelled_job_leaves_the_queues(tiny_ckpt) -> None:
+    engine = Engine(tiny_ckpt, policy="none")
+    batcher = _batcher("continuous", engine, 16384, None)
+    kept, dropped = _job(engine, TEXTS[:2]), _job(engine, TEXTS[2:5])
+    with torch.inference_mode():
+        batcher.submit(kept)
+        batcher.submit(dropped)
+        batcher._admit(block=False)
+        batcher._iteration()  # layer 1 for both
+        dropped.cancelled = True
+        while batcher._has_work():
+            batcher._iteration()
+    assert not dropped.future.done()
+    assert dropped.exit_layer == [0, 0, 0]  # never finished: its rows were dropped
+    _assert_matches_engine(engine, kept, TEXTS[:2])
+    sizes = batcher.metrics.batch_size.collect()[0].samples
+    assert next(s.value for s in sizes if s.name.endswith("_sum")) == 5 + 2 * 3
+
+
+def test_failed_model_call_fails_only_its_jobs(tiny_ckpt) -> None:
+    engine = Engine(tiny_ckpt)
+    calls = []
+
+    def run_batch(*batch):
+        calls.append(batch[0].shape[0])
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        out = engine.exit_loop().run(*batch)
+        return out.logits, out.exit_layer
+
+    limits = dict(
+        num_layers=engine.num_layers,
+        pad_token_id=0,
+        device=engine.device,
+        max_batch_tokens=16384,
+        max_batch_requests=1,
+        metrics=ServeMetrics(engine.num_layers),
+    )
+    batcher = StaticBatcher(run_batch, **limits)
+    first, second = _job(engine, [TEXTS[0]]), _job(engine, [TEXTS[1]])
+    _drive(batcher, [[first, second]])
+    with pytest.raises(RuntimeError, match="boom"):
+        first.future.result(timeout=0)
+    _assert_matches_engine(engine, second, [TEXTS[1]])
+
+
+def test_checkpoint_with_pruning_schedule(tmp_path, tiny_bert_dir, tokenizer) -> None:
+    """The checkpoint's own schedule (Engine's default) is what the server runs."""
+    manifest = tiny_manifest()
+    manifest["token_pruning"] = {"layers": [2, 3], "keep_ratio": 0.7, "beta": [1.0, 0.5]}
+    path = save_checkpoint(tmp_path / "ckpt", make_tiny_model(tiny_bert_dir), tokenizer, manifest)
+    engine = Engine(path)
+    assert engine.token_pruning is not None
+    batcher = _batcher("continuous", engine, 16384, 2)
+    jobs = [_job(engine, TEXTS[i : i + 3]) for i in range(0, 9, 3)]
+    _drive(batcher, [[jobs[0]], [], [jobs[1]], [jobs[2]]])
+    for i, job in enumerate(jobs):
+        _assert_matches_engine(engine, job, TEXTS[3 * i : 3 * i + 3])
