@@ -32,6 +32,9 @@ from eeengine.data import DATA_DIR
 from eeengine.defaults import minilm_dir
 from eeengine.modeling_multiexit import MultiExitBert, load_backbone_weights
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.conftest import tiny_manifest  # noqa: E402 (the tests' SST-2 manifest)
+
 
 def minilm_checkpoint(path: Path) -> Path:
     """all-MiniLM-L6-v2 with random exit heads, max_seq_length 512, policy none."""
@@ -41,18 +44,7 @@ def minilm_checkpoint(path: Path) -> Path:
     torch.manual_seed(0)
     model = MultiExitBert(config, 2)
     model.bert.load_state_dict(state)
-    manifest = {
-        "backbone": "bert",
-        "task": {
-            "name": "sst2",
-            "type": "classification",
-            "label_names": ["negative", "positive"],
-            "metric": "accuracy",
-        },
-        "exit_heads": {"layout": "per_layer", "pooling": "mean"},
-        "policy": {"name": "none"},
-        "max_seq_length": 512,
-    }
+    manifest = tiny_manifest(policy={"name": "none"}, max_seq_length=512)
     return save_checkpoint(
         path, model.eval(), AutoTokenizer.from_pretrained(minilm_dir()), manifest
     )
