@@ -32,6 +32,7 @@ from eeengine.evaluation import (
     predictions_of,
     sweep,
 )
+from eeengine.executors import LayerExecutor
 from eeengine.inputs import normalize_inputs
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import ExitPolicy, make_policy
@@ -138,6 +139,7 @@ def measure_trade_off(
     batch_size: int = 64,
     progress: bool = False,
     outputs: tuple[Tensor, dict[str, Tensor]] | None = None,
+    executor: LayerExecutor | None = None,
 ) -> TradeOff:
     """Run the model to full depth once and sweep every policy that applies.
 
@@ -154,6 +156,8 @@ def measure_trade_off(
         progress: show a progress bar.
         outputs: (logits, signals) of :func:`eeengine.evaluation.all_exit_outputs` when the
             caller has them already (the trainer's last evaluation).
+        executor: runs the layers (the engine's, so that its precision is calibrated); None:
+            the model's torch layers.
 
     Returns:
         A :class:`TradeOff`; every point carries MPEE's FLOPs ratio ρ and 1 / ρ.
@@ -168,6 +172,7 @@ def measure_trade_off(
             batch_size=batch_size,
             progress=progress,
             token_pruning=token_pruning,
+            executor=executor,
         )
     all_logits, signals = outputs
     if labels is None:

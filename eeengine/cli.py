@@ -13,10 +13,10 @@ from eeengine.checkpoint import CheckpointError, update_checkpoint
 from eeengine.data import Split, file_split, get_task, load_split, unlabeled_file
 from eeengine.defaults import default_checkpoint, minilm_dir
 from eeengine.engine import Engine
-from eeengine.evaluation import all_exit_logits, exit_metrics
-from eeengine.executors import EXECUTORS
+from eeengine.executors import EXECUTORS, PRECISIONS
 from eeengine.heads import LAYOUTS, POOLINGS
-from eeengine.report import markdown, sweep_report, write_report
+from eeengine.precision import write_calibration
+from eeengine.report import markdown, per_exit_metrics, sweep_report, write_report
 from eeengine.training import TrainConfig, train
 from eeengine.training.recipes import BASE_RECIPES, RECIPES
 
@@ -29,6 +29,12 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--executor", choices=EXECUTORS, help="default: onnxruntime if installed, else torch"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="encoder layers on CPU: fp32, int8 (onnxruntime executor) or bf16 (torch executor)",
     )
     parser.add_argument(
         "--eager",
@@ -81,6 +87,7 @@ def _engine_settings(args: argparse.Namespace) -> dict:
         "backend": args.backend,
         "executor": args.executor,
         "graph": not args.eager,
+        "precision": args.precision,
         **policy_kwargs(args),
     }
 
@@ -173,15 +180,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(markdown(report))
         print("wrote " + ", ".join(str(path) for path in paths))
         return
-    logits = all_exit_logits(
-        engine.model,
-        engine.tokenizer,
-        dev.texts,
-        dev.text_pairs,
-        engine.max_length,
-        token_pruning=engine.token_pruning,
-    )
-    per_exit = exit_metrics(logits, dev.labels, metric)
+    per_exit = per_exit_metrics(engine, dev, metric)
     result = engine.evaluate(dev, metric, batch_size=args.batch_size)
     report = {
         "task": name,
@@ -214,6 +213,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         backend=args.backend,
         executor=args.executor,
         graph=not args.eager,
+        precision=args.precision,
     )
     if args.unlabeled:
         if args.task or args.dev_file:
@@ -246,7 +246,10 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         f"{point.describe()}; full depth {engine.calibration['full_depth']:.2f}; layer "
         f"speed-up {point.speedup:.2f}x ({point.layer_saving:.1%} of layers saved)"
     )
-    if args.write:
+    if args.write and engine.precision != "fp32":
+        # The default policy stays fp32's; this precision re-picks its parameters here.
+        print(f"wrote {write_calibration(engine.path, engine.precision, engine.calibration)}")
+    elif args.write:
         update_checkpoint(engine.path, point.to_json(), engine.calibration)
         print(f"wrote the default policy and calibration.json of {engine.path}")
 
@@ -280,7 +283,7 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    engine = Engine(args.ckpt or default_checkpoint())
+    engine = Engine(args.ckpt or default_checkpoint(), precision=args.precision)
     m = engine.manifest
     training = m.get("training") or {}
     print(f"checkpoint  {engine.path}")
@@ -294,7 +297,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     pruning = engine.token_pruning
     print(f"tokens      {json.dumps(pruning.to_json()) if pruning else 'no token pruning'}")
     print(f"backend     {engine.backend}" + ("" if HAS_C else f" ({LOAD_ERROR})"))
-    print(f"executor    {engine.executor}")
+    print(f"executor    {engine.executor}, precision {engine.precision}")
     print(f"loop        {engine.loop}")
     if training:
         metrics = ", ".join(f"{v:.2f}" for v in training.get("dev_exit_metrics", []))
@@ -409,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--write",
         action="store_true",
-        help="store the point as the checkpoint's default policy and refresh calibration.json",
+        help="fp32: store the point as the checkpoint's default policy and refresh "
+        "calibration.json; other precisions: write calibration-<precision>.json",
     )
     _add_checkpoint_args(p)
     p.set_defaults(func=cmd_calibrate)
@@ -441,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("ckpt", nargs="?", help="checkpoint directory (default: the cached SST-2 model)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.set_defaults(func=cmd_info)
 
     from eeengine.serve.cli import add_serve_parser  # imports this module's helpers

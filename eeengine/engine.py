@@ -22,6 +22,7 @@ from eeengine.evaluation import score_predictions
 from eeengine.executors import make_executor
 from eeengine.flops import FlopCounter
 from eeengine.inputs import char_limit, normalize_inputs, split_examples
+from eeengine.precision import check_precision, read_calibration
 from eeengine.prediction import Prediction, predictions_from
 from eeengine.resolve import (
     resolve_device,
@@ -62,6 +63,11 @@ class Engine:
             None, or a :class:`TokenPruning` / its JSON form.
         executor: what runs the encoder layers (:mod:`eeengine.executors`): "torch",
             "onnxruntime", or None for "onnxruntime" where it can run, else "torch".
+            "onnxruntime" drops the torch copy of the layers it runs (one copy in memory).
+        precision: the encoder layers' precision on CPU (:mod:`eeengine.precision`): "fp32",
+            "int8" (per-channel int8 linear weights; onnxruntime executor) or "bf16" (torch
+            executor); exit heads stay fp32. Policy parameters come from that precision's
+            calibration (``calibration-int8.json``) when the checkpoint has one.
         graph: on a CUDA device, run each batch as one CUDA graph replay (no host sync per
             layer; :mod:`eeengine.cuda_graph`); False runs the same sync-free loop eagerly.
             Ignored on CPU (see :class:`eeengine.runtime.DeviceLoop`).
@@ -77,7 +83,8 @@ class Engine:
     Raises:
         FileNotFoundError, eeengine.checkpoint.CheckpointError: a bad checkpoint (file and
             field named).
-        ValueError: unknown policy, device, backend or executor, or one that cannot run here;
+        ValueError: unknown policy, device, backend, executor or precision, or one that cannot
+            run here (int8 / bf16 on their executor, on CPU);
             a threshold out of range; a bad token-pruning schedule; a calibration target that
             cannot be met (the best reachable point is named).
     """
@@ -96,13 +103,17 @@ class Engine:
         token_pruning: Literal["checkpoint"] | TokenPruning | dict | None = "checkpoint",
         executor: str | None = None,
         graph: bool = True,
+        precision: str = "fp32",
         **policy_kwargs: object,
     ) -> None:
         self.device = resolve_device(device)
+        self.precision = check_precision(precision, self.device.type)
         ckpt = load_checkpoint(checkpoint)
         self.path = Path(checkpoint)
         self.manifest = ckpt.manifest
-        self.calibration = ckpt.calibration
+        self.calibration = (
+            ckpt.calibration if precision == "fp32" else read_calibration(self.path, precision)
+        )
         self.tokenizer = ckpt.tokenizer
         self.label_names = ckpt.label_names
         self.model = ckpt.model.to(self.device)
@@ -120,6 +131,8 @@ class Engine:
             max_drop,
             threshold=threshold,
             patience=patience,
+            # The default policy's parameters were calibrated at fp32.
+            default_params=precision == "fp32" or not self.calibration,
             **policy_kwargs,
         )
         self._requested_backend = backend
@@ -128,7 +141,11 @@ class Engine:
             token_pruning, self.model, self.manifest, self.path
         )
         self._flops = FlopCounter.for_model(self.model)
-        self._executor = make_executor(executor, self.model)
+        pruned = () if self.token_pruning is None else self.token_pruning.layers
+        # The engine owns its model: the executor keeps one copy of the weights.
+        self._executor = make_executor(
+            executor, self.model, precision, torch_layers={layer - 1 for layer in pruned}
+        )
         self._loop = DeviceLoop(self.model, self._executor, graph)
 
     @property
@@ -202,6 +219,7 @@ class Engine:
             self.token_pruning,
             batch_size,
             progress,
+            executor=self._executor,
         )
         point = trade_off.select(target_speedup, max_drop, policy)
         chosen = validated_policy(point.policy(), self.model)

@@ -14,10 +14,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from eeengine.batching import collate, encode, length_sorted_batches
+from eeengine.executors import LayerExecutor
 from eeengine.flops import FlopCounter
 from eeengine.metrics import METRICS
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import POLICIES, make_policy, run_policy
+from eeengine.runtime import ExitLoop
 from eeengine.token_pruning import TokenPruning
 
 # Threshold grids per policy, in the policy's own units.
@@ -88,10 +90,15 @@ def all_exit_outputs(
     batch_size: int = 64,
     progress: bool = False,
     token_pruning: TokenPruning | None = None,
+    executor: LayerExecutor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Full-depth logits and signals of every exit, on the model's device, with the
     token-pruning schedule if one is given (the engine's logits exactly: pruning does not
     depend on exits).
+
+    Args:
+        executor: runs the layers (an engine's, so that its precision is measured: see
+            :func:`exits_through`); None: the model's own torch layers.
 
     Returns:
         logits: (num_layers, len(texts), num_labels) float32 on CPU, rows in input order.
@@ -106,11 +113,47 @@ def all_exit_outputs(
     batches = length_sorted_batches(encoded.lengths, batch_size)
     for indices in tqdm(batches, desc="evaluating", disable=not progress, leave=False):
         batch = collate(encoded, indices, tokenizer.pad_token_id, device)
-        logits, batch_signals = model.exits(*batch, token_pruning)
+        if executor is None:
+            logits, batch_signals = model.exits(*batch, token_pruning)
+        else:
+            logits, batch_signals = exits_through(executor, model, batch, token_pruning)
         out[:, indices] = logits.float().cpu()
         for name, value in batch_signals.items():
             signals[name][:, indices] = value.float().cpu()
     return out, signals
+
+
+def exits_through(
+    executor: LayerExecutor,
+    model: MultiExitBert,
+    batch: tuple[Tensor, Tensor, Tensor],
+    token_pruning: TokenPruning | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """:meth:`MultiExitBert.exits` with the layers run by ``executor`` (the engine's loop,
+    :class:`eeengine.runtime.ExitLoop`, with policy ``none``: no row leaves before the last
+    layer), so the logits are those the engine computes at the executor's precision.
+
+    Args:
+        batch: input_ids, attention_mask (1 = real token), token_type_ids: (batch_size,
+            seq_len) each.
+
+    Returns:
+        As :meth:`MultiExitBert.exits`: logits (num_layers, batch_size, num_labels) and
+        signals.
+    """
+    loop = ExitLoop(model, make_policy("none"), "reference", token_pruning, executor)
+    live = loop.start(*batch)
+    out = loop.outputs(batch[0].shape[0], batch[0].device)
+    all_logits, all_scores = [], []
+    for layer in range(1, model.num_layers + 1):
+        loop.step(live, layer, out)
+        head = model.exit_head(layer - 1)
+        pooled = head.pool(live.hidden_states, live.attention_mask)
+        all_logits.append(head.classify(pooled))
+        if model.lte is not None:
+            all_scores.append(model.lte(pooled))
+    signals = {"lte_score": torch.stack(all_scores)} if model.lte is not None else {}
+    return torch.stack(all_logits), signals
 
 
 def flops_tables(
@@ -138,10 +181,19 @@ def all_exit_logits(
     batch_size: int = 64,
     progress: bool = False,
     token_pruning: TokenPruning | None = None,
+    executor: LayerExecutor | None = None,
 ) -> Tensor:
     """The logits of :func:`all_exit_outputs`: (num_layers, len(texts), num_labels) float32."""
     logits, _ = all_exit_outputs(
-        model, tokenizer, texts, text_pairs, max_length, batch_size, progress, token_pruning
+        model,
+        tokenizer,
+        texts,
+        text_pairs,
+        max_length,
+        batch_size,
+        progress,
+        token_pruning,
+        executor,
     )
     return logits
 

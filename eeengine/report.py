@@ -26,6 +26,7 @@ from eeengine.calibration import measure_trade_off
 from eeengine.data import Split
 from eeengine.engine import Engine
 from eeengine.evaluation import (
+    all_exit_logits,
     choose_for_speedup,
     choose_operating_point,
     exit_metrics,
@@ -36,6 +37,21 @@ from eeengine.evaluation import (
 SPEEDUP_TARGETS = (1.5, 2.0)
 # The summary's best speed-up is the fastest point within this many metric points of full depth.
 SUMMARY_MAX_DROP = 1.0
+
+
+def per_exit_metrics(engine: Engine, data: Split, metric: str) -> list[float]:
+    """``metric`` of every exit at full depth on ``data``, run by the engine's own executor (at
+    its precision) with its token pruning; one value per layer, layer 1 first."""
+    logits = all_exit_logits(
+        engine.model,
+        engine.tokenizer,
+        data.texts,
+        data.text_pairs,
+        engine.max_length,
+        token_pruning=engine.token_pruning,
+        executor=engine.exit_loop().executor,
+    )
+    return exit_metrics(logits, data.labels, metric)
 
 
 def sweep_report(
@@ -80,6 +96,7 @@ def sweep_report(
         extra_metrics,
         engine.token_pruning,
         progress=progress,
+        executor=engine.exit_loop().executor,  # the engine's layers, at its precision
     )
     calibration, all_logits = trade_off.sweep, trade_off.all_logits
     names = list(calibration["full_depth_metrics"])

@@ -25,6 +25,7 @@ def resolve_policy(
     policy: str | None = None,
     target_speedup: float | None = None,
     max_drop: float | None = None,
+    default_params: bool = True,
     **given: object,
 ) -> tuple[ExitPolicy, OperatingPoint | None]:
     """The policy to run and, when it came from a calibration target, its operating point.
@@ -42,6 +43,9 @@ def resolve_policy(
         path: the checkpoint directory, for messages.
         policy: a policy name, or None.
         target_speedup, max_drop: a calibration target (see :class:`eeengine.Engine`).
+        default_params: False when the default policy's stored parameters do not fit
+            ``calibration`` (they were calibrated at another precision): its parameters are
+            then picked in ``calibration`` as for any other policy.
         **given: policy parameters (``threshold``, ``patience``, ``window`` ...).
 
     Raises:
@@ -53,7 +57,7 @@ def resolve_policy(
         default = manifest["policy"]
         name = policy or default["name"]
         stored: dict = {}
-        if name == default["name"]:
+        if name == default["name"] and default_params:
             stored = policy_params(default)
         elif calibration:
             chosen = choose_operating_point(calibration, policy=name)

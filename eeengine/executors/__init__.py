@@ -10,12 +10,18 @@ step, then batch compaction). Executors are interchangeable and tested against t
   session built from the same weights at load time (BERT backbones, CPU; the optional extra
   ``eeengine[onnx]``).
 
+Precision (:data:`PRECISIONS`): "fp32" on either executor; "int8" (linear weights quantized per
+channel, activations per call) on ``onnxruntime``; "bf16" (the layers in bfloat16) on
+``torch``, since ONNX Runtime has no bf16 CPU kernels. Embeddings, exit heads and the policy
+step stay float32 at every precision.
+
 Choose with :func:`make_executor` once, at engine construction.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Collection
 from typing import Protocol
 
 from torch import Tensor
@@ -24,6 +30,13 @@ from eeengine.executors.torch import TorchExecutor
 from eeengine.modeling_multiexit import MultiExitBert
 
 EXECUTORS = ("torch", "onnxruntime")
+PRECISIONS = ("fp32", "bf16", "int8")
+# The executors that run each precision, preferred first.
+_PRECISION_EXECUTORS = {
+    "fp32": ("onnxruntime", "torch"),
+    "bf16": ("torch",),
+    "int8": ("onnxruntime",),
+}
 
 
 class LayerExecutor(Protocol):
@@ -42,31 +55,62 @@ class LayerExecutor(Protocol):
     def layer(self, index: int, hidden_states: Tensor, mask: object) -> Tensor: ...
 
 
-def make_executor(name: str | None, model: MultiExitBert) -> LayerExecutor:
+def make_executor(
+    name: str | None,
+    model: MultiExitBert,
+    precision: str = "fp32",
+    torch_layers: Collection[int] | None = None,
+) -> LayerExecutor:
     """Build the executor ``name`` for ``model`` (in eval mode, weights final).
 
     Args:
-        name: "torch", "onnxruntime", or None for "onnxruntime" where it can run (onnxruntime
-            installed; a BERT backbone with exact GELU, on CPU, in eval mode) and "torch"
-            otherwise.
+        name: "torch", "onnxruntime", or None for the first of those that runs ``precision``
+            here: "onnxruntime" where it can run (onnxruntime installed; a BERT backbone with
+            exact GELU, on CPU, in eval mode) for fp32 and int8, "torch" otherwise.
         model: the multi-exit model.
+        precision: "fp32", "bf16" or "int8" (see the module docstring).
+        torch_layers: None when the caller may still run any torch layer of ``model`` itself
+            (the model's weights stay as they are, except that a bf16 executor casts its
+            layers); else the caller owns ``model``, runs only these 0-based layers in torch
+            (token-pruning layers) and everything else through the executor, so the executor
+            keeps one copy of the weights: ``onnxruntime`` drops the torch weights of the
+            layers it runs (:meth:`OnnxRuntimeExecutor.release_torch_layers`), bf16 leaves
+            these layers in float32.
 
     Returns:
         The executor.
 
     Raises:
-        ValueError: an unknown name, or "onnxruntime" where it cannot run (the message says why).
+        ValueError: an unknown name or precision, an executor that does not run the
+            precision, or one that cannot run here (the message says why).
     """
     if name is not None and name not in EXECUTORS:
         raise ValueError(f"unknown executor {name!r}; available: {', '.join(EXECUTORS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; available: {', '.join(PRECISIONS)}")
+    candidates = _PRECISION_EXECUTORS[precision]
+    if name is not None and name not in candidates:
+        raise ValueError(
+            f"precision {precision!r} runs on the {' or '.join(candidates)} executor, not {name!r}"
+        )
     reason = _onnxruntime_unavailable(model)
-    if name == "onnxruntime" and reason is not None:
+    if name is None:
+        name = next((c for c in candidates if c != "onnxruntime" or reason is None), None)
+        if name is None:
+            raise ValueError(
+                f"precision {precision!r} needs the onnxruntime executor, which is not "
+                f"available: {reason}"
+            )
+    elif name == "onnxruntime" and reason is not None:
         raise ValueError(f"executor 'onnxruntime' is not available: {reason}")
-    if name == "torch" or reason is not None:
-        return TorchExecutor(model)
+    if name == "torch":
+        return TorchExecutor(model, precision, frozenset(torch_layers or ()))
     from eeengine.executors.onnxruntime import OnnxRuntimeExecutor
 
-    return OnnxRuntimeExecutor(model)
+    executor = OnnxRuntimeExecutor(model, precision)
+    if torch_layers is not None:
+        executor.release_torch_layers(frozenset(torch_layers))
+    return executor
 
 
 def _onnxruntime_unavailable(model: MultiExitBert) -> str | None:
@@ -85,4 +129,4 @@ def _onnxruntime_unavailable(model: MultiExitBert) -> str | None:
     return None
 
 
-__all__ = ["EXECUTORS", "LayerExecutor", "TorchExecutor", "make_executor"]
+__all__ = ["EXECUTORS", "PRECISIONS", "LayerExecutor", "TorchExecutor", "make_executor"]

@@ -10,17 +10,40 @@ The graphs are built directly from the torch weights with ONNX Runtime's fused t
 
 and the embeddings are one ``EmbedLayerNormalization`` (word + position + token-type, then
 LayerNorm). So no exporter or optimizer pass decides the fusions, and none approximates GELU.
-The graphs are built in memory at load time (well under a second for MiniLM; nothing is
-written to disk). Hidden states stay torch tensors: each session reads and writes them in place
-through IOBinding (pointers, no copies), and the exit head, the policy step and the batch
-compaction between layers run in eeengine exactly as with the torch executor. Running the
-embeddings in ONNX Runtime too means no multi-threaded torch op runs between two sessions
-(waking torch's thread pool costs more than a small op at batch 1 on a busy CPU).
+The graphs are built at load time (well under a second for MiniLM) and loaded from a
+temporary directory, deleted once the sessions exist.
+
+Precision (``precision``): "fp32", or "int8": each layer graph goes through ONNX Runtime's
+dynamic quantization (:func:`onnxruntime.quantization.quantize_dynamic`) with per-channel int8
+weights (one scale per output column, the DESIGN.md measurement: plain per-tensor weights
+cost a point of SST-2 accuracy), so ``Attention`` becomes ``QAttention`` and each ``MatMul`` a
+``MatMulInteger`` on activations quantized per call (``DynamicQuantizeLinear``, uint8).
+Weights use the full int8 range where the CPU has VNNI (u8·s8 dot products without
+saturation), 7 bits (``reduce_range``) where it has not. LayerNorm, GELU, the softmax and the
+embeddings stay fp32; so do the exit heads, which run in eeengine.
+
+Memory: one copy of the weights. The embedding tables (half of MiniLM's weights) are not
+copied: they are inputs of the embeddings session, bound once to the torch tensors. The
+layer weights are ONNX Runtime's own (it repacks them for its GEMMs at session creation, a
+layout torch cannot share); :meth:`OnnxRuntimeExecutor.release_torch_layers` then drops the
+torch copy of the layers the executor runs, for an owner that runs nothing else on them
+(:class:`eeengine.Engine`).
+
+Hidden states stay torch tensors: each session reads and writes them in place through
+IOBinding (pointers, no copies), and the exit head, the policy step and the batch compaction
+between layers run in eeengine exactly as with the torch executor. Running the embeddings in
+ONNX Runtime too means no multi-threaded torch op runs between two sessions (waking torch's
+thread pool costs more than a small op at batch 1 on a busy CPU).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import logging
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -35,6 +58,7 @@ from eeengine.modeling_multiexit import MultiExitBert
 _OPSET = 17
 _MS = "com.microsoft"  # ONNX Runtime's contrib ops
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.int32: np.int32}
+PRECISIONS = ("fp32", "int8")
 
 
 def layer_graph(layer: BertLayer, num_heads: int, eps: float) -> onnx.ModelProto:
@@ -98,16 +122,25 @@ def layer_graph(layer: BertLayer, num_heads: int, eps: float) -> onnx.ModelProto
         helper.make_tensor_value_info("hidden_states", TensorProto.FLOAT, hidden),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT32, ["batch", "seq"]),
     ]
-    return _model("bert_layer", nodes, inputs, hidden, weights)
+    initializers = [
+        numpy_helper.from_array(value.detach().float().contiguous().cpu().numpy(), key)
+        for key, value in weights.items()
+    ]
+    return _model("bert_layer", nodes, inputs, hidden, initializers)
 
 
-def embeddings_graph(embeddings: BertEmbeddings) -> onnx.ModelProto:
+def embeddings_graph(embeddings: BertEmbeddings) -> tuple[onnx.ModelProto, dict[str, Tensor]]:
     """The ONNX model of :class:`eeengine.modeling_bert.BertEmbeddings`: one
     ``EmbedLayerNormalization`` (positions 0 .. seq - 1).
 
     Returns:
-        A model with inputs ``input_ids`` and ``token_type_ids``, (batch, seq) int32, and
-        output ``output`` (batch, seq, hidden) float32.
+        The model, with inputs ``input_ids`` and ``token_type_ids``, (batch, seq) int32, and
+        output ``output`` (batch, seq, hidden) float32; and its weights, the torch parameters
+        themselves (float32, contiguous), which the model takes as further inputs of the same
+        names (bound by pointer, the session reads their memory: no copy).
+
+    Raises:
+        ValueError: a weight is not float32 and contiguous.
     """
     weights = {
         "word_embeddings": embeddings.word_embeddings.weight,
@@ -116,6 +149,9 @@ def embeddings_graph(embeddings: BertEmbeddings) -> onnx.ModelProto:
         "ln_gamma": embeddings.LayerNorm.weight,
         "ln_beta": embeddings.LayerNorm.bias,
     }
+    for key, value in weights.items():
+        if value.dtype != torch.float32 or not value.is_contiguous():
+            raise ValueError(f"embeddings {key}: float32 contiguous weights needed")
     ids = ["input_ids", "token_type_ids"]
     node = helper.make_node(
         "EmbedLayerNormalization",
@@ -126,8 +162,13 @@ def embeddings_graph(embeddings: BertEmbeddings) -> onnx.ModelProto:
     )
     shape = ["batch", "seq"]
     inputs = [helper.make_tensor_value_info(name, TensorProto.INT32, shape) for name in ids]
+    inputs += [
+        helper.make_tensor_value_info(key, TensorProto.FLOAT, list(value.shape))
+        for key, value in weights.items()
+    ]
     hidden = [*shape, embeddings.word_embeddings.embedding_dim]
-    return _model("bert_embeddings", [node], inputs, hidden, weights)
+    model = _model("bert_embeddings", [node], inputs, hidden, [])
+    return model, {key: value.detach() for key, value in weights.items()}
 
 
 def _model(
@@ -135,22 +176,52 @@ def _model(
     nodes: list[onnx.NodeProto],
     inputs: list[onnx.ValueInfoProto],
     output_shape: list[str | int],
-    weights: dict[str, Tensor],
+    initializers: list[TensorProto],
 ) -> onnx.ModelProto:
-    """A model of ``nodes`` with one float32 output ``output`` and ``weights`` (copied as
-    float32) as initializers."""
+    """A model of ``nodes`` with one float32 output ``output``."""
     graph = helper.make_graph(
         nodes,
         name,
         inputs,
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, output_shape)],
-        [
-            numpy_helper.from_array(value.detach().float().contiguous().cpu().numpy(), key)
-            for key, value in weights.items()
-        ],
+        initializers,
     )
     opsets = [helper.make_opsetid("", _OPSET), helper.make_opsetid(_MS, 1)]
     return helper.make_model(graph, opset_imports=opsets)
+
+
+def quantize_int8(model: onnx.ModelProto, output: Path) -> None:
+    """Write ``model`` with int8 weights to ``output``: ONNX Runtime's dynamic quantization,
+    per-channel, 7-bit weights (``reduce_range``) on CPUs without VNNI (see the module
+    docstring)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # The quantizer logs a hint about its pre-processing pass (for exported graphs; these are
+    # built already fused) on the root logger at every call.
+    previous = logging.root.manager.disable
+    logging.disable(max(previous, logging.WARNING))
+    try:
+        quantize_dynamic(
+            model,
+            output,
+            per_channel=True,
+            reduce_range=not cpu_has_vnni(),
+            weight_type=QuantType.QInt8,
+            # The contrib ops' outputs have no inferred type; they are all float32.
+            extra_options={"DefaultTensorType": TensorProto.FLOAT},
+        )
+    finally:
+        logging.disable(previous)
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has VNNI int8 dot products (AVX512-VNNI or AVX-VNNI), from
+    ``/proc/cpuinfo``; False where that cannot be read."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_vnni" in flags or " avx_vnni" in flags
 
 
 class OnnxRuntimeExecutor:
@@ -159,35 +230,62 @@ class OnnxRuntimeExecutor:
 
     Args:
         model: the multi-exit model, on CPU, in eval mode.
+        precision: "fp32", or "int8" (the layers' linear weights quantized, see the module
+            docstring).
         num_threads: ONNX Runtime intra-op threads (default: ``torch.get_num_threads()``).
+
+    Raises:
+        ValueError: an unknown precision.
     """
 
     name = "onnxruntime"
 
-    def __init__(self, model: MultiExitBert, num_threads: int | None = None) -> None:
-        config = model.config
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = num_threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        # The exit head and policy step run in eeengine between two sessions: ORT's workers
-        # must not spin-wait for more work while eeengine needs the cores.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # Shapes change at every compaction; ORT's arena keeps every size it ever served and
-        # never gives memory back (measured: 2.9 GiB peak at batch 256 x 128 tokens with it,
-        # 0.97 GiB without, same speed).
-        options.enable_cpu_mem_arena = False
-        graphs = [embeddings_graph(model.backbone.embeddings)] + [
-            layer_graph(layer, config.num_attention_heads, config.layer_norm_eps)
-            for layer in model.backbone.layers
-        ]
-        self._sessions = [
-            onnxruntime.InferenceSession(
-                graph.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    def __init__(
+        self, model: MultiExitBert, precision: str = "fp32", num_threads: int | None = None
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(
+                f"the onnxruntime executor runs {' or '.join(PRECISIONS)}, not {precision!r}"
             )
-            for graph in graphs
-        ]
+        self.precision = precision
+        self.model = model
+        config = model.config
+        threads = num_threads or torch.get_num_threads()
+        options = _session_options(threads)
+        embeddings, self._embedding_weights = embeddings_graph(model.backbone.embeddings)
+        sessions = [_session(embeddings.SerializeToString(), options)]
+        # Layer sessions load from files: one from bytes keeps the bytes (a second copy of
+        # the weights) referenced for its lifetime.
+        with tempfile.TemporaryDirectory(prefix="eeengine-onnx-") as tmp:
+            path = Path(tmp) / "layer.onnx"
+            for layer in model.backbone.layers:
+                graph = layer_graph(layer, config.num_attention_heads, config.layer_norm_eps)
+                if precision == "int8":
+                    quantize_int8(graph, path)
+                else:
+                    onnx.save(graph, path)
+                del graph  # one layer's transient copies at a time
+                sessions.append(_session(str(path), options))
+        _release_freed_heap()
+        self._sessions = sessions
         self._bindings = [session.io_binding() for session in self._sessions]
+        # Bound once: IOBinding keeps them for every run (the torch tensors outlive it).
+        for key, value in self._embedding_weights.items():
+            _bind(self._bindings[0].bind_input, key, value)
         self._hidden_size = config.hidden_size
+
+    def release_torch_layers(self, keep: set[int] = frozenset()) -> None:
+        """Drop the torch weights of the encoder layers this executor runs (all but ``keep``,
+        0-based), so that their only copy is ONNX Runtime's. Those torch layers cannot run
+        afterwards (their parameters are on the ``meta`` device: any use raises).
+
+        For an owner that runs those layers only through this executor; the model given to
+        the constructor is changed in place.
+        """
+        for index, layer in enumerate(self.model.backbone.layers):
+            if index not in keep:
+                layer.to_empty(device="meta")
+        _release_freed_heap()
 
     def embed(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
         """(batch_size, seq_len) int64 ids -> (batch_size, seq_len, hidden_size) float32."""
@@ -215,6 +313,36 @@ class OnnxRuntimeExecutor:
         _bind(binding.bind_output, "output", output)
         self._sessions[session].run_with_iobinding(binding)
         return output
+
+
+def _session(
+    model: bytes | str, options: onnxruntime.SessionOptions
+) -> onnxruntime.InferenceSession:
+    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _session_options(num_threads: int) -> onnxruntime.SessionOptions:
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = num_threads
+    options.inter_op_num_threads = 1
+    # The exit head and policy step run in eeengine between two sessions: ORT's workers
+    # must not spin-wait for more work while eeengine needs the cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Shapes change at every compaction; ORT's arena keeps every size it ever served and
+    # never gives memory back (measured: 2.9 GiB peak at batch 256 x 128 tokens with it,
+    # 0.97 GiB without, same speed).
+    options.enable_cpu_mem_arena = False
+    return options
+
+
+def _release_freed_heap() -> None:
+    """Give the heap pages freed by the graph building back to the system (glibc's
+    ``malloc_trim``; a no-op elsewhere). The transient copies of the weights (numpy, protobuf,
+    serialized bytes) are freed but would otherwise stay in the process's resident memory."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _int32(tensor: Tensor) -> Tensor:

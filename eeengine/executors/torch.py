@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from eeengine.modeling_bert import attention_bias
 from eeengine.modeling_multiexit import MultiExitBert
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class TorchExecutor:
@@ -13,14 +16,41 @@ class TorchExecutor:
     into one matmul when the model is in eval mode (fused once: a second executor on the same
     model reuses the fused weights, so a CUDA graph captured earlier still reads live memory).
 
+    With ``precision="bf16"`` the encoder layers run in bf16: they are cast in place (one
+    copy of the weights; the model given is changed), hidden states are rounded to bf16 at
+    each layer's input and returned as float32, so the embeddings, exit heads and policy step
+    stay float32.
+
     Args:
         model: the multi-exit model, on any device.
+        precision: "fp32" (the reference) or "bf16".
+        fp32_layers: 0-based layers left in float32 at bf16 (those the loop runs outside the
+            executor: token-pruning layers).
     """
 
     name = "torch"
 
-    def __init__(self, model: MultiExitBert) -> None:
+    def __init__(
+        self,
+        model: MultiExitBert,
+        precision: str = "fp32",
+        fp32_layers: frozenset[int] = frozenset(),
+    ) -> None:
+        if precision not in _DTYPES:
+            raise ValueError(f"the torch executor runs {' or '.join(_DTYPES)}, not {precision!r}")
         self.model = model
+        self.precision = precision
+        dtype = _DTYPES[precision]
+        # Each layer's dtype: fp32_layers stay float32.
+        self._dtypes = [
+            torch.float32 if index in fp32_layers else dtype
+            for index in range(len(model.backbone.layers))
+        ]
+        if dtype != torch.float32:
+            for layer, layer_dtype in zip(model.backbone.layers, self._dtypes, strict=True):
+                layer.to(layer_dtype)
+            if model.backbone.qkv_fused:
+                model.backbone.fuse_qkv()  # again, from the cast weights
         if not model.training and not model.backbone.qkv_fused:
             model.backbone.fuse_qkv()
 
@@ -33,5 +63,10 @@ class TorchExecutor:
         return attention_bias(attention_mask)
 
     def layer(self, index: int, hidden_states: Tensor, mask: Tensor | None) -> Tensor:
-        """Layer ``index`` (0-based): (batch_size, seq_len, hidden_size) -> the same shape."""
-        return self.model.backbone.layers[index](hidden_states, mask)
+        """Layer ``index`` (0-based): (batch_size, seq_len, hidden_size) -> the same shape,
+        float32 (computed in the layer's dtype)."""
+        layer = self.model.backbone.layers[index]
+        dtype = self._dtypes[index]
+        if dtype == torch.float32:
+            return layer(hidden_states, mask)
+        return layer(hidden_states.to(dtype), mask).float()

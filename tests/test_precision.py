@@ -1,0 +1,133 @@
+"""Precision of the encoder layers (fp32, bf16, int8) against the fp32 reference, one
+calibration per precision, and the ONNX Runtime executor's single copy of the weights.
+
+Tolerances, on the tiny random fixtures (hidden 32, activations up to ~4 after LayerNorm):
+- int8 (per-channel int8 weights, per-call uint8 activations): each layer's output within
+  5e-3 of fp32 on the same input (measured: <= 6e-4), the logits of the whole loop within
+  5e-3 (measured: <= 5e-4).
+- bf16 (8-bit mantissa: relative rounding 2^-9 per op, on activations up to ~4): each layer
+  within 5e-2 (measured: <= 2.5e-2), logits within 2e-2 (measured: <= 5.3e-3).
+- at both, the argmax equal to fp32's on at least 80 % of rows (measured: all).
+And neither may equal fp32 to fp32's own tolerance (1e-5): the precision must really change.
+"""
+
+import pytest
+import torch
+
+from eeengine import Engine
+from eeengine.batching import collate, encode
+from eeengine.cli import main
+from eeengine.executors import make_executor
+from eeengine.modeling_bert import attention_bias
+from eeengine.precision import calibration_file, read_calibration, write_calibration
+from tests.conftest import SENTENCES, make_tiny_model
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+LAYER_ATOL = {"int8": 5e-3, "bf16": 5e-2}
+LOGITS_ATOL = {"int8": 5e-3, "bf16": 2e-2}
+FP32_ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+    return collate(encode(tokenizer, SENTENCES, None, 64), range(len(SENTENCES)), 0)
+
+
+@pytest.mark.parametrize(("precision", "executor"), [("int8", "onnxruntime"), ("bf16", "torch")])
+def test_every_layer_close_to_fp32(tiny_bert_dir, batch, precision, executor):
+    input_ids, attention_mask, token_type_ids = batch
+    reference = make_tiny_model(tiny_bert_dir)
+    built = make_executor(None, make_tiny_model(tiny_bert_dir), precision)
+    assert built.name == executor
+    real = attention_mask.bool()
+    with torch.inference_mode():
+        hidden = reference.backbone.embed(input_ids, token_type_ids)
+        mask = built.mask(attention_mask)
+        for index, layer in enumerate(reference.backbone.layers):
+            expected = layer(hidden, attention_bias(attention_mask))
+            actual = built.layer(index, hidden, mask)  # same input per layer
+            assert actual.dtype == torch.float32
+            error = (actual - expected)[real].abs().max().item()
+            assert FP32_ATOL < error <= LAYER_ATOL[precision], f"layer {index}: {error}"
+            hidden = expected
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_engine_logits_close_to_fp32(tiny_ckpt, precision):
+    fp32 = Engine(tiny_ckpt, policy="none").predict(SENTENCES, batch_size=4)
+    with pytest.warns(UserWarning, match=f"calibrate --precision {precision}"):
+        engine = Engine(tiny_ckpt, policy="none", precision=precision)
+    assert engine.precision == precision
+    actual = engine.predict(SENTENCES, batch_size=4)
+    expected = torch.tensor([p.logits for p in fp32])
+    logits = torch.tensor([p.logits for p in actual])
+    torch.testing.assert_close(logits, expected, atol=LOGITS_ATOL[precision], rtol=0)
+    same = sum(a.label == e.label for a, e in zip(actual, fp32, strict=True))
+    assert same >= 0.8 * len(SENTENCES)
+
+
+def test_onnxruntime_engine_keeps_one_copy_of_the_layers(tiny_ckpt):
+    engine = Engine(tiny_ckpt, executor="onnxruntime")
+    layers = engine.model.backbone.layers
+    assert all(p.device.type == "meta" for p in layers.parameters())  # ORT holds them
+    assert engine.model.backbone.embeddings.word_embeddings.weight.device.type == "cpu"
+    # Full-depth evaluation runs through the executor, not the dropped torch layers.
+    point = engine.calibrate(SENTENCES, [i % 2 for i in range(len(SENTENCES))], max_drop=100.0)
+    assert point.metric >= 0.0
+
+
+def test_executor_keeps_torch_layers_it_is_told_to(tiny_bert_dir):
+    model = make_tiny_model(tiny_bert_dir)
+    make_executor("onnxruntime", model, "fp32", torch_layers={1})
+    devices = [next(layer.parameters()).device.type for layer in model.backbone.layers]
+    assert devices == ["meta", "cpu", "meta", "meta"]
+    model = make_tiny_model(tiny_bert_dir)
+    make_executor(None, model, "bf16", torch_layers={1})
+    dtypes = [next(layer.parameters()).dtype for layer in model.backbone.layers]
+    assert dtypes == [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16]
+
+
+def test_one_calibration_per_precision(tiny_ckpt, tmp_path):
+    import shutil
+
+    ckpt = shutil.copytree(tiny_ckpt, tmp_path / "ckpt")
+    fp32_file = ckpt / calibration_file("fp32")
+    before = fp32_file.read_bytes() if fp32_file.exists() else None
+    with pytest.warns(UserWarning):
+        engine = Engine(ckpt, precision="int8")
+    assert engine.calibration == {}
+    labels = [i % 2 for i in range(len(SENTENCES))]
+    engine.calibrate(SENTENCES, labels, max_drop=100.0, policy="entropy")
+    written = write_calibration(ckpt, "int8", engine.calibration)
+    assert written.name == "calibration-int8.json"
+    assert read_calibration(ckpt, "int8") == engine.calibration
+    assert (fp32_file.read_bytes() if fp32_file.exists() else None) == before
+    # The default policy's parameters at int8 come from the int8 sweep.
+    reloaded = Engine(ckpt, precision="int8")
+    assert reloaded.calibration == engine.calibration
+    assert reloaded.policy.name == "entropy"  # the checkpoint's default policy
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"precision": "fp16"}, "unknown precision 'fp16'"),
+        ({"precision": "int8", "executor": "torch"}, "runs on the onnxruntime executor"),
+        ({"precision": "bf16", "executor": "onnxruntime"}, "runs on the torch executor"),
+    ],
+)
+def test_bad_precision(tiny_ckpt, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Engine(tiny_ckpt, **kwargs)
+
+
+def test_cli_precision(tiny_ckpt, capsys):
+    args = ["--ckpt", str(tiny_ckpt), "--precision", "int8"]
+    with pytest.warns(UserWarning, match="calibration-int8.json"):
+        assert main(["predict", *args, "great fun"]) == 0
+        assert main(["info", str(tiny_ckpt), "--precision", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith("great fun")
+    assert "executor    onnxruntime, precision int8" in out
