@@ -235,6 +235,10 @@ class Engine:
     ) -> Prediction | list[Prediction]:
         """Predict with per-sample early exit.
 
+        Texts are cut to :func:`eeengine.inputs.char_limit` characters before tokenization
+        (which bounds the cost of any input without changing the tokens kept for text of
+        normal density; see :mod:`eeengine.inputs`).
+
         Args:
             inputs: a text, a (text, text_pair) tuple, or a list of them.
             batch_size: rows per forward pass; each row exits on its own and exited rows leave
@@ -242,10 +246,6 @@ class Engine:
 
         Returns:
             One :class:`Prediction` for a single input, else a list in input order.
-
-        Texts are cut to :func:`eeengine.inputs.char_limit` characters before tokenization
-        (which bounds the cost of any input without changing the tokens kept for text of
-        normal density; see :mod:`eeengine.inputs`).
 
         Raises:
             TypeError / ValueError: a bad input (its index is named); nothing is run then.

@@ -6,8 +6,11 @@ nothing with ``eeengine.policies``. ``run_policy`` (batched, fp32) must give the
 fp64, so a random example whose deciding comparison lies within ``MARGIN`` of its threshold is
 discarded (``assume``); exact ties are checked by the hand-written cases instead.
 
-Each random example is also run through a copy of the runtime's compaction (exited rows are
-dropped from the logits, the signals and every state tensor), which must agree as well.
+Each random example also goes through the runtime's loop (:func:`early_exit_forward`: exited
+rows are dropped from the hidden states and every state tensor), fed by an executor whose exit
+heads give back the drawn logits exactly (:class:`LogitsExecutor`); it must agree as well, on
+the plain-torch backend and on the fused C++ op (tests/test_triton_exit_head_step.py runs the
+examples through the Triton kernel).
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from eeengine.policies import POLICIES, make_policy, run_policy
+from eeengine._custom_ops import HAS_C
+from eeengine.heads import ExitHead
+from eeengine.policies import POLICIES, ExitPolicy, make_policy, run_policy
 from eeengine.policies.base import entropy as policy_entropy
 from eeengine.policies.base import normalized_entropy as policy_normalized_entropy
+from eeengine.runtime import early_exit_forward
 
 MARGIN = 1e-4
 
@@ -276,36 +282,83 @@ def test_every_policy_has_an_oracle():
     assert set(CASES) == set(POLICIES)
 
 
-def run_compacting(policy, all_logits, signals):
-    """The runtime's loop on precomputed logits: exited rows leave the batch and the state."""
+class LogitsModel(torch.nn.Module):
+    """Stands in for a :class:`MultiExitBert` in the runtime's loop
+    (:class:`eeengine.runtime.ExitLoop`): every layer has the same real :class:`ExitHead`
+    (mean pooling, a classifier that copies the first C of C + 2 components, so one token's
+    hidden state [logits | lte_score | row] gives back its logits exactly), and the LTE score is
+    read from component C."""
+
+    def __init__(self, num_layers: int, num_labels: int) -> None:
+        super().__init__()
+        self.num_layers, self.num_labels = num_layers, num_labels
+        self.head = ExitHead(num_labels + 2, num_labels, "mean", dropout=0.0)
+        with torch.no_grad():
+            self.head.classifier.weight.copy_(torch.eye(num_labels, num_labels + 2))
+            self.head.classifier.bias.zero_()
+        self.eval()
+
+    def exit_head(self, index: int) -> ExitHead:
+        return self.head
+
+    def lte(self, pooled: torch.Tensor) -> torch.Tensor:
+        return pooled[:, self.num_labels]
+
+
+class LogitsExecutor:
+    """A layer executor that plays back drawn logits: after layer l, row b is one token
+    [logits[l][b] | lte_score[l][b] | b]. The row index travels in the hidden state, so the
+    runtime's own compaction decides which rows reach each layer."""
+
+    name = "logits"
+
+    def __init__(self, all_logits: torch.Tensor, scores: torch.Tensor) -> None:
+        self.all_logits, self.scores = all_logits, scores
+
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        hidden_states = torch.zeros(input_ids.shape[0], 1, self.all_logits.shape[-1] + 2)
+        hidden_states[:, 0, -1] = input_ids[:, 0]
+        return hidden_states
+
+    def mask(self, attention_mask: torch.Tensor) -> None:
+        return None
+
+    def layer(self, index: int, hidden_states: torch.Tensor, mask: None) -> torch.Tensor:
+        rows = hidden_states[:, 0, -1].long()
+        values = [self.all_logits[index, rows], self.scores[index, rows, None], rows[:, None]]
+        return torch.cat([v.float() for v in values], 1)[:, None]
+
+
+def run_runtime(policy, all_logits, signals, backend="reference"):
+    """The runtime's early-exit loop (:func:`early_exit_forward`: exited rows leave the batch
+    and the policy state) on the drawn logits, one row per sample of one token, with the exit
+    step of ``backend``."""
     num_layers, batch_size, num_labels = all_logits.shape
-    rows = torch.arange(batch_size)
-    exit_layer = torch.zeros(batch_size, dtype=torch.long)
-    out = torch.zeros(batch_size, num_labels)
-    state = policy.init_state(batch_size, all_logits.device)
-    for layer in range(1, num_layers + 1):
-        logits = all_logits[layer - 1, rows]
-        layer_signals = {name: signals[name][layer - 1, rows] for name in policy.needs}
-        exit_mask, state = policy.step(logits, layer, state, **layer_signals)
-        if layer == num_layers:
-            exit_mask = torch.ones_like(exit_mask)
-        out[rows[exit_mask]] = policy.output_logits(logits, state)[exit_mask].float()
-        exit_layer[rows[exit_mask]] = layer
-        keep = ~exit_mask
-        rows = rows[keep]
-        state = {name: value[keep] for name, value in state.items()}
-        if len(rows) == 0:
-            break
-    return exit_layer, out
+    scores = signals.get("lte_score", torch.zeros(num_layers, batch_size))
+    input_ids = torch.arange(batch_size)[:, None]
+    out = early_exit_forward(
+        LogitsModel(num_layers, num_labels),
+        policy,
+        input_ids,
+        torch.ones_like(input_ids),
+        torch.zeros_like(input_ids),
+        backend=backend,
+        executor=LogitsExecutor(all_logits, scores),
+    )
+    return out.exit_layer, out.logits
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-@settings(max_examples=100, deadline=None)
-@given(data=st.data())
-def test_batched_policy_matches_oracle(name, data):
+def draw_case(
+    data: st.DataObject, name: str, max_layers: int = 12, max_batch: int = 8
+) -> tuple[ExitPolicy, torch.Tensor, dict[str, torch.Tensor], list[int], list[list[float]]]:
+    """A random example of policy ``name`` and its oracle's answer.
+
+    Returns:
+        (policy, all_logits (L, B, C), signals, expected exit layers, expected logits).
+    """
     oracle, params_strategy, label_counts = CASES[name]
-    num_layers = data.draw(st.integers(2, 12), label="L")
-    batch_size = data.draw(st.integers(1, 8), label="B")
+    num_layers = data.draw(st.integers(2, max_layers), label="L")
+    batch_size = data.draw(st.integers(1, max_batch), label="B")
     num_labels = data.draw(st.sampled_from(label_counts), label="C")
     value = st.floats(-6.0, 6.0, allow_nan=False, width=32)
     row = st.lists(value, min_size=num_labels, max_size=num_labels)
@@ -341,14 +394,24 @@ def test_batched_policy_matches_oracle(name, data):
         assume(cmp.margin > MARGIN)
         expected_layer.append(layer)
         expected_out.append(out)
+    return policy, torch.tensor(logits), signals, expected_layer, expected_out
 
-    all_logits = torch.tensor(logits)
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_batched_policy_matches_oracle(name, data):
+    policy, all_logits, signals, expected_layer, expected_out = draw_case(data, name)
     exit_layer, out = run_policy(policy, all_logits, signals)
     assert exit_layer.tolist() == expected_layer
     torch.testing.assert_close(out, torch.tensor(expected_out))
-    compact_layer, compact_out = run_compacting(policy, all_logits, signals)
+    compact_layer, compact_out = run_runtime(policy, all_logits, signals)
     assert compact_layer.tolist() == expected_layer
     torch.testing.assert_close(compact_out, out, rtol=0, atol=0)
+    if HAS_C:
+        fused_layer, fused_out = run_runtime(policy, all_logits, signals, "cpp")
+        assert fused_layer.tolist() == expected_layer
+        torch.testing.assert_close(fused_out, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +424,8 @@ def next_float32_up(value: float) -> float:
 
 
 def exit_layer_of(name: str, layers: list[list[float]], scores=None, **params) -> int:
-    """Exit layer of one sample, from the policy and from the oracle (which must agree)."""
+    """Exit layer of one sample, from the policy, from the oracle and from the runtime on the
+    fused C++ op (which must agree)."""
     num_labels = len(layers[0])
     signals = {} if scores is None else {"lte_score": torch.tensor(scores)[:, None]}
     policy = make_policy(name, **params)
@@ -369,6 +433,9 @@ def exit_layer_of(name: str, layers: list[list[float]], scores=None, **params) -
     exit_layer, _ = run_policy(policy, torch.tensor(layers)[:, None, :], signals)
     oracle_layer, _ = CASES[name][0](layers, params, Comparisons(), scores)
     assert exit_layer.item() == oracle_layer
+    if HAS_C:
+        fused_layer, _ = run_runtime(policy, torch.tensor(layers)[:, None, :], signals, "cpp")
+        assert fused_layer.item() == oracle_layer
     return oracle_layer
 
 
