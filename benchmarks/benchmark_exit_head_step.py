@@ -1,6 +1,7 @@
 """Fused exit_head_step (provider "eeengine") vs the unfused torch head + policy + latch
-(provider "torch", :func:`eeengine.runtime.exit_head_step_reference`), with one encoder layer
-and the whole early-exit loop (both backends, full depth) for scale.
+(provider "torch", :func:`eeengine.runtime.exit_head_step_reference`) for the policies pcee,
+elbert (window N = 2, monotonic) and mpee (classifier memory), with one encoder layer and the
+whole early-exit loop (both backends, full depth) for scale.
 
 Run: ``pytest benchmarks/benchmark_exit_head_step.py --benchmark-only`` (one group per
 shape, providers side by side; add ``--benchmark-json=PATH`` for the raw numbers).
@@ -16,6 +17,9 @@ from eeengine._custom_ops import HAS_C, LOAD_ERROR, exit_head_step
 from eeengine.heads import ExitHead
 from eeengine.modeling_bert import BertLayer, attention_bias
 from eeengine.modeling_multiexit import MultiExitBert
+from eeengine.policies import ExitPolicy
+from eeengine.policies.elbert import ElbertPolicy
+from eeengine.policies.mpee import MpeePolicy
 from eeengine.policies.none import NoExitPolicy
 from eeengine.policies.pcee import PceePolicy
 from eeengine.runtime import early_exit_forward, exit_head_step_reference
@@ -23,9 +27,14 @@ from eeengine.runtime import early_exit_forward, exit_head_step_reference
 SEQ_LEN = 64
 NUM_LAYERS = 6
 LAYER = 2
+POLICIES: dict[str, ExitPolicy] = {
+    "pcee": PceePolicy(0.3, patience=2),
+    "elbert": ElbertPolicy(0.3, window=2),
+    "mpee": MpeePolicy(0.3),
+}
 
 
-def inputs(batch_size: int, hidden_size: int, num_labels: int) -> tuple:
+def inputs(batch_size: int, hidden_size: int, num_labels: int, policy: ExitPolicy) -> tuple:
     """A mean-pooling head, right-padded hidden states (lengths 16..64) and latch buffers."""
     gen = torch.Generator().manual_seed(0)
     head = ExitHead(hidden_size, num_labels, "mean", dropout=0.1).eval()
@@ -33,8 +42,7 @@ def inputs(batch_size: int, hidden_size: int, num_labels: int) -> tuple:
     lengths = torch.randint(16, SEQ_LEN + 1, (batch_size,), generator=gen)
     lengths[0] = SEQ_LEN
     mask = (torch.arange(SEQ_LEN) < lengths[:, None]).long()
-    policy = PceePolicy(0.3, patience=2)
-    state = policy.init_state(batch_size, torch.device("cpu"))
+    state = policy.init_state(batch_size, torch.device("cpu"), num_labels)
     rows = torch.arange(batch_size)
     out_logits = torch.zeros(batch_size, num_labels)
     out_layer = torch.zeros(batch_size, dtype=torch.long)
@@ -45,15 +53,16 @@ def inputs(batch_size: int, hidden_size: int, num_labels: int) -> tuple:
 @pytest.mark.parametrize("num_labels", [2, 3])
 @pytest.mark.parametrize("batch_size", [1, 32])
 @pytest.mark.parametrize("hidden_size", [384, 768])
+@pytest.mark.parametrize("policy_name", POLICIES)
 def test_exit_head_step(
-    benchmark, provider: str, hidden_size: int, batch_size: int, num_labels: int
+    benchmark, policy_name: str, provider: str, hidden_size: int, batch_size: int, num_labels: int
 ) -> None:
     if provider == "eeengine" and not HAS_C:
         pytest.skip(f"C++ extension not available: {LOAD_ERROR}")
     head, policy, hidden, mask, state, rows, out_logits, out_layer = inputs(
-        batch_size, hidden_size, num_labels
+        batch_size, hidden_size, num_labels, POLICIES[policy_name]
     )
-    benchmark.group = f"exit_head_step H={hidden_size} B={batch_size} C={num_labels}"
+    benchmark.group = f"exit_head_step {policy_name} H={hidden_size} B={batch_size} C={num_labels}"
     benchmark.extra_info.update(provider=provider, seq_len=SEQ_LEN)
     with torch.inference_mode():
         if provider == "eeengine":

@@ -212,6 +212,7 @@ def build_providers(
             settings[name] = {"policy": "none", **extra}
     schedule = base.manifest.get("token_pruning") or token_pruning
     variants = {"": None, "tok_": schedule}
+    fp32_points: dict = {"full": ("none", {})}
     for precision in precisions():
         kwargs = {} if precision == "fp32" else {"precision": precision}
         tag = "" if precision == "fp32" else f"{precision}_"
@@ -224,6 +225,10 @@ def build_providers(
                 continue  # no calibration measured with pruning to pick its points from
             calibrated = _calibration_engine(ckpt, workload, pruning, kwargs)
             points, sweep = operating_points(calibrated, workload)
+            if not sweep and not prefix:  # no sweep of this precision: the fp32 points stand in
+                points, sweep = fp32_points, {"fp32 points": True}
+            if precision == "fp32" and not prefix:
+                fp32_points = points
             if prefix:
                 points.pop("full")
             for short, executor in EXECUTORS.items():
@@ -248,6 +253,7 @@ def build_providers(
                         "token_pruning": pruning,
                         "backend": engine.backend,
                         "calibration_full_depth": sweep.get("full_depth"),
+                        "points_from": "fp32" if "fp32 points" in sweep else precision,
                     }
             if sweep and precision == "fp32" and not prefix and _wanted("papers_loop", patterns):
                 # The papers' loop at the raw-entropy point within 0.5 points, if there is one.

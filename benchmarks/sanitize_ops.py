@@ -19,6 +19,7 @@ from eeengine.policies import ExitPolicy
 from eeengine.policies.budget import BudgetPolicy
 from eeengine.policies.elbert import ElbertPolicy
 from eeengine.policies.entropy import EntropyPolicy
+from eeengine.policies.lte import LtePolicy
 from eeengine.policies.max_prob import MaxProbPolicy
 from eeengine.policies.mpee import MpeePolicy
 from eeengine.policies.none import NoExitPolicy
@@ -31,7 +32,8 @@ from eeengine.token_pruning import token_prune_reference
 POLICIES = [
     EntropyPolicy(0.9), NormalizedEntropyPolicy(0.5), MaxProbPolicy(0.5),
     PatiencePolicy(patience=2), PceePolicy(0.5, 2), BudgetPolicy(layer=2), NoExitPolicy(),
-    ElbertPolicy(0.5), MpeePolicy(0.9),
+    ElbertPolicy(0.5), ElbertPolicy(0.5, 3, "stable"), ElbertPolicy(0.5, 2, "range", 0.1),
+    MpeePolicy(0.9), LtePolicy(0.5),
 ]  # fmt: skip
 
 
@@ -44,13 +46,14 @@ def exit_step_args(policy: ExitPolicy, dtype: torch.dtype, pooled: bool) -> list
     mask = (torch.arange(seq_len) < (seq_len - torch.arange(batch_size))[:, None]).long()
     if pooled:
         hidden, mask = hidden[:, 0], None
-    state = policy.init_state(batch_size, torch.device("cpu"))
+    state = policy.init_state(batch_size, torch.device("cpu"), num_labels)
+    lte_score = torch.rand(batch_size, generator=gen) if policy.needs else None
     return [
         hidden, mask, torch.randn(num_labels, hidden_size, generator=gen).to(dtype),
         torch.randn(num_labels, generator=gen).to(dtype), policy.op_code,
         policy.op_params(2), 2, 4, [state[key] for key in policy.op_state_keys],
         torch.randperm(10, generator=gen)[:batch_size], torch.zeros(10, num_labels),
-        torch.zeros(10, dtype=torch.long),
+        torch.zeros(10, dtype=torch.long), lte_score,
     ]  # fmt: skip
 
 
@@ -81,6 +84,8 @@ def check_exit_ops() -> int:
                     torch.testing.assert_close(logits.cpu(), ref_logits, atol=1e-4, rtol=1e-4)
                     assert torch.equal(exits.cpu(), ref_exit), f"{what}: exits differ"
                     assert torch.equal(args[11].cpu(), ref_args[11]), f"{what}: latch differs"
+                    for got, ref in zip(args[8], ref_args[8], strict=True):  # policy state
+                        torch.testing.assert_close(got.cpu(), ref, atol=1e-4, rtol=1e-4)
                     launches += 1
     return launches
 

@@ -29,6 +29,7 @@ import json
 import random
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from serve_client import (
@@ -127,20 +128,35 @@ async def send_all(
 
 
 async def shutdown_while_busy(proc, port: int, texts: list[str], requests: int = 16) -> dict:
-    """SIGTERM with ``requests`` batches in flight: each must still be answered 200, and the
-    process must exit 0."""
+    """SIGTERM once ``requests`` batches are in flight (the server's
+    ``eeengine_requests_in_flight`` says so): each must still be answered 200, and the process
+    must exit 0."""
     body = json.dumps({"inputs": [[t] for t in texts[:32]], "truncate": True}).encode()
     pending = [asyncio.ensure_future(post(port, body)) for _ in range(requests)]
-    await asyncio.sleep(0.3)  # connected and sent
-    in_flight = sum(not p.done() for p in pending)
+    in_flight = 0.0
+    for _ in range(600):  # until the server holds them all, or some are done already
+        in_flight = await asyncio.to_thread(_in_flight, port)
+        if in_flight + sum(p.done() for p in pending) >= requests:
+            break
+        await asyncio.sleep(0.05)
     exit_status = await asyncio.to_thread(stop_server, proc)
-    statuses = [status for status, _ in await asyncio.gather(*pending)]
+    answers = await asyncio.gather(*pending, return_exceptions=True)
+    statuses = [a[0] if isinstance(a, tuple) else type(a).__name__ for a in answers]
     return {
         "in_flight_at_sigterm": in_flight,
         "answered_200": statuses.count(200),
         "requests": requests,
+        "statuses": statuses,
         "exit_status": exit_status,
     }
+
+
+def _in_flight(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("eeengine_requests_in_flight "):
+                return float(line.split()[1])
+    return 0.0
 
 
 def run(

@@ -83,8 +83,7 @@ struct StepArgs {
   const float* weight;  // [C, H] contiguous
   const float* bias;    // [C]
   int64_t num_labels;
-  int64_t* counter;    // [B] or nullptr
-  int64_t* prev_pred;  // [B] or nullptr
+  PolicyState state;
   const int64_t* rows;
   float* logits;  // [B, C]
   bool* exit_mask;
@@ -115,35 +114,16 @@ void step_rows(const PolicyConfig& cfg, const StepArgs<scalar_t>& a, int64_t beg
     }
     float* z = a.logits + b * C;
     for (int64_t c = 0; c < C; ++c) z[c] = dot(a.weight + c * H, pooled.data(), H) + a.bias[c];
-    int64_t* counter = a.counter ? a.counter + b : nullptr;
-    int64_t* prev_pred = a.prev_pred ? a.prev_pred + b : nullptr;
-    const bool exits = decide(cfg, z, C, counter, prev_pred);
+    const RowState row_s = row_state(a.state, cfg, b, C);
+    const bool exits = decide(cfg, z, C, row_s);
     a.exit_mask[b] = exits;
     if (exits) {
       const int64_t row = a.rows[b];
-      std::copy(z, z + C, a.out_logits + row * C);
+      const float* latched = exit_logits(cfg, z, row_s);
+      std::copy(latched, latched + C, a.out_logits + row * C);
       a.out_layer[row] = cfg.layer;
     }
   }
-}
-
-// Number of entries of `params` and of `state` that each policy takes.
-std::pair<size_t, size_t> policy_arity(PolicyCode code) {
-  switch (code) {
-    case PolicyCode::kNone:
-      return {0, 0};
-    case PolicyCode::kEntropy:
-    case PolicyCode::kNormalizedEntropy:
-    case PolicyCode::kMaxProb:
-      return {1, 0};
-    case PolicyCode::kPatience:
-      return {1, 2};
-    case PolicyCode::kPcee:
-      return {2, 1};
-    case PolicyCode::kBudget:
-      return {1, 0};
-  }
-  return {0, 0};
 }
 
 int64_t positive_int_param(double value, const char* what) {
@@ -162,12 +142,71 @@ void check_vector(const at::Tensor& t, const char* name, int64_t size, at::Scala
               t.scalar_type());
 }
 
+// dtype and shape of each state tensor of a policy (the table of exit_policy.h).
+struct StateSpec {
+  const char* name;
+  at::ScalarType dtype;
+  std::vector<int64_t> shape;
+};
+std::vector<StateSpec> state_specs(const PolicyConfig& cfg, int64_t B, int64_t C) {
+  switch (cfg.code) {
+    case PolicyCode::kPatience:
+      return {{"counter", at::kLong, {B}},
+              {"previous prediction", C == 1 ? at::kFloat : at::kLong, {B}}};
+    case PolicyCode::kPcee:
+      return {{"counter", at::kLong, {B}}};
+    case PolicyCode::kElbert:
+      if (cfg.window_test == WindowTest::kStable) {
+        return {{"window of labels", at::kLong, {B, cfg.window}}};
+      }
+      return {{"window of probabilities", at::kFloat, {B, cfg.window, C}}};
+    case PolicyCode::kMpee:
+      return {{"classifier memory", at::kFloat, {B, C}}};
+    default:
+      return {};
+  }
+}
+
+// Raw pointers of the validated state tensors and LTE score (`lte_score` already fp32).
+PolicyState policy_state(const PolicyConfig& cfg, at::TensorList state, int64_t C,
+                         const at::Tensor& lte_score) {
+  PolicyState s{};
+  switch (cfg.code) {
+    case PolicyCode::kPatience:
+      s.counter = state[0].data_ptr<int64_t>();
+      if (C == 1) {
+        s.previous_value = state[1].data_ptr<float>();
+      } else {
+        s.previous = state[1].data_ptr<int64_t>();
+      }
+      break;
+    case PolicyCode::kPcee:
+      s.counter = state[0].data_ptr<int64_t>();
+      break;
+    case PolicyCode::kElbert:
+      if (cfg.window_test == WindowTest::kStable) {
+        s.window_labels = state[0].data_ptr<int64_t>();
+      } else {
+        s.window_probs = state[0].data_ptr<float>();
+      }
+      break;
+    case PolicyCode::kMpee:
+      s.memory = state[0].data_ptr<float>();
+      break;
+    case PolicyCode::kLte:
+      s.lte_score = lte_score.data_ptr<float>();
+      break;
+    default:
+      break;
+  }
+  return s;
+}
+
 // Sizes and decoded policy of a validated call.
 struct CheckedArgs {
   PolicyConfig cfg;
   bool pool;  // hidden_states is [B, N, H] with a mask (else pooled [B, H])
   int64_t B, N, H, C, B0;
-  size_t num_state;
 };
 
 // Every check of the op's contract that reads no tensor data (so it never syncs a GPU); all
@@ -177,7 +216,8 @@ CheckedArgs check_args(const at::Tensor& hidden_states,
                        const at::Tensor& bias, int64_t policy, at::ArrayRef<double> params,
                        int64_t layer, int64_t num_layers, at::TensorList state,
                        const at::Tensor& rows, const at::Tensor& out_logits,
-                       const at::Tensor& out_layer, c10::DeviceType device) {
+                       const at::Tensor& out_layer, const std::optional<at::Tensor>& lte_score,
+                       c10::DeviceType device) {
   // hidden_states and attention_mask.
   TORCH_CHECK(hidden_states.device().type() == device, "exit_head_step: hidden_states must be a ",
               device, " tensor, got ", hidden_states.device());
@@ -217,46 +257,75 @@ CheckedArgs check_args(const at::Tensor& hidden_states,
               "], got ", bias.sizes());
 
   // Policy.
-  TORCH_CHECK(policy >= 0 && policy <= static_cast<int64_t>(PolicyCode::kBudget),
+  TORCH_CHECK(policy >= 0 && policy < kNumPolicies,
               "exit_head_step: policy: unknown policy code ", policy);
   PolicyConfig cfg{static_cast<PolicyCode>(policy)};
-  const auto [num_params, num_state] = policy_arity(cfg.code);
-  TORCH_CHECK(params.size() == num_params, "exit_head_step: params: policy code ", policy,
-              " takes ", num_params, " parameter(s), got ", params.size());
-  TORCH_CHECK(state.size() == num_state, "exit_head_step: state: policy code ", policy,
-              " takes ", num_state, " state tensor(s), got ", state.size());
+  const PolicyLayout layout = policy_layout(cfg.code);
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == layout.num_params,
+              "exit_head_step: params: policy code ", policy, " takes ", layout.num_params,
+              " parameter(s), got ", params.size());
+  TORCH_CHECK(static_cast<int64_t>(state.size()) == layout.num_state,
+              "exit_head_step: state: policy code ", policy, " takes ", layout.num_state,
+              " state tensor(s), got ", state.size());
   TORCH_CHECK(num_layers >= 1 && layer >= 1 && layer <= num_layers,
               "exit_head_step: layer must be in [1, num_layers], got layer=", layer,
               ", num_layers=", num_layers);
-  const bool uses_softmax = cfg.code != PolicyCode::kNone && cfg.code != PolicyCode::kBudget;
-  TORCH_CHECK(!uses_softmax || C >= 2, "exit_head_step: policy code ", policy,
+  const bool regression_ok = cfg.code == PolicyCode::kNone || cfg.code == PolicyCode::kBudget ||
+                             cfg.code == PolicyCode::kPatience || cfg.code == PolicyCode::kLte;
+  TORCH_CHECK(regression_ok || C >= 2, "exit_head_step: policy code ", policy,
               " needs at least 2 classes, weight has ", C);
   cfg.layer = layer;
   cfg.num_layers = num_layers;
   cfg.log_num_labels = static_cast<float>(std::log(static_cast<double>(C)));
+  if (layout.num_params > 0) cfg.threshold = static_cast<float>(params[0]);
   switch (cfg.code) {
     case PolicyCode::kPatience:
+      cfg.threshold = 0.0f;
       cfg.patience = positive_int_param(params[0], "patience");
+      cfg.delta = static_cast<float>(params[1]);
       break;
     case PolicyCode::kPcee:
-      cfg.threshold = static_cast<float>(params[0]);
       cfg.patience = positive_int_param(params[1], "patience");
       break;
     case PolicyCode::kBudget:
+      cfg.threshold = 0.0f;
       cfg.budget = positive_int_param(params[0], "budget layer");
       break;
-    case PolicyCode::kEntropy:
-    case PolicyCode::kNormalizedEntropy:
-    case PolicyCode::kMaxProb:
-      cfg.threshold = static_cast<float>(params[0]);
+    case PolicyCode::kElbert:
+      cfg.window = positive_int_param(params[1], "window");
+      TORCH_CHECK(cfg.window >= 2, "exit_head_step: params: window must be >= 2, got ",
+                  cfg.window);
+      TORCH_CHECK(params[2] >= 0 && params[2] < kNumWindowTests && params[2] == std::floor(params[2]),
+                  "exit_head_step: params: unknown window test code ", params[2]);
+      cfg.window_test = static_cast<WindowTest>(static_cast<int64_t>(params[2]));
+      cfg.window_range = static_cast<float>(params[3]);
       break;
-    case PolicyCode::kNone:
+    case PolicyCode::kMpee:
+      TORCH_CHECK(params[1] > 0.0 && params[1] <= 1.0,
+                  "exit_head_step: params: memory_weight must be in (0, 1], got ", params[1]);
+      cfg.memory_keep = static_cast<float>(1.0 - params[1]);
+      cfg.memory_weight = static_cast<float>(params[1]);
+      break;
+    default:
       break;
   }
+  const std::vector<StateSpec> specs = state_specs(cfg, B, C);
   for (size_t i = 0; i < state.size(); ++i) {
-    const std::string name = "state[" + std::to_string(i) + "]";
-    check_vector(state[i], name.c_str(), B, at::kLong, device);
-    TORCH_CHECK(state[i].is_contiguous(), "exit_head_step: ", name, " must be contiguous");
+    const at::Tensor& t = state[i];
+    TORCH_CHECK(t.device().type() == device && t.scalar_type() == specs[i].dtype &&
+                    t.sizes() == at::IntArrayRef(specs[i].shape) && t.is_contiguous(),
+                "exit_head_step: state[", i, "] must be ", specs[i].dtype, " of shape ",
+                at::IntArrayRef(specs[i].shape), ", contiguous, on ", device, " (",
+                specs[i].name, "), got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+  }
+  TORCH_CHECK(lte_score.has_value() == (cfg.code == PolicyCode::kLte),
+              "exit_head_step: lte_score must be given for policy code ",
+              static_cast<int64_t>(PolicyCode::kLte), " (lte) and only for it");
+  if (lte_score.has_value()) {
+    check_vector(*lte_score, "lte_score", B, lte_score->scalar_type(), device);
+    TORCH_CHECK(at::isFloatingType(lte_score->scalar_type()),
+                "exit_head_step: lte_score must be floating point, got ",
+                lte_score->scalar_type());
   }
 
   // Latch outputs.
@@ -270,7 +339,7 @@ CheckedArgs check_args(const at::Tensor& hidden_states,
   const int64_t B0 = out_logits.size(0);
   check_vector(out_layer, "out_layer", B0, at::kLong, device);
   TORCH_CHECK(out_layer.is_contiguous(), "exit_head_step: out_layer must be contiguous");
-  return {cfg, pool, B, N, H, C, B0, num_state};
+  return {cfg, pool, B, N, H, C, B0};
 }
 
 }  // namespace
@@ -279,14 +348,13 @@ std::tuple<at::Tensor, at::Tensor> exit_head_step(
     const at::Tensor& hidden_states, const std::optional<at::Tensor>& attention_mask,
     const at::Tensor& weight, const at::Tensor& bias, int64_t policy, at::ArrayRef<double> params,
     int64_t layer, int64_t num_layers, at::TensorList state, const at::Tensor& rows,
-    at::Tensor& out_logits, at::Tensor& out_layer) {
+    at::Tensor& out_logits, at::Tensor& out_layer, const std::optional<at::Tensor>& lte_score) {
   const CheckedArgs checked =
       check_args(hidden_states, attention_mask, weight, bias, policy, params, layer, num_layers,
-                 state, rows, out_logits, out_layer, c10::DeviceType::CPU);
+                 state, rows, out_logits, out_layer, lte_score, c10::DeviceType::CPU);
   const PolicyConfig& cfg = checked.cfg;
   const bool pool = checked.pool;
   const int64_t B = checked.B, N = checked.N, H = checked.H, C = checked.C, B0 = checked.B0;
-  const size_t num_state = checked.num_state;
   const at::Tensor rows_c = rows.contiguous();
   const int64_t* rows_ptr = rows_c.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
@@ -299,6 +367,8 @@ std::tuple<at::Tensor, at::Tensor> exit_head_step(
   const at::Tensor mask = pool ? attention_mask->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   const at::Tensor bvec = bias.to(at::kFloat).contiguous();
+  const at::Tensor score = lte_score ? lte_score->to(at::kFloat).contiguous() : at::Tensor();
+  const PolicyState policy_ptrs = policy_state(cfg, state, C, score);
   at::Tensor logits = at::empty({B, C}, hidden_states.options().dtype(at::kFloat));
   at::Tensor exit_mask = at::empty({B}, hidden_states.options().dtype(at::kBool));
 
@@ -315,8 +385,7 @@ std::tuple<at::Tensor, at::Tensor> exit_head_step(
         w.data_ptr<float>(),
         bvec.data_ptr<float>(),
         C,
-        num_state >= 1 ? state[0].data_ptr<int64_t>() : nullptr,
-        num_state >= 2 ? state[1].data_ptr<int64_t>() : nullptr,
+        policy_ptrs,
         rows_ptr,
         logits.data_ptr<float>(),
         exit_mask.data_ptr<bool>(),
@@ -342,10 +411,10 @@ std::tuple<at::Tensor, at::Tensor> exit_head_step_cuda(
     const at::Tensor& hidden_states, const std::optional<at::Tensor>& attention_mask,
     const at::Tensor& weight, const at::Tensor& bias, int64_t policy, at::ArrayRef<double> params,
     int64_t layer, int64_t num_layers, at::TensorList state, const at::Tensor& rows,
-    at::Tensor& out_logits, at::Tensor& out_layer) {
+    at::Tensor& out_logits, at::Tensor& out_layer, const std::optional<at::Tensor>& lte_score) {
   const CheckedArgs checked =
       check_args(hidden_states, attention_mask, weight, bias, policy, params, layer, num_layers,
-                 state, rows, out_logits, out_layer, c10::DeviceType::CUDA);
+                 state, rows, out_logits, out_layer, lte_score, c10::DeviceType::CUDA);
   constexpr int64_t kMaxSharedFloats = 48 * 1024 / 4;  // pooled [H] + logits [C] per block
   TORCH_CHECK(checked.H + checked.C <= kMaxSharedFloats, "exit_head_step: hidden size ",
               checked.H, " + classes ", checked.C, " exceed the CUDA kernel's limit of ",
@@ -358,6 +427,7 @@ std::tuple<at::Tensor, at::Tensor> exit_head_step_cuda(
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   const at::Tensor bvec = bias.to(at::kFloat).contiguous();
   const at::Tensor rows_c = rows.contiguous();
+  const at::Tensor score = lte_score ? lte_score->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor logits = at::empty({checked.B, checked.C}, hidden.options().dtype(at::kFloat));
   at::Tensor exit_mask = at::empty({checked.B}, hidden.options().dtype(at::kBool));
   const auto dtype = hidden.scalar_type();
@@ -375,8 +445,7 @@ std::tuple<at::Tensor, at::Tensor> exit_head_step_cuda(
       w.data_ptr<float>(),
       bvec.data_ptr<float>(),
       checked.C,
-      checked.num_state >= 1 ? state[0].data_ptr<int64_t>() : nullptr,
-      checked.num_state >= 2 ? state[1].data_ptr<int64_t>() : nullptr,
+      policy_state(checked.cfg, state, checked.C, score),
       rows_c.data_ptr<int64_t>(),
       logits.data_ptr<float>(),
       exit_mask.data_ptr<bool>(),

@@ -1,5 +1,6 @@
 // exit_head_step on CUDA: one block per row, masked mean pooling -> linear head (one warp per
-// class, shuffle reduction) -> exit policy (decide() of exit_policy.h, shared with the CPU op)
+// class, shuffle reduction) -> exit policy and its state (decide() of exit_policy.h, shared
+// with the CPU op: every policy, ELBERT's window and MPEE's memory included)
 // -> latch of the row's logits and exit layer when it exits. fp32 accumulation whatever the
 // input dtype. Nothing is read back on the host, so the op can be captured in a CUDA graph.
 //
@@ -77,14 +78,15 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
 
-  // Policy step and latch: C is small, one thread.
+  // Policy step and latch: C and the window are small, one thread.
   if (threadIdx.x == 0) {
-    const bool exits = decide(cfg, z, C, a.counter ? a.counter + b : nullptr,
-                              a.prev_pred ? a.prev_pred + b : nullptr);
+    const RowState row_s = row_state(a.state, cfg, b, C);
+    const bool exits = decide(cfg, z, C, row_s);
     a.exit_mask[b] = exits;
     if (exits) {
       const int64_t row = a.rows[b];
-      for (int64_t c = 0; c < C; ++c) a.out_logits[row * C + c] = z[c];
+      const float* latched = exit_logits(cfg, z, row_s);
+      for (int64_t c = 0; c < C; ++c) a.out_logits[row * C + c] = latched[c];
       a.out_layer[row] = cfg.layer;
     }
   }

@@ -26,8 +26,7 @@ struct ExitHeadCudaArgs {
   const float* weight;  // [C, H] contiguous
   const float* bias;    // [C]
   int64_t num_labels;
-  int64_t* counter;    // [B] or nullptr
-  int64_t* prev_pred;  // [B] or nullptr
+  PolicyState state;  // the policy's state and the LTE score
   const int64_t* rows;
   float* logits;  // [B, C]
   bool* exit_mask;

@@ -14,12 +14,14 @@ namespace eeengine {
 
 // Exit head (masked mean pooling, linear) + exit policy step + latch of exiting rows.
 // Returns (logits [B, C] float32, exit_mask [B] bool); updates `state`, and the rows
-// `rows[exit_mask]` of `out_logits` and `out_layer`, in place.
+// `rows[exit_mask]` of `out_logits` and `out_layer` (the logits, or MPEE's memory), in place.
+// `lte_score` [B] (the LTE module's score) is given for the policy kLte and only for it.
 std::tuple<at::Tensor, at::Tensor> exit_head_step(
     const at::Tensor& hidden_states, const std::optional<at::Tensor>& attention_mask,
     const at::Tensor& weight, const at::Tensor& bias, int64_t policy, at::ArrayRef<double> params,
     int64_t layer, int64_t num_layers, at::TensorList state, const at::Tensor& rows,
-    at::Tensor& out_logits, at::Tensor& out_layer);
+    at::Tensor& out_logits, at::Tensor& out_layer,
+    const std::optional<at::Tensor>& lte_score = std::nullopt);
 
 // MPEE token pruning at one layer: [CLS] attention row from cls_query [B, heads, d] and key
 // [B, heads, N, d] -> memory update with beta -> keep the top ceil(keep_ratio * c) of the c real
@@ -39,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> exit_head_step_cuda(
     const at::Tensor& hidden_states, const std::optional<at::Tensor>& attention_mask,
     const at::Tensor& weight, const at::Tensor& bias, int64_t policy, at::ArrayRef<double> params,
     int64_t layer, int64_t num_layers, at::TensorList state, const at::Tensor& rows,
-    at::Tensor& out_logits, at::Tensor& out_layer);
+    at::Tensor& out_logits, at::Tensor& out_layer, const std::optional<at::Tensor>& lte_score);
 #endif
 
 }  // namespace eeengine

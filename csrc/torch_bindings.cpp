@@ -7,7 +7,8 @@ TORCH_LIBRARY(eeengine, m) {
   m.def(
       "exit_head_step(Tensor hidden_states, Tensor? attention_mask, Tensor weight, Tensor bias, "
       "int policy, float[] params, int layer, int num_layers, Tensor(a!)[] state, Tensor rows, "
-      "Tensor(b!) out_logits, Tensor(c!) out_layer) -> (Tensor logits, Tensor exit_mask)");
+      "Tensor(b!) out_logits, Tensor(c!) out_layer, Tensor? lte_score=None) -> (Tensor logits, "
+      "Tensor exit_mask)");
   m.def(
       "token_prune(Tensor hidden_states, Tensor attention_mask, Tensor cls_query, Tensor key, "
       "Tensor memory, float keep_ratio, float beta) -> (Tensor hidden_states, "

@@ -8,7 +8,6 @@ raises.
 
 from __future__ import annotations
 
-import enum
 import importlib.util
 import warnings
 from collections.abc import Callable, Sequence
@@ -16,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from eeengine.policy_codes import REGRESSION_CODES
 from eeengine.token_pruning import TokenPruneOutput, pruned_length, token_prune_reference
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
@@ -39,76 +39,6 @@ LOAD_ERROR: str | None = _load_extension()
 HAS_C: bool = LOAD_ERROR is None
 
 
-class PolicyCode(enum.IntEnum):
-    """Exit policy codes of :func:`exit_head_step`, mirroring ``PolicyCode`` in csrc/ops.h.
-
-    ``params`` / ``state`` per policy (tau: this layer's threshold; state tensors int64 (B,)):
-    NONE [] / []; ENTROPY, NORMALIZED_ENTROPY, MAX_PROB [tau] / []; PATIENCE [patience] /
-    [counter, previous argmax (starts at -1)]; PCEE [tau, patience] / [counter]; BUDGET [k] / [].
-    """
-
-    NONE = 0
-    ENTROPY = 1
-    NORMALIZED_ENTROPY = 2
-    MAX_PROB = 3
-    PATIENCE = 4
-    PCEE = 5
-    BUDGET = 6
-
-    @property
-    def num_params(self) -> int:
-        """Length of ``params`` the op takes for this policy."""
-        return {PolicyCode.NONE: 0, PolicyCode.PCEE: 2}.get(self, 1)
-
-    @property
-    def num_state(self) -> int:
-        """Number of ``state`` tensors the op takes for this policy."""
-        return {PolicyCode.PATIENCE: 2, PolicyCode.PCEE: 1}.get(self, 0)
-
-
-def check_policy_params(
-    policy: int, params: Sequence[float], num_labels: int
-) -> tuple[float, int, int]:
-    """Validate and decode ``params`` as the C++ op does (for the GPU launchers in Python).
-
-    Returns:
-        (threshold, patience, budget), 0 where the policy has none.
-
-    Raises:
-        RuntimeError: an unknown policy code, a wrong number of params, a patience or budget
-            layer that is not an integer >= 1, or fewer than 2 classes for a policy that reads
-            the softmax (the message names the argument).
-    """
-    if not 0 <= policy <= max(PolicyCode):
-        raise RuntimeError(f"exit_head_step: policy: unknown policy code {policy}")
-    code = PolicyCode(policy)
-    if len(params) != code.num_params:
-        raise RuntimeError(
-            f"exit_head_step: params: policy code {policy} takes {code.num_params} "
-            f"parameter(s), got {len(params)}"
-        )
-    if code not in (PolicyCode.NONE, PolicyCode.BUDGET) and num_labels < 2:
-        raise RuntimeError(
-            f"exit_head_step: policy code {policy} needs at least 2 classes, weight has "
-            f"{num_labels}"
-        )
-
-    def positive_int(value: float, what: str) -> int:
-        if not (value >= 1 and value == int(value)):
-            raise RuntimeError(
-                f"exit_head_step: params: {what} must be an integer >= 1, got {value}"
-            )
-        return int(value)
-
-    if code == PolicyCode.PATIENCE:
-        return 0.0, positive_int(params[0], "patience"), 0
-    if code == PolicyCode.PCEE:
-        return float(params[0]), positive_int(params[1], "patience"), 0
-    if code == PolicyCode.BUDGET:
-        return 0.0, 0, positive_int(params[0], "budget layer")
-    return (float(params[0]) if params else 0.0), 0, 0
-
-
 def exit_head_step(
     hidden_states: Tensor,
     attention_mask: Tensor | None,
@@ -122,14 +52,16 @@ def exit_head_step(
     rows: Tensor,
     out_logits: Tensor,
     out_layer: Tensor,
+    lte_score: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exit head, exit policy step and latch of exiting rows, fused (one pass per row).
 
     Computes, in fp32 whatever the input dtype, ``logits = mean_pool(hidden_states,
     attention_mask) @ weight.T + bias`` (as :class:`eeengine.heads.ExitHead` in eval mode), then
     the policy's exit rule at ``layer`` (as the policy's ``step`` in :mod:`eeengine.policies`;
-    see :class:`PolicyCode`). A row at ``layer == num_layers`` always exits. For every exiting
-    row i: ``out_logits[rows[i]] = logits[i]`` and ``out_layer[rows[i]] = layer``.
+    see :mod:`eeengine.policy_codes`). A row at ``layer == num_layers`` always exits. For every
+    exiting row i: ``out_logits[rows[i]] = logits[i]`` (MPEE: its classifier memory, the
+    policy's ``output_logits``) and ``out_layer[rows[i]] = layer``.
 
     Args:
         hidden_states: (batch_size, seq_len, hidden_size), mean-pooled over the mask inside, or
@@ -139,14 +71,19 @@ def exit_head_step(
             None exactly when ``hidden_states`` is pooled.
         weight: (num_labels, hidden_size), the head's linear weight.
         bias: (num_labels,).
-        policy: a :class:`PolicyCode`.
-        params: the policy's scalar parameters at this layer, see :class:`PolicyCode`.
+        policy: a :class:`eeengine.policy_codes.PolicyCode`.
+        params: the policy's scalar parameters at this layer (the policy's ``op_params``), see
+            :mod:`eeengine.policy_codes`.
         layer: 1-based index of the layer whose hidden states these are.
         num_layers: depth of the model.
-        state: the policy's state tensors, int64 (batch_size,) contiguous; updated in place.
+        state: the policy's state tensors (the policy's ``op_state_keys`` of its state),
+            contiguous, dtypes and shapes per :func:`eeengine.policy_codes.state_specs`;
+            updated in place.
         rows: (batch_size,) int64, each live row's index into ``out_logits`` / ``out_layer``.
         out_logits: (batch_size_0, num_labels) float32 contiguous, written in place.
         out_layer: (batch_size_0,) int64, written in place.
+        lte_score: (batch_size,) float, the LTE module's score s_l; given for policy ``LTE``
+            and only for it.
 
     Returns:
         logits: (batch_size, num_labels) float32.
@@ -169,6 +106,7 @@ def exit_head_step(
         rows,
         out_logits,
         out_layer,
+        lte_score,
     )
 
 
@@ -185,6 +123,7 @@ def exit_head_step_fake(
     rows: Tensor,
     out_logits: Tensor,
     out_layer: Tensor,
+    lte_score: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fake (meta) implementation of every backend of exit_head_step: output shapes only."""
     batch_size = hidden_states.shape[0]
@@ -280,7 +219,7 @@ def _unavailable(backend: str, policy: object, num_labels: int) -> str | None:
         return "eeengine._C was built without CUDA kernels (that needs a CUDA torch and nvcc)"
     if op_code is None:
         return f"the fused exit op does not implement policy {getattr(policy, 'name', policy)!r}"
-    if num_labels < 2 and op_code not in (PolicyCode.NONE, PolicyCode.BUDGET):
+    if num_labels < 2 and op_code not in REGRESSION_CODES:
         return f"the fused exit op needs >= 2 classes for policy {policy.name!r} (regression)"
     return None
 

@@ -103,7 +103,7 @@ def run_compacting_loop(
     sizes = halvings(batch_size)
     rows = s.rows.clone()
     mask = s.attention_mask.clone()
-    state: State = policy.init_state(batch_size, device)
+    state: State = policy.init_state(batch_size, device, model.num_labels)
     s.tokens_kept.zero_()
     hidden_states = model.backbone.embed(s.input_ids, s.token_type_ids)
 
@@ -119,7 +119,9 @@ def run_compacting_loop(
         args = (output, part_mask, layer, num_layers, part_state, part_rows)
         head = model.exit_head(layer - 1)
         if op is not None:
-            exit_mask = _exit_head_step_fused(op, head, policy, *args, s.out_logits, s.out_layer)
+            exit_mask = _exit_head_step_fused(
+                op, head, policy, *args, s.out_logits, s.out_layer, model.lte
+            )
         else:
             _, exit_mask, new_state = exit_head_step_reference(
                 head, policy, *args, s.out_logits, s.out_layer, model.lte

@@ -183,6 +183,7 @@ def _exit_head_step_fused(
     rows: Tensor,
     out_logits: Tensor,
     out_layer: Tensor,
+    lte: LteHead | None = None,
 ) -> Tensor:
     """:func:`exit_head_step_reference` through a fused op (``op``, of
     :func:`eeengine._custom_ops.fused_op`); updates ``state`` in place.
@@ -190,9 +191,10 @@ def _exit_head_step_fused(
     Returns:
         exit_mask: (batch_size,) bool.
     """
-    if head.pooling == "mean":  # fused into the op
+    needs_score = "lte_score" in policy.needs
+    if head.pooling == "mean" and not needs_score:  # fused into the op
         pooled, mask = hidden_states, attention_mask
-    else:
+    else:  # the LTE module reads the pooled vector too
         pooled, mask = head.pool(hidden_states, attention_mask), None
     _, exit_mask = op(
         pooled,
@@ -207,6 +209,7 @@ def _exit_head_step_fused(
         rows,
         out_logits,
         out_layer,
+        lte(pooled) if needs_score else None,
     )
     return exit_mask
 
@@ -311,7 +314,7 @@ class ExitLoop:
             hidden_states=self.executor.embed(input_ids, token_type_ids),
             attention_mask=attention_mask,
             mask=self.executor.mask(attention_mask),
-            state=self.policy.init_state(batch_size, device),
+            state=self.policy.init_state(batch_size, device, self.model.num_labels),
             memory=torch.zeros(batch_size, input_ids.shape[1] - 1, device=device),
         )
 
@@ -347,8 +350,9 @@ class ExitLoop:
         head = model.exit_head(layer - 1)
         if self._op is not None:
             return _exit_head_step_fused(
-                self._op, head, self.policy, *step_args, live.rows, out.logits, out.exit_layer
-            )
+                self._op, head, self.policy, *step_args, live.rows, out.logits, out.exit_layer,
+                model.lte,
+            )  # fmt: skip
         _, exit_mask, live.state = exit_head_step_reference(
             head, self.policy, *step_args, live.rows, out.logits, out.exit_layer, model.lte
         )

@@ -141,7 +141,7 @@ def run_static_loop(
     op = None if backend == "reference" else _custom_ops.fused_op(backend)
     prune = _custom_ops.prune_op(backend) if token_pruning is not None else None
     rows = s.rows.clone()  # the sink index ``batch_size`` marks rows that are done
-    state = policy.init_state(batch_size, s.rows.device)
+    state = policy.init_state(batch_size, s.rows.device, model.num_labels)
     s.tokens_kept.zero_()
     attention_mask = s.attention_mask
     # Always a mask (attention_bias would check on the host whether one is needed).
@@ -170,7 +170,7 @@ def run_static_loop(
             head = model.exit_head(layer - 1)
             if op is not None:
                 exit_mask = _exit_head_step_fused(
-                    op, head, policy, *step_args, s.out_logits, s.out_layer
+                    op, head, policy, *step_args, s.out_logits, s.out_layer, model.lte
                 )
             else:
                 # A new state tensor made in the conditional node of layer l is read only by

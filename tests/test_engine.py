@@ -1,11 +1,13 @@
 """Engine: predictions, per-sample exit, and bad input (clear error, engine still usable)."""
 
 import math
+import warnings
 
 import pytest
 import torch
 
 from eeengine import Engine, Prediction
+from eeengine._custom_ops import HAS_C, LOAD_ERROR
 from eeengine.batching import collate, encode
 from eeengine.checkpoint import load_checkpoint
 from eeengine.policies import make_policy, run_policy
@@ -126,19 +128,38 @@ def test_policy_keyword_parameters(tiny_ckpt):
         Engine(tiny_ckpt, policy="lte", threshold=0.5)
 
 
-@pytest.mark.parametrize("name", ["entropy", "pcee", "max_prob", "patience", "budget", "mpee"])
+POLICY_PARAMS = {
+    "entropy": {"threshold": 0.5},
+    "normalized_entropy": {"threshold": 0.8},
+    "pcee": {"threshold": 0.75, "patience": 2},
+    "max_prob": {"threshold": 0.75},
+    "patience": {"patience": 1},
+    "budget": {"layer": 3},
+    "mpee": {"threshold": 0.3},
+    "elbert": {"threshold": 0.3},
+    "elbert-stable": {"threshold": 0.3, "window": 3, "window_test": "stable"},
+    "elbert-range": {"threshold": 0.3, "window_test": "range", "window_range": 0.05},
+    "none": {},
+}
+
+
+@pytest.mark.skipif(not HAS_C, reason=f"C++ extension not available: {LOAD_ERROR}")
+@pytest.mark.parametrize("name", POLICY_PARAMS)
+def test_every_policy_runs_the_compiled_op_without_warning(tiny_ckpt, name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine = Engine(tiny_ckpt, policy=name.split("-")[0], **POLICY_PARAMS[name])
+        assert engine.backend == "cpp"
+        assert Engine(tiny_ckpt).backend == "cpp"  # the checkpoint's default policy
+
+
+@pytest.mark.parametrize("name", POLICY_PARAMS)
 def test_backends_agree(tiny_ckpt, name):
-    params = {
-        "entropy": {"threshold": 0.5},
-        "pcee": {"threshold": 0.75, "patience": 2},
-        "max_prob": {"threshold": 0.75},
-        "patience": {"patience": 1},
-        "budget": {"layer": 3},
-        "mpee": {"threshold": 0.3},
-    }[name]
+    params = POLICY_PARAMS[name]
+    name = name.split("-")[0]
     reference = Engine(tiny_ckpt, policy=name, backend="reference", **params)
     assert reference.backend == "reference"
-    default = Engine(tiny_ckpt, policy=name, **params)  # cpp where the op implements it
+    default = Engine(tiny_ckpt, policy=name, **params)  # the fused op
     expected = reference.predict(SENTENCES, batch_size=3)
     actual = default.predict(SENTENCES, batch_size=3)
     assert [p.exit_layer for p in actual] == [p.exit_layer for p in expected]

@@ -8,7 +8,9 @@ discarded (``assume``); exact ties are checked by the hand-written cases instead
 
 Each random example also goes through the runtime's loop (:func:`early_exit_forward`: exited
 rows are dropped from the hidden states and every state tensor), fed by an executor whose exit
-heads give back the drawn logits exactly (:class:`LogitsExecutor`); it must agree as well.
+heads give back the drawn logits exactly (:class:`LogitsExecutor`); it must agree as well, on
+the plain-torch backend and on the fused C++ op (tests/test_triton_exit_head_step.py runs the
+examples through the Triton kernel).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from eeengine._custom_ops import HAS_C
 from eeengine.heads import ExitHead
-from eeengine.policies import POLICIES, make_policy, run_policy
+from eeengine.policies import POLICIES, ExitPolicy, make_policy, run_policy
 from eeengine.policies.base import entropy as policy_entropy
 from eeengine.policies.base import normalized_entropy as policy_normalized_entropy
 from eeengine.runtime import early_exit_forward
@@ -326,9 +329,10 @@ class LogitsExecutor:
         return torch.cat([v.float() for v in values], 1)[:, None]
 
 
-def run_runtime(policy, all_logits, signals):
+def run_runtime(policy, all_logits, signals, backend="reference"):
     """The runtime's early-exit loop (:func:`early_exit_forward`: exited rows leave the batch
-    and the policy state) on the drawn logits, one row per sample of one token."""
+    and the policy state) on the drawn logits, one row per sample of one token, with the exit
+    step of ``backend``."""
     num_layers, batch_size, num_labels = all_logits.shape
     scores = signals.get("lte_score", torch.zeros(num_layers, batch_size))
     input_ids = torch.arange(batch_size)[:, None]
@@ -338,18 +342,23 @@ def run_runtime(policy, all_logits, signals):
         input_ids,
         torch.ones_like(input_ids),
         torch.zeros_like(input_ids),
+        backend=backend,
         executor=LogitsExecutor(all_logits, scores),
     )
     return out.exit_layer, out.logits
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-@settings(max_examples=100, deadline=None)
-@given(data=st.data())
-def test_batched_policy_matches_oracle(name, data):
+def draw_case(
+    data: st.DataObject, name: str, max_layers: int = 12, max_batch: int = 8
+) -> tuple[ExitPolicy, torch.Tensor, dict[str, torch.Tensor], list[int], list[list[float]]]:
+    """A random example of policy ``name`` and its oracle's answer.
+
+    Returns:
+        (policy, all_logits (L, B, C), signals, expected exit layers, expected logits).
+    """
     oracle, params_strategy, label_counts = CASES[name]
-    num_layers = data.draw(st.integers(2, 12), label="L")
-    batch_size = data.draw(st.integers(1, 8), label="B")
+    num_layers = data.draw(st.integers(2, max_layers), label="L")
+    batch_size = data.draw(st.integers(1, max_batch), label="B")
     num_labels = data.draw(st.sampled_from(label_counts), label="C")
     value = st.floats(-6.0, 6.0, allow_nan=False, width=32)
     row = st.lists(value, min_size=num_labels, max_size=num_labels)
@@ -385,14 +394,24 @@ def test_batched_policy_matches_oracle(name, data):
         assume(cmp.margin > MARGIN)
         expected_layer.append(layer)
         expected_out.append(out)
+    return policy, torch.tensor(logits), signals, expected_layer, expected_out
 
-    all_logits = torch.tensor(logits)
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_batched_policy_matches_oracle(name, data):
+    policy, all_logits, signals, expected_layer, expected_out = draw_case(data, name)
     exit_layer, out = run_policy(policy, all_logits, signals)
     assert exit_layer.tolist() == expected_layer
     torch.testing.assert_close(out, torch.tensor(expected_out))
     compact_layer, compact_out = run_runtime(policy, all_logits, signals)
     assert compact_layer.tolist() == expected_layer
     torch.testing.assert_close(compact_out, out, rtol=0, atol=0)
+    if HAS_C:
+        fused_layer, fused_out = run_runtime(policy, all_logits, signals, "cpp")
+        assert fused_layer.tolist() == expected_layer
+        torch.testing.assert_close(fused_out, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,7 +424,8 @@ def next_float32_up(value: float) -> float:
 
 
 def exit_layer_of(name: str, layers: list[list[float]], scores=None, **params) -> int:
-    """Exit layer of one sample, from the policy and from the oracle (which must agree)."""
+    """Exit layer of one sample, from the policy, from the oracle and from the runtime on the
+    fused C++ op (which must agree)."""
     num_labels = len(layers[0])
     signals = {} if scores is None else {"lte_score": torch.tensor(scores)[:, None]}
     policy = make_policy(name, **params)
@@ -413,6 +433,9 @@ def exit_layer_of(name: str, layers: list[list[float]], scores=None, **params) -
     exit_layer, _ = run_policy(policy, torch.tensor(layers)[:, None, :], signals)
     oracle_layer, _ = CASES[name][0](layers, params, Comparisons(), scores)
     assert exit_layer.item() == oracle_layer
+    if HAS_C:
+        fused_layer, _ = run_runtime(policy, torch.tensor(layers)[:, None, :], signals, "cpp")
+        assert fused_layer.item() == oracle_layer
     return oracle_layer
 
 

@@ -160,6 +160,7 @@ def test_info_metrics_and_docs(client, engine) -> None:
         "eeengine_queue_duration_seconds_bucket",
         "eeengine_inference_duration_seconds_bucket",
         "eeengine_queue_size",
+        "eeengine_requests_in_flight",
         "eeengine_batch_size_bucket",
         "eeengine_batch_tokens_bucket",
     ):

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import eeengine.training.trainer as trainer_module
 from eeengine import Engine
+from eeengine._custom_ops import HAS_C
 from eeengine.cli import build_parser
 from eeengine.data import calibration_size, file_dataset, holdout_split
 from eeengine.training import TrainConfig, train
@@ -87,6 +88,7 @@ def test_lte_checkpoint_serves_the_lte_policy(tiny_bert_dir, tiny_csv_task, tmp_
     assert "lte" in calibration["policies"]
     for threshold, layer in ((1.0, 1), (0.0, 4)):  # s < 1 always; s < 0 never
         engine = Engine(path, policy="lte", threshold=threshold)
+        assert engine.backend == ("cpp" if HAS_C else "reference")
         assert engine.predict(["great fun", "a dull mess"])[1].exit_layer == layer
 
 
@@ -123,6 +125,16 @@ def test_regression_on_a_user_file(tiny_bert_dir, tmp_path):
     }
     prediction = Engine(path, policy="lte", threshold=0.5).predict("ok")
     assert prediction.label is None and isinstance(prediction.value, float)
+    for engine in (Engine(path), Engine(path, policy="patience", threshold=0.5, patience=1)):
+        assert engine.backend == ("cpp" if HAS_C else "reference")  # the fused op, C = 1
+        reference = Engine(
+            path,
+            policy=engine.policy.name,
+            backend="reference",
+            **{k: v for k, v in engine.policy.params().items() if v is not None},
+        )
+        got, expected = engine.predict(SENTENCES), reference.predict(SENTENCES)
+        assert [p.exit_layer for p in got] == [p.exit_layer for p in expected]
 
 
 class Interrupted(Exception):

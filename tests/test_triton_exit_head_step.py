@@ -14,27 +14,44 @@ from collections.abc import Callable, Sequence
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor
 
 from eeengine._custom_ops import fused_op, resolve_backend
+from eeengine.policies import ExitPolicy
 from tests.test_exit_head_step import (
     BAD_ARGS,
+    GOOD_POLICY_ARGS,
     NUM_LAYERS,
+    POLICY_BAD_ARGS,
     SCENARIOS,
+    STATEFUL_POLICIES,
+    WINDOW_TESTS,
     assert_same,
+    check_argmax_ties,
+    check_elbert_window,
+    check_patience_regression,
+    check_state_over_layers,
     good_args,
     make_inputs,
     make_policy,
+    policy_case,
     run_both,
 )
+from tests.test_policies_oracle import CASES, draw_case
 from tests.triton_support import DEVICE, compile_for_sm90, import_kernel
 
 triton_kernel = import_kernel("exit_head_step")
 
 DTYPES = [torch.float32, torch.float16]  # bf16: the interpreter's arithmetic is wrong
-POLICIES = ["none", "entropy", "normalized_entropy", "max_prob", "patience", "pcee", "budget"]
+POLICIES = [
+    "none", "entropy", "normalized_entropy", "max_prob", "patience", "pcee", "budget",
+    "elbert_monotonic", "elbert_stable", "elbert_range", "lte", "mpee",
+]  # fmt: skip
 NUM_LABELS = [2, 5]
 BATCH_SIZES = [1, 7]
+WINDOWS = [2, 3]
 
 
 def to_device(args: Sequence[object]) -> list[object]:
@@ -75,7 +92,7 @@ def run(
 ) -> tuple[tuple, tuple]:
     """Reference and Triton results for one policy scenario on random right-padded inputs."""
     head, hidden, mask, gen = make_inputs(batch_size, seq_len, hidden_size, num_labels, dtype)
-    policy, state = make_policy(name, scenario, head(hidden.float(), mask), layer, gen)
+    policy, state = policy_case(name, scenario, head, hidden, mask, layer, gen)
     return run_both(head, policy, hidden, mask, layer, state, gen, op)
 
 
@@ -95,15 +112,95 @@ def test_policies_match_reference(name: str, scenario: str, dtype: torch.dtype) 
         assert 0 < exits < 7, "scenario 'some' should split the batch"
 
 
+@pytest.mark.parametrize("name", STATEFUL_POLICIES)
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
 @pytest.mark.parametrize("num_labels", NUM_LABELS)
 @torch.inference_mode()
-def test_shapes_match_reference(num_labels: int, batch_size: int) -> None:
-    ref, got = run("pcee", "some", torch.float32, batch_size, 11, 83, num_labels, layer=2)
+def test_shapes_match_reference(num_labels: int, batch_size: int, name: str) -> None:
+    ref, got = run(name, "some", torch.float32, batch_size, 11, 83, num_labels, layer=2)
     assert_same(ref, got, torch.float32)
 
 
-@pytest.mark.parametrize("name", ["none", "patience"])
+@pytest.mark.parametrize("test", WINDOW_TESTS)
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("layer_offset", [-1, 0, 1])
+@torch.inference_mode()
+def test_elbert_window_lengths(test: str, window: int, layer_offset: int) -> None:
+    check_elbert_window(test, window, layer_offset, on_device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("layer", [1, 3])
+@torch.inference_mode()
+def test_patience_regression_matches_reference(
+    layer: int, scenario: str, dtype: torch.dtype
+) -> None:
+    check_patience_regression(layer, scenario, dtype, on_device)
+
+
+@pytest.mark.parametrize("name", ["patience", "elbert_stable", "elbert_monotonic"])
+@torch.inference_mode()
+def test_argmax_ties_take_the_first_class(name: str) -> None:
+    check_argmax_ties(name, on_device)
+
+
+@pytest.mark.parametrize("repeat", [False, True], ids=["random", "repeated"])
+@pytest.mark.parametrize("name", ["elbert_monotonic", "elbert_stable", "elbert_range", "mpee"])
+@torch.inference_mode()
+def test_state_over_layers_matches_reference(name: str, repeat: bool) -> None:
+    check_state_over_layers(name, repeat, torch.float32, on_device)
+
+
+def run_fused(
+    policy: ExitPolicy,
+    all_logits: Tensor,
+    signals: dict[str, Tensor],
+    op: Callable[..., tuple[Tensor, Tensor]],
+) -> tuple[Tensor, Tensor]:
+    """The runtime's compacting loop through the fused op ``op`` (early_exit_forward runs only
+    the CPU backends on CPU tensors): each layer's logits
+    enter as pooled rows of an identity head (weight I, bias 0, so the op's logits are exactly
+    the given ones), exited rows leave the batch and the state.
+
+    Returns:
+        (exit_layer, logits), as :func:`eeengine.policies.run_policy`.
+    """
+    num_layers, batch_size, num_labels = all_logits.shape
+    eye, bias = torch.eye(num_labels), torch.zeros(num_labels)
+    rows = torch.arange(batch_size)
+    out_logits = torch.zeros(batch_size, num_labels)
+    out_layer = torch.zeros(batch_size, dtype=torch.long)
+    state = policy.init_state(batch_size, all_logits.device, num_labels)
+    for layer in range(1, num_layers + 1):
+        score = signals["lte_score"][layer - 1, rows] if policy.needs else None
+        _, exit_mask = op(
+            all_logits[layer - 1, rows], None, eye, bias, policy.op_code,
+            policy.op_params(layer), layer, num_layers,
+            [state[key] for key in policy.op_state_keys], rows, out_logits, out_layer, score,
+        )  # fmt: skip
+        keep = ~exit_mask
+        rows = rows[keep]
+        state = {name: value[keep] for name, value in state.items()}
+        if len(rows) == 0:
+            break
+    return out_layer, out_logits
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@settings(max_examples=5, deadline=None)
+@given(data=st.data())
+@torch.inference_mode()
+def test_paper_oracles_through_the_kernel(name: str, data: st.DataObject) -> None:
+    """tests/test_policies_oracle.py's random examples (fewer and smaller: the interpreter is
+    slow) through the runtime's loop on the Triton kernel."""
+    policy, all_logits, signals, expected_layer, expected_out = draw_case(data, name, 5, 3)
+    exit_layer, out = run_fused(policy, all_logits, signals, on_device)
+    assert exit_layer.tolist() == expected_layer
+    torch.testing.assert_close(out, torch.tensor(expected_out))
+
+
+@pytest.mark.parametrize("name", ["none", "patience", "elbert_monotonic", "mpee"])
 @torch.inference_mode()
 def test_last_layer_every_row_exits(name: str) -> None:
     ref, got = run(name, "none", torch.float32, layer=NUM_LAYERS)
@@ -144,6 +241,9 @@ def test_pooled_input(dtype: torch.dtype) -> None:
     policy, state = make_policy("patience", "some", head.classifier(pooled.float()), 2, gen)
     ref, got = run_both(head, policy, pooled, None, 2, state, gen, on_device)
     assert_same(ref, got, dtype)
+    policy, state = policy_case("lte", "some", head, pooled, None, 2, gen)
+    ref, got = run_both(head, policy, pooled, None, 2, state, gen, on_device)
+    assert_same(ref, got, dtype)
 
 
 def test_batch_of_zero_rows() -> None:
@@ -167,18 +267,26 @@ def test_bad_arguments_are_named(arg: str, value: object, message: str) -> None:
         on_device(*args.values())
 
 
+@pytest.mark.parametrize(("args", "message"), POLICY_BAD_ARGS)
+def test_bad_policy_arguments_are_named(args: dict, message: str) -> None:
+    with pytest.raises(RuntimeError, match=message):
+        on_device(*args.values())
+
+
 def test_triton_is_the_primary_gpu_backend() -> None:
     policy = make_policy("pcee", "all", torch.zeros(1, 2), 1, torch.Generator())[0]
     assert resolve_backend(None, policy, 2, "cuda") == "triton"
     assert fused_op("triton") is triton_kernel.exit_head_step_triton
 
 
-def test_opcheck() -> None:
-    args = good_args()
-    args["params"] = [0.9, 1.0]
+@pytest.mark.parametrize("name", GOOD_POLICY_ARGS)
+def test_opcheck(name: str) -> None:
+    args = GOOD_POLICY_ARGS[name]()
+    if name == "pcee":
+        args["params"] = [0.9, 1.0]
     moved = to_device(list(args.values()))
     torch.library.opcheck(torch.ops.eeengine.exit_head_step_triton.default, tuple(moved))
 
 
 def test_compiles_for_sm90_without_gpu() -> None:
-    assert compile_for_sm90("exit_head_step") == 8
+    assert compile_for_sm90("exit_head_step") == 15

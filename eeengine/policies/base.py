@@ -111,7 +111,8 @@ class ExitPolicy:
     supports_regression: bool = False
     needs: tuple[str, ...] = ()
     # The fused op eeengine._custom_ops.exit_head_step implements policies with an op_code
-    # (a PolicyCode); it takes op_params(layer) and the state tensors op_state_keys, in order.
+    # (an eeengine.policy_codes.PolicyCode); it takes op_params(layer) and the state tensors
+    # op_state_keys, in order, and updates them in place.
     op_code: int | None = None
     op_state_keys: tuple[str, ...] = ()
 
@@ -173,8 +174,9 @@ class ExitPolicy:
             return self.threshold[layer - 1]
         return self.threshold
 
-    def init_state(self, batch_size: int, device: torch.device) -> State:
-        """The state before layer 1 for ``batch_size`` rows."""
+    def init_state(self, batch_size: int, device: torch.device, num_labels: int) -> State:
+        """The state before layer 1 for ``batch_size`` rows of a ``num_labels``-class head: every
+        tensor the fused op updates (:attr:`op_state_keys`), allocated."""
         return {}
 
     def step(
@@ -238,7 +240,7 @@ def run_policy(
         raise ValueError(f"policy {policy.name!r} needs signal(s) {', '.join(missing)}")
     num_layers, batch_size, num_labels = all_logits.shape
     device = all_logits.device
-    state = policy.init_state(batch_size, device)
+    state = policy.init_state(batch_size, device, num_labels)
     exit_layer = torch.full((batch_size,), num_layers, dtype=torch.long, device=device)
     out = torch.empty(batch_size, num_labels, dtype=torch.float32, device=device)
     done = torch.zeros(batch_size, dtype=torch.bool, device=device)

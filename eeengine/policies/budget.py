@@ -8,8 +8,8 @@ from collections.abc import Collection
 import torch
 from torch import Tensor
 
-from eeengine._custom_ops import PolicyCode
 from eeengine.policies.base import ExitPolicy, State, check_int
+from eeengine.policy_codes import PolicyCode
 
 
 class BudgetPolicy(ExitPolicy):

@@ -15,8 +15,9 @@ from eeengine.policies.base import (
     normalized_entropy,
     probabilities,
 )
+from eeengine.policy_codes import PolicyCode, WindowTest
 
-WINDOW_TESTS = ("monotonic", "stable", "range")
+WINDOW_TESTS = tuple(test.name.lower() for test in WindowTest)  # "monotonic", "stable", "range"
 
 
 class ElbertPolicy(ExitPolicy):
@@ -50,6 +51,8 @@ class ElbertPolicy(ExitPolicy):
     """
 
     name = "elbert"
+    op_code = PolicyCode.ELBERT
+    op_state_keys = ("window",)
 
     def __init__(
         self,
@@ -74,6 +77,11 @@ class ElbertPolicy(ExitPolicy):
         if window_range is not None:
             window_range = check_real(self.name, "window_range", window_range, 0.0, 1.0)
         self.window_range = window_range
+
+    def init_state(self, batch_size: int, device: torch.device, num_labels: int) -> State:
+        if self.window_test == "stable":
+            return {"window": torch.zeros(batch_size, self.window, dtype=torch.long, device=device)}
+        return {"window": torch.zeros(batch_size, self.window, num_labels, device=device)}
 
     def step(self, logits: Tensor, layer: int, state: State) -> tuple[Tensor, State]:
         """``state["window"]``: the last N layers of each row, oldest first: (batch_size, N)
@@ -100,6 +108,11 @@ class ElbertPolicy(ExitPolicy):
             repeats = (1, self.window) + (1,) * (current.dim() - 1)
             return current.unsqueeze(1).repeat(repeats)
         return torch.cat([state["window"][:, 1:], current.unsqueeze(1)], dim=1)
+
+    def op_params(self, layer: int) -> list[float]:
+        """[τ_l, N, window test code, r (0 unless "range")]."""
+        test = WindowTest[self.window_test.upper()]
+        return [self.threshold_at(layer), self.window, test, self.window_range or 0.0]
 
     def params(self) -> dict:
         return {

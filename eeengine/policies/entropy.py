@@ -6,8 +6,8 @@ import math
 
 from torch import Tensor
 
-from eeengine._custom_ops import PolicyCode
 from eeengine.policies.base import ExitPolicy, State, entropy
+from eeengine.policy_codes import PolicyCode
 
 
 class EntropyPolicy(ExitPolicy):

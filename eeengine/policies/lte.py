@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from eeengine.policies.base import ExitPolicy, State
+from eeengine.policy_codes import PolicyCode
 
 
 class LtePolicy(ExitPolicy):
@@ -29,6 +30,7 @@ class LtePolicy(ExitPolicy):
     """
 
     name = "lte"
+    op_code = PolicyCode.LTE  # the op takes lte_score as an input
     supports_regression = True
     needs = ("lte_score",)
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from eeengine.policies.base import State, check_real, entropy
 from eeengine.policies.entropy import EntropyPolicy
+from eeengine.policy_codes import PolicyCode
 
 
 class MpeePolicy(EntropyPolicy):
@@ -29,7 +31,8 @@ class MpeePolicy(EntropyPolicy):
     """
 
     name = "mpee"
-    op_code = None  # the fused op has no classifier memory: not EntropyPolicy's code
+    op_code = PolicyCode.MPEE
+    op_state_keys = ("memory",)
 
     def __init__(
         self, threshold: float | Sequence[float] | None = None, memory_weight: float = 0.9
@@ -38,6 +41,9 @@ class MpeePolicy(EntropyPolicy):
         self.memory_weight = check_real(
             self.name, "memory_weight", memory_weight, 0.0, 1.0, include_low=False
         )
+
+    def init_state(self, batch_size: int, device: torch.device, num_labels: int) -> State:
+        return {"memory": torch.zeros(batch_size, num_labels, device=device)}
 
     def step(self, logits: Tensor, layer: int, state: State) -> tuple[Tensor, State]:
         """``state["memory"]``: (batch_size, num_labels) float32, m_l after this step."""
@@ -50,6 +56,9 @@ class MpeePolicy(EntropyPolicy):
 
     def output_logits(self, logits: Tensor, state: State) -> Tensor:
         return state["memory"]
+
+    def op_params(self, layer: int) -> list[float]:
+        return [self.threshold_at(layer), self.memory_weight]
 
     def params(self) -> dict:
         return {"threshold": self.threshold, "memory_weight": self.memory_weight}

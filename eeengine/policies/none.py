@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from eeengine._custom_ops import PolicyCode
 from eeengine.policies.base import ExitPolicy, State
+from eeengine.policy_codes import PolicyCode
 
 
 class NoExitPolicy(ExitPolicy):

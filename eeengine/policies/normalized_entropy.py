@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from eeengine._custom_ops import PolicyCode
 from eeengine.policies.base import ExitPolicy, State, normalized_entropy
+from eeengine.policy_codes import PolicyCode
 
 
 class NormalizedEntropyPolicy(ExitPolicy):

@@ -9,8 +9,8 @@ from collections.abc import Collection, Sequence
 import torch
 from torch import Tensor
 
-from eeengine._custom_ops import PolicyCode
 from eeengine.policies.base import ExitPolicy, State, check_int
+from eeengine.policy_codes import PolicyCode
 
 
 class PatiencePolicy(ExitPolicy):
@@ -59,11 +59,13 @@ class PatiencePolicy(ExitPolicy):
             )
         super().validate(num_labels, num_layers, signals)
 
-    def init_state(self, batch_size: int, device: torch.device) -> State:
-        # previous = -1: no class yet (the fused op compares argmax with it at layer 1).
+    def init_state(self, batch_size: int, device: torch.device, num_labels: int) -> State:
+        """``previous``: the argmax (int64, -1: none yet) or, for regression, the value
+        (float32) of the layer before; read from layer 2 on."""
+        previous_dtype = torch.float32 if num_labels == 1 else torch.long
         return {
             "counter": torch.zeros(batch_size, dtype=torch.long, device=device),
-            "previous": torch.full((batch_size,), -1, dtype=torch.long, device=device),
+            "previous": torch.full((batch_size,), -1, dtype=previous_dtype, device=device),
         }
 
     def step(self, logits: Tensor, layer: int, state: State) -> tuple[Tensor, State]:
@@ -81,7 +83,8 @@ class PatiencePolicy(ExitPolicy):
         return counter >= self.patience, {"counter": counter, "previous": current}
 
     def op_params(self, layer: int) -> list[float]:
-        return [self.patience]
+        """[patience, δ_l]; δ is read only on a regression head (0 for classification)."""
+        return [self.patience, 0.0 if self.threshold is None else self.threshold_at(layer)]
 
     def params(self) -> dict:
         return {"threshold": self.threshold, "patience": self.patience}

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from eeengine._custom_ops import PolicyCode
 from eeengine.policies.base import ExitPolicy, State, check_int, normalized_entropy
+from eeengine.policy_codes import PolicyCode
 
 
 class PceePolicy(ExitPolicy):
@@ -33,7 +33,7 @@ class PceePolicy(ExitPolicy):
         super().__init__(threshold)
         self.patience = check_int(self.name, "patience", patience, 1)
 
-    def init_state(self, batch_size: int, device: torch.device) -> State:
+    def init_state(self, batch_size: int, device: torch.device, num_labels: int) -> State:
         return {"counter": torch.zeros(batch_size, dtype=torch.long, device=device)}
 
     def step(self, logits: Tensor, layer: int, state: State) -> tuple[Tensor, State]:

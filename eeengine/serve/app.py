@@ -196,6 +196,7 @@ def create_app(
             metrics.requests.labels("overloaded").inc()
             raise ServeError(429, "overloaded", "Model is overloaded")
         state.in_flight += 1
+        metrics.in_flight.set(state.in_flight)
         try:
             try:
                 examples, single = parse_inputs(
@@ -219,6 +220,7 @@ def create_app(
                 raise ServeError(500, "backend", f"inference failed: {error}") from error
         finally:
             state.in_flight -= 1
+            metrics.in_flight.set(state.in_flight)
         if result is None:
             metrics.requests.labels("cancelled").inc()
             return Response(status_code=499)  # nobody reads it: the client is gone

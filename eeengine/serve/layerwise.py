@@ -157,5 +157,7 @@ class LayerwiseBatcher(Batcher):
         if any(exits):
             exited = [row for row, e in zip(rows, exits, strict=True) if e]
             self._finish(exited, out.logits[exit_mask], [layer] * len(exited))
-        if not all(exits):
+        if not any(exits):  # nobody exited: the group goes on as it is (no copy)
+            self._queues[layer].append(group)
+        elif not all(exits):
             self._queues[layer].append(self._select(group, ~exit_mask.cpu()))

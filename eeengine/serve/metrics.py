@@ -51,6 +51,11 @@ class ServeMetrics:
             buckets=_LATENCY,
             registry=r,
         )
+        self.in_flight = Gauge(
+            "eeengine_requests_in_flight",
+            "/predict requests received and not yet answered",
+            registry=r,
+        )
         self.queue_size = Gauge(
             "eeengine_queue_size", "inputs waiting for their next layer, all depths", registry=r
         )
