@@ -201,13 +201,18 @@ def test_calibrate_switches_to_a_point_the_engine_reproduces(tiny_ckpt, dev):
 
 
 @pytest.mark.skipif(not HAS_C, reason=f"C++ extension not available: {LOAD_ERROR}")
-def test_calibrate_moves_the_engine_onto_the_cpp_op_where_the_policy_has_one(tiny_ckpt, dev):
-    engine = Engine(tiny_ckpt)
+def test_calibrate_resolves_the_backend_for_the_new_policy(tiny_ckpt, dev):
+    """The chosen policy runs on the C++ op (every policy has one), unless the engine was asked
+    for the reference backend, which calibration keeps."""
     texts, labels = dev.texts[:40], dev.labels[:40]
+    engine = Engine(tiny_ckpt)
     engine.calibrate(texts, labels, max_drop=100.0, policy="elbert")
-    assert engine.backend == "reference"  # the C++ op does not implement elbert
+    assert (engine.policy.name, engine.backend) == ("elbert", "cpp")
     engine.calibrate(texts, labels, max_drop=100.0, policy="budget")
     assert (engine.policy.name, engine.backend) == ("budget", "cpp")
+    pinned = Engine(tiny_ckpt, backend="reference")
+    pinned.calibrate(texts, labels, max_drop=100.0, policy="elbert")
+    assert (pinned.policy.name, pinned.backend) == ("elbert", "reference")
 
 
 @pytest.mark.parametrize(
