@@ -222,7 +222,13 @@ def check_tokenizer(
                 f"{file}: {role} {getattr(tokenizer, role)!r} has id {token_id}, expected an id "
                 f"in [0, {rows})"
             )
-    ids = tokenizer("a")["input_ids"]
+    try:
+        ids = tokenizer("a")["input_ids"]
+    except Exception as e:  # a corrupt tokenizer_config.json surfaces only when encoding
+        raise CheckpointError(
+            f"{file.parent}: the tokenizer files load but cannot encode 'a': "
+            f"{type(e).__name__}: {e}"
+        ) from None
     if len(ids) < 3 or ids[0] != tokenizer.cls_token_id or ids[-1] != tokenizer.sep_token_id:
         raise CheckpointError(
             f"{file}: encodes 'a' as {ids}; the {backbone} backbone expects "

@@ -162,3 +162,10 @@ def test_good_checkpoint_still_loads(tiny_ckpt, tiny_bert_dir):
     expected = make_tiny_model(tiny_bert_dir).state_dict()
     for key, value in loaded.model.state_dict().items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+
+
+def test_tokenizer_that_cannot_encode(broken):
+    # Found by the fuzz campaign: a dict as model_max_length made encoding raise TypeError.
+    _edit_json(broken / "tokenizer_config.json", lambda t: t.update(model_max_length={"a": 1}))
+    with pytest.raises(CheckpointError, match="tokenizer files load but cannot encode 'a'"):
+        load_checkpoint(broken)
