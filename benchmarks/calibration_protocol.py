@@ -28,8 +28,8 @@ def measure(task: str, ckpt: Path) -> list[dict]:
     """One row per target: promised (calibration slice) and measured (dev) metric and drop."""
     glue = get_task(task)
     dev = load_split(glue, "dev")
-    full = Engine(ckpt, policy="none").evaluate(dev, glue.metric)["value"]
     base = Engine(ckpt, policy="none")
+    full = base.evaluate(dev, glue.metric)["value"]
     calibration, manifest = base.calibration, base.manifest
     points: dict[str, OperatingPoint | None] = {}
     default = manifest["policy"]
