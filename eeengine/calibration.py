@@ -108,13 +108,10 @@ class TradeOff:
         sweep: the :func:`eeengine.evaluation.sweep` result (the content of
             ``calibration.json``): ``metric``, ``full_depth``, ``policies`` …
         all_logits: (num_layers, num_examples, num_labels) float32, every exit's logits.
-        labels: the labels the sweep was scored against (full-depth predictions when
-            calibrating without labels).
     """
 
     sweep: dict
     all_logits: Tensor
-    labels: list
 
     def select(
         self,
@@ -179,7 +176,7 @@ def measure_trade_off(
         labels, metric, extra_metrics = predictions_of(all_logits[-1]), AGREEMENT, ()
     flops = flops_tables(model, tokenizer, texts, text_pairs, max_length, token_pruning)
     result = sweep(all_logits, list(labels), metric, signals, extra_metrics, flops)
-    return TradeOff(result, all_logits, list(labels))
+    return TradeOff(result, all_logits)
 
 
 def check_calibration_args(
