@@ -19,6 +19,7 @@ from pathlib import Path
 from eeengine import Engine
 from eeengine.calibration import OperatingPoint, select_operating_point
 from eeengine.data import get_task, load_split
+from eeengine.evaluation import evaluate
 
 TARGETS = {"max_drop 0.5": {"max_drop": 0.5}, "max_drop 1.0": {"max_drop": 1.0}}
 TARGETS["target_speedup 2"] = {"target_speedup": 2.0}
@@ -29,7 +30,7 @@ def measure(task: str, ckpt: Path) -> list[dict]:
     glue = get_task(task)
     dev = load_split(glue, "dev")
     base = Engine(ckpt, policy="none")
-    full = base.evaluate(dev, glue.metric)["value"]
+    full = evaluate(base, dev, glue.metric)["value"]
     calibration, manifest = base.calibration, base.manifest
     points: dict[str, OperatingPoint | None] = {}
     default = manifest["policy"]
@@ -41,7 +42,7 @@ def measure(task: str, ckpt: Path) -> list[dict]:
     rows = []
     promised_default = manifest["training"]["default_policy"]["calibration"]
     engine = Engine(ckpt)
-    measured = engine.evaluate(dev, glue.metric)
+    measured = evaluate(engine, dev, glue.metric)
     rows.append(
         _row(
             task,
@@ -60,7 +61,7 @@ def measure(task: str, ckpt: Path) -> list[dict]:
             rows.append({"task": task, "target": name, "point": "none reachable"})
             continue
         engine = Engine(ckpt, policy=point.name, **point.params)
-        measured = engine.evaluate(dev, glue.metric)
+        measured = evaluate(engine, dev, glue.metric)
         promised = calibration["full_depth"] - point.metric
         rows.append(
             _row(

@@ -25,6 +25,7 @@ from pathlib import Path
 from eeengine import Engine
 from eeengine.cli import add_policy_args, policy_kwargs
 from eeengine.data import get_task, load_split
+from eeengine.evaluation import evaluate
 from eeengine.token_pruning import DEFAULT_TOKEN_PRUNING
 
 MEASURES = ("value", "avg_exit_layer", "speedup", "flops_ratio", "flops_speedup")
@@ -53,14 +54,14 @@ def main() -> None:
             policy = {"policy": "none"} if full_depth else point
             engine = Engine(args.ckpt, token_pruning=token_pruning, **policy)
             key = f"{name}/{'full depth' if full_depth else 'policy'}"
-            result = engine.evaluate(dev, task.metric, batch_size=args.batch_size)
+            result = evaluate(engine, dev, task.metric, batch_size=args.batch_size)
             results[key] = {"policy": repr(engine.policy), **{m: result[m] for m in MEASURES}}
     engines = {name: Engine(args.ckpt, token_pruning=tp, **point) for name, tp in providers.items()}
     seconds: dict[str, list[float]] = {name: [] for name in engines}
     for round_index in range(args.rounds):
         order = list(engines) if round_index % 2 == 0 else list(reversed(engines))
         for name in order:
-            result = engines[name].evaluate(dev, task.metric, batch_size=args.batch_size)
+            result = evaluate(engines[name], dev, task.metric, batch_size=args.batch_size)
             seconds[name].append(result["seconds"])
     base = statistics.median(seconds["layerwise"])
     for name in engines:

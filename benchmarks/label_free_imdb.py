@@ -18,6 +18,7 @@ from pathlib import Path
 from eeengine import Engine
 from eeengine.data import DATA_DIR, file_split
 from eeengine.defaults import default_checkpoint
+from eeengine.evaluation import evaluate
 
 REVIEWS = DATA_DIR / "IMDB-long" / "reviews.tsv"
 
@@ -38,18 +39,18 @@ def main() -> None:
     report = type(reviews)(reviews.texts[half:n], None, reviews.labels[half:n])
     ckpt = args.ckpt or default_checkpoint()
 
-    def evaluate(engine: Engine) -> dict:
-        return engine.evaluate(report, "accuracy", batch_size=16)
+    def on_report(engine: Engine) -> dict:
+        return evaluate(engine, report, "accuracy", batch_size=16)
 
     rows = {
-        "full depth": evaluate(Engine(ckpt, policy="none", max_length=args.max_length)),
-        "checkpoint default (calibrated on SST-2)": evaluate(
+        "full depth": on_report(Engine(ckpt, policy="none", max_length=args.max_length)),
+        "checkpoint default (calibrated on SST-2)": on_report(
             Engine(ckpt, max_length=args.max_length)
         ),
     }
     engine = Engine(ckpt, max_length=args.max_length)
     point = engine.calibrate(calibration_texts, agreement=args.agreement, progress=True)
-    rows[f"label-free, agreement >= {args.agreement:g} on the first half"] = evaluate(engine)
+    rows[f"label-free, agreement >= {args.agreement:g} on the first half"] = on_report(engine)
     full = rows["full depth"]["value"]
     lines = [
         f"SST-2 checkpoint {ckpt} on IMDB reviews at {args.max_length} tokens: calibrated "

@@ -27,6 +27,7 @@ import torch
 
 from eeengine import Engine
 from eeengine.data import get_task, load_split
+from eeengine.evaluation import evaluate
 from eeengine.precision import write_calibration
 from eeengine.report import per_exit_metrics
 from eeengine.training import TrainConfig
@@ -52,7 +53,7 @@ def measure(ckpt: str, precision: str, max_drop: float, write: bool) -> dict:
     )
     if write and precision != "fp32":
         write_calibration(engine.path, precision, engine.calibration)
-    result = engine.evaluate(dev, metric)
+    result = evaluate(engine, dev, metric)
     return {
         "precision": precision,
         "executor": engine.executor,

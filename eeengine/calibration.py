@@ -1,10 +1,10 @@
 """Operating points: measure every exit policy's trade-off on data, then pick one.
 
-One pipeline serves :meth:`eeengine.Engine.calibrate`, ``eeengine eval --sweep`` and the
-trainer: the logits of every exit (one full-depth pass) → the FLOPs each input costs when it
-exits at each layer → every policy swept over its grid (:func:`eeengine.evaluation.sweep`) →
-one :class:`OperatingPoint` chosen by speed (``target_speedup``) or by metric loss
-(``max_drop``).
+One pipeline serves :meth:`eeengine.Engine.calibrate` (:func:`calibrate_engine`), ``eeengine
+eval --sweep`` and the trainer: the logits of every exit (one full-depth pass) → the FLOPs each
+input costs when it exits at each layer → every policy swept over its grid
+(:func:`eeengine.evaluation.sweep`) → one :class:`OperatingPoint` chosen by speed
+(``target_speedup``) or by metric loss (``max_drop``).
 
 Calibrating without labels (``labels=None``) measures *agreement with full depth*: each input's
 full-depth prediction is its label and the metric is :func:`agreement` (percent of inputs whose
@@ -18,6 +18,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
@@ -37,6 +38,9 @@ from eeengine.inputs import normalize_inputs
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import ExitPolicy, make_policy
 from eeengine.token_pruning import TokenPruning
+
+if TYPE_CHECKING:
+    from eeengine.engine import Engine
 
 AGREEMENT = "agreement"
 
@@ -179,6 +183,77 @@ def measure_trade_off(
     return TradeOff(result, all_logits)
 
 
+def calibrate_engine(
+    engine: Engine,
+    executor: LayerExecutor,
+    texts: Sequence[str],
+    labels: Sequence[int | str | float] | None = None,
+    text_pairs: Sequence[str] | None = None,
+    target_speedup: float | None = None,
+    max_drop: float | None = None,
+    agreement: float | None = None,
+    policy: str | None = None,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> tuple[OperatingPoint, dict]:
+    """Measure every policy's trade-off on ``texts`` as ``engine`` runs (its model, precision
+    and token pruning; one full-depth pass, every policy swept) and select the point that
+    meets the target. The engine is not changed: :meth:`eeengine.Engine.calibrate` then runs
+    the point.
+
+    With ``labels`` points are scored by the checkpoint's metric: give ``target_speedup`` or
+    ``max_drop``. Without labels they are scored by agreement with full depth on the same
+    texts (:func:`eeengine.metrics.agreement`): the fastest point agreeing on at least
+    ``agreement`` of them, or the most agreeing at ``target_speedup``.
+
+    Args:
+        engine: the :class:`eeengine.Engine` to calibrate.
+        executor: the engine's :class:`eeengine.executors.LayerExecutor` (what runs its layers,
+            at its precision).
+        texts, text_pairs: the inputs (``text_pairs`` None for single-sentence tasks).
+        labels: class indices, label names or (regression) values, one per text; None to
+            calibrate for agreement with full depth.
+        target_speedup: the most accurate point with layer speed-up L / average exit layer
+            >= this (>= 1).
+        max_drop: the fastest point within this many metric points of full depth (>= 0;
+            without labels, agreement percentage points; not with ``agreement``).
+        agreement: without labels, the fraction of texts (0, 1] whose prediction must match
+            full depth (default 0.99 when no target is given).
+        policy: restrict the choice to this policy; None searches every policy that applies.
+        batch_size: rows per full-depth forward pass.
+        progress: show a progress bar.
+
+    Returns:
+        The chosen :class:`OperatingPoint` and the new sweep (the content of
+        ``calibration.json``).
+
+    Raises:
+        TypeError / ValueError: bad texts or labels (index named), mismatched lengths, a
+            target missing or given twice, a ``policy`` not swept for this model, or no point
+            meets the target (the best reachable is named).
+    """
+    max_drop = check_calibration_args(
+        texts, labels, text_pairs, target_speedup, max_drop, agreement
+    )
+    values = None if labels is None else label_values(labels, engine.label_names)
+    task = engine.manifest["task"]
+    trade_off = measure_trade_off(
+        engine.model,
+        engine.tokenizer,
+        texts,
+        text_pairs,
+        values,
+        task["metric"],
+        engine.max_length,
+        task.get("metrics", [])[1:],
+        engine.token_pruning,
+        batch_size,
+        progress,
+        executor=executor,
+    )
+    return trade_off.select(target_speedup, max_drop, policy), trade_off.sweep
+
+
 def check_calibration_args(
     texts: Sequence[str],
     labels: Sequence | None,
@@ -187,7 +262,7 @@ def check_calibration_args(
     max_drop: float | None,
     agreement_fraction: float | None,
 ) -> float | None:
-    """Check the arguments of :meth:`eeengine.Engine.calibrate` before any work is done, and
+    """Check the arguments of :func:`calibrate_engine` before any work is done, and
     return the ``max_drop`` to select with (without labels: agreement points below full
     depth's 100 %, from ``agreement_fraction``, default 0.99, unless ``target_speedup`` is
     given).

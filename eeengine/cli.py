@@ -13,6 +13,7 @@ from eeengine.checkpoint import CheckpointError, update_checkpoint
 from eeengine.data import Split, file_split, get_task, load_split, unlabeled_file
 from eeengine.defaults import default_checkpoint, minilm_dir
 from eeengine.engine import Engine
+from eeengine.evaluation import evaluate
 from eeengine.executors import EXECUTORS, PRECISIONS
 from eeengine.heads import LAYOUTS, POOLINGS
 from eeengine.precision import write_calibration
@@ -181,7 +182,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print("wrote " + ", ".join(str(path) for path in paths))
         return
     per_exit = per_exit_metrics(engine, dev, metric)
-    result = engine.evaluate(dev, metric, batch_size=args.batch_size)
+    result = evaluate(engine, dev, metric, batch_size=args.batch_size)
     report = {
         "task": name,
         "split": split_name,

@@ -2,35 +2,29 @@
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 from eeengine._custom_ops import resolve_backend
 from eeengine.batching import collate, encode_truncating, length_sorted_batches
-from eeengine.calibration import (
-    OperatingPoint,
-    check_calibration_args,
-    label_values,
-    measure_trade_off,
-)
+from eeengine.calibration import OperatingPoint, calibrate_engine
 from eeengine.checkpoint import load_checkpoint
-from eeengine.data import Split
-from eeengine.evaluation import score_predictions
 from eeengine.executors import make_executor
 from eeengine.flops import FlopCounter
 from eeengine.inputs import char_limit, normalize_inputs, split_examples
 from eeengine.precision import check_precision, read_calibration
-from eeengine.prediction import Prediction, predictions_from
+from eeengine.prediction import Prediction, predictions_in_order
 from eeengine.resolve import (
     resolve_device,
+    resolve_max_length,
     resolve_policy,
     resolve_token_pruning,
     validated_policy,
 )
-from eeengine.runtime import DeviceLoop, ExitLoop, check_finite
+from eeengine.runtime import DeviceLoop, ExitLoop
 from eeengine.token_pruning import TokenPruning
 
 __all__ = ["Engine", "Prediction"]
@@ -84,9 +78,9 @@ class Engine:
         FileNotFoundError, eeengine.checkpoint.CheckpointError: a bad checkpoint (file and
             field named).
         ValueError: unknown policy, device, backend, executor or precision, or one that cannot
-            run here (int8 / bf16 on their executor, on CPU);
-            a threshold out of range; a bad token-pruning schedule; a calibration target that
-            cannot be met (the best reachable point is named).
+            run here (int8 / bf16 on their executor, on CPU); a threshold or ``max_length`` out
+            of range; a bad token-pruning schedule; a calibration target that cannot be met
+            (the best reachable point is named).
     """
 
     def __init__(
@@ -117,24 +111,13 @@ class Engine:
         self.tokenizer = ckpt.tokenizer
         self.label_names = ckpt.label_names
         self.model = ckpt.model.to(self.device)
-        self.max_length = max_length or ckpt.manifest["max_seq_length"]
-        limit = self.model.backbone.max_positions
-        if not 2 < self.max_length <= limit:
-            raise ValueError(f"max_length={self.max_length} must be in [3, {limit}]")
+        self.max_length = resolve_max_length(max_length, self.manifest, self.model)
         self.policy, self.operating_point = resolve_policy(
-            self.model,
-            self.manifest,
-            self.calibration,
-            self.path,
-            policy,
-            target_speedup,
-            max_drop,
-            threshold=threshold,
-            patience=patience,
+            self.model, self.manifest, self.calibration, self.path, policy, target_speedup,
+            max_drop, threshold=threshold, patience=patience,
             # The default policy's parameters were calibrated at fp32.
-            default_params=precision == "fp32" or not self.calibration,
-            **policy_kwargs,
-        )
+            default_params=precision == "fp32" or not self.calibration, **policy_kwargs,
+        )  # fmt: skip
         self._requested_backend = backend
         self._backend = resolve_backend(backend, self.policy, self.model.num_labels, self.device)
         self.token_pruning = resolve_token_pruning(
@@ -184,50 +167,20 @@ class Engine:
         batch_size: int = 64,
         progress: bool = False,
     ) -> OperatingPoint:
-        """Measure every policy's trade-off on ``texts`` and switch to the point that meets
-        the target (:mod:`eeengine.calibration`; one full-depth pass, every policy swept).
-
-        With ``labels`` (class indices, label names or values) points are scored by the
-        checkpoint's metric: give ``target_speedup`` (the most accurate point with L / average
-        exit layer >= it) or ``max_drop`` (the fastest within that many metric points of full
-        depth). Without labels they are scored by agreement with full depth on the same texts
-        (:func:`eeengine.metrics.agreement`): the fastest point agreeing on at least
-        ``agreement`` (default 0.99) of them, or the most agreeing at ``target_speedup``.
-        ``policy`` restricts the choice to one policy. On success the engine runs the chosen
-        :class:`eeengine.calibration.OperatingPoint` (returned) and :attr:`calibration` holds
-        the new sweep; on error the engine is unchanged.
-
-        Raises:
-            TypeError / ValueError: bad texts or labels (index named), mismatched lengths, a
-                target missing or given twice, a policy that does not apply, or no point meets
-                the target (the best reachable is named).
-        """
-        max_drop = check_calibration_args(
-            texts, labels, text_pairs, target_speedup, max_drop, agreement
-        )
-        values = None if labels is None else label_values(labels, self.label_names)
-        task = self.manifest["task"]
-        trade_off = measure_trade_off(
-            self.model,
-            self.tokenizer,
-            texts,
-            text_pairs,
-            values,
-            task["metric"],
-            self.max_length,
-            task.get("metrics", [])[1:],
-            self.token_pruning,
-            batch_size,
-            progress,
-            executor=self._executor,
-        )
-        point = trade_off.select(target_speedup, max_drop, policy)
+        """Measure every policy's trade-off on ``texts`` and switch to (and return) the
+        :class:`eeengine.calibration.OperatingPoint` that meets the target; :attr:`calibration`
+        holds the new sweep. On error the engine is unchanged. Arguments and errors:
+        :func:`eeengine.calibration.calibrate_engine`."""
+        point, sweep = calibrate_engine(
+            self, self._executor, texts, labels, text_pairs, target_speedup, max_drop,
+            agreement, policy, batch_size, progress,
+        )  # fmt: skip
         chosen = validated_policy(point.policy(), self.model)
         backend = resolve_backend(
             self._requested_backend, chosen, self.model.num_labels, self.device
         )
         self.policy, self.operating_point, self._backend = chosen, point, backend
-        self.calibration = trade_off.sweep
+        self.calibration = sweep
         return point
 
     def predict(
@@ -259,9 +212,9 @@ class Engine:
         predictions: list[Prediction] = []
         chunk = batch_size * _CHUNK_BATCHES
         for start in range(0, len(texts), chunk):
-            end = start + chunk
-            chunk_pairs = None if pairs is None else pairs[start:end]
-            predictions += self._predict_chunk(texts[start:end], chunk_pairs, start, batch_size)
+            window = slice(start, start + chunk)
+            chunk_pairs = None if pairs is None else pairs[window]
+            predictions += self._predict_chunk(texts[window], chunk_pairs, start, batch_size)
         return predictions[0] if single else predictions
 
     def _predict_chunk(
@@ -274,41 +227,14 @@ class Engine:
                 f"(indices {[offset + i for i in truncated[:10]]})",
                 stacklevel=3,
             )
-        results: list[Prediction | None] = [None] * len(texts)
-        all_lengths = encoded.lengths
-        batches = length_sorted_batches(all_lengths, batch_size)
-        outs = [
-            self._loop(
-                self.policy,
-                self._backend,
-                self.token_pruning,
-                *collate(encoded, indices, self.tokenizer.pad_token_id, self.device),
-            )
-            for indices in batches
-        ]
-        for indices, out in zip(batches, self._loop.to_host(outs), strict=True):
-            check_finite(out, [offset + i for i in indices])
-            lengths = [all_lengths[i] for i in indices]
-            batch_predictions = predictions_from(
-                out, lengths, self.label_names, self._flops, self.token_pruning
-            )
-            for i, prediction in zip(indices, batch_predictions, strict=True):
-                results[i] = prediction
-        return results
-
-    def evaluate(self, split: Split, metric: str, batch_size: int = 32) -> dict:
-        """Run :meth:`predict` on a labelled split and score it by ``metric`` (a key of
-        :data:`eeengine.metrics.METRICS`): :func:`eeengine.evaluation.score_predictions`' dict
-        (metric value, average exit layer, speed-ups, FLOPs ratio) plus ``seconds``."""
-        inputs = (
-            split.texts
-            if split.text_pairs is None
-            else list(zip(split.texts, split.text_pairs, strict=True))
-        )
-        started = time.perf_counter()
-        predictions = self.predict(inputs, batch_size=batch_size)
-        seconds = time.perf_counter() - started
-        return {**score_predictions(predictions, split.labels, metric), "seconds": seconds}
+        batches = length_sorted_batches(encoded.lengths, batch_size)
+        run = partial(self._loop, self.policy, self._backend, self.token_pruning)
+        pad = self.tokenizer.pad_token_id
+        outs = self._loop.to_host([run(*collate(encoded, i, pad, self.device)) for i in batches])
+        return predictions_in_order(
+            batches, outs, encoded.lengths, offset, self.label_names, self._flops,
+            self.token_pruning,
+        )  # fmt: skip
 
     def __repr__(self) -> str:
         return f"Engine({str(self.path)!r}, policy={self.policy!r}, device={str(self.device)!r})"

@@ -1,4 +1,5 @@
-"""Dev-set evaluation of every exit, and threshold sweeps of the exit policies.
+"""Dev-set evaluation of an engine (:func:`evaluate`) and of every exit, and threshold sweeps
+of the exit policies.
 
 Sweeps run the policies on the logits of all exits computed once (``run_policy``), which gives
 exactly what the engine would do row by row, at the cost of one full-depth pass.
@@ -6,7 +7,9 @@ exactly what the engine would do row by row, at the cost of one full-depth pass.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -21,6 +24,10 @@ from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import POLICIES, make_policy, run_policy
 from eeengine.runtime import ExitLoop
 from eeengine.token_pruning import TokenPruning
+
+if TYPE_CHECKING:
+    from eeengine.data import Split
+    from eeengine.engine import Engine
 
 # Threshold grids per policy, in the policy's own units.
 SWEEP_GRIDS: dict[str, list[float]] = {
@@ -240,6 +247,33 @@ def score_predictions(predictions: Sequence, labels: Sequence, metric: str) -> d
         "flops_ratio": flops_ratio,
         "flops_speedup": 1.0 / flops_ratio,
     }
+
+
+def evaluate(engine: Engine, split: Split, metric: str, batch_size: int = 32) -> dict:
+    """Run :meth:`eeengine.Engine.predict` on a labelled split and score it.
+
+    Args:
+        engine: the engine, with the policy it runs.
+        split: texts (and pairs) with one label (class index or value) each.
+        metric: name in :data:`eeengine.metrics.METRICS`.
+        batch_size: rows per forward pass.
+
+    Returns:
+        :func:`score_predictions`' dict (metric value, average exit layer, speed-ups, FLOPs
+        ratio) plus ``seconds``, the wall-clock time of the predictions.
+
+    Raises:
+        As :meth:`eeengine.Engine.predict`.
+    """
+    inputs = (
+        split.texts
+        if split.text_pairs is None
+        else list(zip(split.texts, split.text_pairs, strict=True))
+    )
+    started = time.perf_counter()
+    predictions = engine.predict(inputs, batch_size=batch_size)
+    seconds = time.perf_counter() - started
+    return {**score_predictions(predictions, split.labels, metric), "seconds": seconds}
 
 
 def policy_params(point: dict) -> dict:

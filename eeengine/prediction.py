@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from eeengine.flops import FlopCounter
-from eeengine.runtime import ExitOutput
+from eeengine.runtime import ExitOutput, check_finite
 from eeengine.token_pruning import TokenPruning
 
 
@@ -84,3 +84,35 @@ def predictions_from(
         prediction.full_flops = flop_counter.full(length)
         predictions.append(prediction)
     return predictions
+
+
+def predictions_in_order(
+    batches: Sequence[Sequence[int]],
+    outs: Sequence[ExitOutput],
+    lengths: Sequence[int],
+    offset: int,
+    label_names: Sequence[str] | None,
+    flop_counter: FlopCounter,
+    token_pruning: TokenPruning | None,
+) -> list[Prediction]:
+    """The predictions of batches that hold inputs out of order, back in input order.
+
+    Args:
+        batches: the indices of the inputs in each batch (every input in exactly one).
+        outs: each batch's exit output, on the host.
+        lengths: every input's token count.
+        offset: the index of input 0 among the caller's inputs (errors name
+            ``offset + index``).
+        label_names, flop_counter, token_pruning: as :func:`predictions_from`.
+
+    Raises:
+        eeengine.runtime.NonFiniteLogitsError: a NaN or infinite logit (input and layer named).
+    """
+    results: list[Prediction | None] = [None] * len(lengths)
+    for indices, out in zip(batches, outs, strict=True):
+        check_finite(out, [offset + i for i in indices])
+        batch_lengths = [lengths[i] for i in indices]
+        batch = predictions_from(out, batch_lengths, label_names, flop_counter, token_pruning)
+        for i, prediction in zip(indices, batch, strict=True):
+            results[i] = prediction
+    return results

@@ -116,6 +116,19 @@ def resolve_token_pruning(
     return schedule
 
 
+def resolve_max_length(max_length: int | None, manifest: dict, model: MultiExitBert) -> int:
+    """Tokens per input: ``max_length``, or the checkpoint's ``max_seq_length`` when None.
+
+    Raises:
+        ValueError: not in [3, the model's position embeddings].
+    """
+    resolved = max_length or manifest["max_seq_length"]
+    limit = model.backbone.max_positions
+    if not 2 < resolved <= limit:
+        raise ValueError(f"max_length={resolved} must be in [3, {limit}]")
+    return resolved
+
+
 def resolve_device(device: str) -> torch.device:
     """A torch device the engine can run on.
 

@@ -14,7 +14,7 @@ from eeengine.calibration import select_operating_point
 from eeengine.checkpoint import save_checkpoint, update_checkpoint, write_json_atomic
 from eeengine.cli import main
 from eeengine.data import file_dataset, get_task, load_split
-from eeengine.evaluation import choose_for_speedup, sweep
+from eeengine.evaluation import choose_for_speedup, evaluate, sweep
 from eeengine.metrics import agreement
 from eeengine.training import train
 from tests.conftest import SENTENCES, csv_config, make_tiny_model, tiny_manifest
@@ -356,7 +356,7 @@ def test_calibrate_a_checkpoint_trained_on_user_files(
     labels = [engine.label_names[y] for y in dev.labels]
     point = engine.calibrate(dev.texts, labels, max_drop=100.0, policy="budget")
     assert engine.calibration["metric"] == "accuracy" and point.params == {"layer": 1}
-    measured = engine.evaluate(dev, "accuracy")
+    measured = evaluate(engine, dev, "accuracy")
     assert measured["value"] == pytest.approx(point.metric)
     args = ["calibrate", "--ckpt", str(path), "--max-drop", "100", "--policy", "budget"]
     assert main(args) == 0

@@ -6,7 +6,7 @@ import pytest
 from eeengine import Engine
 from eeengine.data import get_task, load_split
 from eeengine.defaults import default_checkpoint
-from eeengine.evaluation import all_exit_logits, exit_metrics
+from eeengine.evaluation import all_exit_logits, evaluate, exit_metrics
 from eeengine.executors import EXECUTORS
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ def test_accuracy_and_speedup(engine, dev):
         dev.labels,
         "accuracy",
     )[-1]
-    result = engine.evaluate(dev, "accuracy")
+    result = evaluate(engine, dev, "accuracy")
     assert full_depth >= 88.0
     assert result["avg_exit_layer"] <= 3.5
     assert result["value"] >= full_depth - 0.5

@@ -13,6 +13,7 @@ from eeengine import CheckpointError, Engine
 from eeengine._custom_ops import HAS_C
 from eeengine.batching import collate, encode
 from eeengine.data import Split
+from eeengine.evaluation import evaluate
 from eeengine.flops import FlopCounter
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import make_policy, run_policy
@@ -195,7 +196,7 @@ def test_engine_reports_tokens_and_flops(pruned_ckpt):
 def test_engine_evaluate_reports_flops_ratio(pruned_ckpt):
     engine = Engine(pruned_ckpt, policy="none")
     split = Split(texts=SENTENCES, text_pairs=None, labels=[0, 1] * 4)
-    result = engine.evaluate(split, "accuracy")
+    result = evaluate(engine, split, "accuracy")
     predictions = engine.predict(SENTENCES)
     ratio = sum(p.flops for p in predictions) / sum(p.full_flops for p in predictions)
     assert result["flops_ratio"] == pytest.approx(ratio) and ratio < 1
@@ -204,7 +205,7 @@ def test_engine_evaluate_reports_flops_ratio(pruned_ckpt):
 
 def test_sweep_flops_ratio_equals_the_engine_at_each_point(pruned_ckpt):
     """ρ of every swept entropy point (from the FLOPs tables and the exits of the full-depth
-    pass) is what Engine.evaluate measures running that policy with pruning."""
+    pass) is what eeengine.evaluation.evaluate measures running that policy with pruning."""
     engine = Engine(pruned_ckpt, policy="none")
     split = Split(texts=SENTENCES, text_pairs=None, labels=[0, 1] * 4)
     report = sweep_report(engine, "tiny", "dev", split, "accuracy")
@@ -212,7 +213,7 @@ def test_sweep_flops_ratio_equals_the_engine_at_each_point(pruned_ckpt):
     assert len({round(p["avg_exit_layer"], 6) for p in points}) > 1  # exits vary
     for point in points[:: max(1, len(points) // 4)]:
         measured = Engine(pruned_ckpt, policy="entropy", threshold=point["threshold"])
-        result = measured.evaluate(split, "accuracy")
+        result = evaluate(measured, split, "accuracy")
         assert point["avg_exit_layer"] == pytest.approx(result["avg_exit_layer"])
         assert point["flops_ratio"] == pytest.approx(result["flops_ratio"])
         assert point["flops_speedup"] == pytest.approx(result["flops_speedup"])

@@ -14,6 +14,7 @@ from eeengine import Engine
 from eeengine._custom_ops import HAS_C
 from eeengine.cli import build_parser
 from eeengine.data import calibration_size, file_dataset, holdout_split
+from eeengine.evaluation import evaluate
 from eeengine.training import TrainConfig, train
 from eeengine.training.recipes import RECIPES
 from eeengine.training.state import state_dir
@@ -289,7 +290,7 @@ def test_train_with_token_pruning(recipe, tiny_bert_dir, tiny_csv_task, tmp_path
     ).train
     size = calibration_size(len(train_rows.texts))
     _, calib = holdout_split(train_rows, size, config.seed, stratify=True)
-    measured = Engine(path, policy="budget", layer=point["layer"]).evaluate(calib, "accuracy")
+    measured = evaluate(Engine(path, policy="budget", layer=point["layer"]), calib, "accuracy")
     assert point["flops_ratio"] == pytest.approx(measured["flops_ratio"])
 
 
