@@ -32,18 +32,23 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--executor", choices=EXECUTORS, help="default: onnxruntime if installed, else torch"
     )
-    parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="fp32",
-        help="encoder layers on CPU: fp32, int8 (onnxruntime executor) or bf16 (torch executor)",
-    )
+    add_precision_arg(parser)
     parser.add_argument(
         "--eager",
         action="store_true",
         help="on a CUDA device, run the sync-free loop eagerly instead of replaying CUDA graphs",
     )
     parser.add_argument("--batch-size", type=int, default=32)
+
+
+def add_precision_arg(parser: argparse.ArgumentParser) -> None:
+    """``--precision`` of the encoder layers (:mod:`eeengine.precision`), default fp32."""
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="encoder layers on CPU: fp32, int8 (onnxruntime executor) or bf16 (torch executor)",
+    )
 
 
 def _add_data_args(parser: argparse.ArgumentParser, default_split: str) -> None:
@@ -489,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("ckpt", nargs="?", help="checkpoint directory (default: the cached SST-2 model)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    add_precision_arg(p)
     p.set_defaults(func=cmd_info)
 
     from eeengine.serve.cli import add_serve_parser  # imports this module's helpers

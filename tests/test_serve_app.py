@@ -142,7 +142,7 @@ def test_info_metrics_and_docs(client, engine) -> None:
     assert info["labels"] == engine.label_names
     assert info["num_layers"] == engine.num_layers
     assert info["backend"] == engine.backend and info["executor"] == engine.executor
-    assert info["policy"] == repr(engine.policy) and info["precision"] == "float32"
+    assert info["policy"] == repr(engine.policy) and info["precision"] == "fp32"
     assert info["max_input_length"] == engine.max_length
     assert info["batching"] in ("continuous", "static")
 
@@ -255,3 +255,20 @@ def test_non_finite_logits_are_an_error_not_an_answer(engine) -> None:
         assert "non-finite" in bad.json()["error"]
         ok = client.post("/predict", json={"inputs": SENTENCES[0]})
         _check_prediction(ok.json(), engine.predict(SENTENCES[0]), engine.label_names)
+
+
+def test_serve_command_runs_the_precision_it_is_given(tiny_ckpt, monkeypatch) -> None:
+    """``eeengine serve --precision int8`` serves int8 layers (ONNX Runtime), and says so."""
+    pytest.importorskip("onnxruntime")
+    import eeengine.serve.app as app_module
+    from eeengine.cli import main
+
+    served = {}
+    monkeypatch.setattr(app_module, "run", lambda app, *args: served.update(app=app))
+    main(["serve", "--ckpt", str(tiny_ckpt), "--precision", "int8"])
+    with TestClient(served["app"]) as client:
+        info = _ready(client).get("/info").json()
+        answer = client.post("/predict", json={"inputs": SENTENCES[0]}).json()
+    assert info["precision"] == "int8" and info["executor"] == "onnxruntime"
+    engine = Engine(tiny_ckpt, precision="int8")
+    _check_prediction(answer, engine.predict(SENTENCES[0]), engine.label_names)

@@ -160,6 +160,21 @@ def test_cancelled_job_leaves_the_queues(tiny_ckpt) -> None:
     assert next(s.value for s in sizes if s.name.endswith("_sum")) == 5 + 2 * 3
 
 
+@pytest.mark.parametrize("kind", ["continuous", "static"])
+def test_stop_drains_work_in_flight_then_ends(tiny_ckpt, kind) -> None:
+    """A stop that arrives while inputs are still running (SIGTERM under load): the worker
+    answers them, then its thread ends (it used to wait forever for a second stop)."""
+    engine = Engine(tiny_ckpt, policy="none")
+    batcher = _batcher(kind, engine, 16384, 1)  # one input per call: work stays queued
+    job = _job(engine, TEXTS[:4])
+    batcher.submit(job)
+    batcher.submit(None)  # the stop marker, queued behind the job
+    batcher.start()
+    batcher._thread.join(timeout=60)
+    assert not batcher.alive
+    _assert_matches_engine(engine, job, TEXTS[:4])
+
+
 def test_failed_model_call_fails_only_its_jobs(tiny_ckpt) -> None:
     engine = Engine(tiny_ckpt)
     calls = []

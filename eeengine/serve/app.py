@@ -328,7 +328,7 @@ def engine_app(engine: Engine, config: ServeConfig) -> FastAPI:
             "policy": repr(engine.policy),
             "backend": engine.backend,
             "executor": engine.executor,
-            "precision": str(next(engine.model.parameters()).dtype).removeprefix("torch."),
+            "precision": engine.precision,
             "device": str(engine.device),
             "token_pruning": None
             if engine.token_pruning is None

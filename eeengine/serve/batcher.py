@@ -147,13 +147,14 @@ class Batcher:
                 self.metrics.queue_size.set(self._waiting())
 
     def _admit(self, block: bool) -> bool:
-        """Move submitted jobs into the pending inputs, waiting for one if ``block``.
+        """Move submitted jobs into the pending inputs, waiting for one if ``block`` (never
+        once stopping: the stop marker is already taken, nothing else will come).
 
         Returns:
             False once stopped and nothing is left to run.
         """
         try:
-            item = self._inbox.get(block=block)
+            item = self._inbox.get(block=block and not self._stopping)
             while True:
                 if item is None:
                     self._stopping = True

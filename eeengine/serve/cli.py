@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from eeengine._custom_ops import BACKENDS
-from eeengine.cli import add_policy_args, policy_kwargs
+from eeengine.cli import add_policy_args, add_precision_arg, policy_kwargs
 from eeengine.defaults import default_checkpoint
 from eeengine.engine import Engine
 from eeengine.executors import EXECUTORS
@@ -27,6 +27,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", choices=BACKENDS, help="default: the device's fused op")
     p.add_argument("--executor", choices=EXECUTORS, help="default: onnxruntime if installed")
+    add_precision_arg(p)
     p.add_argument(
         "--batching",
         choices=BATCHING,
@@ -75,6 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         device=args.device,
         backend=args.backend,
         executor=args.executor,
+        precision=args.precision,
         max_length=args.max_input_length,
         **policy_kwargs(args),
     )
