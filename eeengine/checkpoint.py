@@ -8,7 +8,10 @@
     model.safetensors   backbone (``bert.*``, ``roberta.*`` or ``albert.*``), exit heads
                         (``exit_heads.*``, ``exit_pooler.*``) and the LTE module (``lte.*``)
     tokenizer files     as saved by the Hugging Face tokenizer
-    calibration.json    per policy, threshold -> dev metric, average exit layer, speed-up
+    calibration.json    per policy, threshold -> metric, average exit layer, speed-up, measured
+                        on the calibration slice (fp32 layers)
+    calibration-int8.json   the same sweep with int8 layers (:mod:`eeengine.precision`), when
+                        the trainer could run them or ``eeengine calibrate --write`` measured it
 
 Saving is atomic: everything is written to a temporary sibling directory that is renamed into
 place, so a crash never leaves a half-written checkpoint where a good one was.
@@ -20,7 +23,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -82,10 +85,16 @@ def save_checkpoint(
     tokenizer: PreTrainedTokenizerBase,
     manifest: dict,
     calibration: dict | None = None,
+    extra_json: Mapping[str, dict] | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically (temp dir, then rename).
 
     An existing checkpoint at ``path`` is replaced only once the new one is complete.
+
+    Args:
+        calibration: the content of ``calibration.json`` (None: no such file).
+        extra_json: more JSON files, file name -> content (e.g. ``calibration-int8.json``),
+            written into the same temporary directory before the rename.
 
     Returns:
         The checkpoint path.
@@ -103,6 +112,8 @@ def save_checkpoint(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if calibration is not None:
             (tmp / CALIBRATION).write_text(json.dumps(calibration, indent=2) + "\n")
+        for name, content in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{tmp.name.rsplit('-', 1)[-1]}")

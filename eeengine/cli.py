@@ -19,6 +19,7 @@ from eeengine.heads import LAYOUTS, POOLINGS
 from eeengine.precision import write_calibration
 from eeengine.report import markdown, per_exit_metrics, sweep_report, write_report
 from eeengine.training import TrainConfig, train
+from eeengine.training.calibration_slice import CALIBRATION_SPLIT, calibration_slice
 from eeengine.training.recipes import BASE_RECIPES, RECIPES
 
 
@@ -50,14 +51,22 @@ def add_precision_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_data_args(parser: argparse.ArgumentParser) -> None:
-    """The labelled data of ``eval`` and ``calibrate``, read by :func:`_eval_data`."""
+def _add_data_args(parser: argparse.ArgumentParser, default_split: str) -> None:
+    """The labelled data of ``eval`` and ``calibrate``, read by :func:`_eval_data` (``--split``
+    left None stands for ``default_split``, or for ``dev`` with ``--dev-file``)."""
     parser.add_argument("--task", help="GLUE task (default: the checkpoint's)")
-    parser.add_argument("--split", default="dev")
+    parser.add_argument(
+        "--split",
+        help=f"'{CALIBRATION_SPLIT}': the rows the trainer held out of the training data (or "
+        "its --calib-file) to pick the best step and the thresholds, rebuilt from the training "
+        "config in eeengine.json; 'dev' (for a checkpoint trained with --train-file: its dev "
+        "file) or another split of data/TASK/ (default: "
+        f"{default_split}, or dev with --dev-file)",
+    )
     parser.add_argument(
         "--dev-file",
-        help="a CSV/TSV/JSONL file for a checkpoint trained with --train-file (default: its "
-        "own dev file)",
+        help="a CSV/TSV/JSONL file for a checkpoint trained with --train-file (default with "
+        "--split dev: its own dev file)",
     )
 
 
@@ -148,16 +157,25 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _eval_data(
-    args: argparse.Namespace, engine: Engine
+    args: argparse.Namespace, engine: Engine, default_split: str
 ) -> tuple[str, str, str, tuple[str, ...], Split]:
-    """(task name, split name, metric, extra metrics, split) to evaluate on: ``--task`` /
-    ``--split`` of ``data/`` (extra metrics: the task's other official ones), or for a
-    checkpoint trained on the user's files ``--dev-file`` (default: its own dev file), read
-    with the columns and label names it was trained with (no extra metrics).
+    """(task name, split name, metric, extra metrics, split) to evaluate on: the checkpoint's
+    calibration slice (``--split calibration``, :mod:`eeengine.training.calibration_slice`),
+    ``--task`` / ``--split`` of ``data/`` (extra metrics: the task's other official ones), or
+    for a checkpoint trained on the user's files ``--dev-file`` (default: its own dev file),
+    read with the columns and label names it was trained with (no extra metrics). Without
+    ``--split``: ``default_split``, or ``dev`` when ``--dev-file`` is given.
 
     Raises:
-        ValueError: ``--dev-file`` for a checkpoint not trained on user files.
+        ValueError: ``--dev-file`` for a checkpoint not trained on user files or with
+            ``--split calibration``; ``--task`` other than the checkpoint's with ``--split
+            calibration``, or a calibration slice that cannot be rebuilt (what is missing
+            named).
+        FileNotFoundError: the data is missing.
     """
+    split_name = args.split or ("dev" if args.dev_file else default_split)
+    if split_name == CALIBRATION_SPLIT:
+        return _calibration_data(args, engine)
     trained = engine.manifest.get("training", {}).get("config", {})
     if args.dev_file and not trained.get("train_file"):
         raise ValueError("--dev-file needs a checkpoint trained with --train-file")
@@ -174,12 +192,30 @@ def _eval_data(
         task = engine.manifest["task"]
         return task["name"], Path(path).name, task["metric"], (), split
     task = get_task(args.task or engine.manifest["task"]["name"])
-    return task.name, args.split, task.metric, task.extra_metrics, load_split(task, args.split)
+    return task.name, split_name, task.metric, task.extra_metrics, load_split(task, split_name)
+
+
+def _calibration_data(
+    args: argparse.Namespace, engine: Engine
+) -> tuple[str, str, str, tuple[str, ...], Split]:
+    """:func:`_eval_data` of ``--split calibration``: the rows the trainer calibrated on,
+    scored with the checkpoint's metrics."""
+    if args.dev_file:
+        raise ValueError(f"--dev-file or --split {CALIBRATION_SPLIT}: give one")
+    task = engine.manifest["task"]
+    if args.task is not None and get_task(args.task).name != task["name"]:
+        raise ValueError(
+            f"--split {CALIBRATION_SPLIT} is the slice of the checkpoint's task {task['name']}, "
+            f"not {args.task}"
+        )
+    split, _ = calibration_slice(engine.manifest, engine.path)
+    extra_metrics = tuple(task.get("metrics", [])[1:])
+    return task["name"], CALIBRATION_SPLIT, task["metric"], extra_metrics, split
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     engine = _engine(args)
-    name, split_name, metric, extra_metrics, dev = _eval_data(args, engine)
+    name, split_name, metric, extra_metrics, dev = _eval_data(args, engine, "dev")
     if args.sweep:
         report = sweep_report(engine, name, split_name, dev, metric, extra_metrics, progress=True)
         paths = write_report(report, args.out or f"sweep-{name}")
@@ -222,8 +258,10 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         precision=args.precision,
     )
     if args.unlabeled:
-        if args.task or args.dev_file:
-            raise ValueError("--unlabeled calibrates on its own texts: drop --task / --dev-file")
+        if args.task or args.dev_file or args.split:
+            raise ValueError(
+                "--unlabeled calibrates on its own texts: drop --task / --split / --dev-file"
+            )
         if not args.text_column:
             raise ValueError("--unlabeled needs --text-column")
         data = unlabeled_file(args.unlabeled, args.text_column, args.text_pair_column)
@@ -234,7 +272,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         trained_on = engine.manifest["task"]["name"]
         if args.task is not None and get_task(args.task).name != trained_on:
             raise ValueError(f"the checkpoint was trained on {trained_on}, not {args.task}")
-        name, split_name, _, _, data = _eval_data(args, engine)
+        name, split_name, _, _, data = _eval_data(args, engine, CALIBRATION_SPLIT)
         labels = data.labels
     point = engine.calibrate(
         data.texts,
@@ -375,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="dev metric per exit and of the exit policy")
-    _add_data_args(p)
+    _add_data_args(p, "dev")
     p.add_argument("--json", action="store_true")
     p.add_argument(
         "--sweep",
@@ -390,8 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate",
         help="measure every policy on a labelled split (or unlabeled in-domain texts) and pick "
         "an operating point",
+        description="Measure every exit policy's trade-off and pick the point that meets the "
+        "target. By default on the checkpoint's calibration split: the rows its training run "
+        "held out of the training data (or its --calib-file), rebuilt from the training config "
+        "in eeengine.json, never the dev set results are reported on. A checkpoint without "
+        "that config (converted) needs --split dev, --dev-file FILE or --unlabeled FILE.",
     )
-    _add_data_args(p)
+    _add_data_args(p, CALIBRATION_SPLIT)
     p.add_argument("--policy", help="pick among this policy's points only (default: any)")
     target = p.add_mutually_exclusive_group()
     target.add_argument(

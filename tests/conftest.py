@@ -212,6 +212,16 @@ def csv_config(base_model, task_dir, **overrides):
     )
 
 
+@pytest.fixture(scope="session")
+def trained_csv_ckpt(tmp_path_factory, tiny_bert_dir, tiny_csv_task):
+    """A checkpoint trained on :func:`tiny_csv_task` with :func:`csv_config` (read-only: copy
+    it to change it)."""
+    from eeengine.training import train
+
+    out = tmp_path_factory.mktemp("trained") / "ckpt"
+    return train(csv_config(tiny_bert_dir, tiny_csv_task), out, progress=False)
+
+
 def assert_matches_transformers(hf, ours, pad_token_id: int, label: str = "") -> None:
     """Every layer's hidden states of ``ours`` equal those of the transformers model ``hf``
     (max abs difference <= 1e-5 in fp32 over real tokens), on padded inputs with two segments.

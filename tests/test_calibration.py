@@ -16,8 +16,7 @@ from eeengine.cli import main
 from eeengine.data import file_dataset, get_task, load_split
 from eeengine.evaluation import choose_for_speedup, evaluate, sweep
 from eeengine.metrics import agreement
-from eeengine.training import train
-from tests.conftest import SENTENCES, csv_config, make_tiny_model, tiny_manifest
+from tests.conftest import SENTENCES, make_tiny_model, tiny_manifest
 
 
 def _point(metric: float, avg: float, num_layers: int = 6, **params) -> dict:
@@ -251,15 +250,16 @@ def ckpt_copy(tiny_ckpt, tmp_path):
 
 def test_cli_calibrate_without_write_changes_nothing(ckpt_copy, capsys):
     before = {p.name: p.read_bytes() for p in ckpt_copy.iterdir()}
-    assert main(["calibrate", "--ckpt", str(ckpt_copy), "--task", "sst2", "--max-drop", "1"]) == 0
+    args = ["calibrate", "--ckpt", str(ckpt_copy), "--task", "sst2", "--split", "dev"]
+    assert main([*args, "--max-drop", "1"]) == 0
     out = capsys.readouterr().out
     assert "sst2 dev (872 examples, accuracy)" in out and "layer speed-up" in out
     assert {p.name: p.read_bytes() for p in ckpt_copy.iterdir()} == before
 
 
 def test_cli_calibrate_write_sets_the_default_policy(ckpt_copy, capsys):
-    args = ["calibrate", "--ckpt", str(ckpt_copy), "--policy", "pcee", "--target-speedup", "1.5"]
-    assert main([*args, "--write"]) == 0
+    args = ["calibrate", "--ckpt", str(ckpt_copy), "--split", "dev", "--policy", "pcee"]
+    assert main([*args, "--target-speedup", "1.5", "--write"]) == 0
     assert "wrote the default policy" in capsys.readouterr().out
     manifest = json.loads((ckpt_copy / "eeengine.json").read_text())
     calibration = json.loads((ckpt_copy / "calibration.json").read_text())
@@ -311,8 +311,13 @@ def test_update_checkpoint_validates_the_policy(ckpt_copy):
     ("args", "message"),
     [
         (["--task", "mrpc", "--max-drop", "1"], "trained on sst2, not mrpc"),
-        (["--target-speedup", "100"], "the fastest is 4.00x"),
-        (["--max-drop", "1", "--policy", "nope"], "policy 'nope' is not calibrated"),
+        (["--split", "dev", "--target-speedup", "100"], "the fastest is 4.00x"),
+        (["--split", "dev", "--max-drop", "1", "--policy", "nope"], "policy 'nope' is not"),
+        # the tiny checkpoint was not trained: no calibration split to rebuild by default
+        (["--max-drop", "1"], "has no field 'training.config'"),
+        (["--max-drop", "1"], "--split dev or --dev-file FILE, or on in-domain texts"),
+        (["--split", "calibration", "--dev-file", "x.csv"], "--dev-file or --split calibration"),
+        (["--unlabeled", "x.csv", "--split", "dev"], "drop --task / --split / --dev-file"),
     ],
 )
 def test_cli_calibrate_errors(ckpt_copy, capsys, args, message):
@@ -323,7 +328,7 @@ def test_cli_calibrate_errors(ckpt_copy, capsys, args, message):
 
 
 def test_cli_calibrate_needs_a_target(ckpt_copy, capsys):
-    assert main(["calibrate", "--ckpt", str(ckpt_copy)]) == 2
+    assert main(["calibrate", "--ckpt", str(ckpt_copy), "--split", "dev"]) == 2
     assert "exactly one of target_speedup and max_drop" in capsys.readouterr().err
 
 
@@ -342,13 +347,11 @@ def test_bad_arguments_fail_before_the_full_depth_pass(tiny_ckpt, monkeypatch, l
         engine.calibrate(SENTENCES, labels, **kwargs)
 
 
-def test_calibrate_a_checkpoint_trained_on_user_files(
-    tiny_bert_dir, tiny_csv_task, tmp_path, capsys
-):
+def test_calibrate_a_checkpoint_trained_on_user_files(trained_csv_ckpt, tiny_csv_task, capsys):
     """A task from the user's files is not a GLUE name: calibration uses the checkpoint's metric
-    (accuracy), and the point it picks is what the engine then measures; the CLI reads the
-    checkpoint's own dev file."""
-    path = train(csv_config(tiny_bert_dir, tiny_csv_task), tmp_path / "user", progress=False)
+    (accuracy), and the point it picks is what the engine then measures; with --split dev the
+    CLI reads the checkpoint's own dev file."""
+    path = trained_csv_ckpt
     engine = Engine(path)
     dev = file_dataset(
         tiny_csv_task / "train.csv", tiny_csv_task / "dev.csv", "review", "verdict"
@@ -359,7 +362,7 @@ def test_calibrate_a_checkpoint_trained_on_user_files(
     measured = evaluate(engine, dev, "accuracy")
     assert measured["value"] == pytest.approx(point.metric)
     args = ["calibrate", "--ckpt", str(path), "--max-drop", "100", "--policy", "budget"]
-    assert main(args) == 0
+    assert main([*args, "--split", "dev"]) == 0
     assert "dev.csv (12 examples, accuracy): budget(layer=1)" in capsys.readouterr().out
 
 

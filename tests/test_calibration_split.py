@@ -3,14 +3,16 @@ training data (or a calibration file), never from the dev set that is reported; 
 adapts to the data size."""
 
 import json
+import shutil
 from collections import Counter
 
 import pytest
 
 from eeengine.cli import main
-from eeengine.data import Split, calibration_size, holdout_split
+from eeengine.data import Split, calibration_size, file_dataset, holdout_split
 from eeengine.training import TrainConfig, train
-from eeengine.training.trainer import schedule
+from eeengine.training.calibration_slice import calibration_slice
+from eeengine.training.trainer import load_dataset, schedule, split_calibration
 from tests.conftest import SENTENCES, csv_config, write_rows
 
 
@@ -122,3 +124,79 @@ def test_calib_file_replaces_the_holdout(tiny_bert_dir, tiny_csv_task, tmp_path,
     assert expected in capsys.readouterr().out
     with pytest.raises(ValueError, match="--calib-file needs --train-file"):
         train(TrainConfig(base_model=str(tiny_bert_dir), calib_file="x.csv"), tmp_path / "g", False)
+
+
+# --- the checkpoint's calibration split, rebuilt: eeengine calibrate's default ----------------
+
+
+def _manifest(path) -> dict:
+    return json.loads((path / "eeengine.json").read_text())
+
+
+def test_calibration_slice_is_the_rows_the_trainer_held_out(
+    trained_csv_ckpt, tiny_bert_dir, tiny_csv_task
+):
+    manifest = _manifest(trained_csv_ckpt)
+    rebuilt, source = calibration_slice(manifest, trained_csv_ckpt)
+    config = csv_config(tiny_bert_dir, tiny_csv_task)
+    _, expected, expected_source = split_calibration(config, load_dataset(config))
+    assert rebuilt == expected and source == expected_source
+    # and independently of the trainer: the stratified, seeded holdout of train.csv
+    data = file_dataset(tiny_csv_task / "train.csv", tiny_csv_task / "dev.csv", "review", "verdict")
+    _, held = holdout_split(data.train, calibration_size(40), config.seed, stratify=True)
+    assert rebuilt == held
+    assert manifest["training"]["calibration_data"] == {
+        "source": source,
+        "examples": len(rebuilt.texts),
+    }
+    assert len(rebuilt.texts) == 10 and set(rebuilt.texts) <= set(data.train.texts)
+
+
+def test_cli_calibrate_defaults_to_the_calibration_split(trained_csv_ckpt, tmp_path, capsys):
+    """No --split: the CLI calibrates on the rows the trainer calibrated on, so the sweep it
+    writes is the trainer's calibration.json again; --split dev still reads the dev file."""
+    path = shutil.copytree(trained_csv_ckpt, tmp_path / "ckpt")
+    trained = json.loads((path / "calibration.json").read_text())
+    args = ["calibrate", "--ckpt", str(path), "--executor", "torch", "--max-drop", "100"]
+    assert main([*args, "--write"]) == 0
+    assert "train calibration (10 examples, accuracy): " in capsys.readouterr().out
+    again = json.loads((path / "calibration.json").read_text())
+    assert again["full_depth"] == pytest.approx(trained["full_depth"])
+    assert again["policies"].keys() == trained["policies"].keys()
+    for name, points in trained["policies"].items():
+        assert [p["metric"] for p in again["policies"][name]] == pytest.approx(
+            [p["metric"] for p in points]
+        )
+        assert [p["avg_exit_layer"] for p in again["policies"][name]] == pytest.approx(
+            [p["avg_exit_layer"] for p in points]
+        )
+    assert main([*args, "--split", "dev"]) == 0
+    assert "train dev.csv (12 examples, accuracy): " in capsys.readouterr().out
+
+
+def test_cli_eval_on_the_calibration_split(trained_csv_ckpt, capsys):
+    args = ["eval", "--ckpt", str(trained_csv_ckpt), "--policy", "none", "--json"]
+    assert main([*args, "--split", "calibration"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    training = _manifest(trained_csv_ckpt)["training"]
+    assert (report["split"], report["examples"]) == ("calibration", 10)
+    assert report["per_exit"] == pytest.approx(training["calibration_exit_metrics"])
+    assert main(args) == 0  # eval's default stays dev
+    report = json.loads(capsys.readouterr().out)
+    assert (report["split"], report["examples"]) == ("dev.csv", 12)
+    assert report["per_exit"] == pytest.approx(training["dev_exit_metrics"])
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.pop("config"), "has no field 'training.config'"),
+        (lambda t: t.pop("calibration_data"), "has no field 'training.calibration_data'"),
+        (lambda t: t["calibration_data"].update(examples=11), "the data changed since training"),
+    ],
+)
+def test_calibration_split_that_cannot_be_rebuilt(trained_csv_ckpt, tmp_path, edit, message):
+    manifest = _manifest(trained_csv_ckpt)
+    edit(manifest["training"])
+    with pytest.raises(ValueError, match=message):
+        calibration_slice(manifest, tmp_path)

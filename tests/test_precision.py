@@ -11,15 +11,20 @@ Tolerances, on the tiny random fixtures (hidden 32, activations up to ~4 after L
 And neither may equal fp32 to fp32's own tolerance (1e-5): the precision must really change.
 """
 
+import json
+
 import pytest
 import torch
 
 from eeengine import Engine
 from eeengine.batching import collate, encode
 from eeengine.cli import main
+from eeengine.evaluation import choose_operating_point, evaluate, policy_params
 from eeengine.executors import make_executor
 from eeengine.modeling_bert import attention_bias
+from eeengine.policies import make_policy
 from eeengine.precision import calibration_file, read_calibration, write_calibration
+from eeengine.training.calibration_slice import calibration_slice
 from tests.conftest import SENTENCES, make_tiny_model
 
 pytest.importorskip("onnxruntime")
@@ -131,3 +136,28 @@ def test_cli_precision(tiny_ckpt, capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0].endswith("great fun")
     assert "executor    onnxruntime, precision int8" in out
+
+
+def test_trainer_writes_the_int8_calibration(trained_csv_ckpt, recwarn):
+    """Training measures the int8 sweep on the calibration slice too: its full depth is what an
+    int8 engine measures there, and an int8 engine takes its policy parameters from it."""
+    sweep = json.loads((trained_csv_ckpt / "calibration-int8.json").read_text())
+    training = json.loads((trained_csv_ckpt / "eeengine.json").read_text())["training"]
+    assert training["int8_calibration"] == {
+        "written": True,
+        "file": "calibration-int8.json",
+        "full_depth": sweep["full_depth"],
+    }
+    manifest = json.loads((trained_csv_ckpt / "eeengine.json").read_text())
+    calib, _ = calibration_slice(manifest, trained_csv_ckpt)
+    full_depth = Engine(trained_csv_ckpt, policy="none", precision="int8")
+    assert evaluate(full_depth, calib, "accuracy")["value"] == pytest.approx(sweep["full_depth"])
+    engine = Engine(trained_csv_ckpt, precision="int8")
+    assert not [w for w in recwarn if "calibration-int8.json" in str(w.message)]
+    assert engine.calibration == sweep
+    name = manifest["policy"]["name"]
+    chosen = choose_operating_point(sweep, policy=name)
+    expected = make_policy(name, **(policy_params(chosen[1]) if chosen else {}))
+    assert engine.policy.params() == expected.params()
+    # the atomic write left no temporary directory beside the checkpoint
+    assert [p.name for p in trained_csv_ckpt.parent.iterdir()] == [trained_csv_ckpt.name]

@@ -43,6 +43,10 @@ def test_recipe_trains_a_checkpoint_the_engine_serves(
     assert manifest["exit_heads"] == {"layout": layout, "pooling": "cls", "lte": recipe == "lte"}
     assert manifest["training"]["recipe"] == recipe
     assert manifest["task"]["label_names"] == ["bad", "good"]
+    int8 = manifest["training"]["int8_calibration"]  # int8 layers run BERT backbones only
+    assert (path / "calibration-int8.json").exists() == int8["written"]
+    if backbone != "bert":
+        assert not int8["written"] and "BERT layers" in int8["reason"]
     engine = Engine(path, policy="entropy", threshold=0.5)
     assert engine.model.layout == layout and engine.model.backbone_type == backbone
     prediction = engine.predict("a gorgeous, witty, seductive movie.")

@@ -18,8 +18,12 @@ exit is evaluated on that slice; the weights with the best mean metric over the 
 and training stops early after ``early_stopping`` evaluations without a gain. Then a sweep of
 every exit policy on the slice (``calibration.json``) and the default policy: the fastest within
 ``max_drop`` points of full depth there. Dev is only reported: every exit, and the default
-policy's metric and drop beside the drop promised on the slice. Small data sets get more epochs
-(at least ``min_steps`` optimizer steps, up to ``max_auto_epochs``); the run says what it chose.
+policy's metric and drop beside the drop promised on the slice. Where the int8 layers can run
+(onnxruntime installed, a BERT backbone), the same sweep on the same slice with int8 layers goes
+to ``calibration-int8.json``, so ``Engine(ckpt, precision="int8")`` picks its own thresholds;
+``eeengine.json`` records whether it was written (``training.int8_calibration``). Small data
+sets get more epochs (at least ``min_steps`` optimizer steps, up to ``max_auto_epochs``); the
+run says what it chose.
 The checkpoint is written atomically, so a failed run never damages an existing one.
 """
 
@@ -49,9 +53,11 @@ from eeengine.data import (
     holdout_split,
 )
 from eeengine.evaluation import all_exit_outputs, exit_metrics, predictions_of
+from eeengine.executors import make_executor, precision_unavailable
 from eeengine.metrics import METRICS
 from eeengine.modeling_multiexit import MultiExitBert, load_backbone_weights
 from eeengine.policies import run_policy
+from eeengine.precision import calibration_file
 from eeengine.token_pruning import TokenPruning
 from eeengine.training.recipes import Recipe, make_recipe
 from eeengine.training.state import load_state, remove_state, save_state
@@ -585,6 +591,9 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
         progress,
         token_pruning,
     )
+    int8_sweep, int8_record = _int8_calibration(
+        model, tokenizer, calib, data, eval_max_seq_length, token_pruning, progress
+    )
     training = {
         "steps": loop.step,
         "schedule": {**plan, "stopped_early": stopped_early},
@@ -600,12 +609,49 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
             "calibration": _policy_report(point, best, calib.labels, data.metric),
             "dev": _policy_report(point, dev, data.dev.labels, data.metric),
         },
+        "int8_calibration": int8_record,
     }
     policy = {"name": "none"} if point is None else point.to_json()
     manifest = _manifest(config, data, model, recipe, policy, eval_max_seq_length, training)
-    path = save_checkpoint(out, model.cpu(), tokenizer, manifest, trade_off.sweep)
+    extra = {} if int8_sweep is None else {calibration_file("int8"): int8_sweep}
+    path = save_checkpoint(out, model.cpu(), tokenizer, manifest, trade_off.sweep, extra)
     remove_state(out)
     return path
+
+
+def _int8_calibration(
+    model: MultiExitBert,
+    tokenizer: PreTrainedTokenizerBase,
+    calib: Split,
+    data: Dataset,
+    max_length: int,
+    token_pruning: TokenPruning | None,
+    progress: bool,
+) -> tuple[dict | None, dict]:
+    """The sweep of every policy on the calibration slice with int8 layers (the content of
+    ``calibration-int8.json``, :mod:`eeengine.precision`), measured as fp32's is, and the
+    manifest's record of it; (None, the reason) where int8 cannot run here (no onnxruntime, a
+    backbone other than BERT with exact GELU). int8 runs on CPU: the model moves there (it is
+    saved from there) and stays in eval mode."""
+    model.cpu().eval()
+    reason = precision_unavailable("int8", model)
+    if reason is not None:
+        return None, {"written": False, "reason": reason}
+    trade_off = measure_trade_off(
+        model,
+        tokenizer,
+        calib.texts,
+        calib.text_pairs,
+        calib.labels,
+        data.metric,
+        max_length,
+        data.extra_metrics,
+        token_pruning,
+        progress=progress,
+        executor=make_executor(None, model, "int8"),
+    )
+    record = {"written": True, "file": calibration_file("int8")}
+    return trade_off.sweep, {**record, "full_depth": trade_off.sweep["full_depth"]}
 
 
 def _describe_plan(

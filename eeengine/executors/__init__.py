@@ -113,6 +113,20 @@ def make_executor(
     return executor
 
 
+def precision_unavailable(precision: str, model: MultiExitBert) -> str | None:
+    """Why no executor runs ``precision`` for ``model`` as it is now (device, mode), or None
+    when :func:`make_executor` ``(None, model, precision)`` can build one.
+
+    Raises:
+        ValueError: an unknown precision.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; available: {', '.join(PRECISIONS)}")
+    if "torch" in _PRECISION_EXECUTORS[precision]:
+        return None
+    return _onnxruntime_unavailable(model)
+
+
 def _onnxruntime_unavailable(model: MultiExitBert) -> str | None:
     if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
         return "onnxruntime / onnx are not installed (pip install 'eeengine[onnx]')"
@@ -129,4 +143,11 @@ def _onnxruntime_unavailable(model: MultiExitBert) -> str | None:
     return None
 
 
-__all__ = ["EXECUTORS", "PRECISIONS", "LayerExecutor", "TorchExecutor", "make_executor"]
+__all__ = [
+    "EXECUTORS",
+    "PRECISIONS",
+    "LayerExecutor",
+    "TorchExecutor",
+    "make_executor",
+    "precision_unavailable",
+]
