@@ -53,13 +53,16 @@ LOADS = {
 MAX_INPUT_LENGTH = {"sst2": None, "imdb": 512}
 
 
-def server_command(name: str, ckpt: str, port: int, data: str) -> list[str]:
+def server_command(name: str, ckpt: str, port: int, data: str, precision: str) -> list[str]:
+    """The command line of server ``name``; eeengine's servers run ``precision`` layers (the
+    Hugging Face server stays fp32 eager, what a user writes today)."""
     options = []
     if MAX_INPUT_LENGTH[data] is not None:
         options += ["--max-input-length", str(MAX_INPUT_LENGTH[data])]
     if name == "hf":
         script = Path(__file__).with_name("serve_hf.py")
         return [sys.executable, str(script), "--ckpt", ckpt, "--port", str(port), *options]
+    options += ["--precision", precision]
     if name == "static":
         options += ["--batching", "static"]
     return eeengine_serve(ckpt, port, *options)
@@ -140,7 +143,7 @@ def run(args: argparse.Namespace) -> dict:
         try:
             for name in args.servers:  # started one after the other: loading is CPU-bound
                 procs[name] = start_server(
-                    server_command(name, args.ckpt, ports[name], data), ports[name]
+                    server_command(name, args.ckpt, ports[name], data, args.precision), ports[name]
                 )
             rows: dict[str, list[dict]] = {name: [] for name in args.servers}
             live = list(args.servers)
@@ -234,6 +237,9 @@ def main() -> None:
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--data", nargs="+", choices=list(LOADS), default=list(LOADS))
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    parser.add_argument(
+        "--precision", default="fp32", help="eeengine's layers (both batchers): fp32 or int8"
+    )
     parser.add_argument("--loads", nargs="+", type=float, help="req/s (default: LOADS)")
     parser.add_argument("--seconds", type=float, default=10.0, help="per server and load")
     parser.add_argument("--max-requests", type=int, default=1500, help="per server and load")
