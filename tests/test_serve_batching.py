@@ -52,7 +52,14 @@ def _job(engine: Engine, inputs: list) -> Job:
     return Job(*tokenize(engine.tokenizer, examples, engine.max_length, truncate=True))
 
 
-def _batcher(kind: str, engine: Engine, max_batch_tokens: int, max_batch_requests: int | None):
+def _batcher(
+    kind: str,
+    engine: Engine,
+    max_batch_tokens: int,
+    max_batch_requests: int | None,
+    schedule: str = "fullest",
+    max_wait_ms: float | None = None,
+):
     limits = dict(
         num_layers=engine.num_layers,
         pad_token_id=engine.tokenizer.pad_token_id,
@@ -66,7 +73,7 @@ def _batcher(kind: str, engine: Engine, max_batch_tokens: int, max_batch_request
         return StaticBatcher(
             lambda *b: (lambda o: (o.logits, o.exit_layer))(loop.run(*b)), **limits
         )
-    return LayerwiseBatcher(loop, **limits)
+    return LayerwiseBatcher(loop, schedule, max_wait_ms, **limits)
 
 
 def _drive(batcher: Batcher, arrivals: list[list[Job]]) -> None:
@@ -102,7 +109,15 @@ requests_strategy = st.lists(
 )
 
 
-@pytest.mark.parametrize("kind", ["continuous", "static"])
+@pytest.mark.parametrize(
+    "kind, schedule, max_wait_ms",
+    [
+        ("continuous", "fullest", None),
+        ("continuous", "fullest", 0.0),  # every input is overdue: the oldest always runs
+        ("continuous", "oldest", None),
+        ("static", "fullest", None),
+    ],
+)
 @settings(
     max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -113,9 +128,9 @@ requests_strategy = st.lists(
     max_batch_requests=st.sampled_from([None, 1, 3]),
 )
 def test_results_equal_engine_predict(
-    engine, kind, requests, gaps, max_batch_tokens, max_batch_requests
+    engine, kind, schedule, max_wait_ms, requests, gaps, max_batch_tokens, max_batch_requests
 ) -> None:
-    batcher = _batcher(kind, engine, max_batch_tokens, max_batch_requests)
+    batcher = _batcher(kind, engine, max_batch_tokens, max_batch_requests, schedule, max_wait_ms)
     jobs = [_job(engine, inputs) for inputs in requests]
     arrivals: list[list[Job]] = []
     for job, gap in zip(jobs, gaps, strict=False):  # ``gap`` model calls before this arrival
@@ -139,6 +154,32 @@ def test_layerwise_merges_depths_across_requests(tiny_ckpt) -> None:
     assert total == 16 and count < 16
     for job, text in zip(jobs, TEXTS[:4], strict=True):
         _assert_matches_engine(engine, job, [text])
+
+
+@pytest.mark.parametrize(
+    "schedule, max_wait_ms, runs_next",
+    [
+        ("fullest", None, 0),  # 3 new inputs outnumber the 1 waiting for layer 2
+        ("fullest", 1e6, 0),  # nobody has waited that long yet
+        ("fullest", 0.0, 1),  # the input at depth 1 is overdue: it runs first
+        ("oldest", None, 1),
+    ],
+)
+def test_schedule_picks_the_next_depth(tiny_ckpt, schedule, max_wait_ms, runs_next) -> None:
+    engine = Engine(tiny_ckpt, policy="none")  # every row runs every layer
+    batcher = _batcher("continuous", engine, 16384, None, schedule, max_wait_ms)
+    with torch.inference_mode():
+        batcher.submit(_job(engine, TEXTS[:1]))
+        batcher._admit(block=False)
+        batcher._iteration()  # layer 1 of the first request: it waits for layer 2
+        batcher.submit(_job(engine, TEXTS[1:4]))
+        batcher._admit(block=False)
+        assert batcher._pick() == runs_next
+
+
+def test_unknown_schedule(tiny_ckpt) -> None:
+    with pytest.raises(ValueError, match="unknown schedule 'deadline'"):
+        _batcher("continuous", Engine(tiny_ckpt), 16384, None, "deadline")
 
 
 def test_cancelled_job_leaves_the_queues(tiny_ckpt) -> None:

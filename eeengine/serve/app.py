@@ -66,6 +66,10 @@ class ServeConfig:
         max_client_batch_size: inputs in one request; more get 413.
         batching: "continuous" (layer-wise, :mod:`eeengine.serve.layerwise`) or "static"
             (a batch runs to completion, TEI's scheme).
+        schedule: the continuous batcher's choice of the next depth, "fullest" or "oldest"
+            (:data:`eeengine.serve.layerwise.SCHEDULES`).
+        max_wait_ms: with "fullest", an input waiting longer than this (ms) makes the
+            longest-waiting queue run next; None: never.
     """
 
     max_concurrent_requests: int = 512
@@ -73,6 +77,8 @@ class ServeConfig:
     max_batch_requests: int | None = None
     max_client_batch_size: int = 32
     batching: str = "continuous"
+    schedule: str = "fullest"
+    max_wait_ms: float | None = 25.0
 
 
 @dataclass
@@ -314,7 +320,9 @@ def engine_app(engine: Engine, config: ServeConfig) -> FastAPI:
             return StaticBatcher(
                 lambda *batch: _logits_and_layers(loop.run(*batch)), device=engine.device, **limits
             )
-        return LayerwiseBatcher(loop, device=engine.device, **limits)
+        return LayerwiseBatcher(
+            loop, config.schedule, config.max_wait_ms, device=engine.device, **limits
+        )
 
     model = ServedModel(
         tokenizer=engine.tokenizer,

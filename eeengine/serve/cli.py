@@ -10,6 +10,7 @@ from eeengine.defaults import default_checkpoint
 from eeengine.engine import Engine
 from eeengine.executors import EXECUTORS
 from eeengine.serve import BATCHING
+from eeengine.serve.layerwise import SCHEDULES
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +35,20 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         default="continuous",
         help="continuous: layer-wise continuous batching (one queue per depth); static: a "
         "batch runs to completion before the next starts, as in text-embeddings-inference",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="fullest",
+        help="continuous batching: which depth runs next; fullest: the queue with the most "
+        "inputs (but see --max-wait-ms); oldest: the queue holding the longest-waiting input",
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=25.0,
+        help="with --schedule fullest: once an input has waited this long (ms since arrival), "
+        "the queue holding the longest-waiting input runs next; 0 disables the rule",
     )
     p.add_argument(
         "--max-concurrent-requests",
@@ -86,5 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_batch_requests=args.max_batch_requests,
         max_client_batch_size=args.max_client_batch_size,
         batching=args.batching,
+        schedule=args.schedule,
+        max_wait_ms=args.max_wait_ms or None,
     )
     run(engine_app(engine, config), args.host, args.port, args.log_level)

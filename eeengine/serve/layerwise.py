@@ -7,11 +7,19 @@ requests go deeper, and inputs at the same depth, from any requests, run togethe
 call (right-padded to the longest of them). After the call, inputs that exit are answered at
 once and the rest move to the next depth's queue.
 
-Which depth runs next: **the fullest queue** (most inputs waiting; a tie goes to the deeper
-queue, whose inputs are closer to done). A layer call costs a fixed overhead plus
-work per token, so running the fullest queue spends the overhead on the most inputs; it cannot
-starve a queue, because the queue that runs empties (up to the batch limits) while the others
-only grow. New inputs compete as the queue of depth 0.
+Which depth runs next (``schedule``; new inputs compete as the queue of depth 0):
+
+- ``"fullest"``: the queue with the most inputs waiting (a tie goes to the deeper queue, whose
+  inputs are closer to done). A layer call costs a fixed overhead plus work per token, so this
+  spends the overhead on the most inputs; but under a steady stream of arrivals the new-input
+  queue is often the fullest, and the few inputs left at a deep layer wait until it is not:
+  that is the tail latency.
+  So once an input has waited ``max_wait_ms`` since its arrival, the queue holding the
+  longest-waiting input runs first (every input waiting at that depth joins the call).
+- ``"oldest"``: always the queue holding the longest-waiting input (first come, first
+  served). An input in flight is never passed over for a later arrival, so a request's cohort
+  runs to its end before the next one starts, and rows of different requests rarely merge:
+  close to the static batcher.
 
 Every layer runs through the engine's own loop pieces (:class:`eeengine.runtime.ExitLoop`:
 ``start``, ``step``, ``select``), so each input gets the same logits and exit layer as
@@ -20,6 +28,7 @@ Every layer runs through the engine's own loop pieces (:class:`eeengine.runtime.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +36,9 @@ import torch.nn.functional as F
 
 from eeengine.runtime import ExitLoop, LiveRows
 from eeengine.serve.batcher import Batcher, Row
+
+# Which depth a layer-wise batcher runs next (``eeengine serve --schedule``).
+SCHEDULES = ("oldest", "fullest")
 
 
 @dataclass(eq=False)
@@ -46,15 +58,31 @@ class LayerwiseBatcher(Batcher):
 
     Args:
         loop: the engine's loop (:meth:`eeengine.Engine.exit_loop`).
+        schedule: which depth runs next, one of :data:`SCHEDULES` (see the module docstring).
+        max_wait_ms: ``"fullest"``: an input waiting longer than this (ms since its arrival)
+            makes the longest-waiting queue run next; None: never.
         **limits: the arguments of :class:`eeengine.serve.batcher.Batcher`; the limits apply to
             every layer call.
+
+    Raises:
+        ValueError: an unknown ``schedule``.
     """
 
     name = "continuous"
 
-    def __init__(self, loop: ExitLoop, **limits: object) -> None:
+    def __init__(
+        self,
+        loop: ExitLoop,
+        schedule: str = "fullest",
+        max_wait_ms: float | None = 25.0,
+        **limits: object,
+    ) -> None:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; use one of {SCHEDULES}")
         super().__init__(**limits)
         self._loop = loop
+        self._oldest_first = schedule == "oldest"
+        self._max_wait = None if max_wait_ms is None else max_wait_ms / 1000
         # layers done -> groups waiting for the next layer, oldest first
         self._queues: dict[int, list[_Group]] = {d: [] for d in range(1, self.num_layers)}
 
@@ -66,14 +94,33 @@ class LayerwiseBatcher(Batcher):
         return len(self._pending) + deep
 
     def _pick(self) -> int:
-        """Layers done by the inputs to run next (0: new inputs): the fullest queue, ties to
-        the deeper one."""
+        """Layers done by the inputs to run next (0: new inputs), by the schedule."""
+        done, arrival = self._oldest()
+        if self._oldest_first or (
+            self._max_wait is not None and time.perf_counter() - arrival > self._max_wait
+        ):
+            return done
+        return self._fullest()
+
+    def _fullest(self) -> int:
+        """The fullest queue, ties to the deeper one."""
         best, most = 0, len(self._pending)
         for done, groups in self._queues.items():
             count = sum(len(g.rows) for g in groups)
             if count and count >= most:
                 best, most = done, count
         return best
+
+    def _oldest(self) -> tuple[int, float]:
+        """The queue holding the earliest arrival (ties to the deeper one), and that arrival
+        (``time.perf_counter()`` seconds)."""
+        best, first = 0, self._pending[0][0].arrival if self._pending else float("inf")
+        for done, groups in self._queues.items():
+            for group in groups:
+                arrival = min(job.arrival for job, _ in group.rows)
+                if arrival <= first:
+                    best, first = done, arrival
+        return best, first
 
     def _iteration(self) -> None:
         done = self._pick()
