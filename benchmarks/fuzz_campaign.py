@@ -100,9 +100,7 @@ def worker(kind: str, root: Path, start: int, count: int, seed: int) -> dict:
             for extra in (known.check(), *(f"FAIL disk: {c}" for c in guard.changes())):
                 if extra is not None:
                     outcome = extra
-        outcomes[outcome if outcome.startswith("FAIL") else _short(outcome)] += 1
-        if outcome.startswith("FAIL"):
-            failures.append({"case": case, "what": what, "outcome": outcome})
+        record(outcome, {"case": case, "what": what}, outcomes, failures)
     changed = guard.changes(content=True)
     return {
         "outcomes": dict(outcomes),
@@ -112,8 +110,15 @@ def worker(kind: str, root: Path, start: int, count: int, seed: int) -> dict:
     }
 
 
-def _short(outcome: str) -> str:
-    return outcome.split(":")[0] if outcome.startswith("FAIL") else outcome
+def record(outcome: str, case: dict, outcomes: Counter[str], failures: list[dict]) -> None:
+    """Tally ``outcome`` under its kind and, when it breaks the property (``FAIL`` anywhere
+    in it, a checkpoint case's ``"load: FAIL ..."`` included), add ``case`` with it to
+    ``failures``."""
+    from tests.fuzz_harness import is_failure, outcome_kind
+
+    outcomes[outcome_kind(outcome)] += 1
+    if is_failure(outcome):
+        failures.append({**case, "outcome": outcome})
 
 
 def main() -> int:

@@ -34,6 +34,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from eeengine.checkpoint_checks import (
     CheckpointError,
+    check_calibration,
     check_config_sizes,
     check_tensors,
     check_tokenizer,
@@ -180,7 +181,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     Besides the format, the files must agree with the model they describe (see
     :mod:`eeengine.checkpoint_checks`): sizes in ``config.json`` that the weights can hold,
     finite floating-point weights, a tokenizer that fits the embeddings, a ``max_seq_length``
-    the position embeddings cover, distinct label names.
+    the position embeddings cover, distinct label names, a ``calibration.json`` (optional)
+    with the fields operating points are picked by.
 
     Raises:
         FileNotFoundError: the directory or one of its files does not exist (named).
@@ -255,8 +257,21 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"{path}: cannot load the tokenizer files: {type(e).__name__}: {e}"
         ) from None
     check_tokenizer(tokenizer, config, manifest["backbone"], vocabulary, config_file)
-    calibration = _read_json(path / CALIBRATION) if (path / CALIBRATION).exists() else {}
+    calibration = read_sweep(path / CALIBRATION) if (path / CALIBRATION).exists() else {}
     return Checkpoint(model, tokenizer, manifest, calibration)
+
+
+def read_sweep(file: Path) -> dict:
+    """A stored calibration sweep (``calibration.json`` or ``calibration-<precision>.json``),
+    checked by :func:`eeengine.checkpoint_checks.check_calibration`.
+
+    Raises:
+        FileNotFoundError: ``file`` does not exist.
+        CheckpointError: not a JSON object, or a field missing or wrong (file and field named).
+    """
+    calibration = _read_json(file)
+    check_calibration(calibration, file)
+    return calibration
 
 
 def _read_json(file: Path) -> dict:

@@ -16,6 +16,9 @@ protects:
    ``[CLS] ... [SEP]`` with the ids ``config.json`` gives as ``bos_token_id`` / ``eos_token_id``
    (RoBERTa's ``<s>`` 0 and ``</s>`` 2, ALBERT's ``[CLS]`` 2 and ``[SEP]`` 3; BERT's config
    names none), and a RoBERTa tokenizer pads with the id its position ids skip.
+4. :func:`check_calibration`: ``calibration.json`` (and ``calibration-<precision>.json``) has
+   the structure :func:`eeengine.evaluation.sweep` writes and the operating-point readers
+   index (:mod:`eeengine.calibration`, :mod:`eeengine.resolve`).
 
 Every failure raises :class:`CheckpointError` (or ``FileNotFoundError``) naming the file, the
 field and what was expected.
@@ -25,8 +28,10 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -248,3 +253,91 @@ def check_tokenizer(
             f"{file}: pads with id {tokenizer.pad_token_id}, but {config_file} field "
             f"'pad_token_id' = {config.pad_token_id} (RoBERTa's position ids skip that id)"
         )
+
+
+# calibration.json: the top-level fields the operating-point readers index, and those of each
+# swept point (OperatingPoint.from_sweep); other keys of a point are policy parameters, checked
+# by the policy itself. Point fields they read with .get() are checked only when present.
+_CALIBRATION_POINT_FIELDS = ("metric", "avg_exit_layer", "speedup", "layer_saving")
+_CALIBRATION_OPTIONAL_NUMBERS = ("flops_ratio", "flops_speedup")
+
+
+def check_calibration(calibration: dict, file: Path) -> None:
+    """A stored sweep (:func:`eeengine.evaluation.sweep`) holds what the operating-point readers
+    index: ``metric`` (a name), ``num_layers`` (a positive integer), ``full_depth`` (a finite
+    number) and ``policies``, an object of policy name -> list of points, each an object with
+    finite numbers ``metric``, ``avg_exit_layer`` (> 0: speed-ups divide by it), ``speedup`` and
+    ``layer_saving``; ``metrics``, ``flops_ratio`` and ``flops_speedup`` are optional (an object,
+    and finite numbers or null). An empty object (no calibration) passes.
+
+    Args:
+        calibration: the file's JSON object.
+        file: ``calibration.json`` or ``calibration-<precision>.json``, named in errors.
+
+    Raises:
+        CheckpointError: names the file, the field path (``policies.entropy[3].speedup``) and
+            what was expected.
+    """
+    if not calibration:
+        return
+    _require(calibration, "metric", file, "metric", str, "a metric name (string)")
+    _require(calibration, "num_layers", file, "num_layers", _positive_int, "a positive integer")
+    _require(calibration, "full_depth", file, "full_depth", _finite, "a finite number")
+    policies = _require(
+        calibration, "policies", file, "policies", dict, "an object of policy name -> points"
+    )
+    for name, points in policies.items():
+        where = f"policies.{name}"
+        if not isinstance(points, list):
+            _refuse(file, where, points, "a list of sweep points")
+        for i, point in enumerate(points):
+            at = f"{where}[{i}]"
+            if not isinstance(point, dict):
+                _refuse(file, at, point, "an object (a sweep point)")
+            for key in _CALIBRATION_POINT_FIELDS:
+                _require(point, key, file, f"{at}.{key}", _finite, "a finite number")
+            if point["avg_exit_layer"] <= 0:
+                _refuse(file, f"{at}.avg_exit_layer", point["avg_exit_layer"], "a number > 0")
+            if not isinstance(point.get("metrics", {}), dict):
+                _refuse(file, f"{at}.metrics", point["metrics"], "an object of metric -> value")
+            for key in _CALIBRATION_OPTIONAL_NUMBERS:
+                if point.get(key) is not None and not _finite(point[key]):
+                    _refuse(file, f"{at}.{key}", point[key], "a finite number or null")
+
+
+def _require(
+    data: dict,
+    key: str,
+    file: Path,
+    path: str,
+    expected: type | Callable[[object], bool],
+    description: str,
+) -> object:
+    """``data[key]`` if present and of the ``expected`` type (or passing the ``expected``
+    predicate); else :class:`CheckpointError` naming ``file``, the field ``path`` and
+    ``description``."""
+    if key not in data:
+        raise CheckpointError(f"{file}: field {path!r} is missing, expected {description}")
+    value = data[key]
+    ok = isinstance(value, expected) if isinstance(expected, type) else expected(value)
+    if not ok:
+        _refuse(file, path, value, description)
+    return value
+
+
+def _refuse(file: Path, path: str, value: object, description: str) -> NoReturn:
+    raise CheckpointError(f"{file}: field {path!r} = {value!r:.80}, expected {description}")
+
+
+def _finite(value: object) -> bool:
+    """A number (not a bool) that is a finite float (an integer of 400 digits is not)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0

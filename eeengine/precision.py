@@ -16,7 +16,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from eeengine.checkpoint import CALIBRATION, _read_json, write_json_atomic
+from eeengine.checkpoint import CALIBRATION, read_sweep, write_json_atomic
 from eeengine.executors import PRECISIONS
 
 
@@ -45,7 +45,9 @@ def read_calibration(checkpoint: str | Path, precision: str) -> dict:
     none: the fp32 thresholds then stand in).
 
     Raises:
-        eeengine.checkpoint.CheckpointError: the file is not a JSON object (file named).
+        eeengine.checkpoint.CheckpointError: the file is not a JSON object, or a field is
+            missing or wrong (:func:`eeengine.checkpoint_checks.check_calibration`; file and
+            field named).
     """
     path = Path(checkpoint) / calibration_file(precision)
     if not path.exists():
@@ -55,7 +57,7 @@ def read_calibration(checkpoint: str | Path, precision: str) -> dict:
             stacklevel=3,
         )
         return {}
-    return _read_json(path)
+    return read_sweep(path)
 
 
 def write_calibration(checkpoint: str | Path, precision: str, calibration: dict) -> Path:

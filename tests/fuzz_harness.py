@@ -2,7 +2,8 @@
 
 Shared by the CI suite (``tests/test_fuzz.py``, hypothesis) and the long campaign
 (``benchmarks/fuzz_campaign.py``). Every case ends in one *outcome*, a short string; those
-starting with ``FAIL`` break the property:
+holding ``FAIL`` anywhere (:func:`is_failure`; a checkpoint case's outcome starts with the
+stage, ``"load: FAIL ..."``) break the property. It holds when the outcome is:
 
 - a documented exception: ``FileNotFoundError`` / ``CheckpointError`` naming the checkpoint's
   path, ``ValueError`` (a bad policy or threshold stored in the checkpoint, a bad input),
@@ -329,6 +330,22 @@ def random_argv(rng: random.Random, ckpt: Path) -> list[str]:
 # --------------------------------------------------------------------------- the property
 
 
+def is_failure(outcome: str) -> bool:
+    """Whether a case's outcome breaks the property: ``FAIL`` anywhere in it, since a
+    checkpoint case prefixes its stage (``"load: FAIL undocumented KeyError: ..."``). Outcomes
+    that hold never contain ``FAIL``: they name an exception's type, never its message."""
+    return "FAIL" in outcome
+
+
+def outcome_kind(outcome: str) -> str:
+    """The outcome to tally: a failure cut to its stage and kind (``"load: FAIL undocumented
+    KeyError"``, the message dropped), any other outcome as it is (they are short)."""
+    if not is_failure(outcome):
+        return outcome
+    stage, _, rest = outcome.partition("FAIL")
+    return stage + "FAIL" + rest.split(": ", 1)[0][:60]
+
+
 def check_prediction(prediction: object, label_names: list[str], num_layers: int) -> str:
     """``"prediction"`` for a valid one, else ``"FAIL garbage: ..."``."""
     if not isinstance(prediction, Prediction):
@@ -397,7 +414,7 @@ def predict_case(engine: Engine, inputs: object, batch_size: object = 32) -> str
     if len(results) != expected:
         return f"FAIL garbage: {len(results)} predictions for {expected} inputs"
     outcomes = {check_prediction(p, engine.label_names, engine.num_layers) for p in results}
-    bad = sorted(o for o in outcomes if o.startswith("FAIL"))
+    bad = sorted(o for o in outcomes if is_failure(o))
     return bad[0] if bad else "prediction"
 
 
@@ -450,7 +467,7 @@ class KnownAnswer:
     def check(self) -> str | None:
         """None when the engine answers as before, else a FAIL outcome."""
         actual = self._answer()
-        return None if actual == self.expected else f"FAIL known input now {actual}"
+        return None if actual == self.expected else f"FAIL known input: now {actual}"
 
 
 class DiskGuard:

@@ -1,6 +1,7 @@
 """Checkpoint damage that used to load and predict garbage now gives a named error (issue 16)."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -8,8 +9,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from eeengine import Engine
-from eeengine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tests.conftest import make_tiny_model, tiny_manifest, tiny_roberta_config
+from eeengine.checkpoint import (
+    CALIBRATION,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    write_json_atomic,
+)
+from eeengine.precision import read_calibration
+from tests.conftest import SENTENCES, make_tiny_model, tiny_manifest, tiny_roberta_config
 
 
 @pytest.fixture
@@ -169,3 +177,92 @@ def test_tokenizer_that_cannot_encode(broken):
     _edit_json(broken / "tokenizer_config.json", lambda t: t.update(model_max_length={"a": 1}))
     with pytest.raises(CheckpointError, match="tokenizer files load but cannot encode 'a'"):
         load_checkpoint(broken)
+
+
+@pytest.fixture(scope="module")
+def measured_sweep(tiny_ckpt):
+    """The tiny checkpoint's sweep, as ``eeengine calibrate --write`` stores it."""
+    engine = Engine(tiny_ckpt)
+    engine.calibrate(SENTENCES, [i % 2 for i in range(len(SENTENCES))], max_drop=100.0)
+    return engine.calibration
+
+
+MISSING = object()
+
+
+def _damage(calibration, keys, value):
+    """Set ``calibration[k0][k1]...`` to ``value`` (delete it for MISSING); its field path as
+    the errors name it (``policies.entropy[3].speedup``)."""
+    *parents, last = keys
+    for key in parents:
+        calibration = calibration[key]
+    if value is MISSING:
+        del calibration[last]
+    else:
+        calibration[last] = value
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys).lstrip(".")
+
+
+POINT = ("policies", "entropy", 3)
+# The first nine were found by the fuzz campaign: they loaded, then Engine(target_speedup= /
+# max_drop=) raised AttributeError ('NoneType' object has no attribute 'items') or KeyError.
+DAMAGED_CALIBRATIONS = [
+    (("policies",), None, "= None, expected an object"),
+    (("policies",), 1.5, "= 1.5, expected an object"),
+    (("policies",), 3, "= 3, expected an object"),
+    (("policies",), [], "= [], expected an object"),
+    *(
+        ((*POINT, key), MISSING, "is missing, expected a finite number")
+        for key in ("avg_exit_layer", "layer_saving", "speedup", "metric")
+    ),
+    (("full_depth",), MISSING, "is missing, expected a finite number"),
+    ((*POINT, "speedup"), "2", "= '2', expected a finite number"),
+    ((*POINT, "metric"), float("nan"), "= nan, expected a finite number"),
+    (("full_depth",), 10**400, f"= {str(10**400)[:80]}, expected a finite number"),
+    ((*POINT, "avg_exit_layer"), 0, "= 0, expected a number > 0"),
+    ((*POINT, "flops_ratio"), "x", "= 'x', expected a finite number or null"),
+    (POINT, None, "= None, expected an object"),
+    (POINT[:2], {}, "= {}, expected a list"),
+    (("num_layers",), True, "= True, expected a positive integer"),
+    (("metric",), MISSING, "is missing, expected a metric name"),
+]
+
+
+def _write_damaged(file, sweep, keys, value, expected):
+    """Write ``sweep`` with one field damaged to ``file``; the error message expected."""
+    calibration = json.loads(json.dumps(sweep))
+    field = _damage(calibration, keys, value)
+    file.write_text(json.dumps(calibration))
+    return re.escape(f"{file}: field {field!r} {expected}")
+
+
+@pytest.mark.parametrize(("keys", "value", "expected"), DAMAGED_CALIBRATIONS)
+@pytest.mark.parametrize("target", [{"target_speedup": 1.5}, {"max_drop": 50.0}])
+def test_damaged_calibration_is_named(broken, measured_sweep, keys, value, expected, target):
+    message = _write_damaged(broken / CALIBRATION, measured_sweep, keys, value, expected)
+    with pytest.raises(CheckpointError, match=message):
+        Engine(broken, **target)
+
+
+@pytest.mark.parametrize(("keys", "value", "expected"), DAMAGED_CALIBRATIONS)
+def test_damaged_precision_calibration_is_named(broken, measured_sweep, keys, value, expected):
+    file = broken / "calibration-int8.json"
+    message = _write_damaged(file, measured_sweep, keys, value, expected)
+    with pytest.raises(CheckpointError, match=message):
+        read_calibration(broken, "int8")
+
+
+def test_intact_calibration_still_picks_points(broken, measured_sweep):
+    write_json_atomic(broken / CALIBRATION, measured_sweep)
+    assert load_checkpoint(broken).calibration == measured_sweep
+    engine = Engine(broken, target_speedup=1.5)
+    assert engine.operating_point.speedup >= 1.5
+    assert engine.predict("a fine film").label in ("negative", "positive")
+    assert Engine(broken, max_drop=50.0).operating_point is not None
+
+
+def test_empty_calibration_is_no_calibration(broken):
+    (broken / CALIBRATION).write_text("{}")
+    assert load_checkpoint(broken).calibration == {}
+    with pytest.raises(ValueError, match="target_speedup / max_drop cannot be met"):
+        Engine(broken, target_speedup=1.5)

@@ -7,12 +7,16 @@ runs the same cases by the hundred thousand.
 
 import random
 import shutil
+import sys
+from collections import Counter
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from eeengine import Engine
+from eeengine.checkpoint import CALIBRATION
 from tests.fuzz_harness import (
     DiskGuard,
     KnownAnswer,
@@ -20,7 +24,9 @@ from tests.fuzz_harness import (
     cli_case,
     damage,
     edit_json,
+    is_failure,
     load_case,
+    outcome_kind,
     predict_case,
     random_argv,
     random_input,
@@ -54,7 +60,7 @@ def guard(fuzz_root):
 
 
 def _check(outcome, known, guard, what):
-    assert not outcome.startswith("FAIL"), f"{what}: {outcome}"
+    assert not is_failure(outcome), f"{what}: {outcome}"
     assert known.check() is None, what
     assert guard.changes() == [], what
 
@@ -82,7 +88,10 @@ def test_damaged_checkpoint(fuzz_root, known, guard, seed):
 
 
 @fuzz(40)
-@given(seed=st.integers(0, 2**32 - 1), name=st.sampled_from(["eeengine.json", "config.json"]))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    name=st.sampled_from(["eeengine.json", "config.json", CALIBRATION]),
+)
 def test_random_json_edits(fuzz_root, known, guard, seed, name):
     _damaged_case(
         fuzz_root, known, guard, seed, lambda path, rng: f"{name}: {edit_json(path / name, rng)}"
@@ -148,3 +157,29 @@ def test_the_property_catches_garbage(engine, change, problem):
 def test_nothing_on_disk_changed(guard):
     """Last: every fuzzed checkpoint's files are byte for byte what they were."""
     assert guard.changes(content=True) == []
+
+
+@pytest.mark.parametrize(
+    ("outcome", "kind"),
+    [
+        ("load: FAIL undocumented KeyError: 'avg_exit_layer'", "load: FAIL undocumented KeyError"),
+        ("predict: FAIL unnamed CheckpointError: x: y", "predict: FAIL unnamed CheckpointError"),
+        ("loaded: FAIL garbage: probs [nan] / prediction", "loaded: FAIL garbage"),
+        ("FAIL garbage: label 'x' not in ['a']", "FAIL garbage"),
+        ("FAIL known input: now ('a', 2, [0.5], {'a': 1.0})", "FAIL known input"),
+    ],
+)
+def test_the_campaign_counts_every_failure(outcome, kind):
+    """A FAIL after a stage prefix is a failure too: the campaign once reported "failures": 0
+    over checkpoint cases whose outcomes were ``"load: FAIL undocumented ..."``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from fuzz_campaign import record
+
+    outcomes, failures = Counter(), []
+    record(outcome, {"case": 7, "what": "calibration.json: json edit"}, outcomes, failures)
+    record("load: named CheckpointError", {"case": 8, "what": "-"}, outcomes, failures)
+    record("loaded: prediction", {"case": 9, "what": "-"}, outcomes, failures)
+    assert is_failure(outcome)
+    assert failures == [{"case": 7, "what": "calibration.json: json edit", "outcome": outcome}]
+    assert outcomes == {kind: 1, "load: named CheckpointError": 1, "loaded: prediction": 1}
+    assert outcome_kind(outcome) == kind
