@@ -7,6 +7,9 @@ all-MiniLM-L6-v2 embeddings of the same N rows (:mod:`eeengine.training.baseline
 scored by accuracy on the task's full dev set, which neither saw.
 
     python benchmarks/few_shot.py --tasks sst2 mrpc rte --rows 600 --out results/few_shot
+
+``--config '{"lr": 3e-5, "early_stopping": 0}'`` changes TrainConfig fields from their
+defaults (to try a rule before making it the default); the JSON records them.
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ def write_csv(path: Path, split: Split, label_names: tuple[str, ...]) -> None:
             writer.writerow([text, *pair, label_names[split.labels[i]]])
 
 
-def run_task(name: str, rows: int, seed: int, workdir: Path) -> dict:
+def run_task(name: str, rows: int, seed: int, workdir: Path, overrides: dict) -> dict:
+    """Train on a ``rows``-row subset of ``name`` (TrainConfig defaults but ``overrides``)
+    and fit the linear probe on it; both scored on the full dev set (points)."""
     task = get_task(name)
     subset = balanced_subset(load_split(task, "train"), rows, len(task.label_names), seed)
     dev = load_split(task, "dev")
@@ -60,6 +65,7 @@ def run_task(name: str, rows: int, seed: int, workdir: Path) -> dict:
         text_pair_column="pair" if subset.text_pairs else None,
         label_column="label",
         seed=seed,
+        **overrides,
     )
     started = time.perf_counter()
     manifest = json.loads(
@@ -76,6 +82,7 @@ def run_task(name: str, rows: int, seed: int, workdir: Path) -> dict:
         "fine_tuned_exits": training["dev_exit_metrics"],
         "default_policy_dev": training["default_policy"]["dev"],
         "schedule": training["schedule"],
+        "config_overrides": overrides,
         "train_seconds": round(seconds, 1),
         "linear_probe": baseline,
     }
@@ -104,9 +111,17 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/few_shot")
+    parser.add_argument(
+        "--config",
+        type=json.loads,
+        default={},
+        help="TrainConfig fields to change from the defaults, as JSON: '{\"lr\": 3e-5}'",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        results = [run_task(name, args.rows, args.seed, Path(tmp)) for name in args.tasks]
+        results = [
+            run_task(name, args.rows, args.seed, Path(tmp), args.config) for name in args.tasks
+        ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
