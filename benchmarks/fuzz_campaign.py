@@ -223,7 +223,7 @@ def write_report(
     """Write the figures so far to ``out`` (after every chunk, so that a campaign stopped
     early still leaves its counts); returns them."""
     report = {
-        "command": "nice -n 10 python benchmarks/fuzz_campaign.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/fuzz_campaign.py " + " ".join(sys.argv[1:]),
         "finished": finished,
         "cases": sum(totals["cases"].values()),
         "cases_by_kind": dict(totals["cases"]),
