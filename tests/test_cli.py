@@ -1,6 +1,8 @@
 """The eeengine command: predict, eval, info, and the default checkpoint on first use."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -107,3 +109,20 @@ def test_extra_policy_parameters(tiny_ckpt, capsys):
     assert json.loads(capsys.readouterr().out)[0]["exit_layer"] == 3
     assert main(["predict", "--ckpt", str(tiny_ckpt), "--param", "nolayer", "x"]) == 2
     assert "expected NAME=VALUE" in capsys.readouterr().err
+
+
+def test_cli_works_without_the_serve_extra() -> None:
+    """The serve extra (FastAPI, uvicorn, prometheus-client) is optional: without it every
+    other command still parses (``eeengine serve`` imports it only when run)."""
+    code = (
+        "import sys\n"
+        "for name in ('fastapi', 'uvicorn', 'prometheus_client'):\n"
+        "    sys.modules[name] = None  # import raises ImportError\n"
+        "from eeengine.cli import build_parser\n"
+        "args = build_parser().parse_args(['serve', '--schedule', 'oldest'])\n"
+        "print(args.schedule, build_parser().parse_args(['info']).precision)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["oldest", "fp32"]

@@ -12,3 +12,6 @@ continuous batching (optional extra ``eeengine[serve]``: FastAPI, uvicorn, prome
 
 # How the server forms batches (``eeengine serve --batching``).
 BATCHING = ("continuous", "static")
+# Which depth the layer-wise batcher runs next (``eeengine serve --schedule``; see
+# :mod:`eeengine.serve.layerwise`).
+SCHEDULES = ("fullest", "oldest")

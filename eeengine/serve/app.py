@@ -67,7 +67,7 @@ class ServeConfig:
         batching: "continuous" (layer-wise, :mod:`eeengine.serve.layerwise`) or "static"
             (a batch runs to completion, TEI's scheme).
         schedule: the continuous batcher's choice of the next depth, "fullest" or "oldest"
-            (:data:`eeengine.serve.layerwise.SCHEDULES`).
+            (:data:`eeengine.serve.SCHEDULES`).
         max_wait_ms: with "fullest", an input waiting longer than this (ms) makes the
             longest-waiting queue run next; None: never.
     """

@@ -9,8 +9,7 @@ from eeengine.cli import add_policy_args, add_precision_arg, policy_kwargs
 from eeengine.defaults import default_checkpoint
 from eeengine.engine import Engine
 from eeengine.executors import EXECUTORS
-from eeengine.serve import BATCHING
-from eeengine.serve.layerwise import SCHEDULES
+from eeengine.serve import BATCHING, SCHEDULES
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:

@@ -35,10 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from eeengine.runtime import ExitLoop, LiveRows
+from eeengine.serve import SCHEDULES
 from eeengine.serve.batcher import Batcher, Row
-
-# Which depth a layer-wise batcher runs next (``eeengine serve --schedule``).
-SCHEDULES = ("oldest", "fullest")
 
 
 @dataclass(eq=False)
