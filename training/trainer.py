@@ -33,7 +33,9 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,7 +43,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from eeengine.batching import Encoded, collate, encode
-from eeengine.calibration import OperatingPoint, measure_trade_off
+from eeengine.calibration import OperatingPoint, TradeOff, measure_trade_off
 from eeengine.checkpoint import save_checkpoint
 from eeengine.data import (
     Dataset,
@@ -565,7 +567,10 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     if best.step != loop.step:
         model.load_state_dict(loop.best_model)
         recipe.load_state_dict(loop.best_recipe)
-    trade_off = measure_trade_off(
+    # Every policy swept on the calibration slice: at fp32 from the best step's logits, then
+    # (below) with int8 layers.
+    sweep_slice = partial(
+        measure_trade_off,
         model,
         tokenizer,
         calib.texts,
@@ -575,8 +580,8 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
         eval_max_seq_length,
         data.extra_metrics,
         token_pruning,
-        outputs=(best.logits, best.signals),
     )
+    trade_off = sweep_slice(outputs=(best.logits, best.signals))
     try:
         point: OperatingPoint | None = trade_off.select(max_drop=config.max_drop)
     except ValueError:
@@ -591,9 +596,7 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
         progress,
         token_pruning,
     )
-    int8_sweep, int8_record = _int8_calibration(
-        model, tokenizer, calib, data, eval_max_seq_length, token_pruning, progress
-    )
+    int8_sweep, int8_record = _int8_calibration(model, sweep_slice, progress)
     training = {
         "steps": loop.step,
         "schedule": {**plan, "stopped_early": stopped_early},
@@ -620,16 +623,11 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
 
 
 def _int8_calibration(
-    model: MultiExitBert,
-    tokenizer: PreTrainedTokenizerBase,
-    calib: Split,
-    data: Dataset,
-    max_length: int,
-    token_pruning: TokenPruning | None,
-    progress: bool,
+    model: MultiExitBert, sweep_slice: Callable[..., TradeOff], progress: bool
 ) -> tuple[dict | None, dict]:
     """The sweep of every policy on the calibration slice with int8 layers (the content of
-    ``calibration-int8.json``, :mod:`eeengine.precision`), measured as fp32's is, and the
+    ``calibration-int8.json``, :mod:`eeengine.precision`), measured by ``sweep_slice`` (fp32's
+    :func:`eeengine.calibration.measure_trade_off` on the slice) with an int8 executor, and the
     manifest's record of it; (None, the reason) where int8 cannot run here (no onnxruntime, a
     backbone other than BERT with exact GELU). int8 runs on CPU: the model moves there (it is
     saved from there) and stays in eval mode."""
@@ -637,19 +635,7 @@ def _int8_calibration(
     reason = precision_unavailable("int8", model)
     if reason is not None:
         return None, {"written": False, "reason": reason}
-    trade_off = measure_trade_off(
-        model,
-        tokenizer,
-        calib.texts,
-        calib.text_pairs,
-        calib.labels,
-        data.metric,
-        max_length,
-        data.extra_metrics,
-        token_pruning,
-        progress=progress,
-        executor=make_executor(None, model, "int8"),
-    )
+    trade_off = sweep_slice(progress=progress, executor=make_executor(None, model, "int8"))
     record = {"written": True, "file": calibration_file("int8")}
     return trade_off.sweep, {**record, "full_depth": trade_off.sweep["full_depth"]}
 
