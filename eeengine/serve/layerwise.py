@@ -93,11 +93,10 @@ class LayerwiseBatcher(Batcher):
 
     def _pick(self) -> int:
         """Layers done by the inputs to run next (0: new inputs), by the schedule."""
-        done, arrival = self._oldest()
-        if self._oldest_first or (
-            self._max_wait is not None and time.perf_counter() - arrival > self._max_wait
-        ):
-            return done
+        if self._oldest_first or self._max_wait is not None:  # else no rule asks who is oldest
+            done, arrival = self._oldest()
+            if self._oldest_first or time.perf_counter() - arrival > self._max_wait:
+                return done
         return self._fullest()
 
     def _fullest(self) -> int:
