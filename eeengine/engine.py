@@ -230,7 +230,11 @@ class Engine:
         batches = length_sorted_batches(encoded.lengths, batch_size)
         run = partial(self._loop, self.policy, self._backend, self.token_pruning)
         pad = self.tokenizer.pad_token_id
-        outs = self._loop.to_host([run(*collate(encoded, i, pad, self.device)) for i in batches])
+        try:
+            outs = [run(*collate(encoded, i, pad, self.device)) for i in batches]
+        finally:
+            self._executor.release_scratch()
+        outs = self._loop.to_host(outs)
         return predictions_in_order(
             batches, outs, encoded.lengths, offset, self.label_names, self._flops,
             self.token_pruning,

@@ -118,15 +118,19 @@ def all_exit_outputs(
     out = torch.empty(model.num_layers, len(texts), model.num_labels)
     signals = {name: torch.empty(model.num_layers, len(texts)) for name in model.signals}
     batches = length_sorted_batches(encoded.lengths, batch_size)
-    for indices in tqdm(batches, desc="evaluating", disable=not progress, leave=False):
-        batch = collate(encoded, indices, tokenizer.pad_token_id, device)
-        if executor is None:
-            logits, batch_signals = model.exits(*batch, token_pruning)
-        else:
-            logits, batch_signals = exits_through(executor, model, batch, token_pruning)
-        out[:, indices] = logits.float().cpu()
-        for name, value in batch_signals.items():
-            signals[name][:, indices] = value.float().cpu()
+    try:
+        for indices in tqdm(batches, desc="evaluating", disable=not progress, leave=False):
+            batch = collate(encoded, indices, tokenizer.pad_token_id, device)
+            if executor is None:
+                logits, batch_signals = model.exits(*batch, token_pruning)
+            else:
+                logits, batch_signals = exits_through(executor, model, batch, token_pruning)
+            out[:, indices] = logits.float().cpu()
+            for name, value in batch_signals.items():
+                signals[name][:, indices] = value.float().cpu()
+    finally:
+        if executor is not None:
+            executor.release_scratch()
     return out, signals
 
 

@@ -171,3 +171,28 @@ def test_onnxruntime_refuses_training_mode(tiny_bert_dir):
     _available("onnxruntime")
     with pytest.raises(ValueError, match="model.eval"):
         make_executor("onnxruntime", make_tiny_model(tiny_bert_dir).train())
+
+
+@pytest.mark.parametrize("name", EXECUTORS)
+def test_release_scratch_keeps_results(model, batch, expected_hidden_states, name, monkeypatch):
+    """Giving the scratch memory back between calls (every call here: the threshold is 0
+    tokens) changes no result: each layer still matches transformers after a release."""
+    if name == "onnxruntime":
+        _available(name)
+        import eeengine.executors.onnxruntime as ort_executor
+
+        monkeypatch.setattr(ort_executor, "KEEP_SCRATCH_TOKENS", 0)
+    input_ids, attention_mask, token_type_ids = batch
+    with torch.inference_mode():
+        executor = make_executor(name, model)
+        for _ in range(2):
+            hidden_states = executor.embed(input_ids, token_type_ids)
+            mask = executor.mask(attention_mask)
+            for index in range(model.num_layers):
+                hidden_states = executor.layer(index, hidden_states, mask)
+                real = attention_mask.bool()
+                torch.testing.assert_close(
+                    hidden_states[real], expected_hidden_states[index + 1][real],
+                    atol=ATOL, rtol=RTOL,
+                )  # fmt: skip
+            executor.release_scratch()

@@ -44,6 +44,7 @@ class LayerExecutor(Protocol):
 
     ``mask(attention_mask)`` turns the (batch_size, seq_len) 1/0 mask (1 = real token) into
     whatever ``layer`` takes; the loop calls it again after every batch compaction.
+    ``release_scratch()`` is called by :class:`eeengine.Engine` at the end of each call.
     """
 
     name: str
@@ -53,6 +54,9 @@ class LayerExecutor(Protocol):
     def mask(self, attention_mask: Tensor) -> object: ...
 
     def layer(self, index: int, hidden_states: Tensor, mask: object) -> Tensor: ...
+
+    def release_scratch(self) -> None:
+        """Give back the scratch memory kept for reuse across layers, if large (end of a call)."""
 
 
 def make_executor(

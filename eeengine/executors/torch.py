@@ -70,3 +70,6 @@ class TorchExecutor:
         if dtype == torch.float32:
             return layer(hidden_states, mask)
         return layer(hidden_states.to(dtype), mask).float()
+
+    def release_scratch(self) -> None:
+        """Nothing to do: torch's CPU allocator frees each buffer when it is released."""
