@@ -346,6 +346,8 @@ class ExitLoop:
             )
             live.mask = self.executor.mask(live.attention_mask)
         out.tokens_kept[live.rows, layer - 1] = live.attention_mask.sum(1)
+        if not self.policy.decides_at(layer, num_layers):  # no exit head needed here
+            return torch.zeros(live.rows.shape[0], dtype=torch.bool, device=live.rows.device)
         step_args = (live.hidden_states, live.attention_mask, layer, num_layers, live.state)
         head = model.exit_head(layer - 1)
         if self._op is not None:

@@ -15,6 +15,7 @@ POLICIES = [
     ("normalized_entropy", {"threshold": 0.7}),
     ("pcee", {"threshold": 0.75, "patience": 2}),
     ("none", {}),
+    ("budget", {"layer": 2}),
 ]
 
 
@@ -60,3 +61,27 @@ def test_batch_equals_one_by_one(model, tokenizer, name, params):
 def test_all_rows_exit_at_layer_one(model, batch):
     out = early_exit_forward(model, make_policy("normalized_entropy", threshold=1.0), *batch)
     assert out.exit_layer.tolist() == [1] * len(SENTENCES)
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "decides", "heads_run"),
+    [("none", {}, [4], [4]), ("budget", {"layer": 3}, [3, 4], [3]),
+     ("budget", {"layer": 9}, [4], [4]),
+     ("entropy", {"threshold": 0.0}, [1, 2, 3, 4], [1, 2, 3, 4])],
+)  # fmt: skip
+def test_exit_heads_run_only_where_the_policy_decides(
+    model, batch, name, params, decides, heads_run
+):
+    """Policies whose decision needs no logits before some layer (``none``: the last;
+    ``budget``: its layer, capped at the depth) skip the exit head there; the outputs are
+    checked against the full-depth oracle above."""
+    policy = make_policy(name, **params)
+    assert [layer for layer in range(1, 5) if policy.decides_at(layer, 4)] == decides
+    calls = []
+    original = model.exit_head
+    model.exit_head = lambda index: calls.append(index + 1) or original(index)
+    try:
+        early_exit_forward(model, policy, *batch)
+    finally:
+        del model.exit_head
+    assert sorted(set(calls)) == heads_run

@@ -174,6 +174,12 @@ class ExitPolicy:
             return self.threshold[layer - 1]
         return self.threshold
 
+    def decides_at(self, layer: int, num_layers: int) -> bool:
+        """Whether :meth:`step` at 1-based ``layer`` needs the exit head: False only where its
+        outcome is known without logits (no row exits and the state does not change), so the
+        early-exit loop skips the head there. Every logit-driven policy: True everywhere."""
+        return True
+
     def init_state(self, batch_size: int, device: torch.device, num_labels: int) -> State:
         """The state before layer 1 for ``batch_size`` rows of a ``num_labels``-class head: every
         tensor the fused op updates (:attr:`op_state_keys`), allocated."""

@@ -44,6 +44,9 @@ class BudgetPolicy(ExitPolicy):
     def step(self, logits: Tensor, layer: int, state: State) -> tuple[Tensor, State]:
         return torch.full((logits.shape[0],), layer >= self.layer, device=logits.device), state
 
+    def decides_at(self, layer: int, num_layers: int) -> bool:
+        return layer >= min(self.layer, num_layers)
+
     def op_params(self, layer: int) -> list[float]:
         return [self.layer]
 

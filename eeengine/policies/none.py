@@ -20,6 +20,9 @@ class NoExitPolicy(ExitPolicy):
     def step(self, logits: Tensor, layer: int, state: State) -> tuple[Tensor, State]:
         return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device), state
 
+    def decides_at(self, layer: int, num_layers: int) -> bool:
+        return layer == num_layers
+
     def op_params(self, layer: int) -> list[float]:
         return []
 
