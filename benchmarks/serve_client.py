@@ -1,9 +1,10 @@
 """What the server benchmarks share: start a server process and wait for /health, its
 resident memory, stop it with SIGTERM, and a small HTTP/1.1 client over loopback.
 
-The client opens one connection per request (``Connection: close``) with asyncio streams, so
-a request can also be sent and abandoned (a client that disconnects), and malformed bodies go
-out as they are.
+The client speaks HTTP/1.1 over asyncio streams: :func:`post` opens one connection per
+request (``Connection: close``), so a request can also be sent and abandoned (a client that
+disconnects) and malformed bodies go out as they are; :class:`ConnectionPool` keeps
+connections open and reuses them (keep-alive), as a service calling a model server does.
 """
 
 from __future__ import annotations
@@ -79,11 +80,75 @@ def stop_server(proc: subprocess.Popen, timeout: float = 300.0) -> int:
         return -9
 
 
-def request_bytes(port: int, body: bytes, path: str = "/predict") -> bytes:
+def request_bytes(
+    port: int, body: bytes, path: str = "/predict", connection: str = "close"
+) -> bytes:
     return (
         f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: {connection}\r\n\r\n"
     ).encode() + body
+
+
+class ConnectionPool:
+    """Up to ``size`` keep-alive connections to the server on ``port``, each carrying one
+    request at a time; a request waits for a free connection when all are busy (that wait
+    counts in its latency). Connections open on demand and close when the server says so.
+    """
+
+    def __init__(self, port: int, size: int = 256) -> None:
+        self.port = port
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def post(self, body: bytes, timeout: float = 60.0) -> tuple[int, object]:
+        """POST ``body`` to /predict; (status, parsed JSON body or the raw text)."""
+        async with self._slots:
+            reader, writer = (
+                self._idle.pop() if self._idle else await asyncio.open_connection(HOST, self.port)
+            )
+            try:
+                writer.write(request_bytes(self.port, body, connection="keep-alive"))
+                await writer.drain()
+                head, payload = await asyncio.wait_for(_read_response(reader), timeout)
+            except BaseException:
+                writer.close()
+                raise
+            if b"connection: close" in head.lower():
+                writer.close()
+            else:
+                self._idle.append((reader, writer))
+        return _parsed(head, payload)
+
+    def close(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+        self._idle.clear()
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One response's head and body (``Content-Length`` or chunked) from a kept connection."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lower = head.lower()
+    if b"transfer-encoding: chunked" in lower:
+        body = b""
+        while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
+            body += (await reader.readexactly(size + 2))[:-2]
+        await reader.readuntil(b"\r\n")
+        return head, body
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in lower.split(b"\r\n")
+        if line.startswith(b"content-length:")
+    )
+    return head, await reader.readexactly(length)
+
+
+def _parsed(head: bytes, payload: bytes) -> tuple[int, object]:
+    status = int(head.split(b" ", 2)[1])
+    try:
+        return status, json.loads(payload)
+    except ValueError:
+        return status, payload.decode(errors="replace")
 
 
 async def post(port: int, body: bytes, timeout: float = 60.0) -> tuple[int, object]:
@@ -96,13 +161,9 @@ async def post(port: int, body: bytes, timeout: float = 60.0) -> tuple[int, obje
     finally:
         writer.close()
     head, _, payload = raw.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
     if b"transfer-encoding: chunked" in head.lower():
         payload = _unchunk(payload)
-    try:
-        return status, json.loads(payload)
-    except ValueError:
-        return status, payload.decode(errors="replace")
+    return _parsed(head, payload)
 
 
 async def post_and_leave(port: int, body: bytes, after: float) -> None:

@@ -8,10 +8,13 @@ Three servers, each its own process on 127.0.0.1, the same FastAPI app, the same
   dynamic batching (what a user writes today).
 
 This process is the client: for each offered load (requests/s) it sends one-input requests
-(``truncate: true``) at exponential inter-arrival times, each on its own connection, never
-waiting for answers (open loop), for ``--seconds`` or ``--max-requests``, whichever ends
-first. Latency runs from a request's scheduled arrival to its full answer. At each load the
-servers take turns in a rotating order, so drifts of a shared CPU hit them alike; a server
+(``truncate: true``) at exponential inter-arrival times, never waiting for answers (open
+loop), for ``--seconds`` or ``--max-requests``, whichever ends first. Requests go over a pool
+of keep-alive connections (``--connection keep-alive``, the default: what a service calling
+the model server does; a request waits for a free connection when 256 are busy) or each on a
+new connection (``--connection close``: connection set-up then costs both processes CPU).
+Latency runs from a request's scheduled arrival to its full answer. At each load the servers
+take turns in a rotating order, so drifts of a shared CPU hit them alike; a server
 leaves the ramp once its p99 passes ``--give-up-ms`` or an answer fails. Inputs: SST-2 dev
 sentences (``sst2``) and the long IMDB reviews of ``data/IMDB-long`` (``imdb``, served with
 ``--max-input-length`` 512).
@@ -36,6 +39,7 @@ import time
 from pathlib import Path
 
 from serve_client import (
+    ConnectionPool,
     eeengine_serve,
     free_port,
     post,
@@ -76,9 +80,16 @@ def texts_of(data: str) -> list[str]:
 
 
 async def open_loop(
-    port: int, texts: list[str], rate: float, seconds: float, max_requests: int, seed: int
+    port: int,
+    texts: list[str],
+    rate: float,
+    seconds: float,
+    max_requests: int,
+    seed: int,
+    keep_alive: bool = True,
 ) -> dict:
-    """Poisson arrivals at ``rate`` requests/s; latencies (ms) of the answers."""
+    """Poisson arrivals at ``rate`` requests/s; latencies (ms) of the answers. ``keep_alive``:
+    over a :class:`ConnectionPool`, else one connection per request."""
     rng = random.Random(seed)
     arrivals, t = [], 0.0
     while len(arrivals) < max_requests:
@@ -93,11 +104,15 @@ async def open_loop(
     latencies: list[float] = []
     failures: dict[str, int] = {}
     done_at: list[float] = []
+    pool = ConnectionPool(port) if keep_alive else None
 
     async def one(at: float, body: bytes) -> None:
         await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
         try:
-            status, _ = await post(port, body, timeout=120)
+            if pool is not None:
+                status, _ = await pool.post(body, timeout=120)
+            else:
+                status, _ = await post(port, body, timeout=120)
         except (OSError, asyncio.TimeoutError) as error:
             status = type(error).__name__
         end = time.perf_counter()
@@ -108,6 +123,8 @@ async def open_loop(
             failures[str(status)] = failures.get(str(status), 0) + 1
 
     await asyncio.gather(*(one(at, body) for at, body in zip(arrivals, bodies, strict=True)))
+    if pool is not None:
+        pool.close()
     span = (max(done_at) - start) if done_at else float("nan")
     latencies.sort()
     return {
@@ -151,7 +168,15 @@ def run(args: argparse.Namespace) -> dict:
                 order = live[k % len(live) :] + live[: k % len(live)] if live else []
                 for name in order:
                     row = asyncio.run(
-                        open_loop(ports[name], texts, rate, args.seconds, args.max_requests, k)
+                        open_loop(
+                            ports[name],
+                            texts,
+                            rate,
+                            args.seconds,
+                            args.max_requests,
+                            k,
+                            keep_alive=args.connection == "keep-alive",
+                        )  # fmt: skip
                     )
                     rows[name].append(row)
                     print(f"{data} {name:9s} {json.dumps(row)}", flush=True)
@@ -243,6 +268,12 @@ def main() -> None:
     parser.add_argument("--loads", nargs="+", type=float, help="req/s (default: LOADS)")
     parser.add_argument("--seconds", type=float, default=10.0, help="per server and load")
     parser.add_argument("--max-requests", type=int, default=1500, help="per server and load")
+    parser.add_argument(
+        "--connection",
+        choices=["keep-alive", "close"],
+        default="keep-alive",
+        help="a pool of kept connections, or a new connection per request",
+    )
     parser.add_argument("--give-up-ms", type=float, default=1000.0, help="p99 that ends a ramp")
     parser.add_argument("--out", type=Path, help="writes OUT.json and OUT.md")
     args = parser.parse_args()
