@@ -101,22 +101,36 @@ class ConnectionPool:
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def post(self, body: bytes, timeout: float = 60.0) -> tuple[int, object]:
-        """POST ``body`` to /predict; (status, parsed JSON body or the raw text)."""
+        """POST ``body`` to /predict; (status, parsed JSON body or the raw text). A kept
+        connection the server has closed meanwhile (its keep-alive timeout) is dropped and the
+        request goes out again on the next one, or a new one, as HTTP client pools do."""
         async with self._slots:
-            reader, writer = (
-                self._idle.pop() if self._idle else await asyncio.open_connection(HOST, self.port)
-            )
-            try:
-                writer.write(request_bytes(self.port, body, connection="keep-alive"))
-                await writer.drain()
-                head, payload = await asyncio.wait_for(_read_response(reader), timeout)
-            except BaseException:
-                writer.close()
-                raise
-            if b"connection: close" in head.lower():
-                writer.close()
-            else:
-                self._idle.append((reader, writer))
+            while self._idle:
+                try:
+                    return await self._exchange(*self._idle.pop(), body, timeout)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    continue  # closed by the server while idle
+            connection = await asyncio.open_connection(HOST, self.port)
+            return await self._exchange(*connection, body, timeout)
+
+    async def _exchange(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        body: bytes,
+        timeout: float,
+    ) -> tuple[int, object]:
+        try:
+            writer.write(request_bytes(self.port, body, connection="keep-alive"))
+            await writer.drain()
+            head, payload = await asyncio.wait_for(_read_response(reader), timeout)
+        except BaseException:
+            writer.close()
+            raise
+        if b"connection: close" in head.lower():
+            writer.close()
+        else:
+            self._idle.append((reader, writer))
         return _parsed(head, payload)
 
     def close(self) -> None:

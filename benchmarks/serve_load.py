@@ -113,7 +113,7 @@ async def open_loop(
                 status, _ = await pool.post(body, timeout=120)
             else:
                 status, _ = await post(port, body, timeout=120)
-        except (OSError, asyncio.TimeoutError) as error:
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as error:
             status = type(error).__name__
         end = time.perf_counter()
         if status == 200:

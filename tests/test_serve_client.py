@@ -1,6 +1,7 @@
 """The load test's keep-alive client (benchmarks/serve_client.py) against a minimal HTTP/1.1
 server written here: connections are reused, bodies framed by Content-Length and chunked
-encoding are read whole, and a server's ``Connection: close`` is honoured."""
+encoding are read whole, a server's ``Connection: close`` is honoured, and a connection the
+server closed while idle is replaced."""
 
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ def _response(body: bytes, chunked: bool, close: bool) -> bytes:
     return f"{head}Transfer-Encoding: chunked\r\n\r\n".encode() + chunks + b"0\r\n\r\n"
 
 
-async def _exchange(requests: int, close_every: int) -> tuple[list, int]:
+async def _exchange(requests: int, close_every: int, say_so: bool = True) -> tuple[list, int]:
     """Send ``requests`` sequential posts through one pool; the server echoes the body's
     ``n``, alternating chunked and Content-Length answers, and closes every
-    ``close_every``-th connection after answering. Returns the answers and connections."""
+    ``close_every``-th connection after answering (``say_so``: with ``Connection: close``;
+    else silently, as a keep-alive timeout does). Returns the answers and connections."""
     connections = 0
     answered = 0
 
@@ -44,7 +46,7 @@ async def _exchange(requests: int, close_every: int) -> tuple[list, int]:
             answered += 1
             close = answered % close_every == 0
             body = json.dumps({"echo": request["n"]}).encode()
-            writer.write(_response(body, chunked=answered % 2 == 0, close=close))
+            writer.write(_response(body, chunked=answered % 2 == 0, close=close and say_so))
             await writer.drain()
             if close:
                 break
@@ -68,5 +70,11 @@ def test_pool_reuses_connections_and_reads_both_framings() -> None:
 
 def test_pool_reconnects_after_the_server_closes() -> None:
     answers, connections = asyncio.run(_exchange(requests=12, close_every=4))
+    assert answers == [(200, {"echo": n}) for n in range(12)]
+    assert connections == 3
+
+
+def test_pool_retries_a_connection_the_server_closed_silently() -> None:
+    answers, connections = asyncio.run(_exchange(requests=12, close_every=4, say_so=False))
     assert answers == [(200, {"echo": n}) for n in range(12)]
     assert connections == 3
