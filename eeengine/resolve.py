@@ -70,7 +70,8 @@ def resolve_policy(
         )
     if not calibration:
         raise ValueError(
-            f"{path / CALIBRATION} not found, so target_speedup / max_drop cannot be met; "
+            f"{path} has no calibration ({CALIBRATION} missing or empty), so target_speedup / "
+            "max_drop cannot be met; "
             "measure one with engine.calibrate(texts, labels, ...) or "
             "`eeengine calibrate --write`"
         )
