@@ -9,7 +9,8 @@ SDPA's math backend, since the fused CPU kernel has no FLOPs formula). The terms
 
 - Q, K, V and output projections 8·n·H², attention scores Q·Kᵀ and context P·V 4·n²·H;
 - feed-forward 4·n'·H·I;
-- the classifier of every exit head the row ran, 2·H·C each.
+- the classifier of every exit head the row ran, 2·H·C each (flops.py counts one at every layer
+  the row ran, as the papers do; ``none`` and ``budget`` skip the heads before their layer).
 
 What flops.py counts differently, subtracted or added by hand below:
 
@@ -45,10 +46,15 @@ def _row() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return input_ids, torch.ones_like(input_ids), torch.zeros_like(input_ids)
 
 
-def _count(model, exit_layer: int, token_pruning: TokenPruning | None) -> tuple[int, ExitOutput]:
-    """FlopCounterMode's total for the loop run to ``exit_layer`` (the budget policy), and the
-    loop's output."""
-    policy = make_policy("budget", layer=exit_layer)
+def _count(
+    model, exit_layer: int, token_pruning: TokenPruning | None, policy=None
+) -> tuple[int, ExitOutput]:
+    """FlopCounterMode's total for the loop run to ``exit_layer``, and the loop's output. The
+    default policy runs the exit head at every layer and exits at ``exit_layer``: normalized
+    entropy below 0 (never) before it, below 1 (a random head's logits: always) from it on."""
+    if policy is None:
+        thresholds = [0.0] * (exit_layer - 1) + [1.0] * (model.num_layers - exit_layer + 1)
+        policy = make_policy("normalized_entropy", threshold=thresholds)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as mode:
         out = early_exit_forward(model, policy, *_row(), token_pruning=token_pruning)
     assert out.exit_layer.tolist() == [exit_layer]
@@ -63,6 +69,20 @@ def test_formula_counts_the_matmuls_the_loop_runs(model, exit_layer):
     mean_pooling = exit_layer * LENGTH * hidden_size
     assert flops == counter.executed(LENGTH, exit_layer, None) - mean_pooling
     assert flops > 0
+
+
+@pytest.mark.parametrize("exit_layer", [2, 4])
+def test_budget_runs_one_head(model, exit_layer):
+    """``budget`` (and ``none``) need no logits before their layer, so the loop runs only the
+    exit head there: the formula less the classifiers (2·H·C each) of the heads it skipped."""
+    counter = FlopCounter.for_model(model)
+    hidden_size, num_labels = model.config.hidden_size, model.num_labels
+    policy = make_policy("budget", layer=exit_layer)
+    flops, _ = _count(model, exit_layer, None, policy)
+    skipped_classifiers = (exit_layer - 1) * 2 * hidden_size * num_labels
+    mean_pooling = exit_layer * LENGTH * hidden_size
+    expected = counter.executed(LENGTH, exit_layer, None) - mean_pooling - skipped_classifiers
+    assert flops == expected
 
 
 def test_full_model_is_every_layer_and_one_head(model):
