@@ -12,7 +12,7 @@ from eeengine.cli import main
 from eeengine.data import Split, calibration_size, file_dataset, holdout_split
 from eeengine.training import TrainConfig, train
 from eeengine.training.calibration_slice import calibration_slice
-from eeengine.training.trainer import load_dataset, schedule, split_calibration
+from eeengine.training.trainer import _describe_plan, load_dataset, schedule, split_calibration
 from tests.conftest import SENTENCES, csv_config, write_rows
 
 
@@ -58,25 +58,58 @@ def test_holdout_regression_and_bad_sizes():
 
 
 @pytest.mark.parametrize(
-    ("rows", "overrides", "expected"),
+    ("rows", "pairs", "overrides", "expected"),
     [
-        # SST-2: one epoch is plenty of steps
-        (65349, {}, {"epochs": 1.0, "total_steps": 2043, "eval_every": 0}),
-        # 600 rows less 100 held out: 16 steps an epoch, 10 epochs (the cap), every epoch
-        (500, {}, {"epochs": 10.0, "total_steps": 160, "eval_every": 16}),
-        # MRPC: 3 epochs reach 300 steps
-        (3301, {}, {"epochs": 3.0, "total_steps": 312, "eval_every": 104}),
+        # SST-2: one epoch is plenty of steps, 64 tokens as before the small-data rule
+        (65349, False, {}, {"epochs": 1.0, "total_steps": 2043, "eval_every": 0}),
+        # 600 rows less 100 held out: 16 steps an epoch, 10 epochs (the cap), every epoch;
+        # single sentences keep 64 tokens
+        (500, False, {}, {"epochs": 10.0, "total_steps": 160, "eval_every": 16}),
+        # small pair data (RTE, 600 rows) trains at the inference length
+        (500, True, {}, {"total_steps": 160, "max_seq_length": 128}),
+        (500, True, {"eval_max_seq_length": 256}, {"max_seq_length": 256}),
+        # MRPC: 3 epochs reach 300 steps; 3,301 pairs are not small data
+        (3301, True, {}, {"epochs": 3.0, "total_steps": 312, "eval_every": 104}),
+        # the small-data rule is strictly below small_data rows; an explicit length wins
+        (1999, True, {}, {"max_seq_length": 128}),
+        (2000, True, {}, {"max_seq_length": 64}),
+        (500, True, {"small_data": 400}, {"max_seq_length": 64}),
+        (500, True, {"max_seq_length": 64}, {"max_seq_length": 64}),
+        (65349, False, {"max_seq_length": 32}, {"max_seq_length": 32}),
         # explicit epochs win
         (
             500,
+            False,
             {"epochs": 2.0, "eval_every": 5},
             {"epochs": 2.0, "total_steps": 32, "eval_every": 5},
         ),
     ],
 )
-def test_schedule_adapts_to_the_data_size(rows, overrides, expected):
-    plan = schedule(TrainConfig(base_model="", **overrides), rows)
+def test_schedule_adapts_to_the_data_size(rows, pairs, overrides, expected):
+    plan = schedule(TrainConfig(base_model="", **overrides), rows, pairs)
+    expected = {"max_seq_length": 64, **expected}
     assert {k: plan[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("rows", "pairs", "overrides", "says"),
+    [
+        (
+            500,
+            True,
+            {},
+            "32, truncated to 128 tokens (chosen for sentence pairs, fewer than 2000 training "
+            "rows); best step",
+        ),
+        (500, False, {}, "32, truncated to 64 tokens; best step"),
+        (3301, True, {}, "32, truncated to 64 tokens; best step"),
+        (500, True, {"max_seq_length": 128}, "32, truncated to 128 tokens; best step"),
+        (500, False, {"probe_init": True}, "64 tokens; exit heads from a linear probe; best"),
+    ],
+)
+def test_the_plan_says_what_it_chose(rows, pairs, overrides, says):
+    config = TrainConfig(base_model="", **overrides)
+    assert says in _describe_plan(schedule(config, rows, pairs), rows, "x", False, config)
 
 
 def test_dev_plays_no_part_in_selection_or_calibration(tiny_bert_dir, tiny_csv_task, tmp_path):
