@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
@@ -55,19 +56,39 @@ def linear_probe(
     base_model: str | Path, train: Split, dev: Split, metric: str, regression: bool = False
 ) -> float:
     """Fit the baseline on ``train`` and score it on ``dev`` by ``metric`` (a key of
-    :data:`eeengine.metrics.METRICS`): logistic regression (scikit-learn defaults, up to 2,000
-    iterations) on standardized embeddings, or ridge regression for a regression task.
+    :data:`eeengine.metrics.METRICS`): logistic regression on standardized embeddings, or ridge
+    regression for a regression task, with the L2 strength chosen by 5-fold cross-validation on
+    the training rows (:func:`fit_probe`).
 
     Raises:
         ImportError: scikit-learn is not installed (``pip install scikit-learn``).
     """
+    x_train = frozen_embeddings(base_model, train.texts, train.text_pairs).numpy()
+    x_dev = frozen_embeddings(base_model, dev.texts, dev.text_pairs).numpy()
+    probe = fit_probe(x_train, train.labels, regression)
+    return METRICS[metric](probe.predict(x_dev).tolist(), dev.labels)
+
+
+def fit_probe(features: np.ndarray, labels: Sequence, regression: bool = False):
+    """A scikit-learn pipeline, standardization then logistic (or ridge) regression, fitted on
+    ``features`` (rows, dims) float32. Its L2 strength is the best of a grid (C from 1e-6 to
+    1e2; ridge alpha from 1e-3 to 1e5) by 5-fold cross-validation on these rows (stratified for
+    classes): with a few hundred rows and 384 dimensions, scikit-learn's default C = 1
+    overfits (600 SST-2 rows: 71.4 on dev at C = 1, 77.2 at the C chosen, 1e-3). With fewer
+    than 10 rows of some class there is nothing to cross-validate on: C = 1 (alpha = 1)."""
     from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    x_train = frozen_embeddings(base_model, train.texts, train.text_pairs).numpy()
-    x_dev = frozen_embeddings(base_model, dev.texts, dev.text_pairs).numpy()
     head = Ridge() if regression else LogisticRegression(max_iter=2000)
-    probe = make_pipeline(StandardScaler(), head).fit(x_train, train.labels)
-    predictions = probe.predict(x_dev).tolist()
-    return METRICS[metric](predictions, dev.labels)
+    pipeline = make_pipeline(StandardScaler(), head)
+    if regression:
+        grid, folds = {"ridge__alpha": np.logspace(-3, 5, 17)}, 5
+    else:
+        smallest = min(np.unique(np.asarray(labels), return_counts=True)[1])
+        grid = {"logisticregression__C": np.logspace(-6, 2, 17)}
+        folds = StratifiedKFold(5, shuffle=True, random_state=0) if smallest >= 10 else None
+    if folds is None or len(labels) < 10:
+        return pipeline.fit(features, labels)
+    return GridSearchCV(pipeline, grid, cv=folds).fit(features, labels)
