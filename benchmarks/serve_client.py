@@ -140,7 +140,8 @@ class ConnectionPool:
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    """One response's head and body (``Content-Length`` or chunked) from a kept connection."""
+    """One response's head and body, framed by ``Content-Length``, chunked encoding, or (with
+    neither) the server closing the connection."""
     head = await reader.readuntil(b"\r\n\r\n")
     lower = head.lower()
     if b"transfer-encoding: chunked" in lower:
@@ -150,11 +151,14 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
         await reader.readuntil(b"\r\n")
         return head, body
     length = next(
-        int(line.split(b":", 1)[1])
-        for line in lower.split(b"\r\n")
-        if line.startswith(b"content-length:")
+        (
+            int(line.split(b":", 1)[1])
+            for line in lower.split(b"\r\n")
+            if line.startswith(b"content-length:")
+        ),
+        None,
     )
-    return head, await reader.readexactly(length)
+    return head, await (reader.read() if length is None else reader.readexactly(length))
 
 
 def _parsed(head: bytes, payload: bytes) -> tuple[int, object]:
@@ -171,12 +175,9 @@ async def post(port: int, body: bytes, timeout: float = 60.0) -> tuple[int, obje
     try:
         writer.write(request_bytes(port, body))
         await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), timeout)
+        head, payload = await asyncio.wait_for(_read_response(reader), timeout)
     finally:
         writer.close()
-    head, _, payload = raw.partition(b"\r\n\r\n")
-    if b"transfer-encoding: chunked" in head.lower():
-        payload = _unchunk(payload)
     return _parsed(head, payload)
 
 
@@ -188,14 +189,3 @@ async def post_and_leave(port: int, body: bytes, after: float) -> None:
     await writer.drain()
     await asyncio.sleep(after)
     writer.close()
-
-
-def _unchunk(data: bytes) -> bytes:
-    out = b""
-    while data:
-        size, _, data = data.partition(b"\r\n")
-        n = int(size, 16)
-        if n == 0:
-            break
-        out, data = out + data[:n], data[n + 2 :]
-    return out

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from serve_client import HOST, ConnectionPool  # noqa: E402
+from serve_client import HOST, ConnectionPool, post  # noqa: E402
 
 
 def _response(body: bytes, chunked: bool, close: bool) -> bytes:
@@ -78,3 +78,32 @@ def test_pool_retries_a_connection_the_server_closed_silently() -> None:
     answers, connections = asyncio.run(_exchange(requests=12, close_every=4, say_so=False))
     assert answers == [(200, {"echo": n}) for n in range(12)]
     assert connections == 3
+
+
+def test_one_shot_post_reads_every_framing() -> None:
+    """:func:`post` (a connection per request) reads a Content-Length body, a chunked one, and
+    one the server ends by closing the connection."""
+    body = json.dumps({"echo": 1}).encode()
+    framings = [
+        _response(body, chunked=False, close=True),
+        _response(body, chunked=True, close=True),
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + body,
+    ]
+
+    async def run() -> list:
+        answers = []
+        for raw in framings:
+
+            async def handle(reader, writer, raw=raw) -> None:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(raw)
+                await writer.drain()
+                writer.close()
+
+            server = await asyncio.start_server(handle, HOST, 0)
+            answers.append(await post(server.sockets[0].getsockname()[1], b"{}", timeout=10))
+            server.close()
+            await server.wait_closed()
+        return answers
+
+    assert asyncio.run(run()) == [(200, {"echo": 1})] * 3
