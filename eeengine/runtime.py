@@ -319,8 +319,9 @@ class ExitLoop:
         )
 
     def step(self, live: LiveRows, layer: int, out: ExitOutput) -> Tensor:
-        """Run ``layer`` (1-based) on the live rows, then its exit head and policy step; latch
-        the logits and exit layer of the rows that exit into ``out``. Updates ``live`` in place
+        """Run ``layer`` (1-based) on the live rows, then its exit head and policy step (skipped
+        where :meth:`ExitPolicy.decides_at` is False: no row exits there); latch the logits and
+        exit layer of the rows that exit into ``out``. Updates ``live`` in place
         (hidden states, and at a token-pruning layer the mask and memory; the policy state).
 
         Returns:

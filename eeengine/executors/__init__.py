@@ -44,7 +44,8 @@ class LayerExecutor(Protocol):
 
     ``mask(attention_mask)`` turns the (batch_size, seq_len) 1/0 mask (1 = real token) into
     whatever ``layer`` takes; the loop calls it again after every batch compaction.
-    ``release_scratch()`` is called by :class:`eeengine.Engine` at the end of each call.
+    ``release_scratch()`` is called after each chunk of :meth:`eeengine.Engine.predict` and
+    each evaluation pass.
     """
 
     name: str
