@@ -36,6 +36,7 @@ import random
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from serve_client import (
@@ -105,14 +106,12 @@ async def open_loop(
     failures: dict[str, int] = {}
     done_at: list[float] = []
     pool = ConnectionPool(port) if keep_alive else None
+    send = pool.post if pool is not None else partial(post, port)
 
     async def one(at: float, body: bytes) -> None:
         await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
         try:
-            if pool is not None:
-                status, _ = await pool.post(body, timeout=120)
-            else:
-                status, _ = await post(port, body, timeout=120)
+            status, _ = await send(body, timeout=120)
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as error:
             status = type(error).__name__
         end = time.perf_counter()
@@ -176,7 +175,7 @@ def run(args: argparse.Namespace) -> dict:
                             args.max_requests,
                             k,
                             keep_alive=args.connection == "keep-alive",
-                        )  # fmt: skip
+                        )
                     )
                     rows[name].append(row)
                     print(f"{data} {name:9s} {json.dumps(row)}", flush=True)
