@@ -106,7 +106,7 @@ class TrainConfig:
         freeze_word_embeddings: keep the word-embedding table (MiniLM: 11.7M of 22.7M
             parameters) at its pre-trained values. Off by default; the default checkpoint
             turns it on (:func:`eeengine.defaults.default_config`): the table gets no gradient
-            and no AdamW update, which made a step on SST-2 batches 1.13x faster.
+            and no AdamW update, which made a step on SST-2 batches 1.15x faster.
         small_data: the training-row count (after the calibration hold-out) below which
             ``max_seq_length=None`` trains sentence pairs at ``eval_max_seq_length``.
         max_train_examples: use only the first N examples of a seeded shuffle (None: all).
@@ -298,8 +298,9 @@ def _param_groups(model: MultiExitBert, recipe: Recipe, config: TrainConfig) -> 
 
 def _adamw(groups: list[dict]) -> torch.optim.AdamW:
     """AdamW with torch's fused implementation (one kernel over all parameters; the default
-    per-parameter loop took 40 % of a MiniLM step on SST-2 batches on 2 CPU cores, fused
-    15 %), the per-parameter loop where fusing is not supported."""
+    per-parameter loop took 44 % of a MiniLM step on SST-2 batches on 2 CPU cores, fused
+    22 %: ``benchmarks/train_step.py``), the per-parameter loop where fusing is not
+    supported."""
     try:
         return torch.optim.AdamW(groups, fused=True)
     except RuntimeError:
