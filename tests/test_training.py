@@ -120,7 +120,9 @@ def test_regression_on_a_user_file(tiny_bert_dir, tmp_path):
         save_every=0,
     )
     path = train(config, tmp_path / "reg", progress=False)
-    task = json.loads((path / "eeengine.json").read_text())["task"]
+    manifest = json.loads((path / "eeengine.json").read_text())
+    assert manifest["training"]["contrastive"] is None  # no classes to pair
+    task = manifest["task"]
     assert task == {
         "name": "train",
         "type": "regression",
@@ -142,6 +144,34 @@ def test_regression_on_a_user_file(tiny_bert_dir, tmp_path):
         assert [p.exit_layer for p in got] == [p.exit_layer for p in expected]
 
 
+def test_contrastive_stage_runs_on_small_classification_data_unless_turned_off(
+    tiny_bert_dir, tiny_csv_task, tmp_path
+):
+    """30 training rows: the stage runs by default (10 rounds of 2 pairs a row, 16 a step);
+    ``contrastive=False`` trains without it, from other encoder weights."""
+    paths = {
+        flag: train(
+            csv_config(tiny_bert_dir, tiny_csv_task, contrastive=flag), tmp_path / str(flag), False
+        )
+        for flag in (None, False)
+    }
+    records = {
+        flag: json.loads((path / "eeengine.json").read_text())["training"]["contrastive"]
+        for flag, path in paths.items()
+    }
+    assert records[False] is None
+    assert records[None]["pairs"] == 600 and records[None]["steps"] == 38
+    weights = {flag: load_file(path / "model.safetensors") for flag, path in paths.items()}
+    key = "bert.embeddings.word_embeddings.weight"
+    assert not torch.equal(weights[None][key], weights[False][key])
+
+
+def test_contrastive_refused_for_regression(tiny_bert_dir, tmp_path):
+    config = TrainConfig(base_model=str(tiny_bert_dir), task="stsb", contrastive=True)
+    with pytest.raises(ValueError, match="--contrastive needs class labels"):
+        train(config, tmp_path / "reg", progress=False)
+
+
 class Interrupted(Exception):
     pass
 
@@ -161,22 +191,23 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(
     reference = train(config, tmp_path / "reference", progress=False)
 
     out = tmp_path / "resumed"
-    calls = {"n": 0}
-    real_clip = torch.nn.utils.clip_grad_norm_
+    real_step = trainer_module._Loop.train_step
 
-    def crash_at_step_5(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
+    def crash_at_step_5(loop, *args):
+        if loop.step == 4:  # after the contrastive stage, which this small task runs
             raise Interrupted
-        return real_clip(*args, **kwargs)
+        return real_step(loop, *args)
 
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash_at_step_5)
+    monkeypatch.setattr(trainer_module._Loop, "train_step", crash_at_step_5)
     with pytest.raises(Interrupted):
         train(config, out, progress=False)
     assert not out.exists() and (state_dir(out) / "state.pt").is_file()
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
+    monkeypatch.setattr(trainer_module._Loop, "train_step", real_step)
+    ran = []
+    monkeypatch.setattr(trainer_module, "contrastive_tune", lambda *a, **k: ran.append(1))
 
     resumed = train(config, out, progress=False)
+    assert not ran  # the resumed run starts from the saved weights, after the stage
     assert not state_dir(out).exists()
     expected, actual = (
         load_file(reference / "model.safetensors"),
@@ -188,7 +219,8 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(
     training = [
         json.loads((p / "eeengine.json").read_text())["training"] for p in (reference, resumed)
     ]
-    for field in ("dev_exit_metrics", "best_step", "recipe_learned"):
+    assert training[0]["contrastive"]["steps"] > 0
+    for field in ("dev_exit_metrics", "best_step", "recipe_learned", "contrastive"):
         assert training[0][field] == training[1][field]
 
 
