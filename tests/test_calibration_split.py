@@ -76,12 +76,15 @@ def test_holdout_regression_and_bad_sizes():
         (500, True, {"small_data": 400}, {"max_seq_length": 64}),
         (500, True, {"max_seq_length": 64}, {"max_seq_length": 64}),
         (65349, False, {"max_seq_length": 32}, {"max_seq_length": 32}),
-        # the contrastive stage: 2 pairs a row in each of 10 rounds, 16 pairs a step, for
+        # the contrastive stage: 2 pairs a row in each of 5 rounds, 16 pairs a step, for
         # classification below small_data rows unless set
-        (500, False, {}, {"contrastive_steps": 625}),
-        (1999, True, {}, {"max_seq_length": 128, "contrastive_steps": 2499}),
+        # and the backbone fine-tunes at a lower lr after it, unless lr is set
+        (500, False, {}, {"contrastive_steps": 313, "lr": 2e-5}),
+        (500, False, {"lr": 5e-5}, {"contrastive_steps": 313, "lr": 5e-5}),
+        (65349, False, {}, {"contrastive_steps": 0, "lr": 1e-4}),
+        (1999, True, {}, {"max_seq_length": 128, "contrastive_steps": 1250}),
         (2000, False, {}, {"contrastive_steps": 0}),
-        (500, False, {"contrastive": False}, {"contrastive_steps": 0}),
+        (500, False, {"contrastive": False}, {"contrastive_steps": 0, "lr": 1e-4}),
         (500, False, {"contrastive_rounds": 2, "small_data": 400}, {"contrastive_steps": 0}),
         (65349, False, {"contrastive": True, "contrastive_rounds": 1}, {"contrastive_steps": 8169}),
         # explicit epochs win
@@ -117,13 +120,14 @@ def test_schedule_adapts_to_the_data_size(rows, pairs, overrides, expected):
             500,
             False,
             {},
-            "(stratified); first 625 contrastive steps of 16 pairs (last layer's embeddings, "
-            "lr 2e-05) (chosen for classification, fewer than 2000 training rows), then 10 epoch",
+            "(stratified); first 313 contrastive steps of 16 pairs (last layer's embeddings, "
+            "lr 2e-05) (chosen for classification, fewer than 2000 training rows), then at "
+            "backbone lr 2e-05 (chosen after the contrastive stage): 10 epoch",
         ),
         (
             500,
             False,
-            {"contrastive": True, "contrastive_exits": "all"},
+            {"contrastive": True, "contrastive_exits": "all", "lr": 1e-4},
             "(all layer's embeddings, lr 2e-05), then 10 epoch",
         ),
         (65349, False, {}, "(stratified); 1 epoch"),

@@ -147,20 +147,23 @@ def test_regression_on_a_user_file(tiny_bert_dir, tmp_path):
 def test_contrastive_stage_runs_on_small_classification_data_unless_turned_off(
     tiny_bert_dir, tiny_csv_task, tmp_path
 ):
-    """30 training rows: the stage runs by default (10 rounds of 2 pairs a row, 16 a step);
-    ``contrastive=False`` trains without it, from other encoder weights."""
+    """30 training rows: the stage runs by default (5 rounds of 2 pairs a row, 16 a step) and
+    the backbone then fine-tunes at 2e-5; ``contrastive=False`` trains without it, at 1e-4,
+    from other encoder weights."""
     paths = {
         flag: train(
             csv_config(tiny_bert_dir, tiny_csv_task, contrastive=flag), tmp_path / str(flag), False
         )
         for flag in (None, False)
     }
-    records = {
-        flag: json.loads((path / "eeengine.json").read_text())["training"]["contrastive"]
+    training = {
+        flag: json.loads((path / "eeengine.json").read_text())["training"]
         for flag, path in paths.items()
     }
+    records = {flag: record["contrastive"] for flag, record in training.items()}
+    assert training[None]["schedule"]["lr"] == 2e-5 and training[False]["schedule"]["lr"] == 1e-4
     assert records[False] is None
-    assert records[None]["pairs"] == 600 and records[None]["steps"] == 38
+    assert records[None]["pairs"] == 300 and records[None]["steps"] == 19
     weights = {flag: load_file(path / "model.safetensors") for flag, path in paths.items()}
     key = "bert.embeddings.word_embeddings.weight"
     assert not torch.equal(weights[None][key], weights[False][key])
@@ -336,3 +339,12 @@ def test_cli_reads_the_schedule_as_json():
          '"beta": [1.0, 0.5]}']
     )  # fmt: skip
     assert args.token_pruning == {"layers": [2, 4], "keep_ratio": 0.7, "beta": [1.0, 0.5]}
+
+
+def test_cli_contrastive_is_automatic_unless_given():
+    parse = build_parser().parse_args
+    assert parse(["train", "--out", "x"]).contrastive is None
+    assert parse(["train", "--out", "x", "--contrastive"]).contrastive is True
+    assert parse(["train", "--out", "x", "--no-contrastive"]).contrastive is False
+    args = parse(["train", "--out", "x", "--contrastive-exits", "all"])
+    assert args.contrastive_exits == "all"

@@ -76,6 +76,10 @@ HEAD_PREFIXES = ("exit_heads.", "exit_pooler.", "lte.")
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
 # Training truncation length (tokens) of ``max_seq_length=None``, but for small pair data.
 TRAIN_LENGTH = 64
+# Backbone learning rate of ``lr=None``, and after the contrastive stage: fine-tuning at 1e-4
+# undid what the stage learnt (SST-2, 600 rows, on the calibration slice; RESULTS.md).
+LR = 1e-4
+LR_AFTER_CONTRASTIVE = 2e-5
 # Config fields that do not change the trained weights: a resumed run may change them.
 RESUMABLE_CHANGES = ("resume", "save_every", "device")
 
@@ -119,6 +123,8 @@ class TrainConfig:
             fewer than ``small_data`` training rows, off otherwise.
         max_train_examples: use only the first N examples of a seeded shuffle (None: all).
         lr, head_lr: AdamW learning rates of the backbone and of the exit heads (and LTE).
+            ``lr=None``: :data:`LR`, or :data:`LR_AFTER_CONTRASTIVE` after the contrastive
+            stage.
         max_seq_length: truncation length in training (tokens); inference uses
             ``eval_max_seq_length``. Both are capped at the model's position embeddings.
             None: :data:`TRAIN_LENGTH` (64), or ``eval_max_seq_length`` for sentence pairs with
@@ -155,7 +161,7 @@ class TrainConfig:
     max_auto_epochs: float = 10.0
     max_train_examples: int | None = None
     batch_size: int = 32
-    lr: float = 1e-4
+    lr: float | None = None
     head_lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
@@ -176,7 +182,7 @@ class TrainConfig:
     probe_l2: float = 0.1
     small_data: int = 2000
     contrastive: bool | None = None
-    contrastive_rounds: int = 10
+    contrastive_rounds: int = 5
     contrastive_lr: float = 2e-5
     contrastive_batch_size: int = 16
     contrastive_exits: str = "last"
@@ -236,20 +242,20 @@ def split_calibration(config: TrainConfig, data: Dataset) -> tuple[Split, Split,
 def schedule(
     config: TrainConfig, num_examples: int, pairs: bool = False, classification: bool = True
 ) -> dict:
-    """Epochs, optimizer steps, evaluation interval, training length and contrastive stage of a
-    run on ``num_examples`` rows (``pairs``: sentence pairs; ``classification``: class labels,
-    not a regression target).
+    """Epochs, optimizer steps, evaluation interval, training length, contrastive stage and
+    backbone learning rate of a run on ``num_examples`` rows (``pairs``: sentence pairs;
+    ``classification``: class labels, not a regression target).
 
     ``epochs=None`` adapts to the data: enough epochs for ``min_steps`` steps, at least one and
     at most ``max_auto_epochs``. ``eval_every=0`` evaluates every epoch when there is more than
     one, else only at the end. ``max_seq_length=None``: ``eval_max_seq_length`` for pairs below
     ``small_data`` rows, else :data:`TRAIN_LENGTH` (before the model's cap on both).
     ``contrastive=None``: the contrastive stage runs for classification below ``small_data``
-    rows.
+    rows. ``lr=None``: :data:`LR_AFTER_CONTRASTIVE` after the stage, else :data:`LR`.
 
     Returns:
         ``{"epochs", "steps_per_epoch", "total_steps", "eval_every", "max_seq_length",
-        "contrastive_steps"}`` (0 contrastive steps: the stage does not run).
+        "contrastive_steps", "lr"}`` (0 contrastive steps: the stage does not run).
 
     Raises:
         ValueError: ``contrastive=True`` on a regression task (pairs need classes).
@@ -268,6 +274,7 @@ def schedule(
     if config.contrastive and not classification:
         raise ValueError("--contrastive needs class labels; a regression task has none")
     contrastive = config.contrastive if config.contrastive is not None else classification and small
+    lr = config.lr if config.lr is not None else LR_AFTER_CONTRASTIVE if contrastive else LR
     return {
         "epochs": epochs,
         "steps_per_epoch": steps_per_epoch,
@@ -281,15 +288,18 @@ def schedule(
             if contrastive
             else 0
         ),
+        "lr": lr,
     }
 
 
-def _param_groups(model: MultiExitBert, recipe: Recipe, config: TrainConfig) -> list[dict]:
-    """AdamW groups: backbone with and without weight decay (lr), exit heads and LTE
+def _param_groups(
+    model: MultiExitBert, recipe: Recipe, config: TrainConfig, lr: float
+) -> list[dict]:
+    """AdamW groups: backbone with and without weight decay (``lr``), exit heads and LTE
     (head_lr), the recipe's own parameters (its lr, else head_lr; no weight decay)."""
     groups = [
-        {"params": [], "lr": config.lr, "weight_decay": config.weight_decay},
-        {"params": [], "lr": config.lr, "weight_decay": 0.0},
+        {"params": [], "lr": lr, "weight_decay": config.weight_decay},
+        {"params": [], "lr": lr, "weight_decay": 0.0},
         {"params": [], "lr": config.head_lr, "weight_decay": config.weight_decay},
     ]
     for name, param in model.named_parameters():
@@ -566,7 +576,7 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     encoded = encode(tokenizer, texts, pairs, max_seq_length)
 
     total_steps = plan["total_steps"]
-    optimizer = torch.optim.AdamW(_param_groups(model, recipe, config))
+    optimizer = torch.optim.AdamW(_param_groups(model, recipe, config, plan["lr"]))
     scheduler = get_linear_schedule_with_warmup(
         optimizer, round(config.warmup_ratio * total_steps), total_steps
     )
@@ -728,6 +738,8 @@ def _describe_plan(
             f"{config.contrastive_batch_size} pairs ({config.contrastive_exits} layer's "
             f"embeddings, lr {config.contrastive_lr:g}){'' if config.contrastive else why}, then "
         )
+        if config.lr is None:
+            first += f"at backbone lr {plan['lr']:g} (chosen after the contrastive stage): "
     every = f"every {plan['eval_every']} steps" if plan["eval_every"] else "at the end"
     stop = (
         f", stopping after {config.early_stopping} evaluations without a gain"
