@@ -1,5 +1,5 @@
 """Fused exit_head_step (provider "eeengine") vs the unfused torch head + policy + latch
-(provider "torch", :func:`eeengine.runtime.exit_head_step_reference`) for the policies pcee,
+(provider "torch", :func:`eeengine.exit_step.exit_head_step_reference`) for the policies pcee,
 elbert (window N = 2, monotonic) and mpee (classifier memory), with one encoder layer and the
 whole early-exit loop (both backends, full depth) for scale.
 
@@ -14,6 +14,7 @@ import torch
 from transformers import BertConfig
 
 from eeengine._custom_ops import HAS_C, LOAD_ERROR, exit_head_step
+from eeengine.exit_step import exit_head_step_reference
 from eeengine.heads import ExitHead
 from eeengine.modeling_bert import BertLayer, attention_bias
 from eeengine.modeling_multiexit import MultiExitBert
@@ -22,7 +23,7 @@ from eeengine.policies.elbert import ElbertPolicy
 from eeengine.policies.mpee import MpeePolicy
 from eeengine.policies.none import NoExitPolicy
 from eeengine.policies.pcee import PceePolicy
-from eeengine.runtime import early_exit_forward, exit_head_step_reference
+from eeengine.runtime import early_exit_forward
 
 SEQ_LEN = 64
 NUM_LAYERS = 6

@@ -30,10 +30,10 @@ import torch
 from torch import Tensor
 
 from eeengine import _custom_ops
+from eeengine.exit_step import exit_head_step_fused, exit_head_step_reference
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import ExitPolicy
 from eeengine.policies.base import State
-from eeengine.runtime import _exit_head_step_fused, exit_head_step_reference
 from eeengine.static_loop import IfNode, StaticLoop
 
 
@@ -119,7 +119,7 @@ def run_compacting_loop(
         args = (output, part_mask, layer, num_layers, part_state, part_rows)
         head = model.exit_head(layer - 1)
         if op is not None:
-            exit_mask = _exit_head_step_fused(
+            exit_mask = exit_head_step_fused(
                 op, head, policy, *args, s.out_logits, s.out_layer, model.lte
             )
         else:

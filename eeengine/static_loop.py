@@ -8,7 +8,7 @@ loop never asks. Every tensor keeps the shape of the batch it started with:
   (one extra row of every output buffer) once it has exited, so the (ignored) exits it keeps
   taking land in the sink and its latched result stays;
 - the exit step (fused op, or its plain-torch twin
-  :func:`eeengine.runtime.exit_head_step_reference`, whose latch is an ``index_copy_``) runs on
+  :func:`eeengine.exit_step.exit_head_step_reference`, whose latch is an ``index_copy_``) runs on
   all B rows at every layer;
 - token pruning (MPEE) runs on all B rows: its output width depends only on the input width
   (:func:`eeengine.token_pruning.pruned_length`), so shapes stay static;
@@ -32,9 +32,10 @@ import torch
 from torch import Tensor
 
 from eeengine import _custom_ops
+from eeengine.exit_step import exit_head_step_fused, exit_head_step_reference
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import ExitPolicy
-from eeengine.runtime import ExitOutput, _exit_head_step_fused, exit_head_step_reference
+from eeengine.runtime import ExitOutput
 from eeengine.token_pruning import TokenPruning
 
 # A context manager factory that puts the ops of a block into a conditional node on a
@@ -169,7 +170,7 @@ def run_static_loop(
             step_args = (hidden_states, attention_mask, layer, num_layers, state, rows)
             head = model.exit_head(layer - 1)
             if op is not None:
-                exit_mask = _exit_head_step_fused(
+                exit_mask = exit_head_step_fused(
                     op, head, policy, *step_args, s.out_logits, s.out_layer, model.lte
                 )
             else:

@@ -98,3 +98,24 @@ def test_unknown_exits_are_refused(tiny_bert_dir, tokenizer):
         contrastive_tune(
             model, encoded, [0, 1], 0, rounds=1, lr=1e-5, batch_size=2, exits="middle", seed=0
         )
+
+
+def test_frozen_parameters_stay(tiny_bert_dir, tokenizer):
+    model = make_tiny_model(tiny_bert_dir)
+    table = "bert.embeddings.word_embeddings.weight"
+    before = model.state_dict()[table].clone()
+    contrastive_tune(
+        model,
+        encode(tokenizer, SENTENCES, None, 64),
+        [0, 1, 0, 1, 1, 0, 0, 1],
+        tokenizer.pad_token_id,
+        rounds=2,
+        lr=1e-3,
+        batch_size=8,
+        exits="last",
+        seed=0,
+        frozen={table},
+    )
+    weights = dict(model.named_parameters())
+    assert torch.equal(weights[table], before) and weights[table].grad is None
+    assert not weights[table].requires_grad

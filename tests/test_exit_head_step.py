@@ -19,6 +19,7 @@ from transformers import BertConfig
 
 from eeengine import _custom_ops
 from eeengine._custom_ops import HAS_C, LOAD_ERROR, exit_head_step, resolve_backend
+from eeengine.exit_step import exit_head_step_reference
 from eeengine.heads import ExitHead, LteHead
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies.base import (
@@ -39,7 +40,7 @@ from eeengine.policies.normalized_entropy import NormalizedEntropyPolicy
 from eeengine.policies.patience import PatiencePolicy
 from eeengine.policies.pcee import PceePolicy
 from eeengine.policy_codes import PolicyCode
-from eeengine.runtime import early_exit_forward, exit_head_step_reference
+from eeengine.runtime import early_exit_forward
 
 requires_c = pytest.mark.skipif(not HAS_C, reason=f"C++ extension not available: {LOAD_ERROR}")
 # Whether the extension was built with CUDA kernels (asks the dispatcher; no GPU needed).

@@ -15,6 +15,7 @@ from eeengine._custom_ops import HAS_C
 from eeengine.cli import build_parser
 from eeengine.data import calibration_size, file_dataset, holdout_split
 from eeengine.evaluation import evaluate
+from eeengine.modeling_multiexit import load_backbone_weights
 from eeengine.training import TrainConfig, train
 from eeengine.training.recipes import RECIPES
 from eeengine.training.state import state_dir
@@ -83,6 +84,26 @@ def test_two_stage_freezes_the_backbone_and_final_head_in_stage_2(
         changed = not torch.equal(value, before_stage2[key])
         early_exit = key.startswith(("exit_heads.0.", "exit_heads.1.", "exit_heads.2."))
         assert changed == early_exit, key
+
+
+@pytest.mark.parametrize("backbone", BACKBONE_TYPES)
+def test_freeze_word_embeddings_keeps_the_table_and_trains_the_rest(
+    backbone, tiny_backbone_dirs, tiny_csv_task, tmp_path
+):
+    config = csv_config(tiny_backbone_dirs[backbone], tiny_csv_task, freeze_word_embeddings=True)
+    path = train(config, tmp_path / "frozen", progress=False)
+    _, before = load_backbone_weights(tiny_backbone_dirs[backbone])
+    after = load_file(path / "model.safetensors")
+    table = "embeddings.word_embeddings.weight"
+    assert torch.equal(after[f"{backbone}.{table}"], before[table])
+    trained = [key for key in before if key != table and "embeddings" not in key]
+    changed = [key for key in trained if not torch.equal(after[f"{backbone}.{key}"], before[key])]
+    assert changed, "the encoder must have trained"
+
+
+def test_optimizer_is_fused_where_supported():
+    params = [torch.nn.Parameter(torch.randn(3))]
+    assert trainer_module._adamw([{"params": params}]).defaults["fused"]
 
 
 def test_lte_checkpoint_serves_the_lte_policy(tiny_bert_dir, tiny_csv_task, tmp_path):

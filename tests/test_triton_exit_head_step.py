@@ -1,5 +1,5 @@
 """The Triton kernel of exit_head_step (eeengine.kernels.exit_head_step) against its plain-torch
-twin (eeengine.runtime.exit_head_step_reference), with the helpers of test_exit_head_step.py.
+twin (eeengine.exit_step.exit_head_step_reference), with the helpers of test_exit_head_step.py.
 
 Without a GPU the kernel runs in Triton's interpreter on CPU tensors: tests/conftest.py sets
 TRITON_INTERPRET=1 before anything imports triton (only Triton reads it). The interpreter costs

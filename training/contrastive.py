@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +108,7 @@ def contrastive_tune(
     batch_size: int,
     exits: str,
     seed: int,
+    frozen: Collection[str] = (),
     bf16: bool = False,
     max_grad_norm: float = 1.0,
     progress: bool = False,
@@ -129,6 +130,8 @@ def contrastive_tune(
         exits: "last" pairs the last layer's embeddings; "all" averages the loss over every
             layer's.
         seed: of the pairs.
+        frozen: names (as in ``model.named_parameters()``) of encoder parameters that stay as
+            they are; they are left with ``requires_grad`` False.
         bf16: run the forward pass under bf16 autocast (the loss in float32).
         progress: show a progress bar.
 
@@ -149,7 +152,12 @@ def contrastive_tune(
         [pairs[i] for i in batch]
         for batch in bucketed_batches(pair_lengths, batch_size, random.Random(seed))
     ]
-    params = list(model.backbone.parameters())
+    prefix = model.backbone_type + "."
+    params = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name not in frozen)
+        if name.startswith(prefix) and name not in frozen:
+            params.append(param)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(
         optimizer, round(WARMUP_RATIO * len(batches)), len(batches)
