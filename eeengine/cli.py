@@ -20,6 +20,7 @@ from eeengine.precision import write_calibration
 from eeengine.report import markdown, per_exit_metrics, sweep_report, write_report
 from eeengine.training import TrainConfig, train
 from eeengine.training.calibration_slice import CALIBRATION_SPLIT, calibration_slice
+from eeengine.training.contrastive import EXITS
 from eeengine.training.recipes import BASE_RECIPES, RECIPES
 
 
@@ -369,19 +370,21 @@ _CHOICES = {
     "lte_base": tuple(BASE_RECIPES),
     "layout": LAYOUTS,
     "pooling": POOLINGS,
+    "contrastive_exits": EXITS,
 }
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     """One option per :class:`TrainConfig` field but ``base_model``: ``--epochs 2``,
-    ``--text-column sentence``; a boolean is ``--regression`` / ``--no-resume``."""
+    ``--text-column sentence``; a boolean is ``--regression`` / ``--no-resume`` (an optional
+    one, ``bool | None``, stays None, automatic, unless given)."""
     defaults = TrainConfig(base_model="")
     for f in fields(TrainConfig):
         if f.name == "base_model":
             continue
         flag = f"--{f.name.replace('_', '-')}"
         default = getattr(defaults, f.name)
-        if f.type == "bool":
+        if f.type in ("bool", "bool | None"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         else:
             kind = _ARG_TYPES[f.type.split(" | ")[0]]

@@ -76,6 +76,17 @@ def test_holdout_regression_and_bad_sizes():
         (500, True, {"small_data": 400}, {"max_seq_length": 64}),
         (500, True, {"max_seq_length": 64}, {"max_seq_length": 64}),
         (65349, False, {"max_seq_length": 32}, {"max_seq_length": 32}),
+        # the contrastive stage: 2 pairs a row in each of 5 rounds, 16 pairs a step, for
+        # classification below small_data rows unless set
+        # and the backbone fine-tunes at a lower lr after it, unless lr is set
+        (500, False, {}, {"contrastive_steps": 313, "lr": 2e-5}),
+        (500, False, {"lr": 5e-5}, {"contrastive_steps": 313, "lr": 5e-5}),
+        (65349, False, {}, {"contrastive_steps": 0, "lr": 1e-4}),
+        (1999, True, {}, {"max_seq_length": 128, "contrastive_steps": 1250}),
+        (2000, False, {}, {"contrastive_steps": 0}),
+        (500, False, {"contrastive": False}, {"contrastive_steps": 0, "lr": 1e-4}),
+        (500, False, {"contrastive_rounds": 2, "small_data": 400}, {"contrastive_steps": 0}),
+        (65349, False, {"contrastive": True, "contrastive_rounds": 1}, {"contrastive_steps": 8169}),
         # explicit epochs win
         (
             500,
@@ -105,11 +116,33 @@ def test_schedule_adapts_to_the_data_size(rows, pairs, overrides, expected):
         (3301, True, {}, "32, truncated to 64 tokens; best step"),
         (500, True, {"max_seq_length": 128}, "32, truncated to 128 tokens; best step"),
         (500, False, {"probe_init": True}, "64 tokens; exit heads from a linear probe; best"),
+        (
+            500,
+            False,
+            {},
+            "(stratified); first 313 contrastive steps of 16 pairs (last layer's embeddings, "
+            "lr 2e-05) (chosen for classification, fewer than 2000 training rows), then at "
+            "backbone lr 2e-05 (chosen after the contrastive stage): 10 epoch",
+        ),
+        (
+            500,
+            False,
+            {"contrastive": True, "contrastive_exits": "all", "lr": 1e-4},
+            "(all layer's embeddings, lr 2e-05), then 10 epoch",
+        ),
+        (65349, False, {}, "(stratified); 1 epoch"),
     ],
 )
 def test_the_plan_says_what_it_chose(rows, pairs, overrides, says):
     config = TrainConfig(base_model="", **overrides)
-    assert says in _describe_plan(schedule(config, rows, pairs), rows, "x", False, config)
+    plan = schedule(config, rows, pairs)
+    assert says in _describe_plan(plan, rows, "x (stratified)", False, config)
+
+
+def test_no_contrastive_stage_for_regression():
+    assert schedule(TrainConfig(base_model=""), 500, classification=False)["contrastive_steps"] == 0
+    with pytest.raises(ValueError, match="--contrastive needs class labels"):
+        schedule(TrainConfig(base_model="", contrastive=True), 500, classification=False)
 
 
 def test_dev_plays_no_part_in_selection_or_calibration(tiny_bert_dir, tiny_csv_task, tmp_path):

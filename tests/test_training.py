@@ -141,7 +141,9 @@ def test_regression_on_a_user_file(tiny_bert_dir, tmp_path):
         save_every=0,
     )
     path = train(config, tmp_path / "reg", progress=False)
-    task = json.loads((path / "eeengine.json").read_text())["task"]
+    manifest = json.loads((path / "eeengine.json").read_text())
+    assert manifest["training"]["contrastive"] is None  # no classes to pair
+    task = manifest["task"]
     assert task == {
         "name": "train",
         "type": "regression",
@@ -163,6 +165,37 @@ def test_regression_on_a_user_file(tiny_bert_dir, tmp_path):
         assert [p.exit_layer for p in got] == [p.exit_layer for p in expected]
 
 
+def test_contrastive_stage_runs_on_small_classification_data_unless_turned_off(
+    tiny_bert_dir, tiny_csv_task, tmp_path
+):
+    """30 training rows: the stage runs by default (5 rounds of 2 pairs a row, 16 a step) and
+    the backbone then fine-tunes at 2e-5; ``contrastive=False`` trains without it, at 1e-4,
+    from other encoder weights."""
+    paths = {
+        flag: train(
+            csv_config(tiny_bert_dir, tiny_csv_task, contrastive=flag), tmp_path / str(flag), False
+        )
+        for flag in (None, False)
+    }
+    training = {
+        flag: json.loads((path / "eeengine.json").read_text())["training"]
+        for flag, path in paths.items()
+    }
+    records = {flag: record["contrastive"] for flag, record in training.items()}
+    assert training[None]["schedule"]["lr"] == 2e-5 and training[False]["schedule"]["lr"] == 1e-4
+    assert records[False] is None
+    assert records[None]["pairs"] == 300 and records[None]["steps"] == 19
+    weights = {flag: load_file(path / "model.safetensors") for flag, path in paths.items()}
+    key = "bert.embeddings.word_embeddings.weight"
+    assert not torch.equal(weights[None][key], weights[False][key])
+
+
+def test_contrastive_refused_for_regression(tiny_bert_dir, tmp_path):
+    config = TrainConfig(base_model=str(tiny_bert_dir), task="stsb", contrastive=True)
+    with pytest.raises(ValueError, match="--contrastive needs class labels"):
+        train(config, tmp_path / "reg", progress=False)
+
+
 class Interrupted(Exception):
     pass
 
@@ -182,22 +215,23 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(
     reference = train(config, tmp_path / "reference", progress=False)
 
     out = tmp_path / "resumed"
-    calls = {"n": 0}
-    real_clip = torch.nn.utils.clip_grad_norm_
+    real_step = trainer_module._Loop.train_step
 
-    def crash_at_step_5(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
+    def crash_at_step_5(loop, *args):
+        if loop.step == 4:  # after the contrastive stage, which this small task runs
             raise Interrupted
-        return real_clip(*args, **kwargs)
+        return real_step(loop, *args)
 
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash_at_step_5)
+    monkeypatch.setattr(trainer_module._Loop, "train_step", crash_at_step_5)
     with pytest.raises(Interrupted):
         train(config, out, progress=False)
     assert not out.exists() and (state_dir(out) / "state.pt").is_file()
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
+    monkeypatch.setattr(trainer_module._Loop, "train_step", real_step)
+    ran = []
+    monkeypatch.setattr(trainer_module, "contrastive_tune", lambda *a, **k: ran.append(1))
 
     resumed = train(config, out, progress=False)
+    assert not ran  # the resumed run starts from the saved weights, after the stage
     assert not state_dir(out).exists()
     expected, actual = (
         load_file(reference / "model.safetensors"),
@@ -209,7 +243,8 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(
     training = [
         json.loads((p / "eeengine.json").read_text())["training"] for p in (reference, resumed)
     ]
-    for field in ("dev_exit_metrics", "best_step", "recipe_learned"):
+    assert training[0]["contrastive"]["steps"] > 0
+    for field in ("dev_exit_metrics", "best_step", "recipe_learned", "contrastive"):
         assert training[0][field] == training[1][field]
 
 
@@ -325,3 +360,12 @@ def test_cli_reads_the_schedule_as_json():
          '"beta": [1.0, 0.5]}']
     )  # fmt: skip
     assert args.token_pruning == {"layers": [2, 4], "keep_ratio": 0.7, "beta": [1.0, 0.5]}
+
+
+def test_cli_contrastive_is_automatic_unless_given():
+    parse = build_parser().parse_args
+    assert parse(["train", "--out", "x"]).contrastive is None
+    assert parse(["train", "--out", "x", "--contrastive"]).contrastive is True
+    assert parse(["train", "--out", "x", "--no-contrastive"]).contrastive is False
+    args = parse(["train", "--out", "x", "--contrastive-exits", "all"])
+    assert args.contrastive_exits == "all"

@@ -24,8 +24,11 @@ to ``calibration-int8.json``, so ``Engine(ckpt, precision="int8")`` picks its ow
 ``eeengine.json`` records whether it was written (``training.int8_calibration``). Small data
 sets get more epochs (at least ``min_steps`` optimizer steps, up to ``max_auto_epochs``), and
 sentence pairs below ``small_data`` training rows train at the inference length instead of 64
-tokens; the run says what it chose. ``probe_init`` starts the exit heads as linear probes of the
-frozen backbone (LP-FT, :mod:`eeengine.training.probe_init`).
+tokens; the run says what it chose. Classification below ``small_data`` rows first tunes the
+encoder contrastively on pairs of rows (SetFit's first stage,
+:mod:`eeengine.training.contrastive`); it runs before the resumable loop (a resumed run starts
+from the saved weights, after it). ``probe_init`` starts the exit heads as linear probes of the
+backbone (LP-FT, :mod:`eeengine.training.probe_init`).
 The checkpoint is written atomically, so a failed run never damages an existing one.
 """
 
@@ -44,7 +47,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from eeengine.batching import Encoded, collate, encode
+from eeengine.batching import Encoded, bucketed_batches, collate, encode
 from eeengine.calibration import OperatingPoint, TradeOff, measure_trade_off
 from eeengine.checkpoint import save_checkpoint
 from eeengine.data import (
@@ -63,6 +66,7 @@ from eeengine.modeling_multiexit import MultiExitBert, load_backbone_weights
 from eeengine.policies import run_policy
 from eeengine.precision import calibration_file
 from eeengine.token_pruning import TokenPruning
+from eeengine.training.contrastive import contrastive_steps, contrastive_tune
 from eeengine.training.probe_init import probe_init
 from eeengine.training.recipes import Recipe, make_recipe
 from eeengine.training.state import load_state, remove_state, save_state
@@ -72,6 +76,10 @@ HEAD_PREFIXES = ("exit_heads.", "exit_pooler.", "lte.")
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
 # Training truncation length (tokens) of ``max_seq_length=None``, but for small pair data.
 TRAIN_LENGTH = 64
+# Backbone learning rate of ``lr=None``, and after the contrastive stage: fine-tuning at 1e-4
+# undid what the stage learnt (SST-2, 600 rows, on the calibration slice; RESULTS.md).
+LR = 1e-4
+LR_AFTER_CONTRASTIVE = 2e-5
 # Config fields that do not change the trained weights: a resumed run may change them.
 RESUMABLE_CHANGES = ("resume", "save_every", "device")
 
@@ -101,16 +109,28 @@ class TrainConfig:
             better mean metric over the exits (0: never stop early).
         probe_init: before fine-tuning, set every exit head's classifier to an L2-regularised
             linear probe (penalty ``probe_l2``) of its layer's frozen features on the training
-            rows (LP-FT, :mod:`eeengine.training.probe_init`). Off by default: on 600 rows it
-            gave SST-2 80.05 % on dev instead of 79.13 but MRPC 61.03 instead of 65.44.
+            rows (LP-FT, :mod:`eeengine.training.probe_init`), after the contrastive stage if
+            it runs. Off by default: on 600 rows, without the stage, it gave SST-2 80.05 % on
+            dev instead of 79.13 but MRPC 61.03 instead of 65.44; after a 10-round stage (then lr
+            1e-4), SST-2 77.52.
         freeze_word_embeddings: keep the word-embedding table (MiniLM: 11.7M of 22.7M
             parameters) at its pre-trained values. Off by default; the default checkpoint
             turns it on (:func:`eeengine.defaults.default_config`): the table gets no gradient
             and no AdamW update, which made a step on SST-2 batches 1.15x faster.
         small_data: the training-row count (after the calibration hold-out) below which
-            ``max_seq_length=None`` trains sentence pairs at ``eval_max_seq_length``.
+            ``max_seq_length=None`` trains sentence pairs at ``eval_max_seq_length`` and
+            ``contrastive=None`` runs the contrastive stage.
+        contrastive: before fine-tuning, train the encoder on pairs of training rows, the
+            cosine similarity of their mean-pooled embeddings towards 1 for the same class and
+            0 for different ones (SetFit's first stage, :mod:`eeengine.training.contrastive`):
+            ``contrastive_rounds`` rounds of two pairs per row, ``contrastive_batch_size``
+            pairs a step, peak lr ``contrastive_lr``, on the last layer's embeddings or
+            (``contrastive_exits="all"``) every layer's. None: on for classification with
+            fewer than ``small_data`` training rows, off otherwise.
         max_train_examples: use only the first N examples of a seeded shuffle (None: all).
         lr, head_lr: AdamW learning rates of the backbone and of the exit heads (and LTE).
+            ``lr=None``: :data:`LR`, or :data:`LR_AFTER_CONTRASTIVE` after the contrastive
+            stage.
         max_seq_length: truncation length in training (tokens); inference uses
             ``eval_max_seq_length``. Both are capped at the model's position embeddings.
             None: :data:`TRAIN_LENGTH` (64), or ``eval_max_seq_length`` for sentence pairs with
@@ -147,7 +167,7 @@ class TrainConfig:
     max_auto_epochs: float = 10.0
     max_train_examples: int | None = None
     batch_size: int = 32
-    lr: float = 1e-4
+    lr: float | None = None
     head_lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
@@ -168,6 +188,11 @@ class TrainConfig:
     probe_l2: float = 0.1
     freeze_word_embeddings: bool = False
     small_data: int = 2000
+    contrastive: bool | None = None
+    contrastive_rounds: int = 5
+    contrastive_lr: float = 2e-5
+    contrastive_batch_size: int = 16
+    contrastive_exits: str = "last"
 
 
 def load_dataset(config: TrainConfig) -> Dataset:
@@ -221,17 +246,26 @@ def split_calibration(config: TrainConfig, data: Dataset) -> tuple[Split, Split,
     return train, calib, f"{size} training rows held out ({how}seed {config.seed})"
 
 
-def schedule(config: TrainConfig, num_examples: int, pairs: bool = False) -> dict:
-    """Epochs, optimizer steps, evaluation interval and training length of a run on
-    ``num_examples`` rows (``pairs``: sentence pairs).
+def schedule(
+    config: TrainConfig, num_examples: int, pairs: bool = False, classification: bool = True
+) -> dict:
+    """Epochs, optimizer steps, evaluation interval, training length, contrastive stage and
+    backbone learning rate of a run on ``num_examples`` rows (``pairs``: sentence pairs;
+    ``classification``: class labels, not a regression target).
 
     ``epochs=None`` adapts to the data: enough epochs for ``min_steps`` steps, at least one and
     at most ``max_auto_epochs``. ``eval_every=0`` evaluates every epoch when there is more than
     one, else only at the end. ``max_seq_length=None``: ``eval_max_seq_length`` for pairs below
     ``small_data`` rows, else :data:`TRAIN_LENGTH` (before the model's cap on both).
+    ``contrastive=None``: the contrastive stage runs for classification below ``small_data``
+    rows. ``lr=None``: :data:`LR_AFTER_CONTRASTIVE` after the stage, else :data:`LR`.
 
     Returns:
-        ``{"epochs", "steps_per_epoch", "total_steps", "eval_every", "max_seq_length"}``.
+        ``{"epochs", "steps_per_epoch", "total_steps", "eval_every", "max_seq_length",
+        "contrastive_steps", "lr"}`` (0 contrastive steps: the stage does not run).
+
+    Raises:
+        ValueError: ``contrastive=True`` on a regression task (pairs need classes).
     """
     steps_per_epoch = math.ceil(num_examples / config.batch_size)
     epochs = config.epochs
@@ -240,30 +274,29 @@ def schedule(config: TrainConfig, num_examples: int, pairs: bool = False) -> dic
         epochs = float(max(1, min(config.max_auto_epochs, wanted)))
     total_steps = max(1, round(epochs * steps_per_epoch))
     eval_every = config.eval_every or (steps_per_epoch if total_steps > steps_per_epoch else 0)
+    small = num_examples < config.small_data
     length = config.max_seq_length
     if length is None:
-        small_pairs = pairs and num_examples < config.small_data
-        length = config.eval_max_seq_length if small_pairs else TRAIN_LENGTH
+        length = config.eval_max_seq_length if pairs and small else TRAIN_LENGTH
+    if config.contrastive and not classification:
+        raise ValueError("--contrastive needs class labels; a regression task has none")
+    contrastive = config.contrastive if config.contrastive is not None else classification and small
+    lr = config.lr if config.lr is not None else LR_AFTER_CONTRASTIVE if contrastive else LR
     return {
         "epochs": epochs,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
         "eval_every": eval_every,
         "max_seq_length": length,
+        "contrastive_steps": (
+            contrastive_steps(
+                num_examples, config.contrastive_rounds, config.contrastive_batch_size
+            )
+            if contrastive
+            else 0
+        ),
+        "lr": lr,
     }
-
-
-def _batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """Shuffle, sort by length inside pools of 50 batches, then shuffle the batch order."""
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    pool = 50 * batch_size
-    batches = []
-    for start in range(0, len(order), pool):
-        chunk = sorted(order[start : start + pool], key=lengths.__getitem__)
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
 
 
 def frozen_parameters(model: MultiExitBert, config: TrainConfig) -> set[str]:
@@ -275,13 +308,15 @@ def frozen_parameters(model: MultiExitBert, config: TrainConfig) -> set[str]:
     return {name for name, param in model.named_parameters() if param is table}
 
 
-def _param_groups(model: MultiExitBert, recipe: Recipe, config: TrainConfig) -> list[dict]:
-    """AdamW groups: backbone with and without weight decay (lr), exit heads and LTE
+def _param_groups(
+    model: MultiExitBert, recipe: Recipe, config: TrainConfig, lr: float
+) -> list[dict]:
+    """AdamW groups: backbone with and without weight decay (``lr``), exit heads and LTE
     (head_lr), the recipe's own parameters (its lr, else head_lr; no weight decay); frozen
     parameters (:func:`frozen_parameters`) in none."""
     groups = [
-        {"params": [], "lr": config.lr, "weight_decay": config.weight_decay},
-        {"params": [], "lr": config.lr, "weight_decay": 0.0},
+        {"params": [], "lr": lr, "weight_decay": config.weight_decay},
+        {"params": [], "lr": lr, "weight_decay": 0.0},
         {"params": [], "lr": config.head_lr, "weight_decay": config.weight_decay},
     ]
     frozen = frozen_parameters(model, config)
@@ -402,7 +437,7 @@ class _Loop:
     def next_batch(self, encoded: Encoded) -> list[int]:
         """The next batch's indices; a new epoch's batch order when the last one is used up."""
         if self.position == len(self.batches):
-            self.batches = _batches(encoded.lengths, self.config.batch_size, self.rng)
+            self.batches = bucketed_batches(encoded.lengths, self.config.batch_size, self.rng)
             self.position = 0
         self.position += 1
         return self.batches[self.position - 1]
@@ -568,23 +603,44 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     texts = [train_split.texts[i] for i in order]
     pairs = [train_split.text_pairs[i] for i in order] if train_split.text_pairs else None
     labels = torch.tensor([train_split.labels[i] for i in order])
-    plan = schedule(config, len(texts), pairs is not None)
+    plan = schedule(config, len(texts), pairs is not None, data.label_names is not None)
     max_seq_length = min(plan["max_seq_length"], model.backbone.max_positions)
     encoded = encode(tokenizer, texts, pairs, max_seq_length)
 
     total_steps = plan["total_steps"]
-    optimizer = _adamw(_param_groups(model, recipe, config))
+    optimizer = _adamw(_param_groups(model, recipe, config, plan["lr"]))
     scheduler = get_linear_schedule_with_warmup(
         optimizer, round(config.warmup_ratio * total_steps), total_steps
     )
     loop = _Loop(config, model, recipe, optimizer, scheduler, rng, total_steps, token_pruning)
-    saved = load_state(out, asdict(config), RESUMABLE_CHANGES) if config.resume else None
-    if saved is not None:
-        loop.restore(saved)
-    elif config.probe_init:
-        probe_init(model, encoded, labels, tokenizer.pad_token_id, config.probe_l2, token_pruning)
     if progress:
         print(_describe_plan(plan, len(texts), calib_source, loop.bf16, config), file=sys.stderr)
+    saved = load_state(out, asdict(config), RESUMABLE_CHANGES) if config.resume else None
+    contrastive = None  # what the contrastive stage did (it is not resumed inside)
+    if saved is not None:
+        loop.restore(saved)
+        contrastive = saved["contrastive"]
+    else:
+        if plan["contrastive_steps"]:
+            contrastive = contrastive_tune(
+                model,
+                encoded,
+                labels.tolist(),
+                tokenizer.pad_token_id,
+                rounds=config.contrastive_rounds,
+                lr=config.contrastive_lr,
+                batch_size=config.contrastive_batch_size,
+                exits=config.contrastive_exits,
+                seed=config.seed,
+                frozen=loop.frozen,
+                bf16=loop.bf16,
+                max_grad_norm=config.max_grad_norm,
+                progress=progress,
+            )
+        if config.probe_init:
+            probe_init(
+                model, encoded, labels, tokenizer.pad_token_id, config.probe_l2, token_pruning
+            )
 
     def evaluate(step: int) -> _Evaluation:
         return _evaluate(
@@ -616,7 +672,8 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
                     stopped_early = True
                     break
             if config.save_every and loop.step % config.save_every == 0:
-                save_state(out, {"config": asdict(config), **loop.state()})
+                state = {"config": asdict(config), "contrastive": contrastive, **loop.state()}
+                save_state(out, state)
     bar.close()
 
     best = loop.best if stopped_early else loop.offer(evaluate(loop.step))
@@ -658,6 +715,7 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
         "schedule": {**plan, "stopped_early": stopped_early},
         "best_step": best.step,
         "train_examples": len(texts),
+        "contrastive": contrastive,
         "calibration_data": {"source": calib_source, "examples": len(calib.texts)},
         "mixed_precision": "bf16" if loop.bf16 else None,
         "seconds": round(time.time() - started, 1),
@@ -705,6 +763,16 @@ def _describe_plan(
     if config.max_seq_length is None and plan["max_seq_length"] != TRAIN_LENGTH:
         length += f" (chosen for sentence pairs, fewer than {config.small_data} training rows)"
     heads = "; exit heads from a linear probe" if config.probe_init else ""
+    first = ""
+    if plan["contrastive_steps"]:
+        why = f" (chosen for classification, fewer than {config.small_data} training rows)"
+        first = (
+            f"first {plan['contrastive_steps']} contrastive steps of "
+            f"{config.contrastive_batch_size} pairs ({config.contrastive_exits} layer's "
+            f"embeddings, lr {config.contrastive_lr:g}){'' if config.contrastive else why}, then "
+        )
+        if config.lr is None:
+            first += f"at backbone lr {plan['lr']:g} (chosen after the contrastive stage): "
     every = f"every {plan['eval_every']} steps" if plan["eval_every"] else "at the end"
     stop = (
         f", stopping after {config.early_stopping} evaluations without a gain"
@@ -713,7 +781,7 @@ def _describe_plan(
     )
     return (
         f"eeengine train: {num_examples} training rows, calibration on {calib_source}; "
-        f"{plan['epochs']:g} epoch(s){chosen}, {plan['total_steps']} steps of "
+        f"{first}{plan['epochs']:g} epoch(s){chosen}, {plan['total_steps']} steps of "
         f"{config.batch_size}, {length}{heads}; best step by the calibration slice, "
         f"evaluated {every}{stop}; "
         f"{'bf16 autocast' if bf16 else 'fp32'}"
