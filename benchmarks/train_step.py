@@ -21,19 +21,12 @@ from dataclasses import replace
 import torch
 from transformers import AutoTokenizer
 
-from eeengine.batching import collate, encode
+from eeengine.batching import bucketed_batches, collate, encode
 from eeengine.defaults import default_config
 from eeengine.modeling_multiexit import MultiExitBert, load_backbone_weights
+from eeengine.training.loop import adamw, frozen_parameters, param_groups, uses_bf16
 from eeengine.training.recipes import make_recipe
-from eeengine.training.trainer import (
-    TrainConfig,
-    _adamw,
-    _batches,
-    _param_groups,
-    _uses_bf16,
-    frozen_parameters,
-    load_dataset,
-)
+from eeengine.training.trainer import TrainConfig, load_dataset
 
 ROWS, WARMUP_ROWS, MEASURED_ROWS = 4000, 320, 2560
 
@@ -52,18 +45,18 @@ def time_steps(config: TrainConfig, fused: bool) -> dict[str, float]:
     frozen = frozen_parameters(model, config)
     for name, param in model.named_parameters():
         param.requires_grad_(name not in frozen)
-    groups = _param_groups(model, recipe, config)
-    optimizer = _adamw(groups) if fused else torch.optim.AdamW(groups)
+    groups = param_groups(model, recipe, config, config.lr)  # default_config sets lr
+    optimizer = adamw(groups) if fused else torch.optim.AdamW(groups)
     rng = random.Random(config.seed)
     order = list(range(len(data.train.texts)))
     rng.shuffle(order)
     order = order[:ROWS]
     encoded = encode(tokenizer, [data.train.texts[i] for i in order], None, 64)
     labels = torch.tensor([data.train.labels[i] for i in order])
-    batches = _batches(encoded.lengths, config.batch_size, rng)
+    batches = bucketed_batches(encoded.lengths, config.batch_size, rng)
     warmup = WARMUP_ROWS // config.batch_size
     batches = batches[: warmup + MEASURED_ROWS // config.batch_size]
-    bf16 = _uses_bf16(torch.device("cpu"), config.mixed_precision)
+    bf16 = uses_bf16(torch.device("cpu"), config.mixed_precision)
     forward_backward = update = 0.0
     for step, indices in enumerate(batches):
         batch = collate(encoded, indices, tokenizer.pad_token_id, torch.device("cpu"))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import eeengine.training.loop as loop_module
 import eeengine.training.trainer as trainer_module
 from eeengine import Engine
 from eeengine._custom_ops import HAS_C
@@ -58,7 +59,7 @@ def test_recipe_settings_are_recorded(tiny_bert_dir, tiny_csv_task, tmp_path):
     path = train(csv_config(tiny_bert_dir, tiny_csv_task, recipe="elbert"), tmp_path / "e", False)
     training = json.loads((path / "eeengine.json").read_text())["training"]
     assert training["recipe_params"] == {"init": 4.0, "lr": 1e-2}
-    native_bf16 = trainer_module._cpu_has_amx_bf16()
+    native_bf16 = loop_module.cpu_has_amx_bf16()
     assert training["mixed_precision"] == ("bf16" if native_bf16 else None)
     weights = training["recipe_learned"]["loss_weights"]
     assert len(weights) == 4 and sum(weights) == pytest.approx(4.0, abs=1e-4)
@@ -70,13 +71,13 @@ def test_two_stage_freezes_the_backbone_and_final_head_in_stage_2(
     tiny_bert_dir, tiny_csv_task, tmp_path, monkeypatch
 ):
     snapshots = {}
-    real_step = trainer_module._Loop.train_step
+    real_step = loop_module.TrainLoop.train_step
 
     def spy(loop, batch, labels):
         snapshots[loop.step] = {k: v.clone() for k, v in loop.model.state_dict().items()}
         return real_step(loop, batch, labels)
 
-    monkeypatch.setattr(trainer_module._Loop, "train_step", spy)
+    monkeypatch.setattr(loop_module.TrainLoop, "train_step", spy)
     config = csv_config(tiny_bert_dir, tiny_csv_task, recipe="two_stage", epochs=3.0)
     train(config, tmp_path / "two", progress=False)
     before_stage2, last = snapshots[3], snapshots[5]  # 6 steps: stage 2 is steps 3-5
@@ -103,7 +104,7 @@ def test_freeze_word_embeddings_keeps_the_table_and_trains_the_rest(
 
 def test_optimizer_is_fused_where_supported():
     params = [torch.nn.Parameter(torch.randn(3))]
-    assert trainer_module._adamw([{"params": params}]).defaults["fused"]
+    assert loop_module.adamw([{"params": params}]).defaults["fused"]
 
 
 def test_lte_checkpoint_serves_the_lte_policy(tiny_bert_dir, tiny_csv_task, tmp_path):
@@ -215,18 +216,18 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(
     reference = train(config, tmp_path / "reference", progress=False)
 
     out = tmp_path / "resumed"
-    real_step = trainer_module._Loop.train_step
+    real_step = loop_module.TrainLoop.train_step
 
     def crash_at_step_5(loop, *args):
         if loop.step == 4:  # after the contrastive stage, which this small task runs
             raise Interrupted
         return real_step(loop, *args)
 
-    monkeypatch.setattr(trainer_module._Loop, "train_step", crash_at_step_5)
+    monkeypatch.setattr(loop_module.TrainLoop, "train_step", crash_at_step_5)
     with pytest.raises(Interrupted):
         train(config, out, progress=False)
     assert not out.exists() and (state_dir(out) / "state.pt").is_file()
-    monkeypatch.setattr(trainer_module._Loop, "train_step", real_step)
+    monkeypatch.setattr(loop_module.TrainLoop, "train_step", real_step)
     ran = []
     monkeypatch.setattr(trainer_module, "contrastive_tune", lambda *a, **k: ran.append(1))
 
@@ -273,15 +274,15 @@ def test_best_evaluation_is_kept_and_training_stops_early(
     def fake_metrics(logits, labels, metric):
         return next(scores)
 
-    monkeypatch.setattr(trainer_module, "exit_metrics", fake_metrics)
+    monkeypatch.setattr(loop_module, "exit_metrics", fake_metrics)
     weights = {}
-    real_offer = trainer_module._Loop.offer
+    real_offer = loop_module.TrainLoop.offer
 
     def spy(loop, evaluation):
         weights[evaluation.step] = {k: v.clone() for k, v in loop.model.state_dict().items()}
         return real_offer(loop, evaluation)
 
-    monkeypatch.setattr(trainer_module._Loop, "offer", spy)
+    monkeypatch.setattr(loop_module.TrainLoop, "offer", spy)
     config = csv_config(tiny_bert_dir, tiny_csv_task, epochs=3.0, eval_every=1)
     path = train(config, tmp_path / "best", progress=False)
     training = json.loads((path / "eeengine.json").read_text())["training"]

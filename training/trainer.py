@@ -45,9 +45,9 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-from eeengine.batching import Encoded, bucketed_batches, collate, encode
+from eeengine.batching import collate, encode
 from eeengine.calibration import OperatingPoint, TradeOff, measure_trade_off
 from eeengine.checkpoint import save_checkpoint
 from eeengine.data import (
@@ -59,7 +59,7 @@ from eeengine.data import (
     glue_dataset,
     holdout_split,
 )
-from eeengine.evaluation import all_exit_outputs, exit_metrics, predictions_of
+from eeengine.evaluation import predictions_of
 from eeengine.executors import make_executor, precision_unavailable
 from eeengine.metrics import METRICS
 from eeengine.modeling_multiexit import MultiExitBert, load_backbone_weights
@@ -67,13 +67,18 @@ from eeengine.policies import run_policy
 from eeengine.precision import calibration_file
 from eeengine.token_pruning import TokenPruning
 from eeengine.training.contrastive import contrastive_steps, contrastive_tune
+from eeengine.training.loop import (
+    Evaluation,
+    TrainLoop,
+    adamw,
+    evaluate_exits,
+    param_groups,
+)
 from eeengine.training.probe_init import probe_init
 from eeengine.training.recipes import Recipe, make_recipe
 from eeengine.training.state import load_state, remove_state, save_state
 
 # Parameters trained at head_lr (everything else but the recipe's own is the backbone).
-HEAD_PREFIXES = ("exit_heads.", "exit_pooler.", "lte.")
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
 # Training truncation length (tokens) of ``max_seq_length=None``, but for small pair data.
 TRAIN_LENGTH = 64
 # Backbone learning rate of ``lr=None``, and after the contrastive stage: fine-tuning at 1e-4
@@ -299,212 +304,6 @@ def schedule(
     }
 
 
-def frozen_parameters(model: MultiExitBert, config: TrainConfig) -> set[str]:
-    """Names of the parameters no stage trains: the word embeddings with
-    ``freeze_word_embeddings``, else none."""
-    if not config.freeze_word_embeddings:
-        return set()
-    table = model.backbone.embeddings.word_embeddings.weight
-    return {name for name, param in model.named_parameters() if param is table}
-
-
-def _param_groups(
-    model: MultiExitBert, recipe: Recipe, config: TrainConfig, lr: float
-) -> list[dict]:
-    """AdamW groups: backbone with and without weight decay (``lr``), exit heads and LTE
-    (head_lr), the recipe's own parameters (its lr, else head_lr; no weight decay); frozen
-    parameters (:func:`frozen_parameters`) in none."""
-    groups = [
-        {"params": [], "lr": lr, "weight_decay": config.weight_decay},
-        {"params": [], "lr": lr, "weight_decay": 0.0},
-        {"params": [], "lr": config.head_lr, "weight_decay": config.weight_decay},
-    ]
-    frozen = frozen_parameters(model, config)
-    for name, param in model.named_parameters():
-        if name in frozen:
-            continue
-        group = 2 if name.startswith(HEAD_PREFIXES) else int(name.endswith(NO_DECAY))
-        groups[group]["params"].append(param)
-    own = list(recipe.parameters())
-    if own:
-        groups.append({"params": own, "lr": recipe.lr or config.head_lr, "weight_decay": 0.0})
-    return groups
-
-
-def _adamw(groups: list[dict]) -> torch.optim.AdamW:
-    """AdamW with torch's fused implementation (one kernel over all parameters; the default
-    per-parameter loop took 44 % of a MiniLM step on SST-2 batches on 2 CPU cores, fused
-    22 %: ``benchmarks/train_step.py``), the per-parameter loop where fusing is not
-    supported."""
-    try:
-        return torch.optim.AdamW(groups, fused=True)
-    except RuntimeError:
-        return torch.optim.AdamW(groups)
-
-
-def _uses_bf16(device: torch.device, mixed_precision: bool) -> bool:
-    """bf16 autocast runs on a CUDA device that supports it and on CPUs with AMX (AMX-BF16
-    tiles). Not on AVX-512 BF16 alone: there a MiniLM training step (batch 32, 48 tokens, one
-    thread) measured 0.69x the speed of fp32 here, so those CPUs train in fp32."""
-    if not mixed_precision:
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return _cpu_has_amx_bf16()
-
-
-def _cpu_has_amx_bf16() -> bool:
-    """Whether /proc/cpuinfo lists AMX-BF16 (False where it cannot be read)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags.split()
-
-
-@dataclass
-class _Evaluation:
-    step: int
-    per_exit: list[float]
-    logits: torch.Tensor
-    signals: dict[str, torch.Tensor]
-
-    @property
-    def score(self) -> float:
-        """Mean dev metric over the exits: every exit matters to the early-exit trade-off."""
-        return sum(self.per_exit) / len(self.per_exit)
-
-
-def _evaluate(
-    model: MultiExitBert,
-    tokenizer: PreTrainedTokenizerBase,
-    split: Split,
-    metric: str,
-    max_length: int,
-    step: int,
-    progress: bool,
-    token_pruning: TokenPruning | None,
-) -> _Evaluation:
-    """Every exit on ``split`` (logits, signals and the metric per exit); leaves the model
-    training."""
-    logits, signals = all_exit_outputs(
-        model,
-        tokenizer,
-        split.texts,
-        split.text_pairs,
-        max_length,
-        progress=progress,
-        token_pruning=token_pruning,
-    )
-    model.train()
-    return _Evaluation(step, exit_metrics(logits, split.labels, metric), logits, signals)
-
-
-def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
-class _Loop:
-    """The optimizer steps of a run and everything a resumed run must get back exactly."""
-
-    def __init__(
-        self,
-        config: TrainConfig,
-        model: MultiExitBert,
-        recipe: Recipe,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-        rng: random.Random,
-        total_steps: int,
-        token_pruning: TokenPruning | None,
-    ) -> None:
-        self.config, self.model, self.recipe = config, model, recipe
-        self.token_pruning = token_pruning
-        self.optimizer, self.scheduler, self.rng = optimizer, scheduler, rng
-        self.total_steps = total_steps
-        self.step = 0
-        self.batches: list[list[int]] = []
-        self.position = 0
-        self.stage: int | None = None
-        self.best: _Evaluation | None = None
-        self.stale = 0  # evaluations since the best one
-        self.best_model: dict | None = None
-        self.best_recipe: dict | None = None
-        self.device = next(model.parameters()).device
-        self.bf16 = _uses_bf16(self.device, config.mixed_precision)
-        self.frozen = frozen_parameters(model, config)
-
-    def next_batch(self, encoded: Encoded) -> list[int]:
-        """The next batch's indices; a new epoch's batch order when the last one is used up."""
-        if self.position == len(self.batches):
-            self.batches = bucketed_batches(encoded.lengths, self.config.batch_size, self.rng)
-            self.position = 0
-        self.position += 1
-        return self.batches[self.position - 1]
-
-    def train_step(self, batch: tuple[torch.Tensor, ...], labels: torch.Tensor) -> float:
-        """One optimizer step of the recipe's loss; returns the loss."""
-        stage = self.recipe.stage(self.step, self.total_steps)
-        if stage != self.stage:
-            for name, param in self.model.named_parameters():
-                param.requires_grad_(name not in self.frozen and self.recipe.trains(name, stage))
-            self.stage = stage
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
-        with autocast:
-            all_logits, signals = self.model.exits(*batch, self.token_pruning)
-        loss = self.recipe.loss(self.step, stage, all_logits.float(), labels, signals)
-        loss.backward()
-        params = [*self.model.parameters(), *self.recipe.parameters()]
-        torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return loss.item()
-
-    def offer(self, evaluation: _Evaluation) -> _Evaluation:
-        """Keep ``evaluation`` and the current weights if they beat the best so far; return
-        the best. Ties go to the later step."""
-        if self.best is None or evaluation.score >= self.best.score:
-            self.best, self.stale = evaluation, 0
-            self.best_model, self.best_recipe = _cpu_state(self.model), _cpu_state(self.recipe)
-        else:
-            self.stale += 1
-        return self.best
-
-    def state(self) -> dict:
-        """What :meth:`restore` needs to continue exactly from this step."""
-        return {
-            "step": self.step,
-            "batches": self.batches,
-            "position": self.position,
-            "rng": self.rng.getstate(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "model": self.model.state_dict(),
-            "recipe": self.recipe.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "best": self.best,
-            "stale": self.stale,
-            "best_model": self.best_model,
-            "best_recipe": self.best_recipe,
-        }
-
-    def restore(self, state: dict) -> None:
-        self.step, self.batches, self.position = state["step"], state["batches"], state["position"]
-        self.rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.model.load_state_dict(state["model"])
-        self.recipe.load_state_dict(state["recipe"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.best, self.stale = state["best"], state["stale"]
-        self.best_model, self.best_recipe = state["best_model"], state["best_recipe"]
-
-
 def _manifest(
     config: TrainConfig,
     data: Dataset,
@@ -543,7 +342,7 @@ def _manifest(
 
 
 def _policy_report(
-    point: OperatingPoint | None, evaluation: _Evaluation, labels: list, metric: str
+    point: OperatingPoint | None, evaluation: Evaluation, labels: list, metric: str
 ) -> dict:
     """The default policy on one split (run exactly as the engine runs it, on the logits of
     every exit): its metric, full depth's, the drop and the average exit layer."""
@@ -608,11 +407,11 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     encoded = encode(tokenizer, texts, pairs, max_seq_length)
 
     total_steps = plan["total_steps"]
-    optimizer = _adamw(_param_groups(model, recipe, config, plan["lr"]))
+    optimizer = adamw(param_groups(model, recipe, config, plan["lr"]))
     scheduler = get_linear_schedule_with_warmup(
         optimizer, round(config.warmup_ratio * total_steps), total_steps
     )
-    loop = _Loop(config, model, recipe, optimizer, scheduler, rng, total_steps, token_pruning)
+    loop = TrainLoop(config, model, recipe, optimizer, scheduler, rng, total_steps, token_pruning)
     if progress:
         print(_describe_plan(plan, len(texts), calib_source, loop.bf16, config), file=sys.stderr)
     saved = load_state(out, asdict(config), RESUMABLE_CHANGES) if config.resume else None
@@ -642,8 +441,8 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
                 model, encoded, labels, tokenizer.pad_token_id, config.probe_l2, token_pruning
             )
 
-    def evaluate(step: int) -> _Evaluation:
-        return _evaluate(
+    def evaluate(step: int) -> Evaluation:
+        return evaluate_exits(
             model, tokenizer, calib, data.metric, eval_max_seq_length, step, progress, token_pruning
         )
 
@@ -699,7 +498,7 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
         point: OperatingPoint | None = trade_off.select(max_drop=config.max_drop)
     except ValueError:
         point = None
-    dev = _evaluate(
+    dev = evaluate_exits(
         model,
         tokenizer,
         data.dev,

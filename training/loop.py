@@ -1,0 +1,234 @@
+"""The optimizer loop of :func:`eeengine.training.train`: which parameters train and with what
+learning rate (AdamW groups, frozen parameters, fused AdamW), bf16 autocast where it is faster,
+the evaluation of every exit on a split, and :class:`TrainLoop`, the steps of a run with the
+state a resumed run needs to continue exactly.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from eeengine.batching import Encoded, bucketed_batches
+from eeengine.data import Split
+from eeengine.evaluation import all_exit_outputs, exit_metrics
+from eeengine.modeling_multiexit import MultiExitBert
+from eeengine.token_pruning import TokenPruning
+from eeengine.training.recipes import Recipe
+
+if TYPE_CHECKING:
+    from eeengine.training.trainer import TrainConfig
+
+HEAD_PREFIXES = ("exit_heads.", "exit_pooler.", "lte.")
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
+
+
+def frozen_parameters(model: MultiExitBert, config: TrainConfig) -> set[str]:
+    """Names of the parameters no stage trains: the word embeddings with
+    ``freeze_word_embeddings``, else none."""
+    if not config.freeze_word_embeddings:
+        return set()
+    table = model.backbone.embeddings.word_embeddings.weight
+    return {name for name, param in model.named_parameters() if param is table}
+
+
+def param_groups(
+    model: MultiExitBert, recipe: Recipe, config: TrainConfig, lr: float
+) -> list[dict]:
+    """AdamW groups: backbone with and without weight decay (``lr``), exit heads and LTE
+    (head_lr), the recipe's own parameters (its lr, else head_lr; no weight decay); frozen
+    parameters (:func:`frozen_parameters`) in none."""
+    groups = [
+        {"params": [], "lr": lr, "weight_decay": config.weight_decay},
+        {"params": [], "lr": lr, "weight_decay": 0.0},
+        {"params": [], "lr": config.head_lr, "weight_decay": config.weight_decay},
+    ]
+    frozen = frozen_parameters(model, config)
+    for name, param in model.named_parameters():
+        if name in frozen:
+            continue
+        group = 2 if name.startswith(HEAD_PREFIXES) else int(name.endswith(NO_DECAY))
+        groups[group]["params"].append(param)
+    own = list(recipe.parameters())
+    if own:
+        groups.append({"params": own, "lr": recipe.lr or config.head_lr, "weight_decay": 0.0})
+    return groups
+
+
+def adamw(groups: list[dict]) -> torch.optim.AdamW:
+    """AdamW with torch's fused implementation (one kernel over all parameters; the default
+    per-parameter loop took 44 % of a MiniLM step on SST-2 batches on 2 CPU cores, fused
+    22 %: ``benchmarks/train_step.py``), the per-parameter loop where fusing is not
+    supported."""
+    try:
+        return torch.optim.AdamW(groups, fused=True)
+    except RuntimeError:
+        return torch.optim.AdamW(groups)
+
+
+def uses_bf16(device: torch.device, mixed_precision: bool) -> bool:
+    """bf16 autocast runs on a CUDA device that supports it and on CPUs with AMX (AMX-BF16
+    tiles). Not on AVX-512 BF16 alone: there a MiniLM training step (batch 32, 48 tokens, one
+    thread) measured 0.69x the speed of fp32 here, so those CPUs train in fp32."""
+    if not mixed_precision:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_amx_bf16()
+
+
+def cpu_has_amx_bf16() -> bool:
+    """Whether /proc/cpuinfo lists AMX-BF16 (False where it cannot be read)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags.split()
+
+
+@dataclass
+class Evaluation:
+    step: int
+    per_exit: list[float]
+    logits: torch.Tensor
+    signals: dict[str, torch.Tensor]
+
+    @property
+    def score(self) -> float:
+        """Mean dev metric over the exits: every exit matters to the early-exit trade-off."""
+        return sum(self.per_exit) / len(self.per_exit)
+
+
+def evaluate_exits(
+    model: MultiExitBert,
+    tokenizer: PreTrainedTokenizerBase,
+    split: Split,
+    metric: str,
+    max_length: int,
+    step: int,
+    progress: bool,
+    token_pruning: TokenPruning | None,
+) -> Evaluation:
+    """Every exit on ``split`` (logits, signals and the metric per exit); leaves the model
+    training."""
+    logits, signals = all_exit_outputs(
+        model,
+        tokenizer,
+        split.texts,
+        split.text_pairs,
+        max_length,
+        progress=progress,
+        token_pruning=token_pruning,
+    )
+    model.train()
+    return Evaluation(step, exit_metrics(logits, split.labels, metric), logits, signals)
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+class TrainLoop:
+    """The optimizer steps of a run and everything a resumed run must get back exactly."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: MultiExitBert,
+        recipe: Recipe,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        rng: random.Random,
+        total_steps: int,
+        token_pruning: TokenPruning | None,
+    ) -> None:
+        self.config, self.model, self.recipe = config, model, recipe
+        self.token_pruning = token_pruning
+        self.optimizer, self.scheduler, self.rng = optimizer, scheduler, rng
+        self.total_steps = total_steps
+        self.step = 0
+        self.batches: list[list[int]] = []
+        self.position = 0
+        self.stage: int | None = None
+        self.best: Evaluation | None = None
+        self.stale = 0  # evaluations since the best one
+        self.best_model: dict | None = None
+        self.best_recipe: dict | None = None
+        self.device = next(model.parameters()).device
+        self.bf16 = uses_bf16(self.device, config.mixed_precision)
+        self.frozen = frozen_parameters(model, config)
+
+    def next_batch(self, encoded: Encoded) -> list[int]:
+        """The next batch's indices; a new epoch's batch order when the last one is used up."""
+        if self.position == len(self.batches):
+            self.batches = bucketed_batches(encoded.lengths, self.config.batch_size, self.rng)
+            self.position = 0
+        self.position += 1
+        return self.batches[self.position - 1]
+
+    def train_step(self, batch: tuple[torch.Tensor, ...], labels: torch.Tensor) -> float:
+        """One optimizer step of the recipe's loss; returns the loss."""
+        stage = self.recipe.stage(self.step, self.total_steps)
+        if stage != self.stage:
+            for name, param in self.model.named_parameters():
+                param.requires_grad_(name not in self.frozen and self.recipe.trains(name, stage))
+            self.stage = stage
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        with autocast:
+            all_logits, signals = self.model.exits(*batch, self.token_pruning)
+        loss = self.recipe.loss(self.step, stage, all_logits.float(), labels, signals)
+        loss.backward()
+        params = [*self.model.parameters(), *self.recipe.parameters()]
+        torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss.item()
+
+    def offer(self, evaluation: Evaluation) -> Evaluation:
+        """Keep ``evaluation`` and the current weights if they beat the best so far; return
+        the best. Ties go to the later step."""
+        if self.best is None or evaluation.score >= self.best.score:
+            self.best, self.stale = evaluation, 0
+            self.best_model, self.best_recipe = _cpu_state(self.model), _cpu_state(self.recipe)
+        else:
+            self.stale += 1
+        return self.best
+
+    def state(self) -> dict:
+        """What :meth:`restore` needs to continue exactly from this step."""
+        return {
+            "step": self.step,
+            "batches": self.batches,
+            "position": self.position,
+            "rng": self.rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "model": self.model.state_dict(),
+            "recipe": self.recipe.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "best": self.best,
+            "stale": self.stale,
+            "best_model": self.best_model,
+            "best_recipe": self.best_recipe,
+        }
+
+    def restore(self, state: dict) -> None:
+        self.step, self.batches, self.position = state["step"], state["batches"], state["position"]
+        self.rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.model.load_state_dict(state["model"])
+        self.recipe.load_state_dict(state["recipe"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.best, self.stale = state["best"], state["stale"]
+        self.best_model, self.best_recipe = state["best_model"], state["best_recipe"]
