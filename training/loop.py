@@ -24,6 +24,7 @@ from eeengine.training.recipes import Recipe
 if TYPE_CHECKING:
     from eeengine.training.trainer import TrainConfig
 
+# Parameters trained at head_lr (everything else but the recipe's own is the backbone).
 HEAD_PREFIXES = ("exit_heads.", "exit_pooler.", "lte.")
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
 

@@ -78,7 +78,6 @@ from eeengine.training.probe_init import probe_init
 from eeengine.training.recipes import Recipe, make_recipe
 from eeengine.training.state import load_state, remove_state, save_state
 
-# Parameters trained at head_lr (everything else but the recipe's own is the backbone).
 # Training truncation length (tokens) of ``max_seq_length=None``, but for small pair data.
 TRAIN_LENGTH = 64
 # Backbone learning rate of ``lr=None``, and after the contrastive stage: fine-tuning at 1e-4
