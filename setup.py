@@ -10,7 +10,12 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 # directory.
 # eeengine._C holds the C++ ops of csrc/ (loaded by eeengine/_custom_ops.py; optional at run
 # time: without it the engine falls back to the plain-torch reference with a warning).
-SOURCES = ["csrc/exit_head.cpp", "csrc/token_prune.cpp", "csrc/torch_bindings.cpp"]
+SOURCES = [
+    "csrc/exit_head.cpp",
+    "csrc/seeded_dropout.cpp",
+    "csrc/token_prune.cpp",
+    "csrc/torch_bindings.cpp",
+]
 # The CUDA kernels of csrc/*.cu are built only against a CUDA torch with a CUDA toolkit (the CPU
 # wheel cannot build them); they register the CUDA dispatch key under EEENGINE_CUDA.
 WITH_CUDA = torch.version.cuda is not None and CUDA_HOME is not None

@@ -1,14 +1,17 @@
 """Time of one training step of the default recipe on SST-2 batches, by optimizer, frozen word
-embeddings and batch size: what the first-run budget buys (RESULTS.md, "The first-run
-checkpoint").
+embeddings, batch size and dropout: what the first-run budget buys (RESULTS.md, "The first-run
+checkpoint"; BENCHMARKS.md, "Training step").
 
 Each configuration trains a fresh multi-exit all-MiniLM-L6-v2 (``weighted`` recipe, bf16
 autocast where the trainer uses it) on length-bucketed batches of the first 4,000 rows of a
 seeded shuffle of SST-2 train, skips the first 320 rows' steps (warm-up) and reports the mean
 time per step and per example (ms), split into forward + backward and gradient clipping +
-optimizer step. The configurations run one after the other in one process.
+optimizer step. Dropout is torch's (``F.dropout`` and SDPA's, as without the compiled
+extension) or eeengine's fused seeded dropout (:mod:`eeengine.dropout`, the default where the
+extension is built). The configurations run one after the other in one process, ``--repeats``
+times interleaved.
 
-    python benchmarks/train_step.py --batch-sizes 32 128
+    python benchmarks/train_step.py --batch-sizes 32 128 --repeats 2
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
 from transformers import AutoTokenizer
 
+from eeengine import _custom_ops
 from eeengine.batching import bucketed_batches, collate, encode
 from eeengine.defaults import default_config
 from eeengine.modeling_multiexit import MultiExitBert, load_backbone_weights
@@ -81,24 +87,44 @@ def time_steps(config: TrainConfig, fused: bool) -> dict[str, float]:
     }
 
 
+@contextmanager
+def dropout_kind(kind: str) -> Iterator[None]:
+    """Train with torch's dropout ("torch": the paths taken without the extension) or the fused
+    seeded one ("fused")."""
+    built = _custom_ops.HAS_C
+    _custom_ops.HAS_C = built and kind == "fused"
+    try:
+        yield
+    finally:
+        _custom_ops.HAS_C = built
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
+    if not _custom_ops.HAS_C:
+        parser.error(f"the fused dropout needs the extension: {_custom_ops.LOAD_ERROR}")
     base = default_config()
-    print("| AdamW | word embeddings | batch | fwd+bwd ms | clip+AdamW ms | step ms | example ms |")
-    print("|---|---|---|---|---|---|---|")
-    runs = [(False, False, 32), (True, False, 32)]
-    runs += [(True, True, size) for size in args.batch_sizes]
-    for fused, freeze, size in runs:
-        config = replace(base, batch_size=size, freeze_word_embeddings=freeze)
-        t = time_steps(config, fused)
-        print(
-            f"| {'fused' if fused else 'per-parameter'} | {'frozen' if freeze else 'trained'} "
-            f"| {size} | {t['forward_backward_ms']:.1f} | {t['update_ms']:.1f} "
-            f"| {t['step_ms']:.1f} | {t['example_ms']:.2f} |",
-            flush=True,
-        )
+    print(
+        "| AdamW | word embeddings | batch | dropout | fwd+bwd ms | clip+AdamW ms | step ms "
+        "| example ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    runs = [(False, False, 32, "torch"), (True, False, 32, "torch")]
+    runs += [(True, True, size, kind) for size in args.batch_sizes for kind in ("torch", "fused")]
+    for _ in range(args.repeats):
+        for fused, freeze, size, kind in runs:
+            config = replace(base, batch_size=size, freeze_word_embeddings=freeze)
+            with dropout_kind(kind):
+                t = time_steps(config, fused)
+            print(
+                f"| {'fused' if fused else 'per-parameter'} | {'frozen' if freeze else 'trained'} "
+                f"| {size} | {kind} | {t['forward_backward_ms']:.1f} | {t['update_ms']:.1f} "
+                f"| {t['step_ms']:.1f} | {t['example_ms']:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

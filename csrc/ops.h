@@ -34,6 +34,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_prune(
     const at::Tensor& hidden_states, const at::Tensor& attention_mask, const at::Tensor& cls_query,
     const at::Tensor& key, const at::Tensor& memory, double keep_ratio, double beta);
 
+// Inverted dropout of `input` (CPU, float32 / float16 / bfloat16) with a mask that is a pure
+// function of (seed, flat index): the same seed gives the same mask, so backward is the same op
+// on the gradient. Rule in csrc/seeded_dropout.cpp. Returns a contiguous tensor of input's
+// shape and dtype.
+at::Tensor seeded_dropout(const at::Tensor& input, double p, int64_t seed);
+
 #ifdef EEENGINE_CUDA
 // exit_head_step on CUDA tensors (kernel in exit_head_cuda.cu); same contract, except that
 // `rows` is not range-checked (that would read device memory on the host).

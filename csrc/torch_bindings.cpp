@@ -13,11 +13,13 @@ TORCH_LIBRARY(eeengine, m) {
       "token_prune(Tensor hidden_states, Tensor attention_mask, Tensor cls_query, Tensor key, "
       "Tensor memory, float keep_ratio, float beta) -> (Tensor hidden_states, "
       "Tensor attention_mask, Tensor memory, Tensor kept_indices)");
+  m.def("seeded_dropout(Tensor input, float p, int seed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(eeengine, CPU, m) {
   m.impl("exit_head_step", &eeengine::exit_head_step);
   m.impl("token_prune", &eeengine::token_prune);
+  m.impl("seeded_dropout", &eeengine::seeded_dropout);
 }
 
 // CUDA kernels, built only against a CUDA torch (setup.py / CMake define EEENGINE_CUDA).

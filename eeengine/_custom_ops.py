@@ -301,3 +301,31 @@ def prune_op(backend: str) -> Callable[..., TokenPruneOutput]:
     if backend == "cpp":
         return token_prune
     return token_prune_reference
+
+
+def seeded_dropout(input: Tensor, p: float, seed: int) -> Tensor:
+    """Inverted dropout with a mask that is a pure function of ``(seed, flat index)``, fused
+    (one parallel pass; the rule is in csrc/seeded_dropout.cpp and
+    :func:`eeengine.dropout.seeded_dropout_reference`). The same seed gives the same mask, so
+    the gradient of the output is this op on the output's gradient, with the same seed.
+
+    Args:
+        input: any shape, float32, float16 or bfloat16, on the CPU.
+        p: drop probability in [0, 1] (applied as ``round(p * 65536) / 65536``).
+        seed: any int64.
+
+    Returns:
+        Contiguous, ``input``'s shape and dtype: dropped elements 0, kept ones scaled by
+        ``1 / (1 - p)``.
+
+    Raises:
+        RuntimeError: the extension is not loaded, ``input`` is not on the CPU or not floating
+            point, or ``p`` is outside [0, 1].
+    """
+    return torch.ops.eeengine.seeded_dropout(input, float(p), int(seed))
+
+
+if HAS_C:
+    torch.library.register_fake("eeengine::seeded_dropout")(
+        lambda input, p, seed: torch.empty_like(input, memory_format=torch.contiguous_format)
+    )

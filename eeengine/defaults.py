@@ -35,7 +35,7 @@ def minilm_dir() -> Path:
 
 def default_config() -> TrainConfig:
     """The first-run recipe: three epochs over SST-2 train in batches of 128 at learning rate
-    2e-4, the word embeddings frozen; about 13 minutes on 2 CPU cores with AMX (RESULTS.md,
+    2e-4, the word embeddings frozen; about 10 minutes on 2 CPU cores with AMX (RESULTS.md,
     "The first-run checkpoint")."""
     return TrainConfig(
         base_model=str(minilm_dir()),
@@ -53,7 +53,7 @@ def default_checkpoint(progress: bool = True) -> Path:
     if not (path / "eeengine.json").is_file():
         print(
             f"eeengine: no default checkpoint at {path}; fine-tuning a multi-exit "
-            "all-MiniLM-L6-v2 on SST-2 once (about 14 minutes on 2 CPU cores with AMX)...",
+            "all-MiniLM-L6-v2 on SST-2 once (about 10 minutes on 2 CPU cores with AMX)...",
             file=sys.stderr,
         )
         train(default_config(), path, progress=progress)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from eeengine.dropout import Dropout
+
 POOLINGS = ("mean", "cls")
 LAYOUTS = ("per_layer", "shared_pooler", "shared")
 
@@ -80,7 +82,7 @@ class ExitHead(nn.Module):
         own = pooling == "cls" and shared_pooler is None
         self.pooler = BertPooler(hidden_size) if own else None
         self._shared_pooler = (shared_pooler,)  # a tuple: not registered as a submodule
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, num_labels)
 
     def pool(self, hidden_states: Tensor, attention_mask: Tensor) -> Tensor:

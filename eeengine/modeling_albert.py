@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 from transformers import AlbertConfig
 
+from eeengine.dropout import Dropout
 from eeengine.modeling_bert import (
     BertEmbeddings,
     BertSelfAttention,
@@ -42,7 +43,7 @@ class AlbertAttention(BertSelfAttention):
     def __init__(self, config: AlbertConfig) -> None:
         super().__init__(config)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.output_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.output_dropout = Dropout(config.hidden_dropout_prob)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(
