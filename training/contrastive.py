@@ -25,6 +25,7 @@ from transformers import get_linear_schedule_with_warmup
 from eeengine.batching import Encoded, bucketed_batches, collate
 from eeengine.heads import mean_pool
 from eeengine.modeling_multiexit import MultiExitBert
+from eeengine.training.loop import adamw
 
 # Which layers' embeddings are paired: the last one (SetFit), or every exit's.
 EXITS = ("last", "all")
@@ -115,7 +116,7 @@ def contrastive_tune(
 ) -> dict:
     """Train the encoder of ``model`` for one pass over :func:`make_pairs` of the rows, in
     batches of pairs of similar length (:func:`eeengine.batching.bucketed_batches`), by
-    :func:`cosine_pair_loss` on mean-pooled embeddings (AdamW without weight decay, linear
+    :func:`cosine_pair_loss` on mean-pooled embeddings (fused AdamW, no weight decay, linear
     warm-up over :data:`WARMUP_RATIO` of the steps, then linear decay; gradient clipping;
     dropout on). The exit heads are untouched. Deterministic given the seed and torch's RNG
     state (dropout draws from it).
@@ -158,7 +159,7 @@ def contrastive_tune(
         param.requires_grad_(name not in frozen)
         if name.startswith(prefix) and name not in frozen:
             params.append(param)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = adamw([{"params": params, "lr": lr, "weight_decay": 0.0}])
     scheduler = get_linear_schedule_with_warmup(
         optimizer, round(WARMUP_RATIO * len(batches)), len(batches)
     )
