@@ -8,14 +8,16 @@
 // are splitmix64(seed + (g + 1) * 0x9E3779B97F4A7C15) and the lane's 16 bits are bits
 // [16 * lane, 16 * lane + 16) of it. Element i is kept when those 16 bits, as an unsigned
 // number, are >= t = round(p * 65536). Every element is multiplied by 65536 / (65536 - t) if
-// kept and by 0 if dropped, in fp32 (fp64 for fp64 input), and rounded once to the input dtype. So the drop probability is t / 65536
-// (p to within 2^-17) and the kept elements keep their expectation.
+// kept and by 0 if dropped, in fp32 (fp64 for fp64 input), and rounded once to the input
+// dtype. So the drop probability is t / 65536 (p to within 2^-17) and the kept elements keep
+// their expectation.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -34,13 +36,6 @@ inline uint64_t splitmix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-// The factor of one lane: `scale` when its 16 bits are >= threshold, else 0.
-template <typename opmath_t>
-inline opmath_t lane_factor(uint64_t bits, int lane, uint32_t threshold, opmath_t scale) {
-  return static_cast<uint32_t>((bits >> (16 * lane)) & 0xFFFFu) >= threshold ? scale
-                                                                              : opmath_t(0);
-}
-
 template <typename scalar_t>
 void dropout_groups(const scalar_t* src, scalar_t* dst, int64_t numel, uint64_t seed,
                     uint32_t threshold, at::opmath_type<scalar_t> scale, int64_t begin,
@@ -49,16 +44,11 @@ void dropout_groups(const scalar_t* src, scalar_t* dst, int64_t numel, uint64_t 
   for (int64_t g = begin; g < end; ++g) {
     const uint64_t bits = splitmix64(seed + static_cast<uint64_t>(g + 1) * kGolden);
     const int64_t first = 4 * g;
-    if (first + 4 <= numel) {  // a full group: four lanes, no bounds checks
-      for (int lane = 0; lane < 4; ++lane) {
-        const opmath_t factor = lane_factor(bits, lane, threshold, scale);
-        dst[first + lane] = static_cast<scalar_t>(static_cast<opmath_t>(src[first + lane]) * factor);
-      }
-    } else {
-      for (int lane = 0; first + lane < numel; ++lane) {
-        const opmath_t factor = lane_factor(bits, lane, threshold, scale);
-        dst[first + lane] = static_cast<scalar_t>(static_cast<opmath_t>(src[first + lane]) * factor);
-      }
+    const int64_t lanes = std::min<int64_t>(4, numel - first);  // fewer in the last group
+    for (int64_t lane = 0; lane < lanes; ++lane) {
+      const uint32_t draw = static_cast<uint32_t>((bits >> (16 * lane)) & 0xFFFFu);
+      const opmath_t factor = draw >= threshold ? scale : opmath_t(0);
+      dst[first + lane] = static_cast<scalar_t>(static_cast<opmath_t>(src[first + lane]) * factor);
     }
   }
 }

@@ -68,12 +68,12 @@ def seeded_dropout_reference(input: Tensor, p: float, seed: int) -> Tensor:
 
 class _SeededDropout(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input: Tensor, p: float, seed: int) -> Tensor:  # noqa: ANN001
+    def forward(ctx, input: Tensor, p: float, seed: int) -> Tensor:
         ctx.p, ctx.seed = p, seed
         return _custom_ops.seeded_dropout(input, p, seed)
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:
         return _custom_ops.seeded_dropout(grad_output, ctx.p, ctx.seed), None, None
 
 

@@ -76,8 +76,9 @@ def attention(
     SDPA, except on CPU with ``dropout_p > 0`` and the extension built: there SDPA falls back to
     its math path, which draws a Bernoulli mask per probability and runs in fp32; this path runs
     the matmuls in the input dtype (bf16 under autocast), the softmax in fp32 and the fused
-    seeded dropout (:func:`eeengine.dropout.dropout`): 1.08x faster training steps on the
-    default checkpoint's batches (BENCHMARKS.md, "Training step").
+    seeded dropout (:func:`eeengine.dropout.dropout`). With the fused hidden-state dropout,
+    training steps on the default checkpoint's batches are 1.12-1.19x faster (BENCHMARKS.md,
+    "Training step").
 
     Args:
         query, key, value: (batch_size, num_heads, seq_len, head_size).
