@@ -3,6 +3,9 @@
 Per layer l: encoder layer on the live rows -> exit head -> policy step -> latch the logits and
 exit layer of rows that exit -> drop them from the working batch (hidden states, mask, policy
 state, and the index map back to the caller's rows). Later layers compute only on live rows.
+Layers where the policy cannot exit (``none`` before the last layer, ``budget`` before its
+layer) run back to back in one executor call (:func:`layer_segments`; full depth is one call),
+with no exit head and no Python between them but the executor's own.
 
 With a token-pruning schedule (MPEE token-wise exit, :mod:`eeengine.token_pruning`), a pruning
 layer runs attention, then ``token_prune`` on each row (its real tokens only; rows come out
@@ -123,6 +126,28 @@ class LiveRows:
     memory: Tensor
 
 
+def layer_segments(
+    num_layers: int, policy: ExitPolicy, token_pruning: TokenPruning | None
+) -> list[tuple[int, int]]:
+    """The runs of layers the loop executes without stopping: (first, last), 1-based and
+    inclusive, in order. A run ends at each layer where ``policy`` decides
+    (:meth:`ExitPolicy.decides_at`) and at the last layer; a token-pruning layer (run in torch,
+    see :meth:`ExitLoop.step`) is a run of its own. Full depth (policy ``none``) is one run.
+    """
+    pruning = set() if token_pruning is None else set(token_pruning.layers)
+    segments, first = [], 1
+    for layer in range(1, num_layers + 1):
+        if (
+            layer == num_layers
+            or policy.decides_at(layer, num_layers)
+            or layer in pruning
+            or layer + 1 in pruning
+        ):
+            segments.append((first, layer))
+            first = layer + 1
+    return segments
+
+
 class ExitLoop:
     """The pieces of :func:`early_exit_forward`, for callers that drive the model one layer at
     a time over rows of their choosing (the server's layer-wise scheduler,
@@ -159,6 +184,7 @@ class ExitLoop:
         self._prune = (
             token_prune_reference if token_pruning is None else _custom_ops.prune_op(self.backend)
         )
+        self.segments = layer_segments(model.num_layers, policy, token_pruning)
 
     @torch.inference_mode()
     def run(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> ExitOutput:
@@ -171,22 +197,30 @@ class ExitLoop:
         """
         out = self.outputs(input_ids.shape[0], input_ids.device)
         live = self.start(input_ids, attention_mask, token_type_ids)
-        for layer in range(1, self.model.num_layers + 1):
-            exit_mask = self.step(live, layer, out)
+        for first, last in self.segments:
+            exit_mask = self.step(live, last, out, first)
             if not bool(exit_mask.any()):
                 continue
             keep = ~exit_mask
             if not bool(keep.any()):
                 break
             live = self.select(live, keep)
+        if self.token_pruning is None:  # every layer a row ran had its full length
+            layers = torch.arange(1, self.model.num_layers + 1, device=input_ids.device)
+            out.tokens_kept = attention_mask.sum(1, keepdim=True) * (
+                layers <= out.exit_layer[:, None]
+            )
         return out
 
     def outputs(self, batch_size: int, device: torch.device) -> ExitOutput:
-        """Empty result buffers for ``batch_size`` rows (filled by :meth:`step`)."""
+        """Empty result buffers for ``batch_size`` rows (filled by :meth:`step`; ``tokens_kept``
+        only with a token-pruning schedule, else None)."""
         return ExitOutput(
             torch.empty(batch_size, self.model.num_labels, dtype=torch.float32, device=device),
             torch.empty(batch_size, dtype=torch.long, device=device),
-            torch.zeros(batch_size, self.model.num_layers, dtype=torch.long, device=device),
+            None
+            if self.token_pruning is None
+            else torch.zeros(batch_size, self.model.num_layers, dtype=torch.long, device=device),
         )
 
     def start(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> LiveRows:
@@ -203,11 +237,14 @@ class ExitLoop:
             memory=torch.zeros(batch_size, input_ids.shape[1] - 1, device=device),
         )
 
-    def step(self, live: LiveRows, layer: int, out: ExitOutput) -> Tensor:
-        """Run ``layer`` (1-based) on the live rows, then its exit head and policy step (skipped
-        where :meth:`ExitPolicy.decides_at` is False: no row exits there); latch the logits and
-        exit layer of the rows that exit into ``out``. Updates ``live`` in place
-        (hidden states, and at a token-pruning layer the mask and memory; the policy state).
+    def step(self, live: LiveRows, layer: int, out: ExitOutput, first: int | None = None) -> Tensor:
+        """Run layers ``first`` .. ``layer`` (1-based; ``first`` defaults to ``layer``, and is
+        ``layer`` at a token-pruning layer) on the live rows, then the exit head and policy step
+        of ``layer`` (skipped where :meth:`ExitPolicy.decides_at` is False: no row exits there);
+        latch the logits and exit layer of the rows that exit into ``out``. Updates ``live`` in
+        place (hidden states, and at a token-pruning layer the mask and memory; the policy
+        state). With a token-pruning schedule it writes ``out.tokens_kept`` of these layers
+        (:meth:`run` fills it for an unpruned batch at the end).
 
         Returns:
             exit_mask: (batch_size,) bool, True for rows that exit at ``layer`` (all of them at
@@ -215,9 +252,12 @@ class ExitLoop:
         """
         model = self.model
         num_layers = model.num_layers
+        first = layer if first is None else first
         beta = self.token_pruning.beta_at(layer) if self.token_pruning is not None else None
         if beta is None:
-            live.hidden_states = self.executor.layer(layer - 1, live.hidden_states, live.mask)
+            live.hidden_states = self.executor.layers(
+                first - 1, layer, live.hidden_states, live.mask
+            )
         else:
             live.hidden_states, live.attention_mask, live.memory = model.backbone.layers[
                 layer - 1
@@ -231,7 +271,8 @@ class ExitLoop:
                 self._prune,
             )
             live.mask = self.executor.mask(live.attention_mask)
-        out.tokens_kept[live.rows, layer - 1] = live.attention_mask.sum(1)
+        if self.token_pruning is not None:
+            out.tokens_kept[live.rows, first - 1 : layer] = live.attention_mask.sum(1, keepdim=True)
         if not self.policy.decides_at(layer, num_layers):  # no exit head needed here
             return torch.zeros(live.rows.shape[0], dtype=torch.bool, device=live.rows.device)
         step_args = (live.hidden_states, live.attention_mask, layer, num_layers, live.state)

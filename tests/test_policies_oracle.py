@@ -23,6 +23,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from eeengine._custom_ops import HAS_C
+from eeengine.executors import LayerExecutor
 from eeengine.heads import ExitHead
 from eeengine.policies import POLICIES, ExitPolicy, make_policy, run_policy
 from eeengine.policies.base import entropy as policy_entropy
@@ -305,7 +306,7 @@ class LogitsModel(torch.nn.Module):
         return pooled[:, self.num_labels]
 
 
-class LogitsExecutor:
+class LogitsExecutor(LayerExecutor):
     """A layer executor that plays back drawn logits: after layer l, row b is one token
     [logits[l][b] | lte_score[l][b] | b]. The row index travels in the hidden state, so the
     runtime's own compaction decides which rows reach each layer."""

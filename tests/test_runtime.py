@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from eeengine.batching import collate, encode
+from eeengine.executors import TorchExecutor
 from eeengine.policies import make_policy, run_policy
-from eeengine.runtime import early_exit_forward
+from eeengine.runtime import early_exit_forward, layer_segments
+from eeengine.token_pruning import TokenPruning
 from tests.conftest import SENTENCES, make_tiny_model
 
 POLICIES = [
@@ -85,3 +87,40 @@ def test_exit_heads_run_only_where_the_policy_decides(
     finally:
         del model.exit_head
     assert sorted(set(calls)) == heads_run
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "pruning", "segments"),
+    [("none", {}, None, [(1, 4)]),
+     ("budget", {"layer": 3}, None, [(1, 3), (4, 4)]),
+     ("entropy", {"threshold": 0.5}, None, [(1, 1), (2, 2), (3, 3), (4, 4)]),
+     ("none", {}, [2], [(1, 1), (2, 2), (3, 4)]),
+     ("budget", {"layer": 4}, [3], [(1, 2), (3, 3), (4, 4)])],
+)  # fmt: skip
+def test_layer_segments(name, params, pruning, segments):
+    """Runs of layers between two decisions (hand-listed): a pruning layer is its own run."""
+    schedule = None if pruning is None else TokenPruning(tuple(pruning), 0.7, (1.0,))
+    assert layer_segments(4, make_policy(name, **params), schedule) == segments
+
+
+@pytest.mark.parametrize(("name", "params"), POLICIES)
+def test_executor_runs_each_segment_in_one_call(model, batch, name, params):
+    """The loop hands the executor whole runs of layers (full depth: one call for all four),
+    and gives the same exits and logits as the policy on the full-depth logits."""
+    policy = make_policy(name, **params)
+    executor = TorchExecutor(model)
+    calls = []
+    original = executor.layers
+    executor.layers = lambda start, stop, *rest: (
+        calls.append((start + 1, stop)) or original(start, stop, *rest)
+    )
+    out = early_exit_forward(model, policy, *batch, executor=executor)
+    expected = layer_segments(4, policy, None)
+    assert calls and calls == expected[: len(calls)]  # a prefix: the loop stops when all exit
+    with torch.inference_mode():
+        expected_layer, expected_logits = run_policy(policy, model(*batch))
+    assert out.exit_layer.tolist() == expected_layer.tolist()
+    torch.testing.assert_close(out.logits, expected_logits, atol=1e-5, rtol=1e-5)
+    lengths = batch[1].sum(1, keepdim=True)
+    ran = torch.arange(1, 5) <= out.exit_layer[:, None]
+    assert torch.equal(out.tokens_kept, lengths * ran)

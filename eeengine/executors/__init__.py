@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Collection
-from typing import Protocol
 
-from torch import Tensor
-
+from eeengine.executors.base import LayerExecutor
 from eeengine.executors.torch import TorchExecutor
 from eeengine.modeling_multiexit import MultiExitBert
 
@@ -37,27 +35,6 @@ _PRECISION_EXECUTORS = {
     "bf16": ("torch",),
     "int8": ("onnxruntime",),
 }
-
-
-class LayerExecutor(Protocol):
-    """Runs the encoder of a :class:`MultiExitBert` piece by piece.
-
-    ``mask(attention_mask)`` turns the (batch_size, seq_len) 1/0 mask (1 = real token) into
-    whatever ``layer`` takes; the loop calls it again after every batch compaction.
-    ``release_scratch()`` is called after each chunk of :meth:`eeengine.Engine.predict` and
-    each evaluation pass.
-    """
-
-    name: str
-
-    def embed(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor: ...
-
-    def mask(self, attention_mask: Tensor) -> object: ...
-
-    def layer(self, index: int, hidden_states: Tensor, mask: object) -> Tensor: ...
-
-    def release_scratch(self) -> None:
-        """Give back the scratch memory kept for reuse across layers, if large (end of a call)."""
 
 
 def make_executor(

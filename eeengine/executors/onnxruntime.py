@@ -53,6 +53,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor
 
+from eeengine.executors.base import LayerExecutor
 from eeengine.modeling_bert import BertEmbeddings, BertLayer
 from eeengine.modeling_multiexit import MultiExitBert
 
@@ -229,7 +230,7 @@ def cpu_has_vnni() -> bool:
     return " avx512_vnni" in flags or " avx_vnni" in flags
 
 
-class OnnxRuntimeExecutor:
+class OnnxRuntimeExecutor(LayerExecutor):
     """Runs the embeddings and each encoder layer of a CPU, float32 :class:`MultiExitBert` with
     a BERT backbone and exact GELU as ONNX Runtime sessions (see the module docstring).
 
@@ -274,6 +275,7 @@ class OnnxRuntimeExecutor:
         _release_freed_heap()
         self._sessions = sessions
         self._bindings = [session.io_binding() for session in self._sessions]
+        self._bound: list[dict[str, tuple]] = [{} for _ in self._sessions]
         # Bound once: IOBinding keeps them for every run (the torch tensors outlive it).
         for key, value in self._embedding_weights.items():
             _bind(self._bindings[0].bind_input, key, value)
@@ -340,9 +342,14 @@ class OnnxRuntimeExecutor:
     ) -> Tensor:
         """Run session ``session`` (0: embeddings, l: layer l) on contiguous CPU tensors bound
         by pointer (no copies); ``output`` is written in place and returned."""
-        binding = self._bindings[session]
+        binding, bound = self._bindings[session], self._bound[session]
         for name, tensor in inputs.items():
-            _bind(binding.bind_input, name, tensor)
+            # A binding is a pointer, a shape and a type: the same three again need no call
+            # (the attention mask, bound once for the layers between two compactions).
+            key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
+            if bound.get(name) != key:
+                _bind(binding.bind_input, name, tensor)
+                bound[name] = key
         _bind(binding.bind_output, "output", output)
         self._sessions[session].run_with_iobinding(binding, options)
         return output

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from eeengine.executors.base import LayerExecutor
 from eeengine.modeling_bert import attention_bias
 from eeengine.modeling_multiexit import MultiExitBert
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class TorchExecutor:
+class TorchExecutor(LayerExecutor):
     """Runs ``model.backbone`` one layer at a time, with the query/key/value projections fused
     into one matmul when the model is in eval mode (fused once: a second executor on the same
     model reuses the fused weights, so a CUDA graph captured earlier still reads live memory).

@@ -1,0 +1,36 @@
+"""The interface every layer executor implements (:class:`LayerExecutor`)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from torch import Tensor
+
+
+class LayerExecutor(Protocol):
+    """Runs the encoder of a :class:`eeengine.modeling_multiexit.MultiExitBert` piece by piece.
+
+    ``mask(attention_mask)`` turns the (batch_size, seq_len) 1/0 mask (1 = real token) into
+    whatever ``layer`` takes; the loop calls it again after every batch compaction.
+    ``release_scratch()`` is called after each chunk of :meth:`eeengine.Engine.predict` and
+    each evaluation pass. Executors subclass this protocol for :meth:`layers`.
+    """
+
+    name: str
+
+    def embed(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor: ...
+
+    def mask(self, attention_mask: Tensor) -> object: ...
+
+    def layer(self, index: int, hidden_states: Tensor, mask: object) -> Tensor: ...
+
+    def layers(self, start: int, stop: int, hidden_states: Tensor, mask: object) -> Tensor:
+        """Layers ``start`` .. ``stop - 1`` (0-based) back to back on the same rows: what the
+        loop runs between two layers where the policy decides (no exit head, no compaction in
+        between). (batch_size, seq_len, hidden_size) in, the same shape out."""
+        for index in range(start, stop):
+            hidden_states = self.layer(index, hidden_states, mask)
+        return hidden_states
+
+    def release_scratch(self) -> None:
+        """Give back the scratch memory kept for reuse across layers, if large (end of a call)."""
