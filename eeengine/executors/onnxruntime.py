@@ -100,14 +100,14 @@ def layer_graph(layer: BertLayer, num_heads: int, eps: float) -> onnx.ModelProto
 def attention_graph(layer: BertLayer, num_heads: int, eps: float) -> onnx.ModelProto:
     """The attention sublayer of :func:`layer_graph` alone, with what MPEE's token pruning
     reads (:meth:`eeengine.modeling_bert.PrunableLayer.pruned_forward`): the [CLS] query and
-    the keys. ``Attention``'s optional ``present`` output holds the keys (and values) it
-    attended with; the [CLS] query is recomputed from [CLS]'s input row (one row through the
-    query weights).
+    the keys. ``Attention``'s optional ``present`` output holds the keys and values it
+    attended with (``present[0]`` the keys: no copy is made of them); the [CLS] query is
+    recomputed from [CLS]'s input row (one row through the query weights).
 
     Returns:
         A model with the inputs of :func:`layer_graph` and outputs ``attention_output``
-        (batch, seq, hidden), ``cls_query`` (batch, num_heads, head_size) and ``key``
-        (batch, num_heads, seq, head_size), float32.
+        (batch, seq, hidden), ``cls_query`` (batch, num_heads, head_size) and ``present``
+        (2, batch, num_heads, seq, head_size), float32.
     """
     nodes, weights = _attention_sublayer(layer, num_heads, eps, present="present")
     query = layer.attention.self.query
@@ -124,13 +124,12 @@ def attention_graph(layer: BertLayer, num_heads: int, eps: float) -> onnx.ModelP
         helper.make_node("MatMul", ["cls_hidden", "query_weight"], ["cls_projected"]),
         helper.make_node("Add", ["cls_projected", "query_bias"], ["cls_query_flat"]),
         helper.make_node("Reshape", ["cls_query_flat", "cls_query_shape"], ["cls_query"]),
-        helper.make_node("Gather", ["present", "zero"], ["key"], axis=0),
     ]
     hidden = _hidden_shape(layer)
     outputs = [
         _float("attention_output", hidden),
         _float("cls_query", ["batch", num_heads, head_size]),
-        _float("key", ["batch", num_heads, "seq", head_size]),
+        _float("present", [2, "batch", num_heads, "seq", head_size]),
     ]
     return _model("bert_attention", nodes, _attention_inputs(hidden), outputs, weights)
 
@@ -464,11 +463,11 @@ class OnnxRuntimeExecutor(LayerExecutor):
         outputs = {
             "attention_output": torch.empty_like(hidden_states),
             "cls_query": torch.empty(batch_size, heads, hidden_size // heads),
-            "key": torch.empty(batch_size, heads, seq_len, hidden_size // heads),
+            "present": torch.empty(2, batch_size, heads, seq_len, hidden_size // heads),
         }
         inputs = {"hidden_states": hidden_states, "attention_mask": mask}
-        attention_output, cls_query, key = self._run(index + 1, inputs, outputs)
-        return attention_output, cls_query, key
+        attention_output, cls_query, present = self._run(index + 1, inputs, outputs)
+        return attention_output, cls_query, present[0]
 
     def _run_feed_forward(self, index: int, attention_output: Tensor) -> Tensor:
         attention_output = self._track(attention_output)
