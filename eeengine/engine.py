@@ -57,7 +57,7 @@ class Engine:
             None, or a :class:`TokenPruning` / its JSON form.
         executor: what runs the encoder layers (:mod:`eeengine.executors`): "torch",
             "onnxruntime", or None for "onnxruntime" where it can run, else "torch".
-            "onnxruntime" drops the torch copy of the layers it runs (one copy in memory).
+            "onnxruntime" drops the torch copy of the layers (one copy in memory).
         precision: the encoder layers' precision on CPU (:mod:`eeengine.precision`): "fp32",
             "int8" (per-channel int8 linear weights; onnxruntime executor) or "bf16" (torch
             executor); exit heads stay fp32. Policy parameters come from that precision's
@@ -127,7 +127,7 @@ class Engine:
         pruned = () if self.token_pruning is None else self.token_pruning.layers
         # The engine owns its model: the executor keeps one copy of the weights.
         self._executor = make_executor(
-            executor, self.model, precision, torch_layers={layer - 1 for layer in pruned}
+            executor, self.model, precision, {layer - 1 for layer in pruned}, release_weights=True
         )
         self._loop = DeviceLoop(self.model, self._executor, graph)
 

@@ -9,7 +9,8 @@ with no exit head and no Python between them but the executor's own.
 
 With a token-pruning schedule (MPEE token-wise exit, :mod:`eeengine.token_pruning`), a pruning
 layer runs attention, then ``token_prune`` on each row (its real tokens only; rows come out
-right-padded to the batch's longest), then the feed-forward on the kept tokens.
+right-padded to the batch's longest), then the feed-forward on the kept tokens, all in the
+executor (:meth:`LayerExecutor.pruned_layer`).
 
 The exit head, policy step and latch run either in plain torch (backend "reference",
 :func:`eeengine.exit_step.exit_head_step_reference`) or as one fused op (backend "cpp" on CPU,
@@ -34,7 +35,6 @@ from torch import Tensor
 from eeengine import _custom_ops
 from eeengine.executors import LayerExecutor, TorchExecutor
 from eeengine.exit_step import exit_head_step_fused, exit_head_step_reference
-from eeengine.modeling_bert import attention_bias
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import ExitPolicy
 from eeengine.policies.base import State
@@ -131,8 +131,9 @@ def layer_segments(
 ) -> list[tuple[int, int]]:
     """The runs of layers the loop executes without stopping: (first, last), 1-based and
     inclusive, in order. A run ends at each layer where ``policy`` decides
-    (:meth:`ExitPolicy.decides_at`) and at the last layer; a token-pruning layer (run in torch,
-    see :meth:`ExitLoop.step`) is a run of its own. Full depth (policy ``none``) is one run.
+    (:meth:`ExitPolicy.decides_at`) and at the last layer; a token-pruning layer
+    (:meth:`LayerExecutor.pruned_layer`) is a run of its own. Full depth (policy ``none``) is
+    one run.
     """
     pruning = set() if token_pruning is None else set(token_pruning.layers)
     segments, first = [], 1
@@ -259,11 +260,10 @@ class ExitLoop:
                 first - 1, layer, live.hidden_states, live.mask
             )
         else:
-            live.hidden_states, live.attention_mask, live.memory = model.backbone.layers[
-                layer - 1
-            ].pruned_forward(
+            live.hidden_states, live.attention_mask, live.memory = self.executor.pruned_layer(
+                layer - 1,
                 live.hidden_states,
-                attention_bias(live.attention_mask),
+                live.mask,
                 live.attention_mask,
                 live.memory,
                 self.token_pruning.keep_ratio,
@@ -330,7 +330,8 @@ def early_exit_forward(
         token_pruning: the token-pruning schedule, or None for none.
         executor: runs the embeddings and each encoder layer (see :mod:`eeengine.executors`);
             None: the reference :class:`eeengine.executors.TorchExecutor`. Pruning layers run
-            the torch layer's ``pruned_forward`` whatever the executor.
+            its ``pruned_layer`` (built with them in ``pruning_layers``, see
+            :func:`eeengine.executors.make_executor`).
 
     Returns:
         :class:`ExitOutput`. Equal, row by row, to running each row alone, and to

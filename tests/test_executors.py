@@ -65,12 +65,17 @@ def expected_hidden_states(tiny_bert_dir, batch) -> tuple:
         ).hidden_states
 
 
+@pytest.mark.parametrize("pruning_layers", [(), (1, 2)])
 @pytest.mark.parametrize("name", EXECUTORS)
-def test_every_layer_matches_transformers(model, batch, expected_hidden_states, name):
+def test_every_layer_matches_transformers(
+    model, batch, expected_hidden_states, name, pruning_layers
+):
+    """Every layer alone; ``pruning_layers``: layers 2 and 3 built for token pruning (ONNX
+    Runtime: two sessions each, attention then feed-forward, run back to back here)."""
     input_ids, attention_mask, token_type_ids = batch
     expected = expected_hidden_states
     with torch.inference_mode():
-        executor = make_executor(_available(name), model)
+        executor = make_executor(_available(name), model, "fp32", pruning_layers)
         assert executor.name == name
         actual = [executor.embed(input_ids, token_type_ids)]
         mask = executor.mask(attention_mask)

@@ -83,13 +83,17 @@ def test_onnxruntime_engine_keeps_one_copy_of_the_layers(tiny_ckpt):
     assert point.metric >= 0.0
 
 
-def test_executor_keeps_torch_layers_it_is_told_to(tiny_bert_dir):
+@pytest.mark.parametrize(("release", "device"), [(True, "meta"), (False, "cpu")])
+def test_onnxruntime_releases_the_torch_layers_when_told(tiny_bert_dir, release, device):
     model = make_tiny_model(tiny_bert_dir)
-    make_executor("onnxruntime", model, "fp32", torch_layers={1})
+    make_executor("onnxruntime", model, "fp32", {1}, release_weights=release)
     devices = [next(layer.parameters()).device.type for layer in model.backbone.layers]
-    assert devices == ["meta", "cpu", "meta", "meta"]
+    assert devices == [device] * 4
+
+
+def test_bf16_keeps_the_pruning_layers_in_float32(tiny_bert_dir):
     model = make_tiny_model(tiny_bert_dir)
-    make_executor(None, model, "bf16", torch_layers={1})
+    make_executor(None, model, "bf16", {1})
     dtypes = [next(layer.parameters()).dtype for layer in model.backbone.layers]
     assert dtypes == [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16]
 

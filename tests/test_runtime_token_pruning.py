@@ -14,6 +14,7 @@ from eeengine._custom_ops import HAS_C
 from eeengine.batching import collate, encode
 from eeengine.data import Split
 from eeengine.evaluation import evaluate
+from eeengine.executors import make_executor
 from eeengine.flops import FlopCounter
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import make_policy, run_policy
@@ -269,3 +270,58 @@ def test_albert_with_inner_groups_refuses_a_schedule():
     ones = torch.ones(1, 5, dtype=torch.long)
     with pytest.raises(ValueError, match="token pruning is not supported by AlbertModel"):
         model(ones, ones, ones * 0, SCHEDULE)
+
+
+@pytest.mark.skipif(not HAS_C, reason="the ONNX Runtime executor prunes with the C++ op here")
+@pytest.mark.parametrize(("name", "params"), POLICIES)
+def test_onnxruntime_executor_prunes_as_the_torch_layers(model, encoded, name, params):
+    """The ONNX Runtime executor with the pruning layers built as attention and feed-forward
+    sessions: same exits, kept tokens and (to float tolerance) logits as the torch layers'
+    ``pruned_forward``, on the engine's compaction loop."""
+    pytest.importorskip("onnxruntime")
+    policy = make_policy(name, **params)
+    batch = collate(encoded, range(len(SENTENCES)), 0)
+    pruned = [layer - 1 for layer in SCHEDULE.layers]
+    executor = make_executor("onnxruntime", model, "fp32", pruned)  # keeps the torch layers
+    got = early_exit_forward(
+        model, policy, *batch, backend="cpp", token_pruning=SCHEDULE, executor=executor
+    )
+    ref = early_exit_forward(model, policy, *batch, backend="cpp", token_pruning=SCHEDULE)
+    assert got.exit_layer.tolist() == ref.exit_layer.tolist()
+    assert torch.equal(got.tokens_kept, ref.tokens_kept)
+    torch.testing.assert_close(got.logits, ref.logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_C, reason="the ONNX Runtime executor prunes with the C++ op here")
+def test_onnxruntime_int8_prunes_to_the_schedule(model, encoded):
+    """At int8 the kept-token counts are the schedule's (they depend on lengths only) and the
+    full-depth logits stay near fp32's."""
+    pytest.importorskip("onnxruntime")
+    policy = make_policy("none")
+    batch = collate(encoded, range(len(SENTENCES)), 0)
+    pruned = [layer - 1 for layer in SCHEDULE.layers]
+    outs = {
+        precision: early_exit_forward(
+            model,
+            policy,
+            *batch,
+            backend="cpp",
+            token_pruning=SCHEDULE,
+            executor=make_executor("onnxruntime", model, precision, pruned),
+        )  # fmt: skip
+        for precision in ("fp32", "int8")
+    }
+    lengths = batch[1].sum(1).tolist()
+    expected = [SCHEDULE.tokens_per_layer(n, model.num_layers) for n in lengths]
+    assert outs["int8"].tokens_kept.tolist() == expected
+    torch.testing.assert_close(outs["int8"].logits, outs["fp32"].logits, atol=0.1, rtol=0.05)
+
+
+def test_onnxruntime_executor_refuses_a_layer_not_built_for_pruning(model, encoded):
+    pytest.importorskip("onnxruntime")
+    batch = collate(encoded, range(len(SENTENCES)), 0)
+    executor = make_executor("onnxruntime", model, "fp32")
+    with pytest.raises(ValueError, match="layer 1 was built without token pruning"):
+        early_exit_forward(
+            model, make_policy("none"), *batch, token_pruning=SCHEDULE, executor=executor
+        )

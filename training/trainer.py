@@ -507,7 +507,7 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
         progress,
         token_pruning,
     )
-    int8_sweep, int8_record = _int8_calibration(model, sweep_slice, progress)
+    int8_sweep, int8_record = _int8_calibration(model, sweep_slice, token_pruning, progress)
     training = {
         "steps": loop.step,
         "schedule": {**plan, "stopped_early": stopped_early},
@@ -535,19 +535,25 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
 
 
 def _int8_calibration(
-    model: MultiExitBert, sweep_slice: Callable[..., TradeOff], progress: bool
+    model: MultiExitBert,
+    sweep_slice: Callable[..., TradeOff],
+    token_pruning: TokenPruning | None,
+    progress: bool,
 ) -> tuple[dict | None, dict]:
     """The sweep of every policy on the calibration slice with int8 layers (the content of
     ``calibration-int8.json``, :mod:`eeengine.precision`), measured by ``sweep_slice`` (fp32's
-    :func:`eeengine.calibration.measure_trade_off` on the slice) with an int8 executor, and the
-    manifest's record of it; (None, the reason) where int8 cannot run here (no onnxruntime, a
-    backbone other than BERT with exact GELU). int8 runs on CPU: the model moves there (it is
-    saved from there) and stays in eval mode."""
+    :func:`eeengine.calibration.measure_trade_off` on the slice) with an int8 executor (its
+    token-pruning layers pruned at int8 too), and the manifest's record of it; (None, the
+    reason) where int8 cannot run here (no onnxruntime, a backbone other than BERT with exact
+    GELU). int8 runs on CPU: the model moves there (it is saved from there) and stays in eval
+    mode."""
     model.cpu().eval()
     reason = precision_unavailable("int8", model)
     if reason is not None:
         return None, {"written": False, "reason": reason}
-    trade_off = sweep_slice(progress=progress, executor=make_executor(None, model, "int8"))
+    pruned = () if token_pruning is None else [layer - 1 for layer in token_pruning.layers]
+    executor = make_executor(None, model, "int8", pruned)
+    trade_off = sweep_slice(progress=progress, executor=executor)
     record = {"written": True, "file": calibration_file("int8")}
     return trade_off.sweep, {**record, "full_depth": trade_off.sweep["full_depth"]}
 

@@ -7,7 +7,8 @@ step, then batch compaction). Executors are interchangeable and tested against t
 - ``torch`` (:class:`TorchExecutor`): eeengine's plain torch encoders, the reference; any
   backbone, any device.
 - ``onnxruntime`` (:class:`OnnxRuntimeExecutor`): every encoder layer is its own ONNX Runtime
-  session built from the same weights at load time (BERT backbones, CPU; the optional extra
+  session built from the same weights at load time, a token-pruning layer two (attention,
+  feed-forward; the pruning runs between them) (BERT backbones, CPU; the optional extra
   ``eeengine[onnx]``).
 
 Precision (:data:`PRECISIONS`): "fp32" on either executor; "int8" (linear weights quantized per
@@ -41,7 +42,8 @@ def make_executor(
     name: str | None,
     model: MultiExitBert,
     precision: str = "fp32",
-    torch_layers: Collection[int] | None = None,
+    pruning_layers: Collection[int] = (),
+    release_weights: bool = False,
 ) -> LayerExecutor:
     """Build the executor ``name`` for ``model`` (in eval mode, weights final).
 
@@ -51,13 +53,15 @@ def make_executor(
             exact GELU, on CPU, in eval mode) for fp32 and int8, "torch" otherwise.
         model: the multi-exit model.
         precision: "fp32", "bf16" or "int8" (see the module docstring).
-        torch_layers: None when the caller may still run any torch layer of ``model`` itself
-            (the model's weights stay as they are, except that a bf16 executor casts its
-            layers); else the caller owns ``model``, runs only these 0-based layers in torch
-            (token-pruning layers) and everything else through the executor, so the executor
-            keeps one copy of the weights: ``onnxruntime`` drops the torch weights of the
-            layers it runs (:meth:`OnnxRuntimeExecutor.release_torch_layers`), bf16 leaves
-            these layers in float32.
+        pruning_layers: 0-based layers the loop runs with MPEE token pruning
+            (:meth:`LayerExecutor.pruned_layer`): ``onnxruntime`` builds each as two sessions
+            (attention, feed-forward) with the pruning between them; a bf16 ``torch`` executor
+            leaves them in float32.
+        release_weights: the caller owns ``model`` and runs its layers only through the
+            executor, so the executor keeps one copy of the weights: ``onnxruntime`` drops the
+            torch weights of the layers (:meth:`OnnxRuntimeExecutor.release_torch_layers`).
+            False: the caller may still run the torch layers itself (they stay as they are,
+            except that a bf16 executor casts them).
 
     Returns:
         The executor.
@@ -86,12 +90,12 @@ def make_executor(
     elif name == "onnxruntime" and reason is not None:
         raise ValueError(f"executor 'onnxruntime' is not available: {reason}")
     if name == "torch":
-        return TorchExecutor(model, precision, frozenset(torch_layers or ()))
+        return TorchExecutor(model, precision, frozenset(pruning_layers))
     from eeengine.executors.onnxruntime import OnnxRuntimeExecutor
 
-    executor = OnnxRuntimeExecutor(model, precision)
-    if torch_layers is not None:
-        executor.release_torch_layers(frozenset(torch_layers))
+    executor = OnnxRuntimeExecutor(model, precision, pruning_layers=frozenset(pruning_layers))
+    if release_weights:
+        executor.release_torch_layers()
     return executor
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from torch import Tensor
+
+from eeengine.token_pruning import TokenPruneOutput
 
 
 class LayerExecutor(Protocol):
@@ -23,6 +26,23 @@ class LayerExecutor(Protocol):
     def mask(self, attention_mask: Tensor) -> object: ...
 
     def layer(self, index: int, hidden_states: Tensor, mask: object) -> Tensor: ...
+
+    def pruned_layer(
+        self,
+        index: int,
+        hidden_states: Tensor,
+        mask: object,
+        attention_mask: Tensor,
+        memory: Tensor,
+        keep_ratio: float,
+        beta: float,
+        prune: Callable[..., TokenPruneOutput],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Layer ``index`` with MPEE token pruning between its attention and feed-forward
+        sublayers: :meth:`eeengine.modeling_bert.PrunableLayer.pruned_forward`'s arguments
+        (``mask`` in this executor's form, ``attention_mask`` 1/0) and returns (hidden states,
+        attention mask, memory, all with the pruned width)."""
+        ...
 
     def layers(self, start: int, stop: int, hidden_states: Tensor, mask: object) -> Tensor:
         """Layers ``start`` .. ``stop - 1`` (0-based) back to back on the same rows: what the

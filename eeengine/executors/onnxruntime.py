@@ -26,8 +26,12 @@ Memory: one copy of the weights. The embedding tables (half of MiniLM's weights)
 copied: they are inputs of the embeddings session, bound once to the torch tensors. The
 layer weights are ONNX Runtime's own (it repacks them for its GEMMs at session creation, a
 layout torch cannot share); :meth:`OnnxRuntimeExecutor.release_torch_layers` then drops the
-torch copy of the layers the executor runs, for an owner that runs nothing else on them
-(:class:`eeengine.Engine`).
+torch copy of the layers, for an owner that runs nothing else on them (:class:`eeengine.Engine`).
+
+MPEE token pruning (``pruning_layers``): a pruning layer is two sessions, its attention
+sublayer (:func:`attention_graph`, which also returns the [CLS] query and the keys the pruning
+rule reads) and its feed-forward sublayer (:func:`feed_forward_graph`); the fused
+``token_prune`` runs between them, so pruning layers run at the executor's precision too.
 
 Hidden states stay torch tensors: each session reads and writes them in place through
 IOBinding (pointers, no copies), and the exit head, the policy step and the batch compaction
@@ -56,6 +60,7 @@ from torch import Tensor
 from eeengine.executors.base import LayerExecutor
 from eeengine.modeling_bert import BertEmbeddings, BertLayer
 from eeengine.modeling_multiexit import MultiExitBert
+from eeengine.token_pruning import TokenPruneOutput
 
 _OPSET = 17
 _MS = "com.microsoft"  # ONNX Runtime's contrib ops
@@ -80,7 +85,70 @@ def layer_graph(layer: BertLayer, num_heads: int, eps: float) -> onnx.ModelProto
         ``attention_mask`` (batch, seq) int32 (1 = real token), and output ``output``
         (batch, seq, hidden) float32.
     """
-    attention, intermediate, output = layer.attention, layer.intermediate, layer.output
+    attention_nodes, attention_weights = _attention_sublayer(layer, num_heads, eps)
+    ffn_nodes, ffn_weights = _feed_forward_sublayer(layer, eps)
+    hidden = _hidden_shape(layer)
+    return _model(
+        "bert_layer",
+        attention_nodes + ffn_nodes,
+        _attention_inputs(hidden),
+        [_float("output", hidden)],
+        {**attention_weights, **ffn_weights},
+    )
+
+
+def attention_graph(layer: BertLayer, num_heads: int, eps: float) -> onnx.ModelProto:
+    """The attention sublayer of :func:`layer_graph` alone, with what MPEE's token pruning
+    reads (:meth:`eeengine.modeling_bert.PrunableLayer.pruned_forward`): the [CLS] query and
+    the keys. ``Attention``'s optional ``present`` output holds the keys and values it
+    attended with (``present[0]`` the keys: no copy is made of them); the [CLS] query is
+    recomputed from [CLS]'s input row (one row through the query weights).
+
+    Returns:
+        A model with the inputs of :func:`layer_graph` and outputs ``attention_output``
+        (batch, seq, hidden), ``cls_query`` (batch, num_heads, head_size) and ``present``
+        (2, batch, num_heads, seq, head_size), float32.
+    """
+    nodes, weights = _attention_sublayer(layer, num_heads, eps, present="present")
+    query = layer.attention.self.query
+    hidden_size = query.out_features
+    head_size = hidden_size // num_heads
+    weights |= {
+        "query_weight": query.weight.T,
+        "query_bias": query.bias,
+        "zero": torch.tensor(0, dtype=torch.int64),
+        "cls_query_shape": torch.tensor([-1, num_heads, head_size], dtype=torch.int64),
+    }
+    nodes += [
+        helper.make_node("Gather", ["hidden_states", "zero"], ["cls_hidden"], axis=1),
+        helper.make_node("MatMul", ["cls_hidden", "query_weight"], ["cls_projected"]),
+        helper.make_node("Add", ["cls_projected", "query_bias"], ["cls_query_flat"]),
+        helper.make_node("Reshape", ["cls_query_flat", "cls_query_shape"], ["cls_query"]),
+    ]
+    hidden = _hidden_shape(layer)
+    outputs = [
+        _float("attention_output", hidden),
+        _float("cls_query", ["batch", num_heads, head_size]),
+        _float("present", [2, "batch", num_heads, "seq", head_size]),
+    ]
+    return _model("bert_attention", nodes, _attention_inputs(hidden), outputs, weights)
+
+
+def feed_forward_graph(layer: BertLayer, eps: float) -> onnx.ModelProto:
+    """The feed-forward sublayer of :func:`layer_graph` alone: input ``attention_output``
+    (batch, seq, hidden) float32, output ``output`` of the same shape."""
+    nodes, weights = _feed_forward_sublayer(layer, eps)
+    hidden = _hidden_shape(layer)
+    inputs = [_float("attention_output", hidden)]
+    return _model("bert_feed_forward", nodes, inputs, [_float("output", hidden)], weights)
+
+
+def _attention_sublayer(
+    layer: BertLayer, num_heads: int, eps: float, present: str | None = None
+) -> tuple[list[onnx.NodeProto], dict[str, Tensor]]:
+    """Nodes ``hidden_states``, ``attention_mask`` -> ``attention_output`` (and the keys and
+    values in ``present`` when it is named), and their weights."""
+    attention = layer.attention
     qkv = (attention.self.query, attention.self.key, attention.self.value)
     weights = {
         "qkv_weight": torch.cat([p.weight for p in qkv]).T,
@@ -89,18 +157,12 @@ def layer_graph(layer: BertLayer, num_heads: int, eps: float) -> onnx.ModelProto
         "attn_out_bias": attention.output.dense.bias,
         "ln1_gamma": attention.output.LayerNorm.weight,
         "ln1_beta": attention.output.LayerNorm.bias,
-        "ffn_in_weight": intermediate.dense.weight.T,
-        "ffn_in_bias": intermediate.dense.bias,
-        "ffn_out_weight": output.dense.weight.T,
-        "ffn_out_bias": output.dense.bias,
-        "ln2_gamma": output.LayerNorm.weight,
-        "ln2_beta": output.LayerNorm.bias,
     }
     nodes = [
         helper.make_node(
             "Attention",
             ["hidden_states", "qkv_weight", "qkv_bias", "attention_mask"],
-            ["context"],
+            ["context", present] if present else ["context"],
             domain=_MS,
             num_heads=num_heads,
         ),
@@ -112,6 +174,24 @@ def layer_graph(layer: BertLayer, num_heads: int, eps: float) -> onnx.ModelProto
             domain=_MS,
             epsilon=eps,
         ),
+    ]
+    return nodes, weights
+
+
+def _feed_forward_sublayer(
+    layer: BertLayer, eps: float
+) -> tuple[list[onnx.NodeProto], dict[str, Tensor]]:
+    """Nodes ``attention_output`` -> ``output``, and their weights."""
+    intermediate, output = layer.intermediate, layer.output
+    weights = {
+        "ffn_in_weight": intermediate.dense.weight.T,
+        "ffn_in_bias": intermediate.dense.bias,
+        "ffn_out_weight": output.dense.weight.T,
+        "ffn_out_bias": output.dense.bias,
+        "ln2_gamma": output.LayerNorm.weight,
+        "ln2_beta": output.LayerNorm.bias,
+    }
+    nodes = [
         helper.make_node("MatMul", ["attention_output", "ffn_in_weight"], ["ffn_in"]),
         helper.make_node("BiasGelu", ["ffn_in", "ffn_in_bias"], ["ffn_act"], domain=_MS),
         helper.make_node("MatMul", ["ffn_act", "ffn_out_weight"], ["ffn_out"]),
@@ -123,16 +203,26 @@ def layer_graph(layer: BertLayer, num_heads: int, eps: float) -> onnx.ModelProto
             epsilon=eps,
         ),
     ]
-    hidden = ["batch", "seq", attention.output.dense.out_features]
-    inputs = [
-        helper.make_tensor_value_info("hidden_states", TensorProto.FLOAT, hidden),
+    return nodes, weights
+
+
+def _hidden_shape(layer: BertLayer) -> list[str | int]:
+    return ["batch", "seq", layer.attention.output.dense.out_features]
+
+
+def _attention_inputs(hidden: list[str | int]) -> list[onnx.ValueInfoProto]:
+    return [
+        _float("hidden_states", hidden),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT32, ["batch", "seq"]),
     ]
-    initializers = [
-        numpy_helper.from_array(value.detach().float().contiguous().cpu().numpy(), key)
-        for key, value in weights.items()
-    ]
-    return _model("bert_layer", nodes, inputs, hidden, initializers)
+
+
+def _float32(tensor: Tensor) -> Tensor:
+    return tensor.float() if tensor.is_floating_point() else tensor
+
+
+def _float(name: str, shape: list[str | int]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
 
 def embeddings_graph(embeddings: BertEmbeddings) -> tuple[onnx.ModelProto, dict[str, Tensor]]:
@@ -173,7 +263,7 @@ def embeddings_graph(embeddings: BertEmbeddings) -> tuple[onnx.ModelProto, dict[
         for key, value in weights.items()
     ]
     hidden = [*shape, embeddings.word_embeddings.embedding_dim]
-    model = _model("bert_embeddings", [node], inputs, hidden, [])
+    model = _model("bert_embeddings", [node], inputs, [_float("output", hidden)], {})
     return model, {key: value.detach() for key, value in weights.items()}
 
 
@@ -181,17 +271,15 @@ def _model(
     name: str,
     nodes: list[onnx.NodeProto],
     inputs: list[onnx.ValueInfoProto],
-    output_shape: list[str | int],
-    initializers: list[TensorProto],
+    outputs: list[onnx.ValueInfoProto],
+    initializers: dict[str, Tensor],
 ) -> onnx.ModelProto:
-    """A model of ``nodes`` with one float32 output ``output``."""
-    graph = helper.make_graph(
-        nodes,
-        name,
-        inputs,
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, output_shape)],
-        initializers,
-    )
+    """A model of ``nodes``; ``initializers`` are copied (floating point ones as float32)."""
+    tensors = [
+        numpy_helper.from_array(_float32(value).detach().contiguous().cpu().numpy(), key)
+        for key, value in initializers.items()
+    ]
+    graph = helper.make_graph(nodes, name, inputs, outputs, tensors)
     opsets = [helper.make_opsetid("", _OPSET), helper.make_opsetid(_MS, 1)]
     return helper.make_model(graph, opset_imports=opsets)
 
@@ -239,6 +327,11 @@ class OnnxRuntimeExecutor(LayerExecutor):
         precision: "fp32", or "int8" (the layers' linear weights quantized, see the module
             docstring).
         num_threads: ONNX Runtime intra-op threads (default: ``torch.get_num_threads()``).
+        pruning_layers: 0-based layers the loop runs with MPEE token pruning
+            (:meth:`pruned_layer`): each is built as two sessions, its attention sublayer
+            (:func:`attention_graph`) and its feed-forward sublayer
+            (:func:`feed_forward_graph`), so the tokens can be pruned between them at the
+            executor's precision; :meth:`layer` runs the two back to back.
 
     Raises:
         ValueError: an unknown precision.
@@ -247,7 +340,11 @@ class OnnxRuntimeExecutor(LayerExecutor):
     name = "onnxruntime"
 
     def __init__(
-        self, model: MultiExitBert, precision: str = "fp32", num_threads: int | None = None
+        self,
+        model: MultiExitBert,
+        precision: str = "fp32",
+        num_threads: int | None = None,
+        pruning_layers: frozenset[int] = frozenset(),
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(
@@ -260,18 +357,31 @@ class OnnxRuntimeExecutor(LayerExecutor):
         options = _session_options(threads)
         embeddings, self._embedding_weights = embeddings_graph(model.backbone.embeddings)
         sessions = [_session(embeddings.SerializeToString(), options)]
+        heads, eps = config.num_attention_heads, config.layer_norm_eps
+        # Session of layer i: i + 1; of a pruning layer's feed-forward sublayer:
+        # self._feed_forward[i], after the layers.
+        self._feed_forward: dict[int, int] = {}
         # Layer sessions load from files: one from bytes keeps the bytes (a second copy of
         # the weights) referenced for its lifetime.
         with tempfile.TemporaryDirectory(prefix="eeengine-onnx-") as tmp:
             path = Path(tmp) / "layer.onnx"
-            for layer in model.backbone.layers:
-                graph = layer_graph(layer, config.num_attention_heads, config.layer_norm_eps)
+
+            def load(graph: onnx.ModelProto) -> onnxruntime.InferenceSession:
                 if precision == "int8":
                     quantize_int8(graph, path)
                 else:
                     onnx.save(graph, path)
+                return _session(str(path), options)
+
+            layers = model.backbone.layers
+            for index, layer in enumerate(layers):
+                split = index in pruning_layers
+                graph = (attention_graph if split else layer_graph)(layer, heads, eps)
+                sessions.append(load(graph))
                 del graph  # one layer's transient copies at a time
-                sessions.append(_session(str(path), options))
+            for index in sorted(pruning_layers):
+                self._feed_forward[index] = len(sessions)
+                sessions.append(load(feed_forward_graph(layers[index], eps)))
         _release_freed_heap()
         self._sessions = sessions
         self._bindings = [session.io_binding() for session in self._sessions]
@@ -282,24 +392,23 @@ class OnnxRuntimeExecutor(LayerExecutor):
         self._hidden_size = config.hidden_size
         self._largest_batch_tokens = 0  # batch_size x seq_len, since release_scratch
 
-    def release_torch_layers(self, keep: set[int] = frozenset()) -> None:
-        """Drop the torch weights of the encoder layers this executor runs (all but ``keep``,
-        0-based), so that their only copy is ONNX Runtime's. Those torch layers cannot run
-        afterwards (their parameters are on the ``meta`` device: any use raises).
+    def release_torch_layers(self) -> None:
+        """Drop the torch weights of the encoder layers, so that their only copy is ONNX
+        Runtime's. The torch layers cannot run afterwards (their parameters are on the
+        ``meta`` device: any use raises).
 
-        For an owner that runs those layers only through this executor; the model given to
-        the constructor is changed in place.
+        For an owner that runs the layers only through this executor; the model given to the
+        constructor is changed in place.
         """
-        for index, layer in enumerate(self.model.backbone.layers):
-            if index not in keep:
-                layer.to_empty(device="meta")
+        for layer in self.model.backbone.layers:
+            layer.to_empty(device="meta")
         _release_freed_heap()
 
     def embed(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
         """(batch_size, seq_len) int64 ids -> (batch_size, seq_len, hidden_size) float32."""
         output = torch.empty((*input_ids.shape, self._hidden_size), dtype=torch.float32)
         inputs = {"input_ids": _int32(input_ids), "token_type_ids": _int32(token_type_ids)}
-        return self._run(0, inputs, output)
+        return self._run(0, inputs, {"output": output})[0]
 
     def mask(self, attention_mask: Tensor) -> Tensor:
         """The (batch_size, seq_len) 1/0 mask as contiguous int32, what ``Attention`` takes."""
@@ -308,11 +417,70 @@ class OnnxRuntimeExecutor(LayerExecutor):
     def layer(self, index: int, hidden_states: Tensor, mask: Tensor) -> Tensor:
         """Layer ``index`` (0-based) on (batch_size, seq_len, hidden_size) float32 CPU hidden
         states; returns a new tensor of the same shape, written by ONNX Runtime in place."""
-        hidden_states = hidden_states.contiguous()
+        if index in self._feed_forward:
+            return self._run_feed_forward(index, self._run_attention(index, hidden_states, mask)[0])
+        hidden_states = self._track(hidden_states)
+        inputs = {"hidden_states": hidden_states, "attention_mask": mask}
+        return self._run(index + 1, inputs, {"output": torch.empty_like(hidden_states)})[0]
+
+    def pruned_layer(
+        self,
+        index: int,
+        hidden_states: Tensor,
+        mask: Tensor,
+        attention_mask: Tensor,
+        memory: Tensor,
+        keep_ratio: float,
+        beta: float,
+        prune: Callable[..., TokenPruneOutput],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Layer ``index`` with MPEE token pruning between its two sublayers, as
+        :meth:`eeengine.modeling_bert.PrunableLayer.pruned_forward` (arguments and returns
+        there; ``mask`` is :meth:`mask` of ``attention_mask``): the attention session, then
+        ``prune`` on its outputs, then the feed-forward session on the kept tokens.
+
+        Raises:
+            ValueError: the layer was not built for pruning (``pruning_layers``).
+        """
+        if index not in self._feed_forward:
+            raise ValueError(
+                f"layer {index + 1} was built without token pruning; build the executor with "
+                f"pruning_layers containing {index}"
+            )
+        attention_output, cls_query, key = self._run_attention(index, hidden_states, mask)
+        pruned = prune(attention_output, attention_mask, cls_query, key, memory, keep_ratio, beta)
+        output = self._run_feed_forward(index, pruned.hidden_states)
+        return output, pruned.attention_mask, pruned.memory
+
+    def _run_attention(
+        self, index: int, hidden_states: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The attention session of pruning layer ``index``: attention_output, cls_query, key
+        (see :func:`attention_graph`)."""
+        hidden_states = self._track(hidden_states)
+        batch_size, seq_len, hidden_size = hidden_states.shape
+        heads = self.model.config.num_attention_heads
+        outputs = {
+            "attention_output": torch.empty_like(hidden_states),
+            "cls_query": torch.empty(batch_size, heads, hidden_size // heads),
+            "present": torch.empty(2, batch_size, heads, seq_len, hidden_size // heads),
+        }
+        inputs = {"hidden_states": hidden_states, "attention_mask": mask}
+        attention_output, cls_query, present = self._run(index + 1, inputs, outputs)
+        return attention_output, cls_query, present[0]
+
+    def _run_feed_forward(self, index: int, attention_output: Tensor) -> Tensor:
+        attention_output = self._track(attention_output)
+        inputs = {"attention_output": attention_output}
+        output = {"output": torch.empty_like(attention_output)}
+        return self._run(self._feed_forward[index], inputs, output)[0]
+
+    def _track(self, hidden_states: Tensor) -> Tensor:
+        """``hidden_states`` contiguous, its batch_size x seq_len counted for
+        :meth:`release_scratch`."""
         tokens = hidden_states.shape[0] * hidden_states.shape[1]
         self._largest_batch_tokens = max(self._largest_batch_tokens, tokens)
-        inputs = {"hidden_states": hidden_states, "attention_mask": mask}
-        return self._run(index + 1, inputs, torch.empty_like(hidden_states))
+        return hidden_states.contiguous()
 
     def release_scratch(self) -> None:
         """Return the shared arena's free chunks to the system (ONNX Runtime's arena shrinkage,
@@ -331,17 +499,18 @@ class OnnxRuntimeExecutor(LayerExecutor):
         options = onnxruntime.RunOptions()
         options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self._run(0, {"input_ids": _int32(one), "token_type_ids": _int32(one)},
-                  torch.empty((1, 1, self._hidden_size)), options)  # fmt: skip
+                  {"output": torch.empty((1, 1, self._hidden_size))}, options)  # fmt: skip
 
     def _run(
         self,
         session: int,
         inputs: dict[str, Tensor],
-        output: Tensor,
+        outputs: dict[str, Tensor],
         options: onnxruntime.RunOptions | None = None,
-    ) -> Tensor:
-        """Run session ``session`` (0: embeddings, l: layer l) on contiguous CPU tensors bound
-        by pointer (no copies); ``output`` is written in place and returned."""
+    ) -> list[Tensor]:
+        """Run session ``session`` (0: embeddings, l: layer l, then the feed-forward sublayers
+        of pruning layers) on contiguous CPU tensors bound by pointer (no copies); ``outputs``
+        are written in place and returned in order."""
         binding, bound = self._bindings[session], self._bound[session]
         for name, tensor in inputs.items():
             # A binding is a pointer, a shape and a type: the same three again need no call
@@ -350,9 +519,10 @@ class OnnxRuntimeExecutor(LayerExecutor):
             if bound.get(name) != key:
                 _bind(binding.bind_input, name, tensor)
                 bound[name] = key
-        _bind(binding.bind_output, "output", output)
+        for name, tensor in outputs.items():
+            _bind(binding.bind_output, name, tensor)
         self._sessions[session].run_with_iobinding(binding, options)
-        return output
+        return list(outputs.values())
 
 
 def _session(

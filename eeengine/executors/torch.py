@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from eeengine.executors.base import LayerExecutor
 from eeengine.modeling_bert import attention_bias
 from eeengine.modeling_multiexit import MultiExitBert
+from eeengine.token_pruning import TokenPruneOutput
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -25,8 +28,8 @@ class TorchExecutor(LayerExecutor):
     Args:
         model: the multi-exit model, on any device.
         precision: "fp32" (the reference) or "bf16".
-        fp32_layers: 0-based layers left in float32 at bf16 (those the loop runs outside the
-            executor: token-pruning layers).
+        fp32_layers: 0-based layers left in float32 at bf16 (token-pruning layers, see
+            :meth:`pruned_layer`).
     """
 
     name = "torch"
@@ -71,6 +74,24 @@ class TorchExecutor(LayerExecutor):
         if dtype == torch.float32:
             return layer(hidden_states, mask)
         return layer(hidden_states.to(dtype), mask).float()
+
+    def pruned_layer(
+        self,
+        index: int,
+        hidden_states: Tensor,
+        mask: Tensor | None,
+        attention_mask: Tensor,
+        memory: Tensor,
+        keep_ratio: float,
+        beta: float,
+        prune: Callable[..., TokenPruneOutput],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The layer's own :meth:`eeengine.modeling_bert.PrunableLayer.pruned_forward` (a
+        pruning layer stays float32 at bf16: build with it in ``fp32_layers``)."""
+        layer = self.model.backbone.layers[index]
+        return layer.pruned_forward(
+            hidden_states, mask, attention_mask, memory, keep_ratio, beta, prune
+        )
 
     def release_scratch(self) -> None:
         """Nothing to do: torch's CPU allocator frees each buffer when it is released."""
