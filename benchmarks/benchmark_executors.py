@@ -39,7 +39,7 @@ from peers import INPUT_NAMES, engine_provider, tokenize
 from eeengine import Engine
 from eeengine.data import get_task, load_split
 from eeengine.defaults import default_checkpoint
-from eeengine.executors.onnxruntime import embeddings_graph, layer_graph, quantize_int8
+from eeengine.executors.onnx_graphs import embeddings_graph, layer_graph, quantize_int8
 
 ENGINES = {  # provider -> Engine keyword arguments
     "eeengine_ort_fp32": {"executor": "onnxruntime", "precision": "fp32"},

@@ -124,10 +124,9 @@ class Engine:
             token_pruning, self.model, self.manifest, self.path
         )
         self._flops = FlopCounter.for_model(self.model)
-        pruned = () if self.token_pruning is None else self.token_pruning.layers
         # The engine owns its model: the executor keeps one copy of the weights.
         self._executor = make_executor(
-            executor, self.model, precision, {layer - 1 for layer in pruned}, release_weights=True
+            executor, self.model, precision, self.token_pruning, release_weights=True
         )
         self._loop = DeviceLoop(self.model, self._executor, graph)
 

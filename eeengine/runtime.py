@@ -330,7 +330,7 @@ def early_exit_forward(
         token_pruning: the token-pruning schedule, or None for none.
         executor: runs the embeddings and each encoder layer (see :mod:`eeengine.executors`);
             None: the reference :class:`eeengine.executors.TorchExecutor`. Pruning layers run
-            its ``pruned_layer`` (built with them in ``pruning_layers``, see
+            its ``pruned_layer`` (built with the schedule, see
             :func:`eeengine.executors.make_executor`).
 
     Returns:

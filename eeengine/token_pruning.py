@@ -104,6 +104,11 @@ class TokenPruning:
         """The ``eeengine.json`` form, the inverse of :meth:`from_json`."""
         return {"layers": list(self.layers), "keep_ratio": self.keep_ratio, "beta": list(self.beta)}
 
+    @property
+    def indices(self) -> tuple[int, ...]:
+        """The pruning layers 0-based (the executors' and ``backbone.layers``' indexing)."""
+        return tuple(layer - 1 for layer in self.layers)
+
     def beta_at(self, layer: int) -> float | None:
         """β of ``layer`` (1-based), or None where the layer does not prune."""
         return self.beta[self.layers.index(layer)] if layer in self.layers else None

@@ -20,6 +20,7 @@ from eeengine.batching import collate, encode
 from eeengine.executors import EXECUTORS, TorchExecutor, make_executor
 from eeengine.policies import make_policy, run_policy
 from eeengine.runtime import early_exit_forward
+from eeengine.token_pruning import TokenPruning
 from tests.conftest import SENTENCES, make_tiny_model
 
 ATOL = RTOL = 1e-5
@@ -65,17 +66,18 @@ def expected_hidden_states(tiny_bert_dir, batch) -> tuple:
         ).hidden_states
 
 
-@pytest.mark.parametrize("pruning_layers", [(), (1, 2)])
+@pytest.mark.parametrize("pruning_layers", [(), (2, 3)])
 @pytest.mark.parametrize("name", EXECUTORS)
 def test_every_layer_matches_transformers(
     model, batch, expected_hidden_states, name, pruning_layers
 ):
-    """Every layer alone; ``pruning_layers``: layers 2 and 3 built for token pruning (ONNX
-    Runtime: two sessions each, attention then feed-forward, run back to back here)."""
+    """Every layer alone; ``pruning_layers`` (1-based): layers 2 and 3 built for token pruning
+    (ONNX Runtime: two sessions each, attention then feed-forward, run back to back here)."""
     input_ids, attention_mask, token_type_ids = batch
     expected = expected_hidden_states
     with torch.inference_mode():
-        executor = make_executor(_available(name), model, "fp32", pruning_layers)
+        schedule = TokenPruning(pruning_layers, 0.7, (1.0,) * len(pruning_layers))
+        executor = make_executor(_available(name), model, "fp32", schedule)
         assert executor.name == name
         actual = [executor.embed(input_ids, token_type_ids)]
         mask = executor.mask(attention_mask)

@@ -24,6 +24,7 @@ from eeengine.executors import make_executor
 from eeengine.modeling_bert import attention_bias
 from eeengine.policies import make_policy
 from eeengine.precision import calibration_file, read_calibration, write_calibration
+from eeengine.token_pruning import TokenPruning
 from eeengine.training.calibration_slice import calibration_slice
 from tests.conftest import SENTENCES, make_tiny_model
 
@@ -32,6 +33,7 @@ pytest.importorskip("onnx")
 
 LAYER_ATOL = {"int8": 5e-3, "bf16": 5e-2}
 LOGITS_ATOL = {"int8": 5e-3, "bf16": 2e-2}
+PRUNE_LAYER_2 = TokenPruning(layers=(2,), keep_ratio=0.7, beta=(1.0,))
 FP32_ATOL = 1e-5
 
 
@@ -86,14 +88,14 @@ def test_onnxruntime_engine_keeps_one_copy_of_the_layers(tiny_ckpt):
 @pytest.mark.parametrize(("release", "device"), [(True, "meta"), (False, "cpu")])
 def test_onnxruntime_releases_the_torch_layers_when_told(tiny_bert_dir, release, device):
     model = make_tiny_model(tiny_bert_dir)
-    make_executor("onnxruntime", model, "fp32", {1}, release_weights=release)
+    make_executor("onnxruntime", model, "fp32", PRUNE_LAYER_2, release_weights=release)
     devices = [next(layer.parameters()).device.type for layer in model.backbone.layers]
     assert devices == [device] * 4
 
 
 def test_bf16_keeps_the_pruning_layers_in_float32(tiny_bert_dir):
     model = make_tiny_model(tiny_bert_dir)
-    make_executor(None, model, "bf16", {1})
+    make_executor(None, model, "bf16", PRUNE_LAYER_2)
     dtypes = [next(layer.parameters()).dtype for layer in model.backbone.layers]
     assert dtypes == [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16]
 

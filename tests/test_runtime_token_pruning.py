@@ -281,8 +281,7 @@ def test_onnxruntime_executor_prunes_as_the_torch_layers(model, encoded, name, p
     pytest.importorskip("onnxruntime")
     policy = make_policy(name, **params)
     batch = collate(encoded, range(len(SENTENCES)), 0)
-    pruned = [layer - 1 for layer in SCHEDULE.layers]
-    executor = make_executor("onnxruntime", model, "fp32", pruned)  # keeps the torch layers
+    executor = make_executor("onnxruntime", model, "fp32", SCHEDULE)  # keeps the torch layers
     got = early_exit_forward(
         model, policy, *batch, backend="cpp", token_pruning=SCHEDULE, executor=executor
     )
@@ -299,7 +298,6 @@ def test_onnxruntime_int8_prunes_to_the_schedule(model, encoded):
     pytest.importorskip("onnxruntime")
     policy = make_policy("none")
     batch = collate(encoded, range(len(SENTENCES)), 0)
-    pruned = [layer - 1 for layer in SCHEDULE.layers]
     outs = {
         precision: early_exit_forward(
             model,
@@ -307,7 +305,7 @@ def test_onnxruntime_int8_prunes_to_the_schedule(model, encoded):
             *batch,
             backend="cpp",
             token_pruning=SCHEDULE,
-            executor=make_executor("onnxruntime", model, precision, pruned),
+            executor=make_executor("onnxruntime", model, precision, SCHEDULE),
         )  # fmt: skip
         for precision in ("fp32", "int8")
     }

@@ -551,8 +551,7 @@ def _int8_calibration(
     reason = precision_unavailable("int8", model)
     if reason is not None:
         return None, {"written": False, "reason": reason}
-    pruned = () if token_pruning is None else [layer - 1 for layer in token_pruning.layers]
-    executor = make_executor(None, model, "int8", pruned)
+    executor = make_executor(None, model, "int8", token_pruning)
     trade_off = sweep_slice(progress=progress, executor=executor)
     record = {"written": True, "file": calibration_file("int8")}
     return trade_off.sweep, {**record, "full_depth": trade_off.sweep["full_depth"]}

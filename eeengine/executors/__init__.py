@@ -22,11 +22,11 @@ Choose with :func:`make_executor` once, at engine construction.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Collection
 
 from eeengine.executors.base import LayerExecutor
 from eeengine.executors.torch import TorchExecutor
 from eeengine.modeling_multiexit import MultiExitBert
+from eeengine.token_pruning import TokenPruning
 
 EXECUTORS = ("torch", "onnxruntime")
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -42,7 +42,7 @@ def make_executor(
     name: str | None,
     model: MultiExitBert,
     precision: str = "fp32",
-    pruning_layers: Collection[int] = (),
+    token_pruning: TokenPruning | None = None,
     release_weights: bool = False,
 ) -> LayerExecutor:
     """Build the executor ``name`` for ``model`` (in eval mode, weights final).
@@ -53,10 +53,10 @@ def make_executor(
             exact GELU, on CPU, in eval mode) for fp32 and int8, "torch" otherwise.
         model: the multi-exit model.
         precision: "fp32", "bf16" or "int8" (see the module docstring).
-        pruning_layers: 0-based layers the loop runs with MPEE token pruning
-            (:meth:`LayerExecutor.pruned_layer`): ``onnxruntime`` builds each as two sessions
-            (attention, feed-forward) with the pruning between them; a bf16 ``torch`` executor
-            leaves them in float32.
+        token_pruning: the MPEE schedule the loop will run (None: none); its layers run
+            through :meth:`LayerExecutor.pruned_layer`: ``onnxruntime`` builds each as two
+            sessions (attention, feed-forward) with the pruning between them; a bf16 ``torch``
+            executor leaves them in float32.
         release_weights: the caller owns ``model`` and runs its layers only through the
             executor, so the executor keeps one copy of the weights: ``onnxruntime`` drops the
             torch weights of the layers (:meth:`OnnxRuntimeExecutor.release_torch_layers`).
@@ -89,11 +89,12 @@ def make_executor(
             )
     elif name == "onnxruntime" and reason is not None:
         raise ValueError(f"executor 'onnxruntime' is not available: {reason}")
+    pruning_layers = frozenset(() if token_pruning is None else token_pruning.indices)
     if name == "torch":
-        return TorchExecutor(model, precision, frozenset(pruning_layers))
+        return TorchExecutor(model, precision, pruning_layers)
     from eeengine.executors.onnxruntime import OnnxRuntimeExecutor
 
-    executor = OnnxRuntimeExecutor(model, precision, pruning_layers=frozenset(pruning_layers))
+    executor = OnnxRuntimeExecutor(model, precision, pruning_layers=pruning_layers)
     if release_weights:
         executor.release_torch_layers()
     return executor

@@ -1,0 +1,289 @@
+"""ONNX graphs of BERT layers, built from the torch weights, for the ONNX Runtime executor
+(:mod:`eeengine.executors.onnxruntime`).
+
+The graphs are built directly from the torch weights with ONNX Runtime's fused transformer ops
+(domain ``com.microsoft``), the same ops its BERT graph optimizer produces. One layer:
+
+    ctx  = Attention(x, [Wq|Wk|Wv], [bq|bk|bv], mask)          # fused QKV + softmax(QKᵀ/√d)V
+    a    = SkipLayerNormalization(ctx @ Woᵀ, x, γ1, β1, bo)    # LayerNorm(ctx Woᵀ + bo + x)
+    h    = BiasGelu(a @ Wiᵀ, bi)                               # exact (erf) GELU, not FastGelu
+    out  = SkipLayerNormalization(h @ Wo2ᵀ, a, γ2, β2, bo2)
+
+and the embeddings are one ``EmbedLayerNormalization`` (word + position + token-type, then
+LayerNorm). So no exporter or optimizer pass decides the fusions, and none approximates GELU.
+The executor builds them at load time (well under a second for MiniLM).
+
+Precision "int8" (:func:`quantize_int8`): each layer graph goes through ONNX Runtime's
+dynamic quantization (:func:`onnxruntime.quantization.quantize_dynamic`) with per-channel int8
+weights (one scale per output column, the DESIGN.md measurement: plain per-tensor weights
+cost a point of SST-2 accuracy), so ``Attention`` becomes ``QAttention`` and each ``MatMul`` a
+``MatMulInteger`` on activations quantized per call (``DynamicQuantizeLinear``, uint8).
+Weights use the full int8 range where the CPU has VNNI (u8·s8 dot products without
+saturation), 7 bits (``reduce_range``) where it has not. LayerNorm, GELU, the softmax and the
+embeddings stay fp32; so do the exit heads, which run in eeengine.
+
+For MPEE token pruning a layer can also be built as its two sublayers:
+:func:`attention_graph` (which also returns the [CLS] query and the keys the pruning rule
+reads) and :func:`feed_forward_graph`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import Tensor
+
+from eeengine.modeling_bert import BertEmbeddings, BertLayer
+
+_OPSET = 17
+_MS = "com.microsoft"  # ONNX Runtime's contrib ops
+
+
+def layer_graph(layer: BertLayer, num_heads: int, eps: float) -> onnx.ModelProto:
+    """The ONNX model of one post-LayerNorm BERT layer (see the module docstring).
+
+    Args:
+        layer: the torch layer whose weights are copied (as float32).
+        num_heads: attention heads.
+        eps: LayerNorm epsilon.
+
+    Returns:
+        A model with inputs ``hidden_states`` (batch, seq, hidden) float32 and
+        ``attention_mask`` (batch, seq) int32 (1 = real token), and output ``output``
+        (batch, seq, hidden) float32.
+    """
+    attention_nodes, attention_weights = _attention_sublayer(layer, num_heads, eps)
+    ffn_nodes, ffn_weights = _feed_forward_sublayer(layer, eps)
+    hidden = _hidden_shape(layer)
+    return _model(
+        "bert_layer",
+        attention_nodes + ffn_nodes,
+        _attention_inputs(hidden),
+        [_float("output", hidden)],
+        {**attention_weights, **ffn_weights},
+    )
+
+
+def attention_graph(layer: BertLayer, num_heads: int, eps: float) -> onnx.ModelProto:
+    """The attention sublayer of :func:`layer_graph` alone, with what MPEE's token pruning
+    reads (:meth:`eeengine.modeling_bert.PrunableLayer.pruned_forward`): the [CLS] query and
+    the keys. ``Attention``'s optional ``present`` output holds the keys and values it
+    attended with (``present[0]`` the keys: no copy is made of them); the [CLS] query is
+    recomputed from [CLS]'s input row (one row through the query weights).
+
+    Returns:
+        A model with the inputs of :func:`layer_graph` and outputs ``attention_output``
+        (batch, seq, hidden), ``cls_query`` (batch, num_heads, head_size) and ``present``
+        (2, batch, num_heads, seq, head_size), float32.
+    """
+    nodes, weights = _attention_sublayer(layer, num_heads, eps, present="present")
+    query = layer.attention.self.query
+    hidden_size = query.out_features
+    head_size = hidden_size // num_heads
+    weights |= {
+        "query_weight": query.weight.T,
+        "query_bias": query.bias,
+        "zero": torch.tensor(0, dtype=torch.int64),
+        "cls_query_shape": torch.tensor([-1, num_heads, head_size], dtype=torch.int64),
+    }
+    nodes += [
+        helper.make_node("Gather", ["hidden_states", "zero"], ["cls_hidden"], axis=1),
+        helper.make_node("MatMul", ["cls_hidden", "query_weight"], ["cls_projected"]),
+        helper.make_node("Add", ["cls_projected", "query_bias"], ["cls_query_flat"]),
+        helper.make_node("Reshape", ["cls_query_flat", "cls_query_shape"], ["cls_query"]),
+    ]
+    hidden = _hidden_shape(layer)
+    outputs = [
+        _float("attention_output", hidden),
+        _float("cls_query", ["batch", num_heads, head_size]),
+        _float("present", [2, "batch", num_heads, "seq", head_size]),
+    ]
+    return _model("bert_attention", nodes, _attention_inputs(hidden), outputs, weights)
+
+
+def feed_forward_graph(layer: BertLayer, eps: float) -> onnx.ModelProto:
+    """The feed-forward sublayer of :func:`layer_graph` alone: input ``attention_output``
+    (batch, seq, hidden) float32, output ``output`` of the same shape."""
+    nodes, weights = _feed_forward_sublayer(layer, eps)
+    hidden = _hidden_shape(layer)
+    inputs = [_float("attention_output", hidden)]
+    return _model("bert_feed_forward", nodes, inputs, [_float("output", hidden)], weights)
+
+
+def _attention_sublayer(
+    layer: BertLayer, num_heads: int, eps: float, present: str | None = None
+) -> tuple[list[onnx.NodeProto], dict[str, Tensor]]:
+    """Nodes ``hidden_states``, ``attention_mask`` -> ``attention_output`` (and the keys and
+    values in ``present`` when it is named), and their weights."""
+    attention = layer.attention
+    qkv = (attention.self.query, attention.self.key, attention.self.value)
+    weights = {
+        "qkv_weight": torch.cat([p.weight for p in qkv]).T,
+        "qkv_bias": torch.cat([p.bias for p in qkv]),
+        "attn_out_weight": attention.output.dense.weight.T,
+        "attn_out_bias": attention.output.dense.bias,
+        "ln1_gamma": attention.output.LayerNorm.weight,
+        "ln1_beta": attention.output.LayerNorm.bias,
+    }
+    nodes = [
+        helper.make_node(
+            "Attention",
+            ["hidden_states", "qkv_weight", "qkv_bias", "attention_mask"],
+            ["context", present] if present else ["context"],
+            domain=_MS,
+            num_heads=num_heads,
+        ),
+        helper.make_node("MatMul", ["context", "attn_out_weight"], ["attn_proj"]),
+        helper.make_node(
+            "SkipLayerNormalization",
+            ["attn_proj", "hidden_states", "ln1_gamma", "ln1_beta", "attn_out_bias"],
+            ["attention_output"],
+            domain=_MS,
+            epsilon=eps,
+        ),
+    ]
+    return nodes, weights
+
+
+def _feed_forward_sublayer(
+    layer: BertLayer, eps: float
+) -> tuple[list[onnx.NodeProto], dict[str, Tensor]]:
+    """Nodes ``attention_output`` -> ``output``, and their weights."""
+    intermediate, output = layer.intermediate, layer.output
+    weights = {
+        "ffn_in_weight": intermediate.dense.weight.T,
+        "ffn_in_bias": intermediate.dense.bias,
+        "ffn_out_weight": output.dense.weight.T,
+        "ffn_out_bias": output.dense.bias,
+        "ln2_gamma": output.LayerNorm.weight,
+        "ln2_beta": output.LayerNorm.bias,
+    }
+    nodes = [
+        helper.make_node("MatMul", ["attention_output", "ffn_in_weight"], ["ffn_in"]),
+        helper.make_node("BiasGelu", ["ffn_in", "ffn_in_bias"], ["ffn_act"], domain=_MS),
+        helper.make_node("MatMul", ["ffn_act", "ffn_out_weight"], ["ffn_out"]),
+        helper.make_node(
+            "SkipLayerNormalization",
+            ["ffn_out", "attention_output", "ln2_gamma", "ln2_beta", "ffn_out_bias"],
+            ["output"],
+            domain=_MS,
+            epsilon=eps,
+        ),
+    ]
+    return nodes, weights
+
+
+def _hidden_shape(layer: BertLayer) -> list[str | int]:
+    return ["batch", "seq", layer.attention.output.dense.out_features]
+
+
+def _attention_inputs(hidden: list[str | int]) -> list[onnx.ValueInfoProto]:
+    return [
+        _float("hidden_states", hidden),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT32, ["batch", "seq"]),
+    ]
+
+
+def _float32(tensor: Tensor) -> Tensor:
+    return tensor.float() if tensor.is_floating_point() else tensor
+
+
+def _float(name: str, shape: list[str | int]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def embeddings_graph(embeddings: BertEmbeddings) -> tuple[onnx.ModelProto, dict[str, Tensor]]:
+    """The ONNX model of :class:`eeengine.modeling_bert.BertEmbeddings`: one
+    ``EmbedLayerNormalization`` (positions 0 .. seq - 1).
+
+    Returns:
+        The model, with inputs ``input_ids`` and ``token_type_ids``, (batch, seq) int32, and
+        output ``output`` (batch, seq, hidden) float32; and its weights, the torch parameters
+        themselves (float32, contiguous), which the model takes as further inputs of the same
+        names (bound by pointer, the session reads their memory: no copy).
+
+    Raises:
+        ValueError: a weight is not float32 and contiguous.
+    """
+    weights = {
+        "word_embeddings": embeddings.word_embeddings.weight,
+        "position_embeddings": embeddings.position_embeddings.weight,
+        "token_type_embeddings": embeddings.token_type_embeddings.weight,
+        "ln_gamma": embeddings.LayerNorm.weight,
+        "ln_beta": embeddings.LayerNorm.bias,
+    }
+    for key, value in weights.items():
+        if value.dtype != torch.float32 or not value.is_contiguous():
+            raise ValueError(f"embeddings {key}: float32 contiguous weights needed")
+    ids = ["input_ids", "token_type_ids"]
+    node = helper.make_node(
+        "EmbedLayerNormalization",
+        [*ids, *weights],
+        ["output", "mask_index"],  # the op requires its second output; nothing reads it
+        domain=_MS,
+        epsilon=embeddings.LayerNorm.eps,
+    )
+    shape = ["batch", "seq"]
+    inputs = [helper.make_tensor_value_info(name, TensorProto.INT32, shape) for name in ids]
+    inputs += [
+        helper.make_tensor_value_info(key, TensorProto.FLOAT, list(value.shape))
+        for key, value in weights.items()
+    ]
+    hidden = [*shape, embeddings.word_embeddings.embedding_dim]
+    model = _model("bert_embeddings", [node], inputs, [_float("output", hidden)], {})
+    return model, {key: value.detach() for key, value in weights.items()}
+
+
+def _model(
+    name: str,
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+    initializers: dict[str, Tensor],
+) -> onnx.ModelProto:
+    """A model of ``nodes``; ``initializers`` are copied (floating point ones as float32)."""
+    tensors = [
+        numpy_helper.from_array(_float32(value).detach().contiguous().cpu().numpy(), key)
+        for key, value in initializers.items()
+    ]
+    graph = helper.make_graph(nodes, name, inputs, outputs, tensors)
+    opsets = [helper.make_opsetid("", _OPSET), helper.make_opsetid(_MS, 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def quantize_int8(model: onnx.ModelProto, output: Path) -> None:
+    """Write ``model`` with int8 weights to ``output``: ONNX Runtime's dynamic quantization,
+    per-channel, 7-bit weights (``reduce_range``) on CPUs without VNNI (see the module
+    docstring)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # The quantizer logs a hint about its pre-processing pass (for exported graphs; these are
+    # built already fused) on the root logger at every call.
+    previous = logging.root.manager.disable
+    logging.disable(max(previous, logging.WARNING))
+    try:
+        quantize_dynamic(
+            model,
+            output,
+            per_channel=True,
+            reduce_range=not cpu_has_vnni(),
+            weight_type=QuantType.QInt8,
+            # The contrib ops' outputs have no inferred type; they are all float32.
+            extra_options={"DefaultTensorType": TensorProto.FLOAT},
+        )
+    finally:
+        logging.disable(previous)
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has VNNI int8 dot products (AVX512-VNNI or AVX-VNNI), from
+    ``/proc/cpuinfo``; False where that cannot be read."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_vnni" in flags or " avx_vnni" in flags
