@@ -272,11 +272,14 @@ def _session(
 
 def _session_options(num_threads: int) -> onnxruntime.SessionOptions:
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = num_threads
-    options.inter_op_num_threads = 1
-    # The exit head and policy step run in eeengine between two sessions: ORT's workers
-    # must not spin-wait for more work while eeengine needs the cores.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if _global_thread_pool(num_threads):
+        options.use_per_session_threads = False
+    else:
+        options.intra_op_num_threads = num_threads
+        options.inter_op_num_threads = 1
+        # Each session has its own workers: spinning, the seven pools' workers would take
+        # turns on the cores (measured 4-5x slower at batch 1).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # Scratch memory comes from one arena shared by every session of the process (see
     # _shared_arena), not from malloc at each run: a layer's large buffers (the attention
     # probabilities, 12.6 MB at 512 tokens) were fresh pages at every session run, faulted in
@@ -289,6 +292,26 @@ def _session_options(num_threads: int) -> onnxruntime.SessionOptions:
     # arena, buffers sized per tensor reuse each other's chunks better (measured faster).
     options.enable_mem_pattern = False
     return options
+
+
+_GLOBAL_POOL_THREADS: list[int] = []  # the size of ONNX Runtime's global pool, once made
+
+
+def _global_thread_pool(num_threads: int) -> bool:
+    """Whether this executor's sessions share ONNX Runtime's process-wide intra-op thread pool
+    (made by the first executor of the process, with its ``num_threads``; an executor asking
+    for another count gets per-session pools).
+
+    One pool for every session means one set of workers, which may spin between the layer
+    sessions of a forward pass instead of sleeping and being woken for every operator, as
+    each session's own pool must (see :func:`_session_options`). Measured on the default
+    SST-2 checkpoint at int8, batch 1, two threads: full depth 3.44 -> 2.09 ms, the default
+    policy 2.19 -> 1.49 ms; batch 32 unchanged or faster (BENCHMARKS.md, "Issue 12").
+    """
+    if not _GLOBAL_POOL_THREADS:
+        onnxruntime.set_global_thread_pool_sizes(num_threads, 1)
+        _GLOBAL_POOL_THREADS.append(num_threads)
+    return _GLOBAL_POOL_THREADS[0] == num_threads
 
 
 @functools.cache
