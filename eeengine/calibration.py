@@ -31,6 +31,7 @@ from eeengine.evaluation import (
     iter_points,
     policy_params,
     predictions_of,
+    reference_full_depth,
     sweep,
 )
 from eeengine.executors import LayerExecutor
@@ -346,10 +347,11 @@ def select_operating_point(
     chosen = choose_operating_point(calibration, max_drop, policy)
     if chosen is None:
         best = max(points, key=lambda p: p.metric)
+        reference = reference_full_depth(calibration)
         raise ValueError(
             f"no calibrated point of {which} is within {max_drop:g} points of full depth "
-            f"({calibration['metric']} {calibration['full_depth']:.2f}); the most accurate "
-            f"loses {calibration['full_depth'] - best.metric:.2f} ({best.describe()})"
+            f"({calibration['metric']} {reference:.2f}); the most accurate "
+            f"loses {reference - best.metric:.2f} ({best.describe()})"
         )
     return OperatingPoint.from_sweep(*chosen)
 

@@ -283,6 +283,11 @@ def check_calibration(calibration: dict, file: Path) -> None:
     _require(calibration, "metric", file, "metric", str, "a metric name (string)")
     _require(calibration, "num_layers", file, "num_layers", _positive_int, "a positive integer")
     _require(calibration, "full_depth", file, "full_depth", _finite, "a finite number")
+    if "reference_full_depth" in calibration:
+        _require(
+            calibration, "reference_full_depth", file, "reference_full_depth", _finite,
+            "a finite number",
+        )  # fmt: skip
     policies = _require(
         calibration, "policies", file, "policies", dict, "an object of policy name -> points"
     )

@@ -365,10 +365,24 @@ def sweep(
     return result
 
 
+def reference_full_depth(calibration: dict) -> float:
+    """The full-depth metric a sweep's ``max_drop`` is measured from: ``reference_full_depth``
+    where the sweep has it, else its own ``full_depth``.
+
+    A sweep measured at a reduced precision (``calibration-int8.json``) records the fp32
+    model's full depth on the same data as ``reference_full_depth`` (the trainer writes it), so
+    "within 0.5 points of full depth" at int8 means within 0.5 points of the model as trained,
+    quantization loss included, not of the quantized model's own full depth.
+    """
+    return calibration.get("reference_full_depth", calibration["full_depth"])
+
+
 def choose_operating_point(
     calibration: dict, max_drop: float = 0.5, policy: str | None = None
 ) -> tuple[str, dict] | None:
-    """The fastest swept point whose metric is within ``max_drop`` points of full depth.
+    """The fastest swept point whose metric is within ``max_drop`` points of full depth
+    (:func:`reference_full_depth`: the fp32 model's, for a sweep measured at another precision
+    that records it).
 
     Args:
         calibration: the result of :func:`sweep` (``calibration.json``).
@@ -379,7 +393,7 @@ def choose_operating_point(
         (policy name, point) or None when no point qualifies. Ties in speed go to the higher
         metric.
     """
-    floor = calibration["full_depth"] - max_drop
+    floor = reference_full_depth(calibration) - max_drop
     best = None
     for name, point in iter_points(calibration, policy):
         if point["metric"] < floor - 1e-9:

@@ -225,6 +225,7 @@ DAMAGED_CALIBRATIONS = [
     (POINT[:2], {}, "= {}, expected a list"),
     (("num_layers",), True, "= True, expected a positive integer"),
     (("metric",), MISSING, "is missing, expected a metric name"),
+    (("reference_full_depth",), "94", "= '94', expected a finite number"),
 ]
 
 

@@ -154,6 +154,8 @@ def test_trainer_writes_the_int8_calibration(trained_csv_ckpt, recwarn):
         "file": "calibration-int8.json",
         "full_depth": sweep["full_depth"],
     }
+    fp32_sweep = json.loads((trained_csv_ckpt / "calibration.json").read_text())
+    assert sweep["reference_full_depth"] == fp32_sweep["full_depth"]  # the same slice at fp32
     manifest = json.loads((trained_csv_ckpt / "eeengine.json").read_text())
     calib, _ = calibration_slice(manifest, trained_csv_ckpt)
     full_depth = Engine(trained_csv_ckpt, policy="none", precision="int8")

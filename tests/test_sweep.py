@@ -71,3 +71,22 @@ def test_every_swept_point_rebuilds_its_policy():
             params = policy_params(point)
             assert make_policy(name, **params).params() == params
     assert policy_params({"name": "budget", "layer": 3}) == {"layer": 3}
+
+
+def test_max_drop_is_measured_from_the_reference_full_depth_when_the_sweep_has_one():
+    """An int8 sweep records the fp32 model's full depth: "within 0.5 points" counts the
+    quantization loss too (hand-made sweep: full depth 94.2 at int8, 94.6 at fp32)."""
+
+    def point(metric: float, avg_exit_layer: float) -> dict:
+        return {"layer": 1, "metric": metric, "avg_exit_layer": avg_exit_layer}
+
+    calibration = {
+        "metric": "accuracy",
+        "num_layers": 6,
+        "full_depth": 94.2,
+        "policies": {"budget": [point(93.8, 2.0), point(94.1, 3.0), point(94.2, 5.0)]},
+    }
+    assert choose_operating_point(calibration, max_drop=0.5)[1]["avg_exit_layer"] == 2.0
+    calibration["reference_full_depth"] = 94.6
+    assert choose_operating_point(calibration, max_drop=0.5)[1]["avg_exit_layer"] == 3.0
+    assert choose_operating_point(calibration, max_drop=0.3) is None

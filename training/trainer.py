@@ -507,7 +507,9 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
         progress,
         token_pruning,
     )
-    int8_sweep, int8_record = _int8_calibration(model, sweep_slice, token_pruning, progress)
+    int8_sweep, int8_record = _int8_calibration(
+        model, sweep_slice, token_pruning, progress, trade_off.sweep["full_depth"]
+    )
     training = {
         "steps": loop.step,
         "schedule": {**plan, "stopped_early": stopped_early},
@@ -539,6 +541,7 @@ def _int8_calibration(
     sweep_slice: Callable[..., TradeOff],
     token_pruning: TokenPruning | None,
     progress: bool,
+    fp32_full_depth: float,
 ) -> tuple[dict | None, dict]:
     """The sweep of every policy on the calibration slice with int8 layers (the content of
     ``calibration-int8.json``, :mod:`eeengine.precision`), measured by ``sweep_slice`` (fp32's
@@ -546,15 +549,20 @@ def _int8_calibration(
     token-pruning layers pruned at int8 too), and the manifest's record of it; (None, the
     reason) where int8 cannot run here (no onnxruntime, a backbone other than BERT with exact
     GELU). int8 runs on CPU: the model moves there (it is saved from there) and stays in eval
-    mode."""
+    mode.
+
+    The sweep records ``fp32_full_depth`` (the fp32 model's full depth on the same slice) as
+    its ``reference_full_depth``: int8 operating points are picked within ``max_drop`` of the
+    model as trained (:func:`eeengine.evaluation.reference_full_depth`)."""
     model.cpu().eval()
     reason = precision_unavailable("int8", model)
     if reason is not None:
         return None, {"written": False, "reason": reason}
     executor = make_executor(None, model, "int8", token_pruning)
-    trade_off = sweep_slice(progress=progress, executor=executor)
+    sweep = {**sweep_slice(progress=progress, executor=executor).sweep}
+    sweep["reference_full_depth"] = fp32_full_depth
     record = {"written": True, "file": calibration_file("int8")}
-    return trade_off.sweep, {**record, "full_depth": trade_off.sweep["full_depth"]}
+    return sweep, {**record, "full_depth": sweep["full_depth"]}
 
 
 def _describe_plan(
