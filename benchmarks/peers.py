@@ -129,6 +129,8 @@ def onnxruntime_provider(engine: Engine, workdir: Path, int8: bool = False) -> t
     """
     import onnxruntime
 
+    from eeengine.executors.onnxruntime import global_thread_pool_size
+
     path, fusions = export_optimized(engine, workdir)
     settings: dict = {"fusions": fusions}
     if int8:
@@ -146,12 +148,14 @@ def onnxruntime_provider(engine: Engine, workdir: Path, int8: bool = False) -> t
         )
         path = quantized
         settings["quantization"] = "quantize_dynamic QInt8 weights, per tensor"
+    # ONNX Runtime's defaults, as deployed: its workers spin between runs (batch 1 at 1.6 ms
+    # instead of 2.5 with spinning off, alone in a process), which is why compare.py measures
+    # latency in blocks of inputs per provider, not alternating at every input.
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    # ORT's workers spin for a while after each run by default; in this shared process they
-    # would slow down whichever provider runs next (measured: HF eager +43 % right after an
-    # ORT run). eeengine's ORT executor turns spinning off for the same reason.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if global_thread_pool_size() is None:
+        options.intra_op_num_threads = torch.get_num_threads()
+    else:  # an eeengine executor made ORT's global pool first: ORT allows no other pool
+        options.use_per_session_threads = False
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def predict(texts: list) -> list[int]:

@@ -203,3 +203,70 @@ def test_release_scratch_keeps_results(model, batch, expected_hidden_states, nam
                     atol=ATOL, rtol=RTOL,
                 )  # fmt: skip
             executor.release_scratch()
+
+
+_THREAD_POOL_SCRIPT = """
+import warnings
+import onnxruntime, torch
+from onnx import TensorProto, helper
+from eeengine.executors.onnxruntime import OnnxRuntimeExecutor, global_thread_pool_size
+from eeengine.modeling_multiexit import MultiExitBert
+from tests.conftest import tiny_config
+
+torch.manual_seed(0)
+model = MultiExitBert(tiny_config(), 2).eval()
+hidden = torch.randn(2, 5, model.config.hidden_size)
+mask = torch.ones(2, 5, dtype=torch.long)
+first = OnnxRuntimeExecutor(model, "fp32", num_threads=1)
+expected = first.layer(0, hidden, first.mask(mask))
+print("pool", global_thread_pool_size())
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    second = OnnxRuntimeExecutor(model, "fp32", num_threads=2)
+print("warned", any("global thread pool has 1 threads" in str(w.message) for w in caught))
+print("same", torch.equal(second.layer(0, hidden, second.mask(mask)), expected))
+graph = helper.make_graph(
+    [helper.make_node("Relu", ["x"], ["y"])], "g",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+)
+onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+serialized = onnx_model.SerializeToString()
+options = onnxruntime.SessionOptions()
+if global_thread_pool_size() is not None:
+    options.use_per_session_threads = False
+onnxruntime.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+print("other session ok")
+"""
+
+
+@pytest.mark.parametrize("global_pool", [True, False])
+def test_onnxruntime_sessions_share_the_global_thread_pool_unless_told_not_to(global_pool):
+    """The first executor of a process makes ONNX Runtime's global pool with its thread count;
+    a second executor asking for another count shares it (with a warning) and computes the
+    same; another session of the process can still be made (without a pool of its own).
+    EEENGINE_ORT_GLOBAL_THREAD_POOL=0 keeps per-session pools (a fresh process each: the pool
+    is process-wide)."""
+    _available("onnxruntime")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "EEENGINE_ORT_GLOBAL_THREAD_POOL": "1" if global_pool else "0"}
+    result = subprocess.run(
+        [sys.executable, "-c", _THREAD_POOL_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).parent.parent,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines == [
+        f"pool {1 if global_pool else None}",
+        f"warned {global_pool}",
+        "same True",
+        "other session ok",
+    ]

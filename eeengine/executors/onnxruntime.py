@@ -16,6 +16,12 @@ sublayer (:func:`attention_graph`, which also returns the [CLS] query and the ke
 rule reads) and its feed-forward sublayer (:func:`feed_forward_graph`); the fused
 ``token_prune`` runs between them, so pruning layers run at the executor's precision too.
 
+Threads: every session runs on ONNX Runtime's process-wide intra-op thread pool (made by the
+first executor; :func:`global_thread_pool_size`), whose workers spin between the sessions of a
+forward pass as a single session's would. ONNX Runtime then refuses new sessions of the process
+with their own pools: other code making sessions sets ``use_per_session_threads = False``, or
+the process sets ``EEENGINE_ORT_GLOBAL_THREAD_POOL=0`` first (per-session pools, slower).
+
 Hidden states stay torch tensors: each session reads and writes them in place through
 IOBinding (pointers, no copies), and the exit head, the policy step and the batch compaction
 between layers run in eeengine exactly as with the torch executor. Running the embeddings in
@@ -28,7 +34,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,6 +74,8 @@ class OnnxRuntimeExecutor(LayerExecutor):
         precision: "fp32", or "int8" (the layers' linear weights quantized, see the module
             docstring).
         num_threads: ONNX Runtime intra-op threads (default: ``torch.get_num_threads()``).
+            The sessions run on ONNX Runtime's process-wide thread pool, which the first
+            executor of the process makes with its count (see :func:`global_thread_pool_size`).
         pruning_layers: 0-based layers the loop runs with MPEE token pruning
             (:meth:`pruned_layer`): each is built as two sessions, its attention sublayer
             (:func:`attention_graph`) and its feed-forward sublayer
@@ -295,23 +305,44 @@ def _session_options(num_threads: int) -> onnxruntime.SessionOptions:
 
 
 _GLOBAL_POOL_THREADS: list[int] = []  # the size of ONNX Runtime's global pool, once made
+# Set to "0" before the first executor is made to keep per-session thread pools (slower at
+# batch 1; for processes that make other ONNX Runtime sessions with their own pools).
+GLOBAL_POOL_ENV = "EEENGINE_ORT_GLOBAL_THREAD_POOL"
+
+
+def global_thread_pool_size() -> int | None:
+    """The intra-op threads of ONNX Runtime's process-wide pool if an executor made it, else
+    None. Once it exists, ONNX Runtime refuses every new session of the process that asks for
+    its own pool: make them with ``SessionOptions.use_per_session_threads = False``."""
+    return _GLOBAL_POOL_THREADS[0] if _GLOBAL_POOL_THREADS else None
 
 
 def _global_thread_pool(num_threads: int) -> bool:
-    """Whether this executor's sessions share ONNX Runtime's process-wide intra-op thread pool
-    (made by the first executor of the process, with its ``num_threads``; an executor asking
-    for another count gets per-session pools).
+    """Whether the executor's sessions run on ONNX Runtime's process-wide intra-op thread pool,
+    which the first executor of the process makes with its ``num_threads`` (unless
+    :data:`GLOBAL_POOL_ENV` is "0" then). Later executors share it whatever they ask for (a
+    warning names a different count): ONNX Runtime allows no per-session pool beside it.
 
-    One pool for every session means one set of workers, which may spin between the layer
-    sessions of a forward pass instead of sleeping and being woken for every operator, as
-    each session's own pool must (see :func:`_session_options`). Measured on the default
-    SST-2 checkpoint at int8, batch 1, two threads: full depth 3.44 -> 2.09 ms, the default
-    policy 2.19 -> 1.49 ms; batch 32 unchanged or faster (BENCHMARKS.md, "Issue 12").
+    One pool for every session means one set of workers, which spin between the layer
+    sessions of a forward pass, as the workers of a single ONNX Runtime session do, instead of
+    sleeping and being woken for every operator, as each session's own non-spinning pool must
+    (see :func:`_session_options`). Measured on the default SST-2 checkpoint at int8, batch 1,
+    two threads: full depth 3.44 -> 2.09 ms, the default policy 2.19 -> 1.49 ms; batch 32
+    unchanged or faster (BENCHMARKS.md, "Issue 12").
     """
     if not _GLOBAL_POOL_THREADS:
+        if os.environ.get(GLOBAL_POOL_ENV, "1") == "0":
+            return False
         onnxruntime.set_global_thread_pool_sizes(num_threads, 1)
         _GLOBAL_POOL_THREADS.append(num_threads)
-    return _GLOBAL_POOL_THREADS[0] == num_threads
+    elif _GLOBAL_POOL_THREADS[0] != num_threads:
+        warnings.warn(
+            f"ONNX Runtime's global thread pool has {_GLOBAL_POOL_THREADS[0]} threads (made by "
+            f"this process's first eeengine executor); this executor shares it instead of "
+            f"using {num_threads} (set {GLOBAL_POOL_ENV}=0 for per-session pools)",
+            stacklevel=4,
+        )
+    return True
 
 
 @functools.cache
