@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from eeengine.checkpoint import load_checkpoint
 from eeengine.evaluation import (
     all_exit_outputs,
     choose_for_speedup,
@@ -36,6 +37,7 @@ from eeengine.evaluation import (
 )
 from eeengine.executors import LayerExecutor
 from eeengine.inputs import normalize_inputs
+from eeengine.metrics import METRICS
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import ExitPolicy, make_policy
 from eeengine.token_pruning import TokenPruning
@@ -207,6 +209,10 @@ def calibrate_engine(
     texts (:func:`eeengine.metrics.agreement`): the fastest point agreeing on at least
     ``agreement`` of them, or the most agreeing at ``target_speedup``.
 
+    At a reduced precision (int8, bf16) with labels, the checkpoint's fp32 layers also run to
+    full depth on the texts once (:func:`fp32_full_depth`), and ``max_drop`` is measured from
+    that (the sweep's ``reference_full_depth``), so the drop includes the precision's own loss.
+
     Args:
         engine: the :class:`eeengine.Engine` to calibrate.
         executor: the engine's :class:`eeengine.executors.LayerExecutor` (what runs its layers,
@@ -252,7 +258,37 @@ def calibrate_engine(
         progress,
         executor=executor,
     )
+    if values is not None and engine.precision != "fp32":
+        trade_off.sweep["reference_full_depth"] = fp32_full_depth(
+            engine, texts, text_pairs, values, batch_size, progress
+        )
     return trade_off.select(target_speedup, max_drop, policy), trade_off.sweep
+
+
+def fp32_full_depth(
+    engine: Engine,
+    texts: Sequence[str],
+    text_pairs: Sequence[str] | None,
+    values: Sequence,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> float:
+    """The checkpoint's metric at full depth with fp32 layers (its torch model, loaded again
+    from ``engine.path``: a reduced-precision engine keeps no fp32 layers) on ``texts``: the
+    ``reference_full_depth`` that a sweep measured at another precision picks ``max_drop``
+    from (:func:`eeengine.evaluation.reference_full_depth`).
+
+    Args:
+        engine: the reduced-precision engine being calibrated.
+        texts, text_pairs: the calibration inputs.
+        values: their labels as class indices (or regression values).
+    """
+    model = load_checkpoint(engine.path).model.eval()
+    logits, _ = all_exit_outputs(
+        model, engine.tokenizer, texts, text_pairs, engine.max_length, batch_size, progress,
+        engine.token_pruning,
+    )  # fmt: skip
+    return METRICS[engine.manifest["task"]["metric"]](predictions_of(logits[-1]), list(values))
 
 
 def check_calibration_args(

@@ -19,7 +19,8 @@ import torch
 from eeengine import Engine
 from eeengine.batching import collate, encode
 from eeengine.cli import main
-from eeengine.evaluation import choose_operating_point, evaluate, policy_params
+from eeengine.data import Split
+from eeengine.evaluation import choose_operating_point, evaluate, iter_points, policy_params
 from eeengine.executors import make_executor
 from eeengine.modeling_bert import attention_bias
 from eeengine.policies import make_policy
@@ -119,6 +120,29 @@ def test_one_calibration_per_precision(tiny_ckpt, tmp_path):
     reloaded = Engine(ckpt, precision="int8")
     assert reloaded.calibration == engine.calibration
     assert reloaded.policy.name == "entropy"  # the checkpoint's default policy
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_calibration_at_a_reduced_precision_measures_the_drop_from_fp32(tiny_ckpt, precision):
+    """With labels, an int8 / bf16 calibration records the fp32 full depth on the same texts
+    (measured here by an fp32 engine at full depth, independently) and picks the fastest
+    point within max_drop of it, not of its own full depth."""
+    labels = [i % 2 for i in range(len(SENTENCES))]
+    executor = "onnxruntime" if precision == "int8" else "torch"
+    fp32 = Engine(tiny_ckpt, policy="none", executor=executor)
+    expected = evaluate(fp32, Split(SENTENCES, None, labels), "accuracy")["value"]
+    with pytest.warns(UserWarning):  # no calibration of that precision in the checkpoint
+        engine = Engine(tiny_ckpt, precision=precision)
+    point = engine.calibrate(SENTENCES, labels, max_drop=10.0)
+    sweep = engine.calibration
+    assert sweep["reference_full_depth"] == pytest.approx(expected)
+    floor = expected - 10.0
+    within = [p for _, p in iter_points(sweep, None) if p["metric"] >= floor - 1e-9]
+    assert point.metric >= floor - 1e-9
+    assert point.avg_exit_layer == min(p["avg_exit_layer"] for p in within)
+    # Without labels (agreement with the engine's own full depth) there is no fp32 reference.
+    engine.calibrate(SENTENCES)
+    assert "reference_full_depth" not in engine.calibration
 
 
 @pytest.mark.parametrize(
