@@ -40,7 +40,7 @@ from eeengine import Engine
 from eeengine.data import get_task, load_split
 from eeengine.defaults import default_checkpoint
 from eeengine.executors.onnx_graphs import embeddings_graph, layer_graph, quantize_int8
-from eeengine.executors.onnxruntime import global_thread_pool_size
+from eeengine.executors.onnxruntime import neighbour_session_options
 
 ENGINES = {  # provider -> Engine keyword arguments
     "eeengine_ort_fp32": {"executor": "onnxruntime", "precision": "fp32"},
@@ -85,11 +85,7 @@ def whole_model_graph(engine: Engine) -> onnx.ModelProto:
 def one_session_provider(engine: Engine, precision: str, threads: int):
     """``whole_model_graph`` as one session (int8: quantized whole) + the last exit head."""
     model = whole_model_graph(engine)
-    options = onnxruntime.SessionOptions()
-    if global_thread_pool_size() is None:
-        options.intra_op_num_threads = threads
-    else:  # the executors' global pool (ORT allows no other pool beside it): the same threads
-        options.use_per_session_threads = False
+    options = neighbour_session_options(threads)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         quantize_int8(model, path) if precision == "int8" else onnx.save(model, path)

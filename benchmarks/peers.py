@@ -129,7 +129,7 @@ def onnxruntime_provider(engine: Engine, workdir: Path, int8: bool = False) -> t
     """
     import onnxruntime
 
-    from eeengine.executors.onnxruntime import global_thread_pool_size
+    from eeengine.executors.onnxruntime import neighbour_session_options
 
     path, fusions = export_optimized(engine, workdir)
     settings: dict = {"fusions": fusions}
@@ -151,11 +151,7 @@ def onnxruntime_provider(engine: Engine, workdir: Path, int8: bool = False) -> t
     # ONNX Runtime's defaults, as deployed: its workers spin between runs (batch 1 at 1.6 ms
     # instead of 2.5 with spinning off, alone in a process), which is why compare.py measures
     # latency in blocks of inputs per provider, not alternating at every input.
-    options = onnxruntime.SessionOptions()
-    if global_thread_pool_size() is None:
-        options.intra_op_num_threads = torch.get_num_threads()
-    else:  # an eeengine executor made ORT's global pool first: ORT allows no other pool
-        options.use_per_session_threads = False
+    options = neighbour_session_options(torch.get_num_threads())
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def predict(texts: list) -> list[int]:

@@ -209,7 +209,9 @@ _THREAD_POOL_SCRIPT = """
 import warnings
 import onnxruntime, torch
 from onnx import TensorProto, helper
-from eeengine.executors.onnxruntime import OnnxRuntimeExecutor, global_thread_pool_size
+from eeengine.executors.onnxruntime import (
+    OnnxRuntimeExecutor, global_thread_pool_size, neighbour_session_options,
+)
 from eeengine.modeling_multiexit import MultiExitBert
 from tests.conftest import tiny_config
 
@@ -232,9 +234,7 @@ graph = helper.make_graph(
 )
 onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 serialized = onnx_model.SerializeToString()
-options = onnxruntime.SessionOptions()
-if global_thread_pool_size() is not None:
-    options.use_per_session_threads = False
+options = neighbour_session_options(2)
 onnxruntime.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
 print("other session ok")
 """
@@ -244,7 +244,7 @@ print("other session ok")
 def test_onnxruntime_sessions_share_the_global_thread_pool_unless_told_not_to(global_pool):
     """The first executor of a process makes ONNX Runtime's global pool with its thread count;
     a second executor asking for another count shares it (with a warning) and computes the
-    same; another session of the process can still be made (without a pool of its own).
+    same; another session of the process can still be made (neighbour_session_options).
     EEENGINE_ORT_GLOBAL_THREAD_POOL=0 keeps per-session pools (a fresh process each: the pool
     is process-wide)."""
     _available("onnxruntime")

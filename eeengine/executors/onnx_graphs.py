@@ -137,14 +137,7 @@ def _attention_sublayer(
             domain=_MS,
             num_heads=num_heads,
         ),
-        helper.make_node("MatMul", ["context", "attn_out_weight"], ["attn_proj"]),
-        helper.make_node(
-            "SkipLayerNormalization",
-            ["attn_proj", "hidden_states", "ln1_gamma", "ln1_beta", "attn_out_bias"],
-            ["attention_output"],
-            domain=_MS,
-            epsilon=eps,
-        ),
+        *_output_block("context", "attn_out", "hidden_states", "ln1", "attention_output", eps),
     ]
     return nodes, weights
 
@@ -165,16 +158,27 @@ def _feed_forward_sublayer(
     nodes = [
         helper.make_node("MatMul", ["attention_output", "ffn_in_weight"], ["ffn_in"]),
         helper.make_node("BiasGelu", ["ffn_in", "ffn_in_bias"], ["ffn_act"], domain=_MS),
-        helper.make_node("MatMul", ["ffn_act", "ffn_out_weight"], ["ffn_out"]),
+        *_output_block("ffn_act", "ffn_out", "attention_output", "ln2", "output", eps),
+    ]
+    return nodes, weights
+
+
+def _output_block(
+    x: str, dense: str, residual: str, norm: str, output: str, eps: float
+) -> list[onnx.NodeProto]:
+    """The end of each BERT sublayer (Hugging Face's ``BertSelfOutput`` / ``BertOutput``):
+    ``output = LayerNorm(x @ {dense}_weight + {dense}_bias + residual)`` with
+    ``{norm}_gamma`` / ``{norm}_beta``, as a MatMul and one fused ``SkipLayerNormalization``."""
+    return [
+        helper.make_node("MatMul", [x, f"{dense}_weight"], [dense]),
         helper.make_node(
             "SkipLayerNormalization",
-            ["ffn_out", "attention_output", "ln2_gamma", "ln2_beta", "ffn_out_bias"],
-            ["output"],
+            [dense, residual, f"{norm}_gamma", f"{norm}_beta", f"{dense}_bias"],
+            [output],
             domain=_MS,
             epsilon=eps,
         ),
     ]
-    return nodes, weights
 
 
 def _hidden_shape(layer: BertLayer) -> list[str | int]:

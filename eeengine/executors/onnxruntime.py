@@ -317,6 +317,19 @@ def global_thread_pool_size() -> int | None:
     return _GLOBAL_POOL_THREADS[0] if _GLOBAL_POOL_THREADS else None
 
 
+def neighbour_session_options(num_threads: int) -> onnxruntime.SessionOptions:
+    """Options for another ONNX Runtime session of a process that may hold these executors (a
+    peer in a benchmark, a whole-model session): ORT's defaults with ``num_threads`` intra-op
+    threads, or ORT's global pool once an executor made it (ORT then allows no other pool;
+    the pool's own thread count applies)."""
+    options = onnxruntime.SessionOptions()
+    if global_thread_pool_size() is None:
+        options.intra_op_num_threads = num_threads
+    else:
+        options.use_per_session_threads = False
+    return options
+
+
 def _global_thread_pool(num_threads: int) -> bool:
     """Whether the executor's sessions run on ONNX Runtime's process-wide intra-op thread pool,
     which the first executor of the process makes with its ``num_threads`` (unless
