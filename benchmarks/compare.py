@@ -221,7 +221,14 @@ def build_providers(
             settings[name] = {"policy": "none", **extra}
     schedule = base.manifest.get("token_pruning") or token_pruning
     variants = {"": None, "tok_": schedule}
-    fp32_points: dict = {"full": ("none", {})}
+    measured: dict[str, dict] = {}  # the fp32 points, once measured
+
+    def fp32_points() -> dict:
+        if "fp32" not in measured:  # the fp32 providers were not asked for
+            engine = _calibration_engine(ckpt, workload, None, {})
+            measured["fp32"] = operating_points(engine, workload)[0]
+        return dict(measured["fp32"])
+
     for precision in precisions():
         kwargs = {} if precision == "fp32" else {"precision": precision}
         tag = "" if precision == "fp32" else f"{precision}_"
@@ -234,10 +241,10 @@ def build_providers(
                 continue  # no calibration measured with pruning to pick its points from
             calibrated = _calibration_engine(ckpt, workload, pruning, kwargs)
             points, sweep = operating_points(calibrated, workload)
-            if not sweep and not prefix:  # no sweep of this precision: the fp32 points stand in
-                points, sweep = fp32_points, {"fp32 points": True}
             if precision == "fp32" and not prefix:
-                fp32_points = points
+                measured["fp32"] = dict(points)
+            elif not sweep and not prefix:  # no sweep of this precision: the fp32 points stand in
+                points, sweep = fp32_points(), {"fp32 points": True}
             if prefix:
                 points.pop("full")
             for short, executor in EXECUTORS.items():
@@ -379,6 +386,8 @@ def main() -> None:
         providers, settings = build_providers(
             ckpt, workload, Path(workdir), args.providers, args.token_pruning
         )
+        if not providers:
+            raise SystemExit(f"no provider matches --providers {' '.join(args.providers)}")
         print(f"built {len(providers)} providers in {time.perf_counter() - started:.0f} s")
         for predict in providers.values():  # warm up (and compile) on other shapes
             for text in workload.inputs[-args.warmup :]:

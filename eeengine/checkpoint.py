@@ -42,6 +42,7 @@ from eeengine.checkpoint_checks import (
     tokenizer_file,
 )
 from eeengine.heads import LAYOUTS, POOLINGS
+from eeengine.meta_modules import meta_modules
 from eeengine.modeling_multiexit import BACKBONES, MultiExitBert
 
 FORMAT_VERSION = 1
@@ -222,7 +223,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
     weights = path / "model.safetensors"
     check_config_sizes(config, build, read_header(weights), config_file, weights)
-    model = build(config)
+    with meta_modules():  # the weights come from the file: no memory or init until then
+        model = build(config)
     limit = model.backbone.max_positions
     if not 2 < manifest["max_seq_length"] <= limit:
         raise CheckpointError(
@@ -247,7 +249,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"unexpected {unexpected[:3]}, shape mismatch {mismatched[:3]}"
         )
     check_tensors(state, weights)
-    model.load_state_dict(state)
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, assign=True)
     model.eval()
     vocabulary = tokenizer_file(path)
     try:

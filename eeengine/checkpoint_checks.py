@@ -5,8 +5,9 @@ protects:
 
 1. :func:`check_config_sizes`: every size in ``config.json`` is a positive integer, and the
    model that ``config.json`` and ``eeengine.json`` describe holds no more parameters than
-   ``model.safetensors`` does (counted from its header, on the meta device), so a corrupt
-   config can never make the loader allocate a model larger than the weights file.
+   ``model.safetensors`` does (counted from its header, built as shapes only:
+   :mod:`eeengine.meta_modules`), so a corrupt config can never make the loader allocate a
+   model larger than the weights file.
 2. :func:`check_tensors`: every stored tensor is floating point and finite (a NaN in one
    encoder matrix would otherwise become ``score=nan``; a NaN in an exit head would silently
    skip that exit).
@@ -37,6 +38,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+from eeengine.meta_modules import meta_modules
 
 
 class CheckpointError(ValueError):
@@ -128,7 +131,7 @@ def check_config_sizes(
         probe = copy.deepcopy(config)
         probe.num_hidden_layers = layers
         try:
-            with torch.device("meta"):
+            with meta_modules():
                 counts.append(sum(p.numel() for p in build(probe).state_dict().values()))
         except Exception as e:  # any failure of the model code on a corrupt config
             raise CheckpointError(
