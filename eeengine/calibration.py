@@ -30,6 +30,7 @@ from eeengine.evaluation import (
     choose_operating_point,
     flops_tables,
     iter_points,
+    normal_confidence,
     policy_params,
     predictions_of,
     reference_full_depth,
@@ -63,6 +64,8 @@ class OperatingPoint:
         metrics: every metric measured at the point, ``{name: value}``.
         flops_ratio: MPEE's ρ = Σ executed / Σ full-model FLOPs (None when not measured).
         flops_speedup: 1 / ρ.
+        drop_std: the paired-bootstrap standard deviation of full depth's metric minus this
+            point's, in metric points (None where the sweep has none).
     """
 
     name: str
@@ -74,6 +77,7 @@ class OperatingPoint:
     metrics: dict = field(default_factory=dict, hash=False)
     flops_ratio: float | None = None
     flops_speedup: float | None = None
+    drop_std: float | None = None
 
     @classmethod
     def from_sweep(cls, name: str, point: dict) -> OperatingPoint:
@@ -88,6 +92,7 @@ class OperatingPoint:
             metrics=point.get("metrics", {}),
             flops_ratio=point.get("flops_ratio"),
             flops_speedup=point.get("flops_speedup"),
+            drop_std=point.get("drop_std"),
         )
 
     def policy(self) -> ExitPolicy:
@@ -125,9 +130,10 @@ class TradeOff:
         target_speedup: float | None = None,
         max_drop: float | None = None,
         policy: str | None = None,
+        confidence: float | None = None,
     ) -> OperatingPoint:
         """See :func:`select_operating_point`."""
-        return select_operating_point(self.sweep, target_speedup, max_drop, policy)
+        return select_operating_point(self.sweep, target_speedup, max_drop, policy, confidence)
 
 
 def measure_trade_off(
@@ -198,6 +204,7 @@ def calibrate_engine(
     policy: str | None = None,
     batch_size: int = 64,
     progress: bool = False,
+    confidence: float | None = None,
 ) -> tuple[OperatingPoint, dict]:
     """Measure every policy's trade-off on ``texts`` as ``engine`` runs (its model, precision
     and token pruning; one full-depth pass, every policy swept) and select the point that
@@ -229,6 +236,8 @@ def calibrate_engine(
         policy: restrict the choice to this policy; None searches every policy that applies.
         batch_size: rows per full-depth forward pass.
         progress: show a progress bar.
+        confidence: with ``max_drop`` (or ``agreement``), keep the drop within it at this
+            confidence (:func:`eeengine.evaluation.choose_operating_point`).
 
     Returns:
         The chosen :class:`OperatingPoint` and the new sweep (the content of
@@ -242,6 +251,7 @@ def calibrate_engine(
     max_drop = check_calibration_args(
         texts, labels, text_pairs, target_speedup, max_drop, agreement
     )
+    check_confidence(confidence, max_drop)
     values = None if labels is None else label_values(labels, engine.label_names)
     task = engine.manifest["task"]
     trade_off = measure_trade_off(
@@ -262,7 +272,7 @@ def calibrate_engine(
         trade_off.sweep["reference_full_depth"] = fp32_full_depth(
             engine, texts, text_pairs, values, batch_size, progress
         )
-    return trade_off.select(target_speedup, max_drop, policy), trade_off.sweep
+    return trade_off.select(target_speedup, max_drop, policy, confidence), trade_off.sweep
 
 
 def fp32_full_depth(
@@ -345,6 +355,7 @@ def select_operating_point(
     target_speedup: float | None = None,
     max_drop: float | None = None,
     policy: str | None = None,
+    confidence: float | None = None,
 ) -> OperatingPoint:
     """Pick a calibrated point by speed or by metric loss; exactly one of ``target_speedup``
     and ``max_drop``.
@@ -354,13 +365,17 @@ def select_operating_point(
         target_speedup: the most accurate point with L / avg_exit_layer >= this (>= 1).
         max_drop: the fastest point within this many metric points of full depth (>= 0).
         policy: restrict to one policy; None searches every calibrated policy.
+        confidence: with ``max_drop``, the drop must stay within it at this confidence, in
+            (0, 1) (:func:`eeengine.evaluation.choose_operating_point`); None: as measured.
 
     Raises:
         ValueError: both or neither of ``target_speedup`` / ``max_drop``, a value out of range,
+            ``confidence`` without ``max_drop`` or for a calibration without ``drop_std``,
             ``policy`` not in the calibration, or no point meets the target (the message gives
             the best reachable value).
     """
     check_target(target_speedup, max_drop)
+    check_confidence(confidence, max_drop)
     if policy is not None and policy not in calibration["policies"]:
         raise ValueError(
             f"policy {policy!r} is not calibrated for this model; calibrated: "
@@ -380,16 +395,30 @@ def select_operating_point(
                 f"({fastest.describe()})"
             )
         return OperatingPoint.from_sweep(*chosen)
-    chosen = choose_operating_point(calibration, max_drop, policy)
+    chosen = choose_operating_point(calibration, max_drop, policy, confidence)
     if chosen is None:
         best = max(points, key=lambda p: p.metric)
         reference = reference_full_depth(calibration)
+        at = "" if confidence is None else f" at confidence {confidence:g}"
         raise ValueError(
             f"no calibrated point of {which} is within {max_drop:g} points of full depth "
-            f"({calibration['metric']} {reference:.2f}); the most accurate "
+            f"({calibration['metric']} {reference:.2f}){at}; the most accurate "
             f"loses {reference - best.metric:.2f} ({best.describe()})"
         )
     return OperatingPoint.from_sweep(*chosen)
+
+
+def check_confidence(confidence: float | None, max_drop: float | None) -> None:
+    """``confidence`` is None, or in (0, 1) together with a ``max_drop``.
+
+    Raises:
+        ValueError: otherwise.
+    """
+    if confidence is None:
+        return
+    normal_confidence(confidence)  # its range
+    if max_drop is None:
+        raise ValueError("confidence applies to max_drop (or agreement), not to target_speedup")
 
 
 def check_target(target_speedup: float | None, max_drop: float | None) -> None:

@@ -262,7 +262,7 @@ def check_tokenizer(
 # swept point (OperatingPoint.from_sweep); other keys of a point are policy parameters, checked
 # by the policy itself. Point fields they read with .get() are checked only when present.
 _CALIBRATION_POINT_FIELDS = ("metric", "avg_exit_layer", "speedup", "layer_saving")
-_CALIBRATION_OPTIONAL_NUMBERS = ("flops_ratio", "flops_speedup")
+_CALIBRATION_OPTIONAL_NUMBERS = ("drop_std", "flops_ratio", "flops_speedup")
 
 
 def check_calibration(calibration: dict, file: Path) -> None:
@@ -270,8 +270,8 @@ def check_calibration(calibration: dict, file: Path) -> None:
     index: ``metric`` (a name), ``num_layers`` (a positive integer), ``full_depth`` (a finite
     number) and ``policies``, an object of policy name -> list of points, each an object with
     finite numbers ``metric``, ``avg_exit_layer`` (> 0: speed-ups divide by it), ``speedup`` and
-    ``layer_saving``; ``metrics``, ``flops_ratio`` and ``flops_speedup`` are optional (an object,
-    and finite numbers or null). An empty object (no calibration) passes.
+    ``layer_saving``; ``metrics``, ``drop_std``, ``flops_ratio`` and ``flops_speedup`` are
+    optional (an object, and finite numbers or null). An empty object (no calibration) passes.
 
     Args:
         calibration: the file's JSON object.
@@ -286,6 +286,10 @@ def check_calibration(calibration: dict, file: Path) -> None:
     _require(calibration, "metric", file, "metric", str, "a metric name (string)")
     _require(calibration, "num_layers", file, "num_layers", _positive_int, "a positive integer")
     _require(calibration, "full_depth", file, "full_depth", _finite, "a finite number")
+    if "num_examples" in calibration:
+        _require(
+            calibration, "num_examples", file, "num_examples", _positive_int, "a positive integer"
+        )
     if "reference_full_depth" in calibration:
         _require(
             calibration, "reference_full_depth", file, "reference_full_depth", _finite,

@@ -285,6 +285,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         policy=args.policy,
         batch_size=args.batch_size,
         progress=True,
+        confidence=args.confidence,
     )
     print(
         f"{name} {split_name} ({len(data.texts)} examples, {engine.calibration['metric']}): "
@@ -453,6 +454,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="with --unlabeled: the fastest point whose predictions agree with full depth on "
         "at least this fraction of the texts (default 0.99)",
+    )
+    p.add_argument(
+        "--confidence",
+        type=float,
+        help="with --max-drop or --agreement: keep the drop within it at this confidence, "
+        "in (0, 1), from the drop's bootstrap spread on the calibration texts (e.g. 0.9); "
+        "default: the drop as measured",
     )
     p.add_argument(
         "--unlabeled",

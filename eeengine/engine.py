@@ -47,7 +47,8 @@ class Engine:
         target_speedup: run the most accurate point of ``calibration.json`` whose layer
             speed-up L / average exit layer is at least this (within ``policy`` if given).
         max_drop: run the fastest calibrated point within this many metric points of full
-            depth (see :mod:`eeengine.resolve`).
+            depth (see :mod:`eeengine.resolve`); with ``confidence`` in (0, 1), within it at
+            that confidence (:func:`eeengine.evaluation.choose_operating_point`).
         device: "cpu", "cuda" or "cuda:N".
         max_length: tokens per input (default: the checkpoint's ``max_seq_length``); longer
             inputs are truncated with a warning.
@@ -98,6 +99,7 @@ class Engine:
         executor: str | None = None,
         graph: bool = True,
         precision: str = "fp32",
+        confidence: float | None = None,
         **policy_kwargs: object,
     ) -> None:
         self.device = resolve_device(device)
@@ -116,7 +118,8 @@ class Engine:
             self.model, self.manifest, self.calibration, self.path, policy, target_speedup,
             max_drop, threshold=threshold, patience=patience,
             # The default policy's parameters were calibrated at fp32.
-            default_params=precision == "fp32" or not self.calibration, **policy_kwargs,
+            default_params=precision == "fp32" or not self.calibration, confidence=confidence,
+            **policy_kwargs,
         )  # fmt: skip
         self._requested_backend = backend
         self._backend = resolve_backend(backend, self.policy, self.model.num_labels, self.device)
@@ -165,6 +168,7 @@ class Engine:
         policy: str | None = None,
         batch_size: int = 64,
         progress: bool = False,
+        confidence: float | None = None,
     ) -> OperatingPoint:
         """Measure every policy's trade-off on ``texts`` and switch to (and return) the
         :class:`eeengine.calibration.OperatingPoint` that meets the target; :attr:`calibration`
@@ -172,7 +176,7 @@ class Engine:
         :func:`eeengine.calibration.calibrate_engine`."""
         point, sweep = calibrate_engine(
             self, self._executor, texts, labels, text_pairs, target_speedup, max_drop,
-            agreement, policy, batch_size, progress,
+            agreement, policy, batch_size, progress, confidence,
         )  # fmt: skip
         chosen = validated_policy(point.policy(), self.model)
         backend = resolve_backend(

@@ -7,8 +7,10 @@ exactly what the engine would do row by row, at the cost of one full-depth pass.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from statistics import NormalDist
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from eeengine.batching import collate, encode, length_sorted_batches
 from eeengine.executors import LayerExecutor
 from eeengine.flops import FlopCounter
-from eeengine.metrics import METRICS
+from eeengine.metrics import METRICS, bootstrap_weights
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import POLICIES, make_policy, run_policy
 from eeengine.runtime import ExitLoop
@@ -58,6 +60,7 @@ SWEPT_POLICIES = (*SWEEP_GRIDS, "budget")
 POINT_MEASUREMENTS = (
     "metric",
     "metrics",
+    "drop_std",
     "avg_exit_layer",
     "layer_saving",
     "speedup",
@@ -314,24 +317,33 @@ def sweep(
             ρ = Σ executed / Σ full (Kong et al. 2022, eq. 15) and ``flops_speedup`` 1 / ρ.
 
     Returns:
-        ``{"metric", "num_layers", "full_depth", "full_depth_metrics", "policies": {name:
+        ``{"metric", "num_layers", "num_examples", "full_depth", "full_depth_metrics",
+        "policies": {name:
         [point, ...]}}`` where a point holds the policy's parameters, ``metric`` (the value of
         ``metric``), ``metrics`` (``{name: value}`` of ``metric`` and ``extra_metrics``),
         ``avg_exit_layer`` (layers), ``layer_saving`` (1 - avg / L) and ``speedup`` (L / avg),
-        and with ``flops`` also ``flops_ratio`` and ``flops_speedup``.
+        ``drop_std`` (the standard deviation of full depth's metric minus the point's over
+        :data:`eeengine.metrics.BOOTSTRAP_SAMPLES` paired bootstrap resamples of the examples,
+        in metric points: how far the drop measured on these examples may be from the drop on
+        other data of the same kind; :func:`choose_operating_point` ``confidence``), and with
+        ``flops`` also ``flops_ratio`` and ``flops_speedup``.
     """
     signals = signals or {}
     num_layers, _, num_labels = all_logits.shape
     names = [metric, *(m for m in extra_metrics if m != metric)]
 
-    def scores(logits: Tensor) -> dict[str, float]:
-        predictions = predictions_of(logits)
+    def scores(predictions: list) -> dict[str, float]:
         return {name: METRICS[name](predictions, labels) for name in names}
 
-    full_depth = scores(all_logits[-1])
+    full_predictions = predictions_of(all_logits[-1])
+    full_depth = scores(full_predictions)
+    # The drop's spread, paired: the same resamples of the rows for full depth and the point.
+    weights = bootstrap_weights(len(full_predictions))
+    full_resampled = METRICS[metric](full_predictions, labels, weights)
     result = {
         "metric": metric,
         "num_layers": num_layers,
+        "num_examples": len(full_predictions),
         "full_depth": full_depth[metric],
         "full_depth_metrics": full_depth,
         "policies": {},
@@ -347,11 +359,14 @@ def sweep(
             policy = make_policy(name, **params)
             exit_layer, logits = run_policy(policy, all_logits, signals)
             avg = exit_layer.double().mean().item()
-            measured = scores(logits)
+            predictions = predictions_of(logits)
+            measured = scores(predictions)
+            resampled = METRICS[metric](predictions, labels, weights)
             point = {
                 **policy.params(),
                 "metric": measured[metric],
                 "metrics": measured,
+                "drop_std": _finite_or_none((full_resampled - resampled).std().item()),
                 "avg_exit_layer": avg,
                 "layer_saving": 1.0 - avg / num_layers,
                 "speedup": num_layers / avg,
@@ -363,6 +378,12 @@ def sweep(
             points.append(point)
         result["policies"][name] = points
     return result
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN: a metric undefined on some resample (a constant regression output)
+    leaves the spread unknown."""
+    return value if math.isfinite(value) else None
 
 
 def reference_full_depth(calibration: dict) -> float:
@@ -378,30 +399,80 @@ def reference_full_depth(calibration: dict) -> float:
 
 
 def choose_operating_point(
-    calibration: dict, max_drop: float = 0.5, policy: str | None = None
+    calibration: dict,
+    max_drop: float = 0.5,
+    policy: str | None = None,
+    confidence: float | None = None,
 ) -> tuple[str, dict] | None:
     """The fastest swept point whose metric is within ``max_drop`` points of full depth
     (:func:`reference_full_depth`: the fp32 model's, for a sweep measured at another precision
     that records it).
 
+    The fastest of many points that pass on the calibration examples tends to be one that was
+    lucky there, and loses more on other data (the winner's curse: RESULTS.md, "Calibration
+    at a confidence"). With ``confidence`` every point searched must pass
+    ``drop + z * max(drop_std, 100 / n) <= max_drop``: ``drop_std`` its paired-bootstrap
+    spread, ``100 / n`` one of the n calibration examples (a point that never disagrees with
+    full depth on them has a bootstrap spread of 0), z the standard normal quantile of
+    ``1 - (1 - confidence) / K`` over the K points searched (a union bound: under the normal
+    model the chosen point's true drop exceeds ``max_drop`` with probability at most
+    ``1 - confidence``). Conservative: with a few hundred points and examples it can leave
+    only near-full-depth points.
+
     Args:
         calibration: the result of :func:`sweep` (``calibration.json``).
         max_drop: allowed loss in metric points (for accuracy, percentage points).
         policy: restrict to one policy; None searches all of them.
+        confidence: in (0, 1), or None for the drop as measured (z = 0).
 
     Returns:
         (policy name, point) or None when no point qualifies. Ties in speed go to the higher
         metric.
+
+    Raises:
+        ValueError: ``confidence`` outside (0, 1), or given for a sweep whose points have no
+            ``drop_std`` (measured before eeengine recorded it: calibrate again).
     """
+    points = list(iter_points(calibration, policy))
+    margin, least = 0.0, 0.0
+    if confidence is not None:
+        margin = normal_quantile(1.0 - (1.0 - normal_confidence(confidence)) / max(len(points), 1))
+        if "num_examples" not in calibration or any("drop_std" not in p for _, p in points):
+            raise ValueError(
+                "this calibration has no drop_std (measured before eeengine recorded it), so "
+                "confidence cannot be used with it: calibrate again (eeengine calibrate)"
+            )
+        least = 100.0 / calibration["num_examples"]
     floor = reference_full_depth(calibration) - max_drop
     best = None
-    for name, point in iter_points(calibration, policy):
-        if point["metric"] < floor - 1e-9:
+    for name, point in points:
+        spread = point.get("drop_std", 0.0)
+        if confidence is not None and spread is None:
+            continue  # an unknown spread cannot be bounded
+        if point["metric"] - margin * max(spread or 0.0, least) < floor - 1e-9:
             continue
         key = (point["avg_exit_layer"], -point["metric"])
         if best is None or key < best[0]:
             best = (key, name, point)
     return None if best is None else (best[1], best[2])
+
+
+def normal_confidence(confidence: float) -> float:
+    """``confidence``, checked to be a number in (0, 1).
+
+    Raises:
+        ValueError: otherwise.
+    """
+    if isinstance(confidence, bool) or not isinstance(confidence, int | float):
+        raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    return float(confidence)
+
+
+def normal_quantile(probability: float) -> float:
+    """z with P(Z <= z) = ``probability`` for a standard normal Z."""
+    return NormalDist().inv_cdf(probability)
 
 
 def choose_for_speedup(

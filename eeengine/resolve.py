@@ -26,6 +26,7 @@ def resolve_policy(
     target_speedup: float | None = None,
     max_drop: float | None = None,
     default_params: bool = True,
+    confidence: float | None = None,
     **given: object,
 ) -> tuple[ExitPolicy, OperatingPoint | None]:
     """The policy to run and, when it came from a calibration target, its operating point.
@@ -42,7 +43,8 @@ def resolve_policy(
         calibration: ``calibration.json`` ({} when there is none).
         path: the checkpoint directory, for messages.
         policy: a policy name, or None.
-        target_speedup, max_drop: a calibration target (see :class:`eeengine.Engine`).
+        target_speedup, max_drop, confidence: a calibration target (see
+            :class:`eeengine.Engine`).
         default_params: False when the default policy's stored parameters do not fit
             ``calibration`` (they were calibrated at another precision): its parameters are
             then picked in ``calibration`` as for any other policy.
@@ -75,7 +77,7 @@ def resolve_policy(
             "measure one with engine.calibrate(texts, labels, ...) or "
             "`eeengine calibrate --write`"
         )
-    point = select_operating_point(calibration, target_speedup, max_drop, policy)
+    point = select_operating_point(calibration, target_speedup, max_drop, policy, confidence)
     return validated_policy(point.policy(), model), point
 
 
