@@ -214,10 +214,11 @@ class Engine:
         texts, pairs = split_examples(examples)
         predictions: list[Prediction] = []
         chunk = batch_size * _CHUNK_BATCHES
-        for start in range(0, len(texts), chunk):
-            window = slice(start, start + chunk)
-            chunk_pairs = None if pairs is None else pairs[window]
-            predictions += self._predict_chunk(texts[window], chunk_pairs, start, batch_size)
+        with self._executor.host_ops():  # e.g. torch on one thread beside ONNX Runtime's pool
+            for start in range(0, len(texts), chunk):
+                window = slice(start, start + chunk)
+                chunk_pairs = None if pairs is None else pairs[window]
+                predictions += self._predict_chunk(texts[window], chunk_pairs, start, batch_size)
         return predictions[0] if single else predictions
 
     def _predict_chunk(

@@ -156,16 +156,17 @@ def exits_through(
         signals.
     """
     loop = ExitLoop(model, make_policy("none"), "reference", token_pruning, executor)
-    live = loop.start(*batch)
-    out = loop.outputs(batch[0].shape[0], batch[0].device)
     all_logits, all_scores = [], []
-    for layer in range(1, model.num_layers + 1):
-        loop.step(live, layer, out)
-        head = model.exit_head(layer - 1)
-        pooled = head.pool(live.hidden_states, live.attention_mask)
-        all_logits.append(head.classify(pooled))
-        if model.lte is not None:
-            all_scores.append(model.lte(pooled))
+    with executor.host_ops():
+        live = loop.start(*batch)
+        out = loop.outputs(batch[0].shape[0], batch[0].device)
+        for layer in range(1, model.num_layers + 1):
+            loop.step(live, layer, out)
+            head = model.exit_head(layer - 1)
+            pooled = head.pool(live.hidden_states, live.attention_mask)
+            all_logits.append(head.classify(pooled))
+            if model.lte is not None:
+                all_scores.append(model.lte(pooled))
     signals = {"lte_score": torch.stack(all_scores)} if model.lte is not None else {}
     return torch.stack(all_logits), signals
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
 from torch import Tensor
@@ -16,7 +17,9 @@ class LayerExecutor(Protocol):
     ``mask(attention_mask)`` turns the (batch_size, seq_len) 1/0 mask (1 = real token) into
     whatever ``layer`` takes; the loop calls it again after every batch compaction.
     ``release_scratch()`` is called after each chunk of :meth:`eeengine.Engine.predict` and
-    each evaluation pass. Executors subclass this protocol for :meth:`layers`.
+    each evaluation pass. The loops, the exit heads and the results around the executor's
+    layers run inside :meth:`host_ops`. Executors subclass this protocol for :meth:`layers`
+    and :meth:`host_ops`.
     """
 
     name: str
@@ -51,6 +54,12 @@ class LayerExecutor(Protocol):
         for index in range(start, stop):
             hidden_states = self.layer(index, hidden_states, mask)
         return hidden_states
+
+    def host_ops(self) -> AbstractContextManager[None]:
+        """A context for the torch operations between this executor's layers (exit heads,
+        policy steps, batch compaction, results) and the layers themselves: nothing to set by
+        default."""
+        return nullcontext()
 
     def release_scratch(self) -> None:
         """Give back the scratch memory kept for reuse across layers, if large (end of a call)."""

@@ -316,6 +316,7 @@ def engine_app(engine: Engine, config: ServeConfig) -> FastAPI:
     loop = engine.exit_loop()
 
     def make_batcher(**limits: object) -> Batcher:
+        limits["host_ops"] = loop.executor.host_ops
         if config.batching == "static":
             return StaticBatcher(
                 lambda *batch: _logits_and_layers(loop.run(*batch)), device=engine.device, **limits

@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -90,6 +91,9 @@ class Batcher:
         max_batch_requests: inputs per model call, None for no limit (TEI
             ``--max-batch-requests``).
         metrics: where to record queue, batch and exit statistics.
+        host_ops: the context the worker thread runs the model in (the executor's
+            :meth:`eeengine.executors.LayerExecutor.host_ops`: torch on one thread beside
+            ONNX Runtime's pool).
     """
 
     name = ""
@@ -102,6 +106,7 @@ class Batcher:
         max_batch_tokens: int,
         max_batch_requests: int | None,
         metrics: ServeMetrics,
+        host_ops: Callable[[], AbstractContextManager[None]] = nullcontext,
     ) -> None:
         if max_batch_tokens < 1 or (max_batch_requests is not None and max_batch_requests < 1):
             raise ValueError(
@@ -115,6 +120,7 @@ class Batcher:
         # No request limit: the token limit bounds the inputs too (each has >= 1 token).
         self.max_batch_requests = max_batch_requests or max_batch_tokens
         self.metrics = metrics
+        self._host_ops = host_ops
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._pending: deque[Row] = deque()  # inputs that have not run any layer yet
         self._stopping = False
@@ -141,7 +147,7 @@ class Batcher:
         return self._thread.is_alive()
 
     def _serve(self) -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), self._host_ops():
             while self._admit(block=not self._has_work()):
                 self._iteration()
                 self.metrics.queue_size.set(self._waiting())
