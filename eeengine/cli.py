@@ -13,7 +13,7 @@ from eeengine.checkpoint import CheckpointError, update_checkpoint
 from eeengine.data import Split, file_split, get_task, load_split, unlabeled_file
 from eeengine.defaults import default_checkpoint, minilm_dir
 from eeengine.engine import Engine
-from eeengine.evaluation import evaluate
+from eeengine.evaluation import evaluate, reference_full_depth
 from eeengine.executors import EXECUTORS, PRECISIONS
 from eeengine.heads import LAYOUTS, POOLINGS
 from eeengine.precision import write_calibration
@@ -287,10 +287,13 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         progress=True,
         confidence=args.confidence,
     )
+    reference = reference_full_depth(engine.calibration)
+    spread = "" if point.drop_std is None else f" ± {point.drop_std:.2f} (bootstrap sd)"
     print(
         f"{name} {split_name} ({len(data.texts)} examples, {engine.calibration['metric']}): "
-        f"{point.describe()}; full depth {engine.calibration['full_depth']:.2f}; layer "
-        f"speed-up {point.speedup:.2f}x ({point.layer_saving:.1%} of layers saved)"
+        f"{point.describe()}; full depth {reference:.2f}, drop {reference - point.metric:.2f}"
+        f"{spread}; layer speed-up {point.speedup:.2f}x ({point.layer_saving:.1%} of layers "
+        "saved)"
     )
     if args.write and engine.precision != "fp32":
         # The default policy stays fp32's; this precision re-picks its parameters here.

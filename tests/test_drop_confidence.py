@@ -2,6 +2,7 @@
 it is computed with, and choosing operating points at a confidence."""
 
 import json
+import re
 import shutil
 from statistics import NormalDist
 
@@ -155,7 +156,9 @@ def test_engine_and_cli_calibrate_at_a_confidence(tiny_ckpt, tmp_path, capsys):
     shutil.copytree(tiny_ckpt, ckpt)
     args = ["calibrate", "--ckpt", str(ckpt), "--task", "sst2", "--split", "dev"]
     assert main([*args, "--max-drop", "2", "--confidence", "0.9", "--write"]) == 0
-    assert "layer speed-up" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "layer speed-up" in out
+    assert re.search(r"drop -?\d+\.\d\d ± \d+\.\d\d \(bootstrap sd\)", out), out
     calibration = json.loads((ckpt / "calibration.json").read_text())
     reference = calibration["full_depth"]
     points = sum(len(p) for p in calibration["policies"].values())
