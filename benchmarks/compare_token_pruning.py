@@ -23,7 +23,7 @@ import statistics
 from pathlib import Path
 
 from eeengine import Engine
-from eeengine.cli import add_policy_args, policy_kwargs
+from eeengine.cli_args import add_policy_args, policy_kwargs
 from eeengine.data import get_task, load_split
 from eeengine.evaluation import evaluate
 from eeengine.token_pruning import DEFAULT_TOKEN_PRUNING

@@ -8,133 +8,30 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from eeengine._custom_ops import BACKENDS, HAS_C, LOAD_ERROR
+from eeengine._custom_ops import HAS_C, LOAD_ERROR
 from eeengine.checkpoint import CheckpointError, update_checkpoint
-from eeengine.data import Split, file_split, get_task, load_split, unlabeled_file
+from eeengine.cli_args import (
+    add_checkpoint_args,
+    add_config_args,
+    add_data_args,
+    add_engine_args,
+    add_precision_arg,
+    engine_settings,
+    make_engine,
+)
+from eeengine.cli_data import eval_data
+from eeengine.data import get_task, unlabeled_file
 from eeengine.defaults import default_checkpoint, minilm_dir
 from eeengine.engine import Engine
 from eeengine.evaluation import evaluate, reference_full_depth
-from eeengine.executors import EXECUTORS, PRECISIONS
-from eeengine.heads import LAYOUTS, POOLINGS
 from eeengine.precision import write_calibration
 from eeengine.report import markdown, per_exit_metrics, sweep_report, write_report
 from eeengine.training import TrainConfig, train
-from eeengine.training.calibration_slice import CALIBRATION_SPLIT, calibration_slice
-from eeengine.training.contrastive import EXITS
-from eeengine.training.recipes import BASE_RECIPES, RECIPES
-
-
-def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", help="checkpoint directory (default: the cached SST-2 model)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--backend", choices=BACKENDS, help="default: the fastest fused op of the device"
-    )
-    parser.add_argument(
-        "--executor", choices=EXECUTORS, help="default: onnxruntime if installed, else torch"
-    )
-    add_precision_arg(parser)
-    parser.add_argument(
-        "--eager",
-        action="store_true",
-        help="on a CUDA device, run the sync-free loop eagerly instead of replaying CUDA graphs",
-    )
-    parser.add_argument("--batch-size", type=int, default=32)
-
-
-def add_precision_arg(parser: argparse.ArgumentParser) -> None:
-    """``--precision`` of the encoder layers (:mod:`eeengine.precision`), default fp32."""
-    parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="fp32",
-        help="encoder layers on CPU: fp32, int8 (onnxruntime executor) or bf16 (torch executor)",
-    )
-
-
-def _add_data_args(parser: argparse.ArgumentParser, default_split: str) -> None:
-    """The labelled data of ``eval`` and ``calibrate``, read by :func:`_eval_data` (``--split``
-    left None stands for ``default_split``, or for ``dev`` with ``--dev-file``)."""
-    parser.add_argument("--task", help="GLUE task (default: the checkpoint's)")
-    parser.add_argument(
-        "--split",
-        help=f"'{CALIBRATION_SPLIT}': the rows the trainer held out of the training data (or "
-        "its --calib-file) to pick the best step and the thresholds, rebuilt from the training "
-        "config in eeengine.json; 'dev' (for a checkpoint trained with --train-file: its dev "
-        "file) or another split of data/TASK/ (default: "
-        f"{default_split}, or dev with --dev-file)",
-    )
-    parser.add_argument(
-        "--dev-file",
-        help="a CSV/TSV/JSONL file for a checkpoint trained with --train-file (default with "
-        "--split dev: its own dev file)",
-    )
-
-
-def _add_engine_args(parser: argparse.ArgumentParser) -> None:
-    _add_checkpoint_args(parser)
-    add_policy_args(parser)
-
-
-def add_policy_args(parser: argparse.ArgumentParser) -> None:
-    """``--policy``, ``--threshold``, ``--patience`` and repeated ``--param NAME=VALUE``; read
-    them back with :func:`policy_kwargs`."""
-    parser.add_argument("--policy", help="exit policy (default: the checkpoint's)")
-    parser.add_argument("--threshold", type=float, help="policy threshold")
-    parser.add_argument("--patience", type=int, help="patience (pcee, patience)")
-    parser.add_argument(
-        "--param",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="another policy parameter, e.g. --param layer=3 (budget), --param window=2 (elbert)",
-    )
-
-
-def _engine(args: argparse.Namespace) -> Engine:
-    return Engine(**_engine_settings(args))
-
-
-def _engine_settings(args: argparse.Namespace) -> dict:
-    """:class:`Engine`'s keyword arguments from :func:`_add_engine_args`' options."""
-    return {
-        "checkpoint": str(args.ckpt or default_checkpoint()),
-        "device": args.device,
-        "backend": args.backend,
-        "executor": args.executor,
-        "graph": not args.eager,
-        "precision": args.precision,
-        **policy_kwargs(args),
-    }
-
-
-def policy_kwargs(args: argparse.Namespace) -> dict:
-    """The :class:`Engine` policy arguments of :func:`add_policy_args`' options.
-
-    Raises:
-        ValueError: a ``--param`` that is not NAME=VALUE.
-    """
-    return {
-        "policy": args.policy,
-        "threshold": args.threshold,
-        "patience": args.patience,
-        **dict(_parse_param(p) for p in args.param),
-    }
-
-
-def _parse_param(text: str) -> tuple[str, object]:
-    """``name=value`` with value parsed as JSON when it is JSON (numbers, lists), else a string."""
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise ValueError(f"--param {text!r}: expected NAME=VALUE")
-    try:
-        return name, json.loads(value)
-    except json.JSONDecodeError:
-        return name, value
+from eeengine.training.calibration_slice import CALIBRATION_SPLIT
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    engine = _engine(args)
+    engine = make_engine(args)
     predictions = engine.predict(list(args.texts), batch_size=args.batch_size)
     if args.json:
         print(
@@ -157,66 +54,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"saved {path}")
 
 
-def _eval_data(
-    args: argparse.Namespace, engine: Engine, default_split: str
-) -> tuple[str, str, str, tuple[str, ...], Split]:
-    """(task name, split name, metric, extra metrics, split) to evaluate on: the checkpoint's
-    calibration slice (``--split calibration``, :mod:`eeengine.training.calibration_slice`),
-    ``--task`` / ``--split`` of ``data/`` (extra metrics: the task's other official ones), or
-    for a checkpoint trained on the user's files ``--dev-file`` (default: its own dev file),
-    read with the columns and label names it was trained with (no extra metrics). Without
-    ``--split``: ``default_split``, or ``dev`` when ``--dev-file`` is given.
-
-    Raises:
-        ValueError: ``--dev-file`` for a checkpoint not trained on user files or with
-            ``--split calibration``; ``--task`` other than the checkpoint's with ``--split
-            calibration``, or a calibration slice that cannot be rebuilt (what is missing
-            named).
-        FileNotFoundError: the data is missing.
-    """
-    split_name = args.split or ("dev" if args.dev_file else default_split)
-    if split_name == CALIBRATION_SPLIT:
-        return _calibration_data(args, engine)
-    trained = engine.manifest.get("training", {}).get("config", {})
-    if args.dev_file and not trained.get("train_file"):
-        raise ValueError("--dev-file needs a checkpoint trained with --train-file")
-    if args.task is None and trained.get("train_file"):
-        path = args.dev_file or trained["dev_file"]
-        split = file_split(
-            path,
-            trained["text_column"],
-            trained["label_column"],
-            trained.get("text_pair_column"),
-            engine.label_names,
-            f"the labels of checkpoint {engine.path}",
-        )
-        task = engine.manifest["task"]
-        return task["name"], Path(path).name, task["metric"], (), split
-    task = get_task(args.task or engine.manifest["task"]["name"])
-    return task.name, split_name, task.metric, task.extra_metrics, load_split(task, split_name)
-
-
-def _calibration_data(
-    args: argparse.Namespace, engine: Engine
-) -> tuple[str, str, str, tuple[str, ...], Split]:
-    """:func:`_eval_data` of ``--split calibration``: the rows the trainer calibrated on,
-    scored with the checkpoint's metrics."""
-    if args.dev_file:
-        raise ValueError(f"--dev-file or --split {CALIBRATION_SPLIT}: give one")
-    task = engine.manifest["task"]
-    if args.task is not None and get_task(args.task).name != task["name"]:
-        raise ValueError(
-            f"--split {CALIBRATION_SPLIT} is the slice of the checkpoint's task {task['name']}, "
-            f"not {args.task}"
-        )
-    split, _ = calibration_slice(engine.manifest, engine.path)
-    extra_metrics = tuple(task.get("metrics", [])[1:])
-    return task["name"], CALIBRATION_SPLIT, task["metric"], extra_metrics, split
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
-    engine = _engine(args)
-    name, split_name, metric, extra_metrics, dev = _eval_data(args, engine, "dev")
+    engine = make_engine(args)
+    name, split_name, metric, extra_metrics, dev = eval_data(args, engine, "dev")
     if args.sweep:
         report = sweep_report(engine, name, split_name, dev, metric, extra_metrics, progress=True)
         paths = write_report(report, args.out or f"sweep-{name}")
@@ -273,7 +113,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         trained_on = engine.manifest["task"]["name"]
         if args.task is not None and get_task(args.task).name != trained_on:
             raise ValueError(f"the checkpoint was trained on {trained_on}, not {args.task}")
-        name, split_name, _, _, data = _eval_data(args, engine, CALIBRATION_SPLIT)
+        name, split_name, _, _, data = eval_data(args, engine, CALIBRATION_SPLIT)
         labels = data.labels
     point = engine.calibrate(
         data.texts,
@@ -319,10 +159,10 @@ def cmd_score(args: argparse.Namespace) -> None:
         from eeengine.ray_scoring import score_file_ray
 
         summary = score_file_ray(
-            job, _engine_settings(args), actors=args.actors, address=args.address, **options
+            job, engine_settings(args), actors=args.actors, address=args.address, **options
         )
     else:
-        summary = score_file(job, _engine_settings(args), **options)
+        summary = score_file(job, engine_settings(args), **options)
     resumed = f" ({summary.resumed_rows} written before the run was interrupted)"
     layers = f"; average exit layer {summary.avg_exit_layer:.2f}" if summary.avg_exit_layer else ""
     print(
@@ -365,36 +205,6 @@ def cmd_info(args: argparse.Namespace) -> None:
         )
 
 
-# TrainConfig field annotation -> argparse type (booleans are flags).
-# dict: a JSON object, e.g. --token-pruning '{"layers": [2, 4], "keep_ratio": 0.7, ...}'.
-_ARG_TYPES = {"str": str, "int": int, "float": float, "dict": json.loads}
-# TrainConfig fields with a fixed set of values.
-_CHOICES = {
-    "recipe": RECIPES,
-    "lte_base": tuple(BASE_RECIPES),
-    "layout": LAYOUTS,
-    "pooling": POOLINGS,
-    "contrastive_exits": EXITS,
-}
-
-
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    """One option per :class:`TrainConfig` field but ``base_model``: ``--epochs 2``,
-    ``--text-column sentence``; a boolean is ``--regression`` / ``--no-resume`` (an optional
-    one, ``bool | None``, stays None, automatic, unless given)."""
-    defaults = TrainConfig(base_model="")
-    for f in fields(TrainConfig):
-        if f.name == "base_model":
-            continue
-        flag = f"--{f.name.replace('_', '-')}"
-        default = getattr(defaults, f.name)
-        if f.type in ("bool", "bool | None"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        else:
-            kind = _ARG_TYPES[f.type.split(" | ")[0]]
-            parser.add_argument(flag, type=kind, default=default, choices=_CHOICES.get(f.name))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eeengine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -402,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict with per-sample early exit")
     p.add_argument("texts", nargs="+", help="texts to classify")
     p.add_argument("--json", action="store_true", help="print JSON")
-    _add_engine_args(p)
+    add_engine_args(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
@@ -416,11 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--base-model", help="Hugging Face BERT/RoBERTa/ALBERT dir (default: all-MiniLM-L6-v2)"
     )
-    _add_config_args(p)
+    add_config_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="dev metric per exit and of the exit policy")
-    _add_data_args(p, "dev")
+    add_data_args(p, "dev")
     p.add_argument("--json", action="store_true")
     p.add_argument(
         "--sweep",
@@ -428,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sweep every policy the checkpoint supports; write PREFIX.json, .md and .png",
     )
     p.add_argument("--out", help="file prefix of --sweep's report (default: sweep-TASK)")
-    _add_engine_args(p)
+    add_engine_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -441,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         "in eeengine.json, never the dev set results are reported on. A checkpoint without "
         "that config (converted) needs --split dev, --dev-file FILE or --unlabeled FILE.",
     )
-    _add_data_args(p, CALIBRATION_SPLIT)
+    add_data_args(p, CALIBRATION_SPLIT)
     p.add_argument("--policy", help="pick among this policy's points only (default: any)")
     target = p.add_mutually_exclusive_group()
     target.add_argument(
@@ -478,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fp32: store the point as the checkpoint's default policy and refresh "
         "calibration.json; other precisions: write calibration-<precision>.json",
     )
-    _add_checkpoint_args(p)
+    add_checkpoint_args(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser(
@@ -503,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", action="store_true", help="run on Ray Data (needs eeengine[ray])")
     p.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
     p.add_argument("--actors", type=int, default=2, help="Ray actors, one Engine each (default 2)")
-    _add_engine_args(p)
+    add_engine_args(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("info", help="describe a checkpoint")
@@ -511,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_precision_arg(p)
     p.set_defaults(func=cmd_info)
 
-    from eeengine.serve.cli import add_serve_parser  # imports this module's helpers
+    from eeengine.serve.cli import add_serve_parser  # imports the serving stack
 
     add_serve_parser(sub)
     return parser

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from eeengine._custom_ops import BACKENDS
-from eeengine.cli import add_policy_args, add_precision_arg, policy_kwargs
+from eeengine.cli_args import add_policy_args, add_precision_arg, policy_kwargs
 from eeengine.defaults import default_checkpoint
 from eeengine.engine import Engine
 from eeengine.executors import EXECUTORS
