@@ -198,7 +198,8 @@ class Engine:
         Args:
             inputs: a text, a (text, text_pair) tuple, or a list of them.
             batch_size: rows per forward pass; each row exits on its own and exited rows leave
-                the batch. Results do not depend on it.
+                the batch. Results do not depend on it, except at int8, whose activation scale
+                is per call (a row's result moves with its batch mates: README, Precision).
 
         Returns:
             One :class:`Prediction` for a single input, else a list in input order.
