@@ -5,7 +5,7 @@ For each checkpoint and precision (fp32, int8, bf16):
 - per-exit dev metric (the task's metric, every exit at full depth, through the engine's own
   executor at that precision: :func:`eeengine.report.per_exit_metrics`);
 - the default policy (the checkpoint's policy name) with parameters picked on the calibration
-  slice the trainer held out (:func:`training.trainer.split_calibration`, same seed; never on
+  slice the trainer held out (:func:`training.plan.split_calibration`, same seed; never on
   dev), fastest within ``--max-drop`` points of full depth on that slice, then run on dev:
   dev metric and average exit layer.
 
@@ -31,7 +31,7 @@ from eeengine.evaluation import evaluate
 from eeengine.precision import write_calibration
 from eeengine.report import per_exit_metrics
 from eeengine.training import TrainConfig
-from eeengine.training.trainer import load_dataset, split_calibration
+from eeengine.training.plan import load_dataset, split_calibration
 
 PRECISIONS = ("fp32", "int8", "bf16")
 

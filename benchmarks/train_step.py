@@ -30,9 +30,10 @@ from eeengine import _custom_ops
 from eeengine.batching import bucketed_batches, collate, encode
 from eeengine.defaults import default_config
 from eeengine.modeling_multiexit import MultiExitBert, load_backbone_weights
+from eeengine.training import TrainConfig
 from eeengine.training.loop import adamw, frozen_parameters, param_groups, uses_bf16
+from eeengine.training.plan import load_dataset
 from eeengine.training.recipes import make_recipe
-from eeengine.training.trainer import TrainConfig, load_dataset
 
 ROWS, WARMUP_ROWS, MEASURED_ROWS = 4000, 320, 2560
 

@@ -12,7 +12,7 @@ from eeengine.cli import main
 from eeengine.data import Split, calibration_size, file_dataset, holdout_split
 from eeengine.training import TrainConfig, train
 from eeengine.training.calibration_slice import calibration_slice
-from eeengine.training.trainer import _describe_plan, load_dataset, schedule, split_calibration
+from eeengine.training.plan import describe_plan, load_dataset, schedule, split_calibration
 from tests.conftest import SENTENCES, csv_config, write_rows
 
 
@@ -136,7 +136,7 @@ def test_schedule_adapts_to_the_data_size(rows, pairs, overrides, expected):
 def test_the_plan_says_what_it_chose(rows, pairs, overrides, says):
     config = TrainConfig(base_model="", **overrides)
     plan = schedule(config, rows, pairs)
-    assert says in _describe_plan(plan, rows, "x (stratified)", False, config)
+    assert says in describe_plan(plan, rows, "x (stratified)", False, config)
 
 
 def test_no_contrastive_stage_for_regression():

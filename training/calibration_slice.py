@@ -2,7 +2,7 @@
 
 The trainer selects the best step and calibrates the exit thresholds on rows held out of the
 training data, or on the user's ``calib_file``
-(:func:`eeengine.training.trainer.split_calibration`), and stores its config in
+(:func:`eeengine.training.plan.split_calibration`), and stores its config in
 ``eeengine.json`` (``training.config``). The same function on the same config and data gives
 the same rows in the same order, so ``eeengine calibrate`` (by default) and ``eeengine eval
 --split calibration`` measure there again, never on the dev set that results are reported on.
@@ -15,7 +15,8 @@ from pathlib import Path
 
 from eeengine.checkpoint import MANIFEST
 from eeengine.data import Split
-from eeengine.training.trainer import TrainConfig, load_dataset, split_calibration
+from eeengine.training.plan import load_dataset, split_calibration
+from eeengine.training.trainer import TrainConfig
 
 CALIBRATION_SPLIT = "calibration"
 

@@ -34,7 +34,6 @@ The checkpoint is written atomically, so a failed run never damages an existing 
 
 from __future__ import annotations
 
-import math
 import random
 import sys
 import time
@@ -50,15 +49,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 from eeengine.batching import collate, encode
 from eeengine.calibration import OperatingPoint, TradeOff, measure_trade_off
 from eeengine.checkpoint import save_checkpoint
-from eeengine.data import (
-    Dataset,
-    Split,
-    calibration_size,
-    file_dataset,
-    file_split,
-    glue_dataset,
-    holdout_split,
-)
+from eeengine.data import Dataset
 from eeengine.evaluation import predictions_of
 from eeengine.executors import make_executor, precision_unavailable
 from eeengine.metrics import METRICS
@@ -66,7 +57,7 @@ from eeengine.modeling_multiexit import MultiExitBert, load_backbone_weights
 from eeengine.policies import run_policy
 from eeengine.precision import calibration_file
 from eeengine.token_pruning import TokenPruning
-from eeengine.training.contrastive import contrastive_steps, contrastive_tune
+from eeengine.training.contrastive import contrastive_tune
 from eeengine.training.loop import (
     Evaluation,
     TrainLoop,
@@ -74,16 +65,11 @@ from eeengine.training.loop import (
     evaluate_exits,
     param_groups,
 )
+from eeengine.training.plan import describe_plan, load_dataset, schedule, split_calibration
 from eeengine.training.probe_init import probe_init
 from eeengine.training.recipes import Recipe, make_recipe
 from eeengine.training.state import load_state, remove_state, save_state
 
-# Training truncation length (tokens) of ``max_seq_length=None``, but for small pair data.
-TRAIN_LENGTH = 64
-# Backbone learning rate of ``lr=None``, and after the contrastive stage: fine-tuning at 1e-4
-# undid what the stage learnt (SST-2, 600 rows, on the calibration slice; RESULTS.md).
-LR = 1e-4
-LR_AFTER_CONTRASTIVE = 2e-5
 # Config fields that do not change the trained weights: a resumed run may change them.
 RESUMABLE_CHANGES = ("resume", "save_every", "device")
 
@@ -133,11 +119,13 @@ class TrainConfig:
             fewer than ``small_data`` training rows, off otherwise.
         max_train_examples: use only the first N examples of a seeded shuffle (None: all).
         lr, head_lr: AdamW learning rates of the backbone and of the exit heads (and LTE).
-            ``lr=None``: :data:`LR`, or :data:`LR_AFTER_CONTRASTIVE` after the contrastive
+            ``lr=None``: :data:`eeengine.training.plan.LR`, or
+            :data:`eeengine.training.plan.LR_AFTER_CONTRASTIVE` after the contrastive
             stage.
         max_seq_length: truncation length in training (tokens); inference uses
             ``eval_max_seq_length``. Both are capped at the model's position embeddings.
-            None: :data:`TRAIN_LENGTH` (64), or ``eval_max_seq_length`` for sentence pairs with
+            None: :data:`eeengine.training.plan.TRAIN_LENGTH` (64), or ``eval_max_seq_length``
+            for sentence pairs with
             fewer than ``small_data`` training rows: 64 tokens cut RTE premises, and a few
             hundred rows cannot afford it (RTE, 600 rows: 53.79 % on dev instead of 46.93).
         device: "cpu" or "cuda[:N]".
@@ -197,110 +185,6 @@ class TrainConfig:
     contrastive_lr: float = 2e-5
     contrastive_batch_size: int = 16
     contrastive_exits: str = "last"
-
-
-def load_dataset(config: TrainConfig) -> Dataset:
-    """The GLUE task or the user files the config names.
-
-    Raises:
-        ValueError: ``train_file`` without ``dev_file``, ``text_column`` or ``label_column``.
-    """
-    if config.train_file is None:
-        return glue_dataset(config.task)
-    missing = [
-        name for name in ("dev_file", "text_column", "label_column") if not getattr(config, name)
-    ]
-    if missing:
-        flags = ", ".join("--" + name.replace("_", "-") for name in missing)
-        raise ValueError(f"--train-file needs {flags}")
-    return file_dataset(
-        config.train_file,
-        config.dev_file,
-        config.text_column,
-        config.label_column,
-        config.text_pair_column,
-        config.regression,
-    )
-
-
-def split_calibration(config: TrainConfig, data: Dataset) -> tuple[Split, Split, str]:
-    """(training rows, calibration rows, where the calibration rows come from): the user's
-    ``calib_file``, or :func:`eeengine.data.calibration_size` rows held out of the training
-    split (stratified by class, seeded). The dev split is never among them.
-
-    Raises:
-        ValueError: ``calib_file`` without ``train_file``, or a bad calibration file.
-    """
-    if config.calib_file:
-        if config.train_file is None:
-            raise ValueError("--calib-file needs --train-file (a GLUE task holds out train rows)")
-        calib = file_split(
-            config.calib_file,
-            config.text_column,
-            config.label_column,
-            config.text_pair_column,
-            data.label_names,
-            f"the labels of {config.train_file}",
-        )
-        return data.train, calib, str(config.calib_file)
-    size = calibration_size(len(data.train.texts))
-    stratify = data.label_names is not None
-    train, calib = holdout_split(data.train, size, config.seed, stratify)
-    how = "stratified, " if stratify else ""
-    return train, calib, f"{size} training rows held out ({how}seed {config.seed})"
-
-
-def schedule(
-    config: TrainConfig, num_examples: int, pairs: bool = False, classification: bool = True
-) -> dict:
-    """Epochs, optimizer steps, evaluation interval, training length, contrastive stage and
-    backbone learning rate of a run on ``num_examples`` rows (``pairs``: sentence pairs;
-    ``classification``: class labels, not a regression target).
-
-    ``epochs=None`` adapts to the data: enough epochs for ``min_steps`` steps, at least one and
-    at most ``max_auto_epochs``. ``eval_every=0`` evaluates every epoch when there is more than
-    one, else only at the end. ``max_seq_length=None``: ``eval_max_seq_length`` for pairs below
-    ``small_data`` rows, else :data:`TRAIN_LENGTH` (before the model's cap on both).
-    ``contrastive=None``: the contrastive stage runs for classification below ``small_data``
-    rows. ``lr=None``: :data:`LR_AFTER_CONTRASTIVE` after the stage, else :data:`LR`.
-
-    Returns:
-        ``{"epochs", "steps_per_epoch", "total_steps", "eval_every", "max_seq_length",
-        "contrastive_steps", "lr"}`` (0 contrastive steps: the stage does not run).
-
-    Raises:
-        ValueError: ``contrastive=True`` on a regression task (pairs need classes).
-    """
-    steps_per_epoch = math.ceil(num_examples / config.batch_size)
-    epochs = config.epochs
-    if epochs is None:
-        wanted = math.ceil(config.min_steps / steps_per_epoch)
-        epochs = float(max(1, min(config.max_auto_epochs, wanted)))
-    total_steps = max(1, round(epochs * steps_per_epoch))
-    eval_every = config.eval_every or (steps_per_epoch if total_steps > steps_per_epoch else 0)
-    small = num_examples < config.small_data
-    length = config.max_seq_length
-    if length is None:
-        length = config.eval_max_seq_length if pairs and small else TRAIN_LENGTH
-    if config.contrastive and not classification:
-        raise ValueError("--contrastive needs class labels; a regression task has none")
-    contrastive = config.contrastive if config.contrastive is not None else classification and small
-    lr = config.lr if config.lr is not None else LR_AFTER_CONTRASTIVE if contrastive else LR
-    return {
-        "epochs": epochs,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
-        "eval_every": eval_every,
-        "max_seq_length": length,
-        "contrastive_steps": (
-            contrastive_steps(
-                num_examples, config.contrastive_rounds, config.contrastive_batch_size
-            )
-            if contrastive
-            else 0
-        ),
-        "lr": lr,
-    }
 
 
 def _manifest(
@@ -412,7 +296,7 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     )
     loop = TrainLoop(config, model, recipe, optimizer, scheduler, rng, total_steps, token_pruning)
     if progress:
-        print(_describe_plan(plan, len(texts), calib_source, loop.bf16, config), file=sys.stderr)
+        print(describe_plan(plan, len(texts), calib_source, loop.bf16, config), file=sys.stderr)
     saved = load_state(out, asdict(config), RESUMABLE_CHANGES) if config.resume else None
     contrastive = None  # what the contrastive stage did (it is not resumed inside)
     if saved is not None:
@@ -563,37 +447,3 @@ def _int8_calibration(
     sweep["reference_full_depth"] = fp32_full_depth
     record = {"written": True, "file": calibration_file("int8")}
     return sweep, {**record, "full_depth": sweep["full_depth"]}
-
-
-def _describe_plan(
-    plan: dict, num_examples: int, calib_source: str, bf16: bool, config: TrainConfig
-) -> str:
-    """What the run chose, in one line for the user."""
-    chosen = "" if config.epochs is not None else f" (chosen for >= {config.min_steps} steps)"
-    length = f"truncated to {plan['max_seq_length']} tokens"
-    if config.max_seq_length is None and plan["max_seq_length"] != TRAIN_LENGTH:
-        length += f" (chosen for sentence pairs, fewer than {config.small_data} training rows)"
-    heads = "; exit heads from a linear probe" if config.probe_init else ""
-    first = ""
-    if plan["contrastive_steps"]:
-        why = f" (chosen for classification, fewer than {config.small_data} training rows)"
-        first = (
-            f"first {plan['contrastive_steps']} contrastive steps of "
-            f"{config.contrastive_batch_size} pairs ({config.contrastive_exits} layer's "
-            f"embeddings, lr {config.contrastive_lr:g}){'' if config.contrastive else why}, then "
-        )
-        if config.lr is None:
-            first += f"at backbone lr {plan['lr']:g} (chosen after the contrastive stage): "
-    every = f"every {plan['eval_every']} steps" if plan["eval_every"] else "at the end"
-    stop = (
-        f", stopping after {config.early_stopping} evaluations without a gain"
-        if config.early_stopping and plan["eval_every"]
-        else ""
-    )
-    return (
-        f"eeengine train: {num_examples} training rows, calibration on {calib_source}; "
-        f"{first}{plan['epochs']:g} epoch(s){chosen}, {plan['total_steps']} steps of "
-        f"{config.batch_size}, {length}{heads}; best step by the calibration slice, "
-        f"evaluated {every}{stop}; "
-        f"{'bf16 autocast' if bf16 else 'fp32'}"
-    )
