@@ -23,7 +23,8 @@ Which depth runs next (``schedule``; new inputs compete as the queue of depth 0)
 
 Every layer runs through the engine's own loop pieces (:class:`eeengine.runtime.ExitLoop`:
 ``start``, ``step``, ``select``), so each input gets the same logits and exit layer as
-``Engine.predict`` whatever it was batched with (tested over random arrival orders).
+``Engine.predict`` whatever it was batched with (tested over random arrival orders), except at
+int8, whose activation scale is taken over each layer call's rows (README, Precision).
 """
 
 from __future__ import annotations
