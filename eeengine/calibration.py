@@ -26,11 +26,11 @@ from transformers import PreTrainedTokenizerBase
 from eeengine.checkpoint import load_checkpoint
 from eeengine.evaluation import (
     all_exit_outputs,
+    checked_confidence,
     choose_for_speedup,
     choose_operating_point,
     flops_tables,
     iter_points,
-    normal_confidence,
     policy_params,
     predictions_of,
     reference_full_depth,
@@ -416,7 +416,7 @@ def check_confidence(confidence: float | None, max_drop: float | None) -> None:
     """
     if confidence is None:
         return
-    normal_confidence(confidence)  # its range
+    checked_confidence(confidence)  # its range
     if max_drop is None:
         raise ValueError("confidence applies to max_drop (or agreement), not to target_speedup")
 

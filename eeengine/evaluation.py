@@ -319,15 +319,14 @@ def sweep(
 
     Returns:
         ``{"metric", "num_layers", "num_examples", "full_depth", "full_depth_metrics",
-        "policies": {name:
-        [point, ...]}}`` where a point holds the policy's parameters, ``metric`` (the value of
-        ``metric``), ``metrics`` (``{name: value}`` of ``metric`` and ``extra_metrics``),
-        ``avg_exit_layer`` (layers), ``layer_saving`` (1 - avg / L) and ``speedup`` (L / avg),
-        ``drop_std`` (the standard deviation of full depth's metric minus the point's over
-        :data:`eeengine.metrics.BOOTSTRAP_SAMPLES` paired bootstrap resamples of the examples,
-        in metric points: how far the drop measured on these examples may be from the drop on
-        other data of the same kind; :func:`choose_operating_point` ``confidence``), and with
-        ``flops`` also ``flops_ratio`` and ``flops_speedup``.
+        "policies": {name: [point, ...]}}`` where a point holds the policy's parameters,
+        ``metric`` (the value of ``metric``), ``metrics`` (``{name: value}`` of ``metric`` and
+        ``extra_metrics``), ``avg_exit_layer`` (layers), ``layer_saving`` (1 - avg / L) and
+        ``speedup`` (L / avg), ``drop_std`` (the standard deviation of full depth's metric minus
+        the point's over :data:`eeengine.metrics.BOOTSTRAP_SAMPLES` paired bootstrap resamples
+        of the examples, in metric points: how far the drop measured on these examples may be
+        from the drop on other data of the same kind; :func:`choose_operating_point`
+        ``confidence``), and with ``flops`` also ``flops_ratio`` and ``flops_speedup``.
     """
     signals = signals or {}
     num_layers, _, num_labels = all_logits.shape
@@ -437,7 +436,7 @@ def choose_operating_point(
     points = list(iter_points(calibration, policy))
     margin, least = 0.0, 0.0
     if confidence is not None:
-        margin = normal_quantile(1.0 - (1.0 - normal_confidence(confidence)) / max(len(points), 1))
+        margin = normal_quantile(1.0 - (1.0 - checked_confidence(confidence)) / max(len(points), 1))
         if "num_examples" not in calibration or any("drop_std" not in p for _, p in points):
             raise ValueError(
                 "this calibration has no drop_std (measured before eeengine recorded it), so "
@@ -458,7 +457,7 @@ def choose_operating_point(
     return None if best is None else (best[1], best[2])
 
 
-def normal_confidence(confidence: float) -> float:
+def checked_confidence(confidence: float) -> float:
     """``confidence``, checked to be a number in (0, 1).
 
     Raises:

@@ -30,7 +30,8 @@ thread pool costs more than a small op at batch 1 on a busy CPU). The torch ops 
 run on one thread (:meth:`OnnxRuntimeExecutor.host_ops`, :func:`single_threaded_torch`): with
 torch's own pool, each multi-threaded one waited for cores that ONNX Runtime's workers were
 spinning on, a softmax of 32 x 2 logits took 1.6-3.9 ms instead of 5 us, and early exit at
-batch 32 ran 1.34x (fp32) / 1.42x (int8) slower.
+batch 32 ran 1.48x (fp32) / 1.62x (int8) slower under OpenMP's default waiting
+(``benchmarks/torch_threads.py``).
 """
 
 from __future__ import annotations
