@@ -31,8 +31,9 @@ from scale import texts_of_length
 from eeengine import Engine
 from eeengine.data import get_task, load_split
 from eeengine.defaults import default_checkpoint
-from eeengine.evaluation import choose_operating_point, policy_params
+from eeengine.evaluation import policy_params
 from eeengine.executors import EXECUTORS
+from eeengine.selection import choose_operating_point
 
 SEQ_LENS = [16, 64, 128, 512]
 POLICIES = ["none", "entropy", "normalized_entropy", "pcee"]

@@ -24,9 +24,10 @@ import torch
 from eeengine import Engine
 from eeengine.data import get_task, load_split
 from eeengine.defaults import default_checkpoint
-from eeengine.evaluation import all_exit_logits, choose_operating_point, policy_params, sweep
+from eeengine.evaluation import all_exit_logits, policy_params, sweep
 from eeengine.metrics import METRICS
 from eeengine.policies import make_policy, run_policy
+from eeengine.selection import choose_operating_point
 from eeengine.training.calibration_slice import calibration_slice
 
 

@@ -78,8 +78,9 @@ from peers import (
 from eeengine import Engine
 from eeengine.data import DATA_DIR, Split, file_split, get_task, load_split
 from eeengine.defaults import default_checkpoint
-from eeengine.evaluation import choose_operating_point, policy_params
+from eeengine.evaluation import policy_params
 from eeengine.metrics import accuracy
+from eeengine.selection import choose_operating_point
 from eeengine.token_pruning import DEFAULT_TOKEN_PRUNING
 
 EXECUTORS = {"torch": "torch", "ort": "onnxruntime"}  # provider name part -> Engine executor

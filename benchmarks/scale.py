@@ -34,7 +34,8 @@ from peers import FullDepth, Predict, engine_provider, torch_provider
 from eeengine import Engine
 from eeengine.data import get_task, load_split
 from eeengine.defaults import default_checkpoint
-from eeengine.evaluation import choose_operating_point, policy_params
+from eeengine.evaluation import policy_params
+from eeengine.selection import choose_operating_point
 
 SEQ_LENS = [16, 32, 64, 128, 256, 512]
 BATCH_SIZES = [1, 8, 32, 128, 256]

@@ -24,23 +24,19 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from eeengine.checkpoint import load_checkpoint
-from eeengine.evaluation import (
-    all_exit_outputs,
-    checked_confidence,
-    choose_for_speedup,
-    choose_operating_point,
-    flops_tables,
-    iter_points,
-    policy_params,
-    predictions_of,
-    reference_full_depth,
-    sweep,
-)
+from eeengine.evaluation import all_exit_outputs, flops_tables, policy_params, predictions_of, sweep
 from eeengine.executors import LayerExecutor
 from eeengine.inputs import normalize_inputs
 from eeengine.metrics import METRICS
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import ExitPolicy, make_policy
+from eeengine.selection import (
+    checked_confidence,
+    choose_for_speedup,
+    choose_operating_point,
+    iter_points,
+    reference_full_depth,
+)
 from eeengine.token_pruning import TokenPruning
 
 if TYPE_CHECKING:
@@ -237,7 +233,7 @@ def calibrate_engine(
         batch_size: rows per full-depth forward pass.
         progress: show a progress bar.
         confidence: with ``max_drop`` (or ``agreement``), keep the drop within it at this
-            confidence (:func:`eeengine.evaluation.choose_operating_point`).
+            confidence (:func:`eeengine.selection.choose_operating_point`).
 
     Returns:
         The chosen :class:`OperatingPoint` and the new sweep (the content of
@@ -286,7 +282,7 @@ def fp32_full_depth(
     """The checkpoint's metric at full depth with fp32 layers (its torch model, loaded again
     from ``engine.path``: a reduced-precision engine keeps no fp32 layers) on ``texts``: the
     ``reference_full_depth`` that a sweep measured at another precision picks ``max_drop``
-    from (:func:`eeengine.evaluation.reference_full_depth`).
+    from (:func:`eeengine.selection.reference_full_depth`).
 
     Args:
         engine: the reduced-precision engine being calibrated.
@@ -366,7 +362,7 @@ def select_operating_point(
         max_drop: the fastest point within this many metric points of full depth (>= 0).
         policy: restrict to one policy; None searches every calibrated policy.
         confidence: with ``max_drop``, the drop must stay within it at this confidence, in
-            (0, 1) (:func:`eeengine.evaluation.choose_operating_point`); None: as measured.
+            (0, 1) (:func:`eeengine.selection.choose_operating_point`); None: as measured.
 
     Raises:
         ValueError: both or neither of ``target_speedup`` / ``max_drop``, a value out of range,

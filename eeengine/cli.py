@@ -23,9 +23,10 @@ from eeengine.cli_data import eval_data
 from eeengine.data import get_task, unlabeled_file
 from eeengine.defaults import default_checkpoint, minilm_dir
 from eeengine.engine import Engine
-from eeengine.evaluation import evaluate, reference_full_depth
+from eeengine.evaluation import evaluate
 from eeengine.precision import write_calibration
 from eeengine.report import markdown, per_exit_metrics, sweep_report, write_report
+from eeengine.selection import reference_full_depth
 from eeengine.training import TrainConfig, train
 from eeengine.training.calibration_slice import CALIBRATION_SPLIT
 

@@ -48,7 +48,7 @@ class Engine:
             speed-up L / average exit layer is at least this (within ``policy`` if given).
         max_drop: run the fastest calibrated point within this many metric points of full
             depth (see :mod:`eeengine.resolve`); with ``confidence`` in (0, 1), within it at
-            that confidence (:func:`eeengine.evaluation.choose_operating_point`).
+            that confidence (:func:`eeengine.selection.choose_operating_point`).
         device: "cpu", "cuda" or "cuda:N".
         max_length: tokens per input (default: the checkpoint's ``max_seq_length``); longer
             inputs are truncated with a warning.

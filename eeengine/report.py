@@ -24,13 +24,8 @@ from typing import TYPE_CHECKING
 from eeengine.calibration import measure_trade_off
 from eeengine.data import Split
 from eeengine.engine import Engine
-from eeengine.evaluation import (
-    all_exit_logits,
-    choose_for_speedup,
-    choose_operating_point,
-    exit_metrics,
-    policy_params,
-)
+from eeengine.evaluation import all_exit_logits, exit_metrics, policy_params
+from eeengine.selection import choose_for_speedup, choose_operating_point
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -11,9 +11,10 @@ import torch
 
 from eeengine.calibration import OperatingPoint, select_operating_point
 from eeengine.checkpoint import CALIBRATION, MANIFEST, CheckpointError
-from eeengine.evaluation import choose_operating_point, policy_params
+from eeengine.evaluation import policy_params
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import ExitPolicy, make_policy
+from eeengine.selection import choose_operating_point
 from eeengine.token_pruning import TokenPruning
 
 

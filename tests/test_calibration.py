@@ -14,8 +14,9 @@ from eeengine.calibration import select_operating_point
 from eeengine.checkpoint import save_checkpoint, update_checkpoint, write_json_atomic
 from eeengine.cli import main
 from eeengine.data import file_dataset, get_task, load_split
-from eeengine.evaluation import choose_for_speedup, evaluate, sweep
+from eeengine.evaluation import evaluate, sweep
 from eeengine.metrics import agreement
+from eeengine.selection import choose_for_speedup
 from tests.conftest import SENTENCES, make_tiny_model, tiny_manifest
 
 

@@ -12,8 +12,9 @@ import torch
 from eeengine import Engine
 from eeengine.calibration import select_operating_point
 from eeengine.cli import main
-from eeengine.evaluation import choose_operating_point, predictions_of, sweep
+from eeengine.evaluation import predictions_of, sweep
 from eeengine.metrics import METRICS, agreement, bootstrap_weights
+from eeengine.selection import choose_operating_point
 
 
 def _indices(num_examples: int, samples: int, seed: int = 0) -> torch.Tensor:

@@ -20,11 +20,12 @@ from eeengine import Engine
 from eeengine.batching import collate, encode
 from eeengine.cli import main
 from eeengine.data import Split
-from eeengine.evaluation import choose_operating_point, evaluate, iter_points, policy_params
+from eeengine.evaluation import evaluate, policy_params
 from eeengine.executors import make_executor
 from eeengine.modeling_bert import attention_bias
 from eeengine.policies import make_policy
 from eeengine.precision import calibration_file, read_calibration, write_calibration
+from eeengine.selection import choose_operating_point, iter_points
 from eeengine.token_pruning import TokenPruning
 from eeengine.training.calibration_slice import calibration_slice
 from tests.conftest import SENTENCES, make_tiny_model

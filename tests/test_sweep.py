@@ -6,12 +6,12 @@ from eeengine.evaluation import (
     SWEEP_ELBERT_WINDOWS,
     SWEEP_GRIDS,
     SWEEP_PATIENCE,
-    choose_operating_point,
     policy_params,
     sweep,
     sweep_params,
 )
 from eeengine.policies import POLICIES, make_policy
+from eeengine.selection import choose_operating_point
 
 NUM_LAYERS, NUM_EXAMPLES = 4, 40
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from eeengine.evaluation import choose_for_speedup
+from eeengine.selection import choose_for_speedup
 from eeengine.training.recipes import RECIPES
 
 SPEEDUPS = (1.5, 2.0, 3.0)

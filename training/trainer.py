@@ -437,7 +437,7 @@ def _int8_calibration(
 
     The sweep records ``fp32_full_depth`` (the fp32 model's full depth on the same slice) as
     its ``reference_full_depth``: int8 operating points are picked within ``max_drop`` of the
-    model as trained (:func:`eeengine.evaluation.reference_full_depth`)."""
+    model as trained (:func:`eeengine.selection.reference_full_depth`)."""
     model.cpu().eval()
     reason = precision_unavailable("int8", model)
     if reason is not None:
