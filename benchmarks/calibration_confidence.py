@@ -15,11 +15,11 @@ the shift from training phrases to dev sentences, for SST-2).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
 import torch
+from results_io import write_results
 
 from eeengine import Engine
 from eeengine.data import get_task, load_split
@@ -105,11 +105,9 @@ def main() -> None:
                     "dev_over": sum(r["dev_drop"] > max_drop for r in group) / len(group),
                     "dev_avg_exit_layer": statistics.mean(r["dev_avg_exit_layer"] for r in group),
                 })  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(ckpt), "task": task.name, "metric": metric,
               "slice_rows": len(slice_labels), "dev_rows": len(dev.labels),
               "summary": summary, "rows": rows}  # fmt: skip
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         "| calibration rows | max_drop | confidence | draws | promised drop | held-out slice: "
         "drop (share over max_drop) | dev: drop (share over) | dev avg exit layer |",
@@ -122,7 +120,7 @@ def main() -> None:
             f"{s['dev_drop']:+.2f} ({s['dev_over']:.0%}) | {s['dev_avg_exit_layer']:.2f} |"
         )
     table = "\n".join(lines) + "\n"
-    args.out.with_suffix(".md").write_text(table)
+    write_results(args.out, report, table)
     print(table)
 
 

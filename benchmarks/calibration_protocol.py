@@ -13,8 +13,9 @@ drop measured on dev, and the layer speed-up on both.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from results_io import write_results
 
 from eeengine import Engine
 from eeengine.calibration import OperatingPoint, select_operating_point
@@ -125,10 +126,7 @@ def main() -> None:
     for spec in args.checkpoints:
         task, _, path = spec.partition("=")
         rows += measure(task, Path(path).expanduser())
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(rows))
+    write_results(args.out, rows, markdown(rows))
     print(markdown(rows))
 
 

@@ -77,6 +77,7 @@ from peers import (
     papers_loop_provider,
     torch_provider,
 )
+from results_io import write_results
 
 from eeengine import Engine
 from eeengine.data import DATA_DIR, Split, file_split, get_task, load_split
@@ -460,10 +461,8 @@ def main() -> None:
         "max_drop": args.max_drop,
         "providers": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     table = _markdown(report, args.batch_sizes)
-    args.out.with_suffix(".md").write_text(table)
+    write_results(args.out, report, table)
     _plot(report, args.batch_sizes[0], args.out.with_suffix(".png"))
     print(table)
 

@@ -22,6 +22,8 @@ import json
 import statistics
 from pathlib import Path
 
+from results_io import write_results
+
 from eeengine import Engine
 from eeengine.cli_args import add_policy_args, policy_kwargs
 from eeengine.data import get_task, load_split
@@ -84,9 +86,7 @@ def main() -> None:
         )
     print("\n".join(lines))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        write_results(args.out, report, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

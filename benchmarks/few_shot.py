@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_io import write_results
+
 from eeengine.data import Split, get_task, load_split
 from eeengine.defaults import minilm_dir
 from eeengine.training import TrainConfig, train
@@ -125,10 +127,7 @@ def main() -> None:
         results = [
             run_task(name, args.rows, args.seed, Path(tmp), args.config) for name in args.tasks
         ]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(results))
+    write_results(args.out, results, markdown(results))
     print(markdown(results))
 
 

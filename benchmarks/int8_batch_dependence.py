@@ -11,9 +11,10 @@ dynamic quantization, as the ORT int8 peer), so a row's result depends on the ro
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
+
+from results_io import write_results
 
 from eeengine import Engine
 from eeengine.data import get_task, load_split
@@ -54,10 +55,6 @@ def main() -> None:
                 abs(a.probs[k] - b.probs[k]) for a, b in pairs for k in a.probs
             ),
         })  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(
-        json.dumps({"checkpoint": str(ckpt), "rows": rows}, indent=2) + "\n"
-    )
     lines = [
         "| precision | labels changed, alone vs batch 32 | labels changed, batch 32 vs shuffled "
         "batch 32 | largest probability change, alone vs batch 32 |",
@@ -70,7 +67,7 @@ def main() -> None:
             f"{r['max_prob_change_alone_vs_b32']:.4f} |"
         )
     table = "\n".join(lines) + "\n"
-    args.out.with_suffix(".md").write_text(table)
+    write_results(args.out, {"checkpoint": str(ckpt), "rows": rows}, table)
     print(table)
 
 

@@ -12,8 +12,8 @@ full depth, the checkpoint's own default policy, and the label-free point.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
+
+from results_io import write_results
 
 from eeengine import Engine
 from eeengine.data import DATA_DIR, file_split
@@ -65,11 +65,8 @@ def main() -> None:
             f"{r['avg_exit_layer']:.2f} | {r['speedup']:.2f}x |"
         )
     lines.append(f"\nLabel-free point: {point.describe()} (agreement on the first half).")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     result = {"point": {"name": point.name, **point.params, "agreement": point.metric}, **rows}
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -36,6 +36,7 @@ from compare import (
     prepare,
     throughput,
 )
+from results_io import write_results
 
 from eeengine import Engine
 from eeengine.metrics import accuracy
@@ -140,9 +141,7 @@ def main() -> None:
         "checkpoint": str(ckpt),
         "lengths": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(_markdown(results, args.batch_size))
+    write_results(args.out, report, _markdown(results, args.batch_size))
 
 
 def _markdown(results: dict, batch_size: int) -> str:

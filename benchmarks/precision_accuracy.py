@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from results_io import write_results
 
 from eeengine import Engine
 from eeengine.data import get_task, load_split
@@ -102,9 +103,7 @@ def main() -> None:
         report["tasks"][task] = {"checkpoint": ckpt, "rows": rows}
         tables.append(markdown(task, rows))
         print(tables[-1], flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")
-    Path(f"{args.out}.md").write_text("\n\n".join(tables) + "\n")
+    write_results(args.out, report, "\n\n".join(tables) + "\n")
 
 
 if __name__ == "__main__":

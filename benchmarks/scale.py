@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from compare import EXECUTORS, environment
 from peers import FullDepth, Predict, engine_provider, torch_provider
+from results_io import write_results
 
 from eeengine import Engine
 from eeengine.data import get_task, load_split
@@ -259,10 +260,8 @@ def main() -> None:
     }
     report = {"environment": environment(), "checkpoint": str(ckpt)}
     report.update({name: sections[name]() for name in args.sections})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     table = _markdown(report)
-    args.out.with_suffix(".md").write_text(table)
+    write_results(args.out, report, table)
     print(table)
 
 

@@ -39,6 +39,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+from results_io import write_results
 from serve_client import (
     ConnectionPool,
     eeengine_serve,
@@ -280,8 +281,7 @@ def main() -> None:
     text = markdown(report)
     print(text)
     if args.out:
-        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(text)
+        write_results(args.out, report, text)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from results_io import write_results
 
 from eeengine import Engine
 from eeengine.data import get_task, load_split
@@ -82,8 +82,6 @@ def main() -> None:
         })  # fmt: skip
     env = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     report = {"threads": args.threads, "environment": env, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, {args.threads} threads",
         "",
@@ -97,7 +95,7 @@ def main() -> None:
             f"{r['b1_ms_on']:.2f} | {r['b1_ms_off']:.2f} | {r['b1_ratio']:.2f}x |"
         )
     table = "\n".join(lines) + "\n"
-    args.out.with_suffix(".md").write_text(table)
+    write_results(args.out, report, table)
     print(table)
 
 
