@@ -18,8 +18,8 @@ from eeengine.compaction import (
 from eeengine.policies import ExitPolicy
 from eeengine.runtime import early_exit_forward
 from eeengine.static_loop import allocate_static_loop, read_outputs, write_inputs
+from tests.exit_step_cases import tiny_model
 from tests.test_cuda_graph import POLICIES, assert_same, batch
-from tests.test_exit_head_step import tiny_model
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 7, 32, 128])

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from eeengine._custom_ops import HAS_C, exit_head_step
-from tests.test_exit_head_step import (
+from tests.exit_step_cases import (
     HIDDEN_SIZES,
     NUM_LAYERS,
     SCENARIOS,

@@ -46,7 +46,7 @@ from eeengine.static_loop import (
 )
 from eeengine.token_pruning import TokenPruning
 from tests.conftest import SENTENCES, make_tiny_model, tiny_albert_config, tiny_roberta_config
-from tests.test_exit_head_step import SEED, TOLERANCES, tiny_model
+from tests.exit_step_cases import SEED, TOLERANCES, tiny_model
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 requires_c = pytest.mark.skipif(not HAS_C, reason=f"C++ extension not available: {LOAD_ERROR}")

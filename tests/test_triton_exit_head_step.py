@@ -20,7 +20,7 @@ from torch import Tensor
 
 from eeengine._custom_ops import fused_op, resolve_backend
 from eeengine.policies import ExitPolicy
-from tests.test_exit_head_step import (
+from tests.exit_step_cases import (
     BAD_ARGS,
     GOOD_POLICY_ARGS,
     NUM_LAYERS,
