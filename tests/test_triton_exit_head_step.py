@@ -39,7 +39,7 @@ from tests.exit_step_cases import (
     policy_case,
     run_both,
 )
-from tests.test_policies_oracle import CASES, draw_case
+from tests.policy_oracles import CASES, draw_case
 from tests.triton_support import DEVICE, compile_for_sm90, import_kernel
 
 triton_kernel = import_kernel("exit_head_step")
