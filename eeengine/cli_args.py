@@ -20,6 +20,15 @@ from eeengine.training.recipes import BASE_RECIPES, RECIPES
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """:func:`add_model_args` and ``--batch-size``."""
+    add_model_args(parser)
+    parser.add_argument("--batch-size", type=int, default=32)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Which checkpoint runs, and how: ``--ckpt``, ``--device``, ``--backend``, ``--executor``,
+    ``--precision``, ``--eager``; read back by :func:`engine_settings` (with the policy options
+    of :func:`add_policy_args`)."""
     parser.add_argument("--ckpt", help="checkpoint directory (default: the cached SST-2 model)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
@@ -34,7 +43,6 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="on a CUDA device, run the sync-free loop eagerly instead of replaying CUDA graphs",
     )
-    parser.add_argument("--batch-size", type=int, default=32)
 
 
 def add_precision_arg(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +100,8 @@ def make_engine(args: argparse.Namespace) -> Engine:
 
 
 def engine_settings(args: argparse.Namespace) -> dict:
-    """:class:`Engine`'s keyword arguments from :func:`add_engine_args`' options."""
+    """:class:`Engine`'s keyword arguments from the options of :func:`add_model_args` and
+    :func:`add_policy_args`."""
     return {
         "checkpoint": str(args.ckpt or default_checkpoint()),
         "device": args.device,

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from eeengine._custom_ops import BACKENDS
-from eeengine.cli_args import add_policy_args, add_precision_arg, policy_kwargs
-from eeengine.defaults import default_checkpoint
+from eeengine.cli_args import add_model_args, add_policy_args, engine_settings
 from eeengine.engine import Engine
-from eeengine.executors import EXECUTORS
 from eeengine.serve import BATCHING, SCHEDULES
 
 
@@ -21,13 +18,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "each input's exit layer), GET /health, /info, /metrics (Prometheus), /docs. "
         "Needs the serve extra: pip install 'eeengine[serve]'.",
     )
-    p.add_argument("--ckpt", help="checkpoint directory (default: the cached SST-2 model)")
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", choices=BACKENDS, help="default: the device's fused op")
-    p.add_argument("--executor", choices=EXECUTORS, help="default: onnxruntime if installed")
-    add_precision_arg(p)
     p.add_argument(
         "--batching",
         choices=BATCHING,
@@ -85,15 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise RuntimeError(
             f"eeengine serve needs the serve extra: pip install 'eeengine[serve]' ({error})"
         ) from None
-    engine = Engine(
-        args.ckpt or default_checkpoint(),
-        device=args.device,
-        backend=args.backend,
-        executor=args.executor,
-        precision=args.precision,
-        max_length=args.max_input_length,
-        **policy_kwargs(args),
-    )
+    engine = Engine(**engine_settings(args), max_length=args.max_input_length)
     config = ServeConfig(
         max_concurrent_requests=args.max_concurrent_requests,
         max_batch_tokens=args.max_batch_tokens,
