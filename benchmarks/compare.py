@@ -89,6 +89,7 @@ from eeengine.token_pruning import DEFAULT_TOKEN_PRUNING
 
 EXECUTORS = {"torch": "torch", "ort": "onnxruntime"}  # provider name part -> Engine executor
 BASELINES = ("hf_eager", "ort_int8")  # ratio columns
+REFERENCE = ("eeengine_torch_full", "hf_eager")  # fp32 full depth, the first one present
 IMDB = DATA_DIR / "IMDB-long" / "reviews.tsv"
 
 
@@ -465,9 +466,6 @@ def main() -> None:
     write_results(args.out, report, table)
     _plot(report, args.batch_sizes[0], args.out.with_suffix(".png"))
     print(table)
-
-
-REFERENCE = ("eeengine_torch_full", "hf_eager")  # fp32 full depth, the first one present
 
 
 def fastest_within(report: dict, batch_size: int, drop: float = 0.5) -> tuple[str, float] | None:
