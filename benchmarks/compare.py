@@ -14,7 +14,8 @@ peers are built in :mod:`peers`):
   entropy, and a host check (``.item()``) whether to stop, on eeengine's layers.
 - ``eeengine_{executor}[_{precision}][_tok]_{point}``: ``Engine.predict`` for each layer
   executor (``torch``; ``ort``: one ONNX Runtime session per layer), each precision the Engine
-  offers (fp32 unnamed; ``bf16`` / ``int8`` where ``Engine`` takes ``precision``), without and
+  offers (fp32 unnamed; ``bf16`` / ``int8`` / ``int8_static`` where ``Engine`` takes
+  ``precision``; ``int8_static`` needs the checkpoint's activation statistics), without and
   with (``_tok``) MPEE token pruning (the checkpoint's schedule, else ``--token-pruning``), at
   ``full`` depth and at the operating points ``drop0.5`` / ``drop1.0``: the fastest calibrated
   point within 0.5 / 1.0 accuracy points of full depth.
@@ -134,9 +135,12 @@ def load_workload(
 
 
 def precisions() -> list[str]:
-    """fp32, plus bf16 and int8 where this eeengine's Engine takes ``precision``."""
+    """fp32, plus the other precisions of :data:`eeengine.executors.PRECISIONS` where this
+    eeengine's Engine takes ``precision``."""
     if "precision" in inspect.signature(Engine).parameters:
-        return ["fp32", "bf16", "int8"]
+        from eeengine.executors import PRECISIONS
+
+        return ["fp32", *(p for p in PRECISIONS if p != "fp32")]
     return ["fp32"]
 
 
@@ -252,7 +256,11 @@ def build_providers(
                 continue
             if prefix and workload.calibration is None and not base.manifest.get("token_pruning"):
                 continue  # no calibration measured with pruning to pick its points from
-            calibrated = _calibration_engine(ckpt, workload, pruning, kwargs)
+            try:
+                calibrated = _calibration_engine(ckpt, workload, pruning, kwargs)
+            except (ValueError, FileNotFoundError) as error:  # e.g. int8_static with pruning
+                print(f"skipped {precision} {prefix or 'no '}pruning: {error}")
+                continue
             points, sweep = operating_points(calibrated, workload)
             if precision == "fp32" and not prefix:
                 measured["fp32"] = dict(points)

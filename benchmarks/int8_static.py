@@ -1,22 +1,13 @@
-"""Design study: int8 layers with calibrated (static) activation scales and SmoothQuant-style
-smoothing, against the dynamic quantization eeengine's int8 uses today.
+"""Precision "int8_static" (:mod:`eeengine.executors.int8_static`: calibrated activation
+scales after SmoothQuant smoothing) against "int8" (ONNX Runtime's dynamic quantization, one
+activation scale per call) and fp32, at full depth, layer sessions only.
 
-Today's int8 (:func:`eeengine.executors.onnx_graphs.quantize_int8`, ONNX Runtime's
-``quantize_dynamic``) quantizes each matmul input with one scale taken over the whole call, so
-a row's answer depends on the rows it is batched with (``int8_batch_dependence.py``). Here each
-of a layer's four matmul inputs (the QKV projection's, the attention output's, the two
-feed-forward ones) gets a fixed scale instead, calibrated once on held-out rows, so every row
-is quantized the same way alone or batched. BERT's activations have outlier channels that one
-fixed scale would crush, so each input channel k is first divided by
-``s_k = max|x_k| ** alpha / max|W_k| ** (1 - alpha)`` and the weight rows multiplied by it
-(Xiao et al. 2023, SmoothQuant, eq. 4; an exact rewrite of x @ W before rounding).
-
-Per layer: ``Mul(x, 1 / s)`` (in a shipped graph three of the four fold into the preceding
-LayerNorm or value weights), ``QuantizeLinear`` with the calibrated per-tensor scale (uint8,
-zero point 128), ``MatMulIntegerToFloat`` with per-column int8 weights; attention as
-``MultiHeadAttention`` on the split QKV projection. Calibration: the checkpoint's calibration
-slice (held out of training); everything reported: SST-2 dev, through the checkpoint's
-embeddings, six layer sessions of each scheme and its last exit head.
+Each scheme runs the checkpoint's torch embeddings, its six layer graphs as ONNX Runtime
+sessions (one global thread pool, as eeengine's executor) and its last exit head; the
+activation statistics come from the first ``--calibration-rows`` rows of the checkpoint's
+calibration slice (held out of training); everything reported is SST-2 dev: accuracy alone
+and in batches of 32, the labels that change between the two, the probabilities' distance to
+fp32, batch-1 latency and batch-32 throughput, interleaved by blocks of 32 inputs.
 
     EEENGINE_HOME=/work/eehome python benchmarks/int8_static.py --threads 2 \\
         --out benchmarks/results/int8_static
@@ -34,153 +25,14 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
-from onnx import TensorProto, helper, numpy_helper
 from results_io import write_results
 
 from eeengine import Engine
 from eeengine.data import get_task, load_split
 from eeengine.defaults import default_checkpoint
+from eeengine.executors.int8_static import activation_absmax, int8_static_layer_graph
 from eeengine.executors.onnx_graphs import layer_graph, quantize_int8
-from eeengine.modeling_bert import BertLayer
 from eeengine.training.calibration_slice import calibration_slice
-
-MS = "com.microsoft"
-# The four matmul inputs of a layer: name -> (the module that reads it, graph value name).
-POINTS = {
-    "qkv": ("attention.self", "hidden_states"),
-    "attn_out": ("attention.output.dense", "context"),
-    "ffn_in": ("intermediate.dense", "attention_output"),
-    "ffn_out": ("output.dense", "ffn_act"),
-}
-
-
-def channel_absmax(engine: Engine, texts: list[str], batch_size: int = 32) -> list[dict]:
-    """Per layer, per point of :data:`POINTS`: the largest |activation| of each input channel
-    over the real tokens of ``texts`` (fp32 torch model), a (K,) float32 tensor."""
-    layers = engine.model.backbone.layers
-    stats: list[dict] = [{} for _ in layers]
-    real = {}
-
-    def hook(index: int, point: str):
-        def record(_module, inputs):
-            x = inputs[0][real["mask"]].abs().amax(0)
-            seen = stats[index].get(point)
-            stats[index][point] = x if seen is None else torch.maximum(seen, x)
-
-        return record
-
-    handles = [
-        layer.get_submodule(path).register_forward_pre_hook(hook(i, point))
-        for i, layer in enumerate(layers)
-        for point, (path, _) in POINTS.items()
-    ]
-    try:
-        for start in range(0, len(texts), batch_size):
-            enc = engine.tokenizer(
-                texts[start : start + batch_size], padding=True, return_tensors="pt"
-            )
-            real["mask"] = enc["attention_mask"].bool()
-            with torch.inference_mode():
-                engine.model.exits(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return stats
-
-
-def static_layer_graph(
-    layer: BertLayer, num_heads: int, eps: float, absmax: dict, alpha: float
-) -> onnx.ModelProto:
-    """One BERT layer with smoothed, statically quantized matmul inputs (module docstring);
-    inputs and output as :func:`eeengine.executors.onnx_graphs.layer_graph`."""
-    attention = layer.attention
-    qkv = (attention.self.query, attention.self.key, attention.self.value)
-    linears = {
-        "qkv": (torch.cat([p.weight for p in qkv]).T, torch.cat([p.bias for p in qkv])),
-        "attn_out": (attention.output.dense.weight.T, None),
-        "ffn_in": (layer.intermediate.dense.weight.T, None),
-        "ffn_out": (layer.output.dense.weight.T, None),
-    }
-    tensors: dict[str, np.ndarray] = {}
-    nodes = []
-
-    def linear(point: str, output: str) -> None:
-        weight, bias = (None if t is None else t.detach().float() for t in linears[point])
-        x = POINTS[point][1]
-        smooth = absmax[point].clamp_min(1e-5) ** alpha / weight.abs().amax(1).clamp_min(1e-5) ** (
-            1 - alpha
-        )
-        weight = weight * smooth[:, None]
-        x_scale = float((absmax[point] / smooth).max()) / 127.0
-        w_scale = weight.abs().amax(0).clamp_min(1e-12) / 127.0
-        tensors.update(
-            {
-                f"{point}_inv_smooth": (1.0 / smooth).numpy(),
-                f"{point}_x_scale": np.array(x_scale, np.float32),
-                f"{point}_x_zero": np.array(128, np.uint8),
-                f"{point}_w": (weight / w_scale).round().clamp(-127, 127).to(torch.int8).numpy(),
-                f"{point}_w_scale": w_scale.numpy(),
-            }
-        )
-        nodes.extend([
-            helper.make_node("Mul", [x, f"{point}_inv_smooth"], [f"{point}_smoothed"]),
-            helper.make_node(
-                "QuantizeLinear",
-                [f"{point}_smoothed", f"{point}_x_scale", f"{point}_x_zero"],
-                [f"{point}_q"],
-            ),
-            helper.make_node(
-                "MatMulIntegerToFloat",
-                [f"{point}_q", f"{point}_w", f"{point}_x_scale", f"{point}_w_scale",
-                 f"{point}_x_zero"],
-                [output if bias is None else f"{point}_nobias"],
-                domain=MS,
-            ),
-        ])  # fmt: skip
-        if bias is not None:
-            tensors[f"{point}_bias"] = bias.numpy()
-            nodes.append(helper.make_node("Add", [f"{point}_nobias", f"{point}_bias"], [output]))
-
-    def norm(x: str, residual: str, ln: torch.nn.LayerNorm, bias: torch.Tensor, out: str):
-        for name, value in (("gamma", ln.weight), ("beta", ln.bias), ("dense_bias", bias)):
-            tensors[f"{out}_{name}"] = value.detach().float().numpy()
-        nodes.append(helper.make_node(
-            "SkipLayerNormalization",
-            [x, residual, f"{out}_gamma", f"{out}_beta", f"{out}_dense_bias"],
-            [out], domain=MS, epsilon=eps,
-        ))  # fmt: skip
-
-    hidden_size = attention.output.dense.out_features
-    tensors["qkv_split"] = np.array([hidden_size] * 3, np.int64)
-    linear("qkv", "qkv")
-    nodes += [
-        helper.make_node("Split", ["qkv", "qkv_split"], ["q", "k", "v"], axis=-1),
-        helper.make_node(
-            "MultiHeadAttention", ["q", "k", "v", "", "attention_mask"], ["context"],
-            domain=MS, num_heads=num_heads,
-        ),
-    ]  # fmt: skip
-    linear("attn_out", "attn_out")
-    norm("attn_out", "hidden_states", attention.output.LayerNorm, attention.output.dense.bias,
-         "attention_output")  # fmt: skip
-    linear("ffn_in", "ffn_in")
-    tensors["ffn_in_bias"] = layer.intermediate.dense.bias.detach().float().numpy()
-    nodes.append(helper.make_node("BiasGelu", ["ffn_in", "ffn_in_bias"], ["ffn_act"], domain=MS))
-    linear("ffn_out", "ffn_out")
-    norm("ffn_out", "attention_output", layer.output.LayerNorm, layer.output.dense.bias, "output")
-    shape = ["batch", "seq", hidden_size]
-    graph = helper.make_graph(
-        nodes,
-        "bert_layer_int8_static",
-        [
-            helper.make_tensor_value_info("hidden_states", TensorProto.FLOAT, shape),
-            helper.make_tensor_value_info("attention_mask", TensorProto.INT32, shape[:2]),
-        ],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)],
-        [numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in tensors.items()],
-    )
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)]
-    return helper.make_model(graph, opset_imports=opsets)
 
 
 class LayerStack:
@@ -225,7 +77,7 @@ def main() -> None:
     engine = Engine(ckpt, policy="none", executor="torch")
     calibration, source = calibration_slice(engine.manifest, ckpt)
     rows = sorted(calibration.texts[: args.calibration_rows], key=len)
-    absmax = channel_absmax(engine, rows)
+    stats = activation_absmax(engine.model, engine.tokenizer, rows)
     config = engine.model.config
     heads, eps = config.num_attention_heads, config.layer_norm_eps
     layers = engine.model.backbone.layers
@@ -240,7 +92,7 @@ def main() -> None:
                 quantize_int8(graph, workdir / scheme / "q.onnx")
                 graph = onnx.load(workdir / scheme / "q.onnx")
             elif scheme == "int8_static":
-                graph = static_layer_graph(layer, heads, eps, absmax[i], args.alpha)
+                graph = int8_static_layer_graph(layer, heads, eps, stats, i, args.alpha)
             graphs.append(graph)
         stacks[scheme] = LayerStack(engine, graphs, workdir / scheme)
     # The embeddings and the head are small: torch on one thread beside the sessions' pools.

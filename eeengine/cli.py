@@ -20,7 +20,7 @@ from eeengine.cli_args import (
     make_engine,
 )
 from eeengine.cli_data import eval_data
-from eeengine.data import get_task, unlabeled_file
+from eeengine.data import Split, get_task, unlabeled_file
 from eeengine.defaults import default_checkpoint, minilm_dir
 from eeengine.engine import Engine
 from eeengine.evaluation import evaluate
@@ -90,15 +90,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
 
 
-def cmd_calibrate(args: argparse.Namespace) -> None:
-    engine = Engine(
-        args.ckpt or default_checkpoint(),
-        device=args.device,
-        backend=args.backend,
-        executor=args.executor,
-        graph=not args.eager,
-        precision=args.precision,
-    )
+def calibration_inputs(args: argparse.Namespace, engine: Engine) -> tuple[str, str, Split]:
+    """What ``eeengine calibrate`` calibrates on: (data name, split name, split), the split's
+    labels None for ``--unlabeled``."""
     if args.unlabeled:
         if args.task or args.dev_file or args.split:
             raise ValueError(
@@ -107,15 +101,48 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         if not args.text_column:
             raise ValueError("--unlabeled needs --text-column")
         data = unlabeled_file(args.unlabeled, args.text_column, args.text_pair_column)
-        name, split_name, labels = "unlabeled", Path(args.unlabeled).name, None
-    else:
-        if args.agreement is not None:
-            raise ValueError("--agreement is the target of --unlabeled calibration")
-        trained_on = engine.manifest["task"]["name"]
-        if args.task is not None and get_task(args.task).name != trained_on:
-            raise ValueError(f"the checkpoint was trained on {trained_on}, not {args.task}")
-        name, split_name, _, _, data = eval_data(args, engine, CALIBRATION_SPLIT)
-        labels = data.labels
+        return "unlabeled", Path(args.unlabeled).name, data
+    if args.agreement is not None:
+        raise ValueError("--agreement is the target of --unlabeled calibration")
+    trained_on = engine.manifest["task"]["name"]
+    if args.task is not None and get_task(args.task).name != trained_on:
+        raise ValueError(f"the checkpoint was trained on {trained_on}, not {args.task}")
+    name, split_name, _, _, data = eval_data(args, engine, CALIBRATION_SPLIT)
+    return name, split_name, data
+
+
+def measure_int8_activations(args: argparse.Namespace) -> None:
+    """``calibrate --precision int8_static --write``: the activation statistics its scales come
+    from, on the first rows of the calibration data, with the fp32 torch layers; written to the
+    checkpoint before the int8_static engine is built from them."""
+    from eeengine.executors.int8_static import (  # imports onnx
+        CALIBRATION_ROWS,
+        activation_absmax,
+        write_activations,
+    )
+
+    fp32 = Engine(args.ckpt or default_checkpoint(), policy="none", executor="torch")
+    _, split_name, data = calibration_inputs(args, fp32)
+    rows = slice(0, CALIBRATION_ROWS)
+    pairs = None if data.text_pairs is None else data.text_pairs[rows]
+    stats = activation_absmax(fp32.model, fp32.tokenizer, data.texts[rows], pairs, fp32.max_length)
+    path = write_activations(fp32.path, stats)
+    print(f"wrote {path} (activations of {len(data.texts[rows])} rows of {split_name})")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    if args.precision == "int8_static" and args.write:
+        measure_int8_activations(args)
+    engine = Engine(
+        args.ckpt or default_checkpoint(),
+        device=args.device,
+        backend=args.backend,
+        executor=args.executor,
+        graph=not args.eager,
+        precision=args.precision,
+    )
+    name, split_name, data = calibration_inputs(args, engine)
+    labels = None if args.unlabeled else data.labels
     point = engine.calibrate(
         data.texts,
         labels,

@@ -51,7 +51,8 @@ def add_precision_arg(parser: argparse.ArgumentParser) -> None:
         "--precision",
         choices=PRECISIONS,
         default="fp32",
-        help="encoder layers on CPU: fp32, int8 (onnxruntime executor) or bf16 (torch executor)",
+        help="encoder layers on CPU: fp32, int8 or int8_static (onnxruntime executor; int8_static: "
+        "fixed activation scales, results independent of the batch) or bf16 (torch executor)",
     )
 
 

@@ -60,7 +60,8 @@ class Engine:
             "onnxruntime", or None for "onnxruntime" where it can run, else "torch".
             "onnxruntime" drops the torch copy of the layers (one copy in memory).
         precision: the encoder layers' precision on CPU (:mod:`eeengine.precision`): "fp32",
-            "int8" (per-channel int8 linear weights; onnxruntime executor) or "bf16" (torch
+            "int8" (per-channel int8 linear weights; onnxruntime executor), "int8_static" (also
+            fixed activation scales, results independent of the batch) or "bf16" (torch
             executor); exit heads stay fp32. Policy parameters come from that precision's
             calibration (``calibration-int8.json``) when the checkpoint has one.
         graph: on a CUDA device, run each batch as one CUDA graph replay (no host sync per
@@ -129,7 +130,7 @@ class Engine:
         self._flops = FlopCounter.for_model(self.model)
         # The engine owns its model: the executor keeps one copy of the weights.
         self._executor = make_executor(
-            executor, self.model, precision, self.token_pruning, release_weights=True
+            executor, self.model, precision, self.token_pruning, True, self.path
         )
         self._loop = DeviceLoop(self.model, self._executor, graph)
 

@@ -1,12 +1,13 @@
 """Numeric precision of the encoder layers, and one calibration per precision.
 
-``Engine(ckpt, precision=...)`` runs the encoder layers in "fp32", "bf16" or "int8" (see
-:mod:`eeengine.executors` for which executor runs which). Quantization moves the logits, so the
-thresholds calibrated on fp32 logits do not carry over exactly: each precision keeps its own
-sweep in the checkpoint, ``calibration.json`` for fp32 (written by the trainer) and
-``calibration-<precision>.json`` for the others (``calibration-int8.json`` by the trainer where
-the int8 layers can run, on the same calibration slice as fp32; any of them by ``eeengine
-calibrate --precision P --write``). At a precision other than fp32 the default policy is the
+``Engine(ckpt, precision=...)`` runs the encoder layers in "fp32", "bf16", "int8" or
+"int8_static" (see :mod:`eeengine.executors` for which executor runs which). Quantization
+moves the logits, so the thresholds calibrated on fp32 logits do not carry over exactly: each
+precision keeps its own sweep in the checkpoint, ``calibration.json`` for fp32 (written by the
+trainer) and ``calibration-<precision>.json`` for the others (``calibration-int8.json`` by the
+trainer where the int8 layers can run, on the same calibration slice as fp32; any of them by
+``eeengine calibrate --precision P --write``, which for "int8_static" first measures the
+activation statistics it needs). At a precision other than fp32 the default policy is the
 checkpoint's default policy with the parameters of its fastest point within 0.5 points of full
 depth in that precision's sweep.
 """

@@ -12,9 +12,10 @@ step, then batch compaction). Executors are interchangeable and tested against t
   ``eeengine[onnx]``).
 
 Precision (:data:`PRECISIONS`): "fp32" on either executor; "int8" (linear weights quantized per
-channel, activations per call) on ``onnxruntime``; "bf16" (the layers in bfloat16) on
-``torch``, since ONNX Runtime has no bf16 CPU kernels. Embeddings, exit heads and the policy
-step stay float32 at every precision.
+channel, activations per call) and "int8_static" (activations with calibrated scales, so that
+results do not depend on the batch: :mod:`eeengine.executors.int8_static`) on ``onnxruntime``;
+"bf16" (the layers in bfloat16) on ``torch``, since ONNX Runtime has no bf16 CPU kernels.
+Embeddings, exit heads and the policy step stay float32 at every precision.
 
 Choose with :func:`make_executor` once, at engine construction.
 """
@@ -22,6 +23,7 @@ Choose with :func:`make_executor` once, at engine construction.
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 from eeengine.executors.base import LayerExecutor
 from eeengine.executors.torch import TorchExecutor
@@ -29,12 +31,13 @@ from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.token_pruning import TokenPruning
 
 EXECUTORS = ("torch", "onnxruntime")
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8", "int8_static")
 # The executors that run each precision, preferred first.
 _PRECISION_EXECUTORS = {
     "fp32": ("onnxruntime", "torch"),
     "bf16": ("torch",),
     "int8": ("onnxruntime",),
+    "int8_static": ("onnxruntime",),
 }
 
 
@@ -44,6 +47,7 @@ def make_executor(
     precision: str = "fp32",
     token_pruning: TokenPruning | None = None,
     release_weights: bool = False,
+    checkpoint: str | Path | None = None,
 ) -> LayerExecutor:
     """Build the executor ``name`` for ``model`` (in eval mode, weights final).
 
@@ -52,7 +56,7 @@ def make_executor(
             here: "onnxruntime" where it can run (onnxruntime installed; a BERT backbone with
             exact GELU, on CPU, in eval mode) for fp32 and int8, "torch" otherwise.
         model: the multi-exit model.
-        precision: "fp32", "bf16" or "int8" (see the module docstring).
+        precision: "fp32", "bf16", "int8" or "int8_static" (see the module docstring).
         token_pruning: the MPEE schedule the loop will run (None: none); its layers run
             through :meth:`LayerExecutor.pruned_layer`: ``onnxruntime`` builds each as two
             sessions (attention, feed-forward) with the pruning between them; a bf16 ``torch``
@@ -62,6 +66,8 @@ def make_executor(
             torch weights of the layers (:meth:`OnnxRuntimeExecutor.release_torch_layers`).
             False: the caller may still run the torch layers itself (they stay as they are,
             except that a bf16 executor casts them).
+        checkpoint: "int8_static" only: the checkpoint directory holding its activation
+            statistics (:func:`eeengine.executors.int8_static.read_activations`).
 
     Returns:
         The executor.
@@ -69,6 +75,8 @@ def make_executor(
     Raises:
         ValueError: an unknown name or precision, an executor that does not run the
             precision, or one that cannot run here (the message says why).
+        FileNotFoundError: "int8_static" without ``checkpoint`` statistics (the message names
+            the command that measures them).
     """
     if name is not None and name not in EXECUTORS:
         raise ValueError(f"unknown executor {name!r}; available: {', '.join(EXECUTORS)}")
@@ -94,7 +102,16 @@ def make_executor(
         return TorchExecutor(model, precision, pruning_layers)
     from eeengine.executors.onnxruntime import OnnxRuntimeExecutor
 
-    executor = OnnxRuntimeExecutor(model, precision, pruning_layers=pruning_layers)
+    activations = None
+    if precision == "int8_static":
+        from eeengine.executors.int8_static import read_activations
+
+        if checkpoint is None:
+            raise FileNotFoundError("precision 'int8_static' needs a checkpoint's statistics")
+        activations = read_activations(checkpoint, model.num_layers)
+    executor = OnnxRuntimeExecutor(
+        model, precision, pruning_layers=pruning_layers, activations=activations
+    )
     if release_weights:
         executor.release_torch_layers()
     return executor

@@ -3,7 +3,9 @@
 The sessions run the graphs of :mod:`eeengine.executors.onnx_graphs`, built from the torch
 weights at load time with ONNX Runtime's fused transformer ops, and loaded from a temporary
 directory deleted once the sessions exist. Precision ``"int8"`` quantizes each layer graph
-(:func:`eeengine.executors.onnx_graphs.quantize_int8`).
+(:func:`eeengine.executors.onnx_graphs.quantize_int8`); ``"int8_static"`` builds each layer
+with fixed activation scales from the checkpoint's statistics
+(:func:`eeengine.executors.int8_static.int8_static_layer_graph`).
 
 Memory: one copy of the weights. The embedding tables (half of MiniLM's weights) are not
 copied: they are inputs of the embeddings session, bound once to the torch tensors. The
@@ -54,6 +56,7 @@ import torch
 from torch import Tensor
 
 from eeengine.executors.base import LayerExecutor
+from eeengine.executors.int8_static import int8_static_layer_graph
 from eeengine.executors.onnx_graphs import (
     attention_graph,
     embeddings_graph,
@@ -65,7 +68,7 @@ from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.token_pruning import TokenPruneOutput
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.int32: np.int32}
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "int8_static")
 # Batches up to this many tokens (batch_size x seq_len) leave their scratch memory in the shared
 # arena for the next call (MiniLM: about 25 MB at 4,096 tokens); larger ones give it back at
 # the end of the call (OnnxRuntimeExecutor.release_scratch).
@@ -78,8 +81,8 @@ class OnnxRuntimeExecutor(LayerExecutor):
 
     Args:
         model: the multi-exit model, on CPU, in eval mode.
-        precision: "fp32", or "int8" (the layers' linear weights quantized, see the module
-            docstring).
+        precision: "fp32", "int8" (the layers' linear weights quantized, see the module
+            docstring) or "int8_static" (:mod:`eeengine.executors.int8_static`).
         num_threads: ONNX Runtime intra-op threads (default: ``torch.get_num_threads()``).
             The sessions run on ONNX Runtime's process-wide thread pool, which the first
             executor of the process makes with its count (see :func:`global_thread_pool_size`).
@@ -89,8 +92,12 @@ class OnnxRuntimeExecutor(LayerExecutor):
             (:func:`feed_forward_graph`), so the tokens can be pruned between them at the
             executor's precision; :meth:`layer` runs the two back to back.
 
+        activations: "int8_static" only: the activation statistics of
+            :func:`eeengine.executors.int8_static.activation_absmax`.
+
     Raises:
-        ValueError: an unknown precision.
+        ValueError: an unknown precision; "int8_static" without ``activations`` or with
+            pruning layers (its graphs are whole layers).
     """
 
     name = "onnxruntime"
@@ -101,10 +108,16 @@ class OnnxRuntimeExecutor(LayerExecutor):
         precision: str = "fp32",
         num_threads: int | None = None,
         pruning_layers: frozenset[int] = frozenset(),
+        activations: dict[str, Tensor] | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(
                 f"the onnxruntime executor runs {' or '.join(PRECISIONS)}, not {precision!r}"
+            )
+        if precision == "int8_static" and (activations is None or pruning_layers):
+            raise ValueError(
+                "precision 'int8_static' needs the checkpoint's activation statistics and runs "
+                "without token pruning (use 'int8' with a token-pruning schedule)"
             )
         self.precision = precision
         self.model = model
@@ -131,8 +144,12 @@ class OnnxRuntimeExecutor(LayerExecutor):
 
             layers = model.backbone.layers
             for index, layer in enumerate(layers):
-                split = index in pruning_layers
-                graph = (attention_graph if split else layer_graph)(layer, heads, eps)
+                if precision == "int8_static":
+                    graph = int8_static_layer_graph(layer, heads, eps, activations, index)
+                elif index in pruning_layers:
+                    graph = attention_graph(layer, heads, eps)
+                else:
+                    graph = layer_graph(layer, heads, eps)
                 sessions.append(load(graph))
                 del graph  # one layer's transient copies at a time
             for index in sorted(pruning_layers):

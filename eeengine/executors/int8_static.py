@@ -1,0 +1,235 @@
+"""Precision "int8_static": int8 layers whose activation scales are fixed, so that a row's
+answer does not depend on the rows it is batched with.
+
+The "int8" precision (:func:`eeengine.executors.onnx_graphs.quantize_int8`, ONNX Runtime's
+dynamic quantization) takes each matmul input's scale over the whole call: on SST-2 dev 12-17
+of 872 labels change between batch 1 and batch 32 (``benchmarks/int8_batch_dependence.py``).
+Here each of a layer's four matmul inputs (:data:`POINTS`) gets one scale calibrated on
+held-out rows (:func:`activation_absmax`, stored in the checkpoint as
+:data:`ACTIVATIONS_FILE`). BERT's activations have outlier channels that one fixed scale would
+crush, so input channel k is first divided by ``s_k = max|x_k| ** alpha / max|W_k| ** (1 -
+alpha)`` and weight row k multiplied by it (Xiao et al. 2023, SmoothQuant, eq. 4; exact before
+rounding), with ``alpha`` = :data:`ALPHA`.
+
+One layer (:func:`int8_static_layer_graph`), per matmul: ``Mul(x, 1 / s)``, ``QuantizeLinear``
+with the calibrated per-tensor scale (uint8, zero point 128), ``MatMulIntegerToFloat`` with
+per-column int8 weights; attention as ``MultiHeadAttention`` on the split QKV projection;
+LayerNorm, GELU and the softmax in fp32. Measured on the default SST-2 checkpoint
+(BENCHMARKS.md, "A batch-independent int8"): no label changes with the batch, probabilities
+1.6x closer to fp32 than "int8", 4-13 % slower than it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from safetensors.torch import load_file, save
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from eeengine.checkpoint import write_atomic
+from eeengine.modeling_bert import BertLayer
+from eeengine.modeling_multiexit import MultiExitBert
+
+ACTIVATIONS_FILE = "int8-activations.safetensors"
+ALPHA = 0.9  # SmoothQuant's migration strength (BENCHMARKS.md: 0.8-1.0 within a sentence)
+CALIBRATION_ROWS = 512  # rows whose activations set the scales
+_MS = "com.microsoft"
+# A layer's four matmul inputs: name -> (the module of eeengine.modeling_bert.BertLayer that
+# reads it, its value name in the graph).
+POINTS = {
+    "qkv": ("attention.self", "hidden_states"),
+    "attn_out": ("attention.output.dense", "context"),
+    "ffn_in": ("intermediate.dense", "attention_output"),
+    "ffn_out": ("output.dense", "ffn_act"),
+}
+
+
+def activation_absmax(
+    model: MultiExitBert,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    text_pairs: Sequence[str] | None = None,
+    max_length: int | None = None,
+    batch_size: int = 32,
+) -> dict[str, Tensor]:
+    """The largest |activation| of each input channel of every matmul input (:data:`POINTS`) of
+    every layer, over the real tokens of ``texts``, with the fp32 torch layers of ``model``.
+
+    Returns:
+        ``{"layer{i}.{point}": (K,) float32}``, i 0-based, K the matmul's input width.
+
+    Raises:
+        ValueError: no texts.
+    """
+    if not texts:
+        raise ValueError("int8_static: activation statistics need at least one text")
+    stats: dict[str, Tensor] = {}
+    real: dict[str, Tensor] = {}
+
+    def hook(key: str):
+        def record(_module, inputs):
+            x = inputs[0][real["mask"]].abs().amax(0).float()
+            stats[key] = x if key not in stats else torch.maximum(stats[key], x)
+
+        return record
+
+    handles = [
+        layer.get_submodule(path).register_forward_pre_hook(hook(f"layer{i}.{point}"))
+        for i, layer in enumerate(model.backbone.layers)
+        for point, (path, _) in POINTS.items()
+    ]
+    try:
+        for start in range(0, len(texts), batch_size):
+            window = slice(start, start + batch_size)
+            enc = tokenizer(
+                list(texts[window]),
+                None if text_pairs is None else list(text_pairs[window]),
+                padding=True,
+                truncation=max_length is not None,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            real["mask"] = enc["attention_mask"].bool()
+            with torch.inference_mode():
+                model.exits(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def write_activations(checkpoint: str | Path, stats: dict[str, Tensor]) -> Path:
+    """Store ``stats`` (:func:`activation_absmax`) in ``checkpoint`` atomically; returns the
+    file."""
+    path = Path(checkpoint) / ACTIVATIONS_FILE
+    data = save({k: v.contiguous() for k, v in stats.items()}, metadata={"alpha": str(ALPHA)})
+    write_atomic(path, lambda f: f.write(data))
+    return path
+
+
+def read_activations(checkpoint: str | Path, num_layers: int) -> dict[str, Tensor]:
+    """The activation statistics stored in ``checkpoint``.
+
+    Raises:
+        FileNotFoundError: there are none (the message says how to measure them).
+        ValueError: a layer or point is missing.
+    """
+    path = Path(checkpoint) / ACTIVATIONS_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"precision 'int8_static' needs {path}: measure it with `eeengine calibrate "
+            f"--ckpt {checkpoint} --precision int8_static --write`"
+        )
+    stats = load_file(path)
+    missing = [
+        f"layer{i}.{p}" for i in range(num_layers) for p in POINTS if f"layer{i}.{p}" not in stats
+    ]
+    if missing:
+        raise ValueError(f"{path}: no statistics for {', '.join(missing[:4])}")
+    return stats
+
+
+def int8_static_layer_graph(
+    layer: BertLayer,
+    num_heads: int,
+    eps: float,
+    stats: dict[str, Tensor],
+    index: int,
+    alpha: float = ALPHA,
+) -> onnx.ModelProto:
+    """Layer ``index`` (0-based) with smoothed, statically quantized matmul inputs (module
+    docstring), from ``stats`` (:func:`activation_absmax`) and SmoothQuant's ``alpha``; inputs
+    and output as :func:`eeengine.executors.onnx_graphs.layer_graph`."""
+    attention = layer.attention
+    qkv = (attention.self.query, attention.self.key, attention.self.value)
+    linears = {
+        "qkv": (torch.cat([p.weight for p in qkv]).T, torch.cat([p.bias for p in qkv])),
+        "attn_out": (attention.output.dense.weight.T, None),
+        "ffn_in": (layer.intermediate.dense.weight.T, None),
+        "ffn_out": (layer.output.dense.weight.T, None),
+    }
+    tensors: dict[str, np.ndarray] = {}
+    nodes: list[onnx.NodeProto] = []
+
+    def linear(point: str, output: str) -> None:
+        weight, bias = (None if t is None else t.detach().float() for t in linears[point])
+        absmax = stats[f"layer{index}.{point}"].float()
+        smooth = absmax.clamp_min(1e-5) ** alpha / weight.abs().amax(1).clamp_min(1e-5) ** (
+            1 - alpha
+        )
+        weight = weight * smooth[:, None]
+        w_scale = weight.abs().amax(0).clamp_min(1e-12) / 127.0
+        tensors.update({
+            f"{point}_inv_smooth": (1.0 / smooth).numpy(),
+            f"{point}_x_scale": np.array(float((absmax / smooth).max()) / 127.0, np.float32),
+            f"{point}_x_zero": np.array(128, np.uint8),
+            f"{point}_w": (weight / w_scale).round().clamp(-127, 127).to(torch.int8).numpy(),
+            f"{point}_w_scale": w_scale.numpy(),
+        })  # fmt: skip
+        x = POINTS[point][1]
+        result = output if bias is None else f"{point}_nobias"
+        nodes.extend([
+            helper.make_node("Mul", [x, f"{point}_inv_smooth"], [f"{point}_smoothed"]),
+            helper.make_node(
+                "QuantizeLinear",
+                [f"{point}_smoothed", f"{point}_x_scale", f"{point}_x_zero"],
+                [f"{point}_q"],
+            ),
+            helper.make_node(
+                "MatMulIntegerToFloat",
+                [f"{point}_q", f"{point}_w", f"{point}_x_scale", f"{point}_w_scale",
+                 f"{point}_x_zero"],
+                [result],
+                domain=_MS,
+            ),
+        ])  # fmt: skip
+        if bias is not None:
+            tensors[f"{point}_bias"] = bias.numpy()
+            nodes.append(helper.make_node("Add", [result, f"{point}_bias"], [output]))
+
+    def norm(x: str, residual: str, ln: torch.nn.LayerNorm, bias: Tensor, output: str) -> None:
+        for name, value in (("gamma", ln.weight), ("beta", ln.bias), ("dense_bias", bias)):
+            tensors[f"{output}_{name}"] = value.detach().float().numpy()
+        nodes.append(helper.make_node(
+            "SkipLayerNormalization",
+            [x, residual, f"{output}_gamma", f"{output}_beta", f"{output}_dense_bias"],
+            [output], domain=_MS, epsilon=eps,
+        ))  # fmt: skip
+
+    hidden_size = attention.output.dense.out_features
+    tensors["qkv_split"] = np.array([hidden_size] * 3, np.int64)
+    linear("qkv", "qkv")
+    nodes += [
+        helper.make_node("Split", ["qkv", "qkv_split"], ["q", "k", "v"], axis=-1),
+        helper.make_node(
+            "MultiHeadAttention", ["q", "k", "v", "", "attention_mask"], ["context"],
+            domain=_MS, num_heads=num_heads,
+        ),
+    ]  # fmt: skip
+    linear("attn_out", "attn_out")
+    norm("attn_out", "hidden_states", attention.output.LayerNorm, attention.output.dense.bias,
+         "attention_output")  # fmt: skip
+    linear("ffn_in", "ffn_in")
+    tensors["ffn_in_bias"] = layer.intermediate.dense.bias.detach().float().numpy()
+    nodes.append(helper.make_node("BiasGelu", ["ffn_in", "ffn_in_bias"], ["ffn_act"], domain=_MS))
+    linear("ffn_out", "ffn_out")
+    norm("ffn_out", "attention_output", layer.output.LayerNorm, layer.output.dense.bias, "output")
+    shape = ["batch", "seq", hidden_size]
+    graph = helper.make_graph(
+        nodes,
+        "bert_layer_int8_static",
+        [
+            helper.make_tensor_value_info("hidden_states", TensorProto.FLOAT, shape),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT32, shape[:2]),
+        ],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)],
+        [numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in tensors.items()],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(_MS, 1)]
+    return helper.make_model(graph, opset_imports=opsets)
