@@ -16,6 +16,7 @@ pytest.importorskip("onnxruntime")
 import onnxruntime  # noqa: E402
 
 from eeengine import Engine  # noqa: E402
+from eeengine.checkpoint import CheckpointError  # noqa: E402
 from eeengine.cli import main  # noqa: E402
 from eeengine.executors.int8_static import (  # noqa: E402
     ACTIVATIONS_FILE,
@@ -59,7 +60,7 @@ def test_statistics_cover_every_point_of_every_layer(fp32, stats, tmp_path):
     for key, value in stats.items():
         torch.testing.assert_close(one_by_one[key], value, rtol=1e-5, atol=1e-6)
     write_activations(tmp_path, stats)
-    assert read_activations(tmp_path, fp32.num_layers).keys() == stats.keys()
+    assert read_activations(tmp_path, fp32.model).keys() == stats.keys()
 
 
 def test_layer_rows_alone_equal_rows_batched_and_close_to_torch(fp32, stats):
@@ -115,10 +116,31 @@ def test_missing_statistics_name_the_command(tiny_ckpt):
             Engine(tiny_ckpt, precision="int8_static")
 
 
-def test_missing_layer_is_named(tmp_path, stats):
-    write_activations(tmp_path, {k: v for k, v in stats.items() if not k.startswith("layer3.")})
-    with pytest.raises(ValueError, match="no statistics for layer3.qkv"):
-        read_activations(tmp_path, 4)
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            lambda s: {k: v for k, v in s.items() if not k.startswith("layer3.")},
+            "no statistics for layer3.qkv",
+        ),
+        (
+            lambda s: {**s, "layer1.ffn_out": s["layer1.ffn_out"][:5]},
+            r"layer1.ffn_out must be 64 finite, non-negative maxima, got shape \(5,\)",
+        ),
+        (lambda s: {**s, "layer0.qkv": s["layer0.qkv"] * float("nan")}, "layer0.qkv must be"),
+    ],
+    ids=["missing layer", "wrong width", "nan"],
+)
+def test_bad_statistics_are_named(fp32, tmp_path, stats, damage, message):
+    write_activations(tmp_path, damage(stats))
+    with pytest.raises(CheckpointError, match=message):
+        read_activations(tmp_path, fp32.model)
+
+
+def test_corrupt_statistics_file_is_named(fp32, tmp_path):
+    (tmp_path / ACTIVATIONS_FILE).write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="corrupt or unreadable safetensors"):
+        read_activations(tmp_path, fp32.model)
 
 
 def test_token_pruning_is_refused(static_ckpt):

@@ -77,6 +77,7 @@ def make_executor(
             precision, or one that cannot run here (the message says why).
         FileNotFoundError: "int8_static" without ``checkpoint`` statistics (the message names
             the command that measures them).
+        eeengine.checkpoint.CheckpointError: its statistics are corrupt (file and key named).
     """
     if name is not None and name not in EXECUTORS:
         raise ValueError(f"unknown executor {name!r}; available: {', '.join(EXECUTORS)}")
@@ -108,7 +109,7 @@ def make_executor(
 
         if checkpoint is None:
             raise FileNotFoundError("precision 'int8_static' needs a checkpoint's statistics")
-        activations = read_activations(checkpoint, model.num_layers)
+        activations = read_activations(checkpoint, model)
     executor = OnnxRuntimeExecutor(
         model, precision, pruning_layers=pruning_layers, activations=activations
     )

@@ -28,11 +28,12 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from eeengine.checkpoint import write_atomic
+from eeengine.checkpoint import CheckpointError, write_atomic
 from eeengine.modeling_bert import BertLayer
 from eeengine.modeling_multiexit import MultiExitBert
 
@@ -113,12 +114,13 @@ def write_activations(checkpoint: str | Path, stats: dict[str, Tensor]) -> Path:
     return path
 
 
-def read_activations(checkpoint: str | Path, num_layers: int) -> dict[str, Tensor]:
-    """The activation statistics stored in ``checkpoint``.
+def read_activations(checkpoint: str | Path, model: MultiExitBert) -> dict[str, Tensor]:
+    """The activation statistics stored in ``checkpoint``, checked against ``model``.
 
     Raises:
         FileNotFoundError: there are none (the message says how to measure them).
-        ValueError: a layer or point is missing.
+        eeengine.checkpoint.CheckpointError: the file is corrupt, or a layer or point is
+            missing, of the wrong width or not finite and positive (file and key named).
     """
     path = Path(checkpoint) / ACTIVATIONS_FILE
     if not path.exists():
@@ -126,12 +128,25 @@ def read_activations(checkpoint: str | Path, num_layers: int) -> dict[str, Tenso
             f"precision 'int8_static' needs {path}: measure it with `eeengine calibrate "
             f"--ckpt {checkpoint} --precision int8_static --write`"
         )
-    stats = load_file(path)
-    missing = [
-        f"layer{i}.{p}" for i in range(num_layers) for p in POINTS if f"layer{i}.{p}" not in stats
-    ]
-    if missing:
-        raise ValueError(f"{path}: no statistics for {', '.join(missing[:4])}")
+    try:
+        stats = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: corrupt or unreadable safetensors file: {e}") from None
+    config = model.config
+    widths = {"qkv": config.hidden_size, "attn_out": config.hidden_size,
+              "ffn_in": config.hidden_size, "ffn_out": config.intermediate_size}  # fmt: skip
+    for i in range(model.num_layers):
+        for point, width in widths.items():
+            key = f"layer{i}.{point}"
+            value = stats.get(key)
+            if value is None:
+                raise CheckpointError(f"{path}: no statistics for {key}")
+            valid = bool(torch.isfinite(value).all() & (value >= 0).all())
+            if value.shape != (width,) or not valid:
+                raise CheckpointError(
+                    f"{path}: {key} must be {width} finite, non-negative maxima, got shape "
+                    f"{tuple(value.shape)}"
+                )
     return stats
 
 
