@@ -88,6 +88,7 @@ def save_checkpoint(
     manifest: dict,
     calibration: dict | None = None,
     extra_json: Mapping[str, dict] | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically (temp dir, then rename).
 
@@ -97,6 +98,8 @@ def save_checkpoint(
         calibration: the content of ``calibration.json`` (None: no such file).
         extra_json: more JSON files, file name -> content (e.g. ``calibration-int8.json``),
             written into the same temporary directory before the rename.
+        extra_files: more files, file name -> bytes (e.g. ``int8-activations.safetensors``),
+            likewise.
 
     Returns:
         The checkpoint path.
@@ -116,6 +119,8 @@ def save_checkpoint(
             (tmp / CALIBRATION).write_text(json.dumps(calibration, indent=2) + "\n")
         for name, content in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{tmp.name.rsplit('-', 1)[-1]}")

@@ -161,3 +161,23 @@ def test_calibrate_writes_statistics_then_its_calibration(tiny_ckpt, tmp_path, c
     assert (ckpt / calibration_file("int8_static")).exists()
     assert f"activations of {len(SENTENCES) * 3} rows" in capsys.readouterr().out
     Engine(ckpt, precision="int8_static")  # its own calibration now: no warning needed
+
+
+def test_trainer_writes_the_statistics_and_the_sweep(trained_csv_ckpt, recwarn):
+    """Training measures int8_static on the calibration slice too: an engine built from the
+    checkpoint needs no calibrate run, and its full depth there is the sweep's."""
+    import json
+
+    from eeengine.evaluation import evaluate
+    from eeengine.training.calibration_slice import calibration_slice
+
+    manifest = json.loads((trained_csv_ckpt / "eeengine.json").read_text())
+    sweep = json.loads((trained_csv_ckpt / calibration_file("int8_static")).read_text())
+    record = manifest["training"]["int8_static_calibration"]
+    assert record == {"written": True, "file": "calibration-int8_static.json",
+                      "full_depth": sweep["full_depth"]}  # fmt: skip
+    assert (trained_csv_ckpt / ACTIVATIONS_FILE).exists()
+    engine = Engine(trained_csv_ckpt, policy="none", precision="int8_static")
+    assert not [w for w in recwarn if "calibration-int8_static.json" in str(w.message)]
+    calib, _ = calibration_slice(manifest, trained_csv_ckpt)
+    assert evaluate(engine, calib, "accuracy")["value"] == pytest.approx(sweep["full_depth"])

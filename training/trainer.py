@@ -44,12 +44,12 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from eeengine.batching import collate, encode
 from eeengine.calibration import OperatingPoint, TradeOff, measure_trade_off
 from eeengine.checkpoint import save_checkpoint
-from eeengine.data import Dataset
+from eeengine.data import Dataset, Split
 from eeengine.evaluation import predictions_of
 from eeengine.executors import make_executor, precision_unavailable
 from eeengine.metrics import METRICS
@@ -394,6 +394,10 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     int8_sweep, int8_record = _int8_calibration(
         model, sweep_slice, token_pruning, progress, trade_off.sweep["full_depth"]
     )
+    static_sweep, static_files, static_record = _int8_static_calibration(
+        model, tokenizer, calib, eval_max_seq_length, sweep_slice, token_pruning, progress,
+        trade_off.sweep["full_depth"],
+    )  # fmt: skip
     training = {
         "steps": loop.step,
         "schedule": {**plan, "stopped_early": stopped_early},
@@ -411,13 +415,57 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
             "dev": _policy_report(point, dev, data.dev.labels, data.metric),
         },
         "int8_calibration": int8_record,
+        "int8_static_calibration": static_record,
     }
     policy = {"name": "none"} if point is None else point.to_json()
     manifest = _manifest(config, data, model, recipe, policy, eval_max_seq_length, training)
     extra = {} if int8_sweep is None else {calibration_file("int8"): int8_sweep}
-    path = save_checkpoint(out, model.cpu(), tokenizer, manifest, trade_off.sweep, extra)
+    if static_sweep is not None:
+        extra[calibration_file("int8_static")] = static_sweep
+    path = save_checkpoint(
+        out, model.cpu(), tokenizer, manifest, trade_off.sweep, extra, static_files
+    )
     remove_state(out)
     return path
+
+
+def _int8_static_calibration(
+    model: MultiExitBert,
+    tokenizer: PreTrainedTokenizerBase,
+    calib: Split,
+    max_length: int,
+    sweep_slice: Callable[..., TradeOff],
+    token_pruning: TokenPruning | None,
+    progress: bool,
+    fp32_full_depth: float,
+) -> tuple[dict | None, dict[str, bytes], dict]:
+    """:func:`_int8_calibration` for "int8_static" (:mod:`eeengine.executors.int8_static`): its
+    activation statistics, measured on the first rows of the calibration slice, then its sweep
+    there (``calibration-int8_static.json``); returns the sweep, the statistics' file (name ->
+    content) and the manifest's record, or (None, {}, the reason) where it cannot run (no
+    onnxruntime, a backbone other than BERT with exact GELU, a token-pruning schedule)."""
+    model.cpu().eval()
+    reason = precision_unavailable("int8_static", model)
+    if token_pruning is not None:
+        reason = "int8_static runs without token pruning"
+    if reason is not None:
+        return None, {}, {"written": False, "reason": reason}
+    from eeengine.executors.int8_static import (  # imports onnx
+        ACTIVATIONS_FILE,
+        CALIBRATION_ROWS,
+        activation_absmax,
+        activations_bytes,
+    )
+
+    rows = slice(0, CALIBRATION_ROWS)
+    pairs = None if calib.text_pairs is None else calib.text_pairs[rows]
+    stats = activation_absmax(model, tokenizer, calib.texts[rows], pairs, max_length)
+    executor = make_executor(None, model, "int8_static", activations=stats)
+    sweep = {**sweep_slice(progress=progress, executor=executor).sweep}
+    sweep["reference_full_depth"] = fp32_full_depth
+    record = {"written": True, "file": calibration_file("int8_static")}
+    files = {ACTIVATIONS_FILE: activations_bytes(stats)}
+    return sweep, files, {**record, "full_depth": sweep["full_depth"]}
 
 
 def _int8_calibration(

@@ -48,6 +48,7 @@ def make_executor(
     token_pruning: TokenPruning | None = None,
     release_weights: bool = False,
     checkpoint: str | Path | None = None,
+    activations: dict | None = None,
 ) -> LayerExecutor:
     """Build the executor ``name`` for ``model`` (in eval mode, weights final).
 
@@ -67,7 +68,8 @@ def make_executor(
             False: the caller may still run the torch layers itself (they stay as they are,
             except that a bf16 executor casts them).
         checkpoint: "int8_static" only: the checkpoint directory holding its activation
-            statistics (:func:`eeengine.executors.int8_static.read_activations`).
+            statistics (:func:`eeengine.executors.int8_static.read_activations`), unless
+            ``activations`` gives them (:func:`eeengine.executors.int8_static.activation_absmax`).
 
     Returns:
         The executor.
@@ -103,8 +105,7 @@ def make_executor(
         return TorchExecutor(model, precision, pruning_layers)
     from eeengine.executors.onnxruntime import OnnxRuntimeExecutor
 
-    activations = None
-    if precision == "int8_static":
+    if precision == "int8_static" and activations is None:
         from eeengine.executors.int8_static import read_activations
 
         if checkpoint is None:

@@ -105,11 +105,16 @@ def activation_absmax(
     return stats
 
 
+def activations_bytes(stats: dict[str, Tensor]) -> bytes:
+    """``stats`` (:func:`activation_absmax`) as the content of :data:`ACTIVATIONS_FILE`."""
+    return save({k: v.contiguous() for k, v in stats.items()}, metadata={"alpha": str(ALPHA)})
+
+
 def write_activations(checkpoint: str | Path, stats: dict[str, Tensor]) -> Path:
     """Store ``stats`` (:func:`activation_absmax`) in ``checkpoint`` atomically; returns the
     file."""
     path = Path(checkpoint) / ACTIVATIONS_FILE
-    data = save({k: v.contiguous() for k, v in stats.items()}, metadata={"alpha": str(ALPHA)})
+    data = activations_bytes(stats)
     write_atomic(path, lambda f: f.write(data))
     return path
 
