@@ -30,6 +30,7 @@ from typing import BinaryIO
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from eeengine.checkpoint_checks import (
@@ -160,6 +161,18 @@ def update_checkpoint(path: str | Path, policy: dict, calibration: dict) -> None
     write_json_atomic(path / MANIFEST, manifest)
 
 
+def read_safetensors(file: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors ``file`` of a checkpoint.
+
+    Raises:
+        CheckpointError: the file is corrupt or unreadable (the file named).
+    """
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: corrupt or unreadable safetensors file: {e}") from None
+
+
 def write_json_atomic(file: Path, data: dict) -> None:
     """Write ``data`` as indented JSON to ``file`` with :func:`write_atomic`."""
     write_atomic(file, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
@@ -236,10 +249,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"{path / MANIFEST}: field 'max_seq_length' = {manifest['max_seq_length']}, expected "
             f"[3, {limit}] (the position embeddings of {config_file})"
         )
-    try:
-        state = load_file(weights)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{weights}: corrupt or unreadable safetensors file: {e}") from None
+    state = read_safetensors(weights)
     expected = model.state_dict()
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())

@@ -28,12 +28,11 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from eeengine.checkpoint import CheckpointError, write_atomic
+from eeengine.checkpoint import CheckpointError, read_safetensors, write_atomic
 from eeengine.modeling_bert import BertLayer
 from eeengine.modeling_multiexit import MultiExitBert
 
@@ -133,10 +132,7 @@ def read_activations(checkpoint: str | Path, model: MultiExitBert) -> dict[str, 
             f"precision 'int8_static' needs {path}: measure it with `eeengine calibrate "
             f"--ckpt {checkpoint} --precision int8_static --write`"
         )
-    try:
-        stats = load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: corrupt or unreadable safetensors file: {e}") from None
+    stats = read_safetensors(path)
     config = model.config
     widths = {"qkv": config.hidden_size, "attn_out": config.hidden_size,
               "ffn_in": config.hidden_size, "ffn_out": config.intermediate_size}  # fmt: skip
