@@ -111,9 +111,9 @@ def calibration_inputs(args: argparse.Namespace, engine: Engine) -> tuple[str, s
     return name, split_name, data
 
 
-def measure_int8_activations(args: argparse.Namespace) -> None:
+def measure_int8_activations(engine: Engine, split_name: str, data: Split) -> None:
     """``calibrate --precision int8_static --write``: the activation statistics its scales come
-    from, on the first rows of the calibration data, with the fp32 torch layers; written to the
+    from, on the first rows of ``data`` with ``engine``'s fp32 torch layers, written to the
     checkpoint before the int8_static engine is built from them."""
     from eeengine.executors.int8_static import (  # imports onnx
         CALIBRATION_ROWS,
@@ -121,27 +121,31 @@ def measure_int8_activations(args: argparse.Namespace) -> None:
         write_activations,
     )
 
-    fp32 = Engine(args.ckpt or default_checkpoint(), policy="none", executor="torch")
-    _, split_name, data = calibration_inputs(args, fp32)
     rows = slice(0, CALIBRATION_ROWS)
     pairs = None if data.text_pairs is None else data.text_pairs[rows]
-    stats = activation_absmax(fp32.model, fp32.tokenizer, data.texts[rows], pairs, fp32.max_length)
-    path = write_activations(fp32.path, stats)
-    print(f"wrote {path} (activations of {len(data.texts[rows])} rows of {split_name})")
+    texts = data.texts[rows]
+    stats = activation_absmax(engine.model, engine.tokenizer, texts, pairs, engine.max_length)
+    path = write_activations(engine.path, stats)
+    print(f"wrote {path} (activations of {len(texts)} rows of {split_name})")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
+    checkpoint = args.ckpt or default_checkpoint()
+    inputs = None
     if args.precision == "int8_static" and args.write:
-        measure_int8_activations(args)
+        fp32 = Engine(checkpoint, policy="none", executor="torch")
+        inputs = calibration_inputs(args, fp32)
+        measure_int8_activations(fp32, *inputs[1:])
+        del fp32
     engine = Engine(
-        args.ckpt or default_checkpoint(),
+        checkpoint,
         device=args.device,
         backend=args.backend,
         executor=args.executor,
         graph=not args.eager,
         precision=args.precision,
     )
-    name, split_name, data = calibration_inputs(args, engine)
+    name, split_name, data = inputs or calibration_inputs(args, engine)
     labels = None if args.unlabeled else data.labels
     point = engine.calibrate(
         data.texts,
