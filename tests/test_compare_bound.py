@@ -1,6 +1,6 @@
-"""benchmarks/compare.py's verdict: the fastest eeengine configuration within 0.5 points of fp32
-full depth is judged at each batch size on that batch size's accuracy (int8 predictions depend
-on the other inputs of a call), on hand-made reports."""
+"""benchmarks/compare.py's verdict (benchmarks/compare_report.py): the fastest eeengine
+configuration within 0.5 points of fp32 full depth is judged at each batch size on that batch
+size's accuracy (int8 predictions depend on the other inputs of a call), on hand-made reports."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from compare import _markdown, fastest_within  # noqa: E402
+from compare_report import fastest_within, markdown  # noqa: E402
 
 
 def _row(acc1: float, acc32: float, ms: float, rate: float) -> dict:
@@ -51,7 +51,7 @@ def test_the_bound_is_inclusive_and_none_when_nothing_is_inside():
 
 
 def test_markdown_states_the_verdict_per_batch_size():
-    text = _markdown(REPORT, [32])
+    text = markdown(REPORT, [32])
     assert (
         "- batch 1: fastest eeengine within 0.5 points of fp32 full depth (≥ 89.50): "
         "eeengine_ort_int8_drop0.5, 89.60, 1.50 ms (1.33× ort_int8)" in text
