@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 from transformers import BertModel as HFBertModel
 
 from eeengine import Engine
+from eeengine.batching import length_sorted_batches
 from eeengine.policies.base import entropy
 
 Predict = Callable[[list], list[int]]
@@ -115,13 +117,19 @@ def export_optimized(engine: Engine, workdir: Path) -> tuple[Path, dict[str, int
     return optimized, fusions
 
 
-def onnxruntime_provider(engine: Engine, workdir: Path, int8: bool = False) -> tuple[Predict, dict]:
+def onnxruntime_provider(
+    engine: Engine, workdir: Path, int8: bool = False, split_cost: float = math.inf
+) -> tuple[Predict, dict]:
     """The whole model as one ONNX Runtime session (see the module docstring).
 
     Args:
         engine: the engine whose weights are exported.
         workdir: where the ONNX files are written.
         int8: quantize the optimized model with ``quantize_dynamic`` (QInt8 weights).
+        split_cost: cut each call's batch where padding costs more than this many tokens, as
+            ``Engine`` does on CPU (:func:`eeengine.batching.length_sorted_batches`); the
+            default pads every call to its longest input, as one session is deployed. The
+            provider also takes it per call (``predict(texts, split_cost=...)``).
 
     Returns:
         The provider and its settings: ``fusions`` (the optimizer's fused-operator counts) and,
@@ -154,11 +162,19 @@ def onnxruntime_provider(engine: Engine, workdir: Path, int8: bool = False) -> t
     options = neighbour_session_options(torch.get_num_threads())
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def predict(texts: list) -> list[int]:
+    def predict(texts: list, split_cost: float = split_cost) -> list[int]:
         enc = tokenize(engine, texts, "np")
-        (logits,) = session.run(None, {n: enc[n] for n in INPUT_NAMES})
-        return logits.argmax(-1).tolist()
+        lengths = enc["attention_mask"].sum(1).tolist()
+        predicted = [0] * len(texts)
+        for rows in length_sorted_batches(lengths, len(texts), split_cost):
+            width = lengths[rows[0]]  # the longest of the rows
+            (logits,) = session.run(None, {n: enc[n][rows, :width] for n in INPUT_NAMES})
+            for i, label in zip(rows, logits.argmax(-1).tolist(), strict=True):
+                predicted[i] = label
+        return predicted
 
+    if split_cost != math.inf:
+        settings["split_cost"] = split_cost
     return predict, settings
 
 

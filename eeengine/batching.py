@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,10 +74,48 @@ def encode_truncating(
     return encoded, too_long
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first), to limit padding."""
+def length_sorted_batches(
+    lengths: Sequence[int], batch_size: int, split_cost: float = math.inf
+) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), to limit padding.
+
+    Args:
+        lengths: tokens of each input.
+        batch_size: the most rows of a batch.
+        split_cost: what one more forward pass costs, in padded tokens (its fixed per-call
+            work divided by the work of one token; the executor's
+            :attr:`eeengine.executors.base.LayerExecutor.split_cost`). A batch is cut where
+            that removes more padded tokens than this (:func:`split_padding`); ``math.inf``
+            never cuts.
+
+    Returns:
+        Batches of indices into ``lengths``, each sorted longest first.
+    """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if split_cost == math.inf:
+        return batches
+    return [part for batch in batches for part in split_padding(batch, lengths, split_cost)]
+
+
+def split_padding(batch: list[int], lengths: Sequence[int], split_cost: float) -> list[list[int]]:
+    """Cut a longest-first batch in two where that saves the most padded tokens, while the
+    saving exceeds ``split_cost`` tokens, then each part again (greedy).
+
+    A batch of n rows padded to its longest, d_0, holds n * d_0 tokens; cutting before row i
+    pads the rows from i on to d_i instead, saving (n - i) * (d_0 - d_i) tokens.
+    """
+    if len(batch) < 2:
+        return [batch]
+    first = lengths[batch[0]]
+    saved, cut = max(
+        ((len(batch) - i) * (first - lengths[batch[i]]), i) for i in range(1, len(batch))
+    )
+    if saved <= split_cost:
+        return [batch]
+    return split_padding(batch[:cut], lengths, split_cost) + split_padding(
+        batch[cut:], lengths, split_cost
+    )
 
 
 def bucketed_batches(

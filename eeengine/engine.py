@@ -198,9 +198,9 @@ class Engine:
 
         Args:
             inputs: a text, a (text, text_pair) tuple, or a list of them.
-            batch_size: rows per forward pass; each row exits on its own and exited rows leave
-                the batch. Results do not depend on it, except at int8, whose activation scale
-                is per call (a row's result moves with its batch mates: README, Precision).
+            batch_size: most rows per pass (on CPU also cut where padding costs more than a
+                pass: the executor's ``split_cost``); rows exit on their own and leave
+                the batch. Results do not depend on it, except at int8 (README, Precision).
 
         Returns:
             One :class:`Prediction` for a single input, else a list in input order.
@@ -233,7 +233,7 @@ class Engine:
                 f"(indices {[offset + i for i in truncated[:10]]})",
                 stacklevel=3,
             )
-        batches = length_sorted_batches(encoded.lengths, batch_size)
+        batches = length_sorted_batches(encoded.lengths, batch_size, self._executor.split_cost)
         run = partial(self._loop, self.policy, self._backend, self.token_pruning)
         pad = self.tokenizer.pad_token_id
         try:

@@ -8,7 +8,7 @@ import torch
 
 from eeengine import Engine, Prediction
 from eeengine._custom_ops import HAS_C, LOAD_ERROR
-from eeengine.batching import collate, encode
+from eeengine.batching import collate, encode, length_sorted_batches
 from eeengine.checkpoint import load_checkpoint
 from eeengine.policies import make_policy, run_policy
 from tests.conftest import SENTENCES
@@ -50,6 +50,39 @@ def test_batch_size_does_not_change_results(engine, batch_size):
     expected = engine.predict(SENTENCES, batch_size=1)
     actual = engine.predict(SENTENCES, batch_size=batch_size)
     assert [(p.label, p.exit_layer) for p in actual] == [(p.label, p.exit_layer) for p in expected]
+
+
+class CountingLoop:
+    """Wraps an engine's loop and counts its forward passes."""
+
+    def __init__(self, loop):
+        self.loop, self.passes = loop, 0
+
+    def __call__(self, *args):
+        self.passes += 1
+        return self.loop(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.loop, name)
+
+
+def test_a_batch_cut_for_padding_gives_the_same_results(engine, tokenizer, monkeypatch):
+    """Short sentences beside long ones: the engine runs them as separate passes on CPU (the
+    cut saves more than the executor's ``split_cost`` padded tokens), each row's result the
+    same as alone."""
+    texts = [" ".join(["a gorgeous , witty film"] * 20), *SENTENCES[:6]]
+    lengths = encode(tokenizer, texts, None, engine.max_length).lengths
+    expected = length_sorted_batches(lengths, len(texts), engine._executor.split_cost)
+    assert len(expected) > 1
+    counting = CountingLoop(engine._loop)
+    monkeypatch.setattr(engine, "_loop", counting)
+    batched = engine.predict(texts, batch_size=len(texts))
+    assert counting.passes == len(expected)
+    monkeypatch.undo()
+    for text, p in zip(texts, batched, strict=True):
+        alone = engine.predict(text)
+        assert (p.label, p.exit_layer) == (alone.label, alone.exit_layer)
+        assert p.logits == pytest.approx(alone.logits, abs=1e-5)
 
 
 def test_sentence_pairs(engine):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
@@ -23,6 +24,9 @@ class LayerExecutor(Protocol):
     """
 
     name: str
+    # What one more forward pass costs, in padded tokens: Engine.predict cuts a batch where that
+    # removes more padding (eeengine.batching.length_sorted_batches); inf never cuts.
+    split_cost: float = math.inf
 
     def embed(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor: ...
 

@@ -1,0 +1,150 @@
+"""What cutting a batch where padding costs more than a pass buys on CPU
+(:func:`eeengine.batching.length_sorted_batches` with the executor's ``split_cost``), and
+what the same cut buys one ONNX Runtime session over the whole model.
+
+SST-2 dev in calls of ``--batch-size`` consecutive sentences (a server's batches: mixed
+lengths, each call padded to its longest input). Every provider runs every cost (in padded
+tokens, set on the engine's executor; ``inf`` never cuts) over the same
+calls, in an order that reverses from repeat to repeat; the first repeat is warm-up. Reported:
+sentences/s (median of the repeats), the ratio to the same provider uncut, padded tokens per
+real token, passes per call, and accuracy (int8 answers depend on the rows of a pass). As in
+``compare.py``, oneDNN's primitive cache is raised to 16,384 (the engines of one process
+otherwise evict each other's bf16 primitives; a deployed engine is alone).
+
+    EEENGINE_HOME=/work/eehome OMP_WAIT_POLICY=PASSIVE python benchmarks/padding_split.py \\
+        --threads 2 --out benchmarks/results/padding_split
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")  # before torch loads oneDNN
+
+import torch
+from peers import onnxruntime_provider
+from results_io import write_results
+from transformers import AutoTokenizer
+
+from eeengine import Engine
+from eeengine.batching import encode, length_sorted_batches
+from eeengine.data import get_task, load_split
+from eeengine.defaults import default_checkpoint
+
+# (executor, precision, policy); policy None: the checkpoint's default (early exit).
+ENGINES = [
+    ("torch", "fp32", "none"),
+    ("torch", "bf16", "none"),
+    ("onnxruntime", "fp32", "none"),
+    ("onnxruntime", "int8", "none"),
+    ("torch", "fp32", None),
+    ("onnxruntime", "int8", None),
+]
+
+
+def providers(ckpt: Path, workdir: Path) -> dict:
+    """name -> a function of (texts, cost) returning predicted class indices. The peers come
+    first: ONNX Runtime's optimizer opens sessions of its own, which it refuses once an
+    executor has made the process-wide thread pool."""
+    built = {}
+    base = Engine(ckpt, policy="none", executor="torch")
+    for int8 in (False, True):
+        path = workdir / f"ort{int(int8)}"
+        path.mkdir()
+        peer = onnxruntime_provider(base, path, int8)[0]
+        built[f"one ORT session {'int8' if int8 else 'fp32'}"] = lambda texts, cost, peer=peer: (
+            peer(texts, split_cost=cost)
+        )
+    for executor, precision, policy in ENGINES:
+        kwargs = {} if policy is None else {"policy": policy}
+        engine = Engine(ckpt, executor=executor, precision=precision, **kwargs)
+
+        def run(texts, cost, engine=engine):
+            engine._executor.split_cost = cost  # the cost under test, not the executor's own
+            return [engine.label_names.index(p.label) for p in engine.predict(texts, len(texts))]
+
+        built[f"eeengine {executor} {precision} {policy or 'default policy'}"] = run
+    return built
+
+
+def measure(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    ckpt = Path(args.ckpt) if args.ckpt else default_checkpoint()
+    dev = load_split(get_task("sst2"), "dev")
+    calls = [dev.texts[i : i + args.batch_size] for i in range(0, len(dev.texts), args.batch_size)]
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)  # no executor yet: see providers()
+    padding, passes = {}, {}
+    for cost in args.costs:
+        padded = real = count = 0
+        for texts in calls:
+            lengths = encode(tokenizer, texts, None, 128).lengths
+            groups = length_sorted_batches(lengths, len(texts), cost)
+            padded += sum(len(g) * lengths[g[0]] for g in groups)
+            real += sum(lengths)
+            count += len(groups)
+        padding[cost], passes[cost] = padded / real, count / len(calls)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, run in providers(ckpt, Path(tmp)).items():
+            times = {cost: [] for cost in args.costs}
+            correct = {}
+            for repeat in range(args.repeats + 1):
+                for cost in args.costs if repeat % 2 == 0 else args.costs[::-1]:
+                    started = time.perf_counter()
+                    predicted = [y for texts in calls for y in run(texts, cost)]
+                    if repeat:
+                        times[cost].append(time.perf_counter() - started)
+                    correct[cost] = sum(p == y for p, y in zip(predicted, dev.labels, strict=True))
+            uncut = statistics.median(times[math.inf])
+            for cost in args.costs:
+                seconds = statistics.median(times[cost])
+                rows.append({
+                    "provider": name, "split_cost": str(cost),
+                    "per_s": len(dev.texts) / seconds, "vs_uncut": uncut / seconds,
+                    "padded_per_real": padding[cost], "passes_per_call": passes[cost],
+                    "accuracy": 100 * correct[cost] / len(dev.texts),
+                })  # fmt: skip
+            print(*(f"{r['split_cost']}: {r['vs_uncut']:.2f}x" for r in rows[-len(args.costs) :]))
+    return {"checkpoint": str(ckpt), "batch_size": args.batch_size, "threads": args.threads,
+            "rows": rows}  # fmt: skip
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"Batch {report['batch_size']}, {report['threads']} threads, {report['checkpoint']}\n",
+        "| provider | split_cost (tokens) | sentences/s | vs uncut | padded / real tokens "
+        "| passes per call | accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['provider']} | {r['split_cost']} | {r['per_s']:.0f} | {r['vs_uncut']:.2f}x | "
+            f"{r['padded_per_real']:.2f} | {r['passes_per_call']:.2f} | {r['accuracy']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ckpt", help="checkpoint (default: the cached default checkpoint)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--costs", type=float, nargs="+", default=[math.inf, 32, 64, 128, 256, 512])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/padding_split")
+    args = parser.parse_args()
+    if math.inf not in args.costs:
+        args.costs.insert(0, math.inf)
+    report = measure(args)
+    write_results(args.out, report, markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
