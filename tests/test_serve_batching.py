@@ -8,6 +8,8 @@ controls the interleaving: which requests arrive between two model calls, and th
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 pytest.importorskip("fastapi")
@@ -69,9 +71,11 @@ def _batcher(
         metrics=ServeMetrics(engine.num_layers),
     )
     loop = engine.exit_loop()
-    if kind == "static":
+    if kind.startswith("static"):  # "static-cut": every cut that saves padding is made
         return StaticBatcher(
-            lambda *b: (lambda o: (o.logits, o.exit_layer))(loop.run(*b)), **limits
+            lambda *b: (lambda o: (o.logits, o.exit_layer))(loop.run(*b)),
+            0 if kind == "static-cut" else math.inf,
+            **limits,
         )
     return LayerwiseBatcher(loop, schedule, max_wait_ms, **limits)
 
@@ -116,6 +120,7 @@ requests_strategy = st.lists(
         ("continuous", "fullest", 0.0),  # every input is overdue: the oldest always runs
         ("continuous", "oldest", None),
         ("static", "fullest", None),
+        ("static-cut", "fullest", None),
     ],
 )
 @settings(
@@ -214,6 +219,23 @@ def test_stop_drains_work_in_flight_then_ends(tiny_ckpt, kind) -> None:
     batcher._thread.join(timeout=60)
     assert not batcher.alive
     _assert_matches_engine(engine, job, TEXTS[:4])
+
+
+def test_static_batch_cut_where_padding_costs_more(tiny_ckpt) -> None:
+    engine = Engine(tiny_ckpt)
+    long_text = " ".join([TEXTS[0]] * 8)
+    inputs = [TEXTS[1], long_text, TEXTS[2], TEXTS[1]]
+    for split_cost, calls_expected in ((math.inf, 1), (engine._executor.split_cost, 2)):
+        batcher = _batcher("static", engine, 16384, None)
+        batcher.split_cost = split_cost
+        calls = []
+        run = batcher._run_batch
+        batcher._run_batch = lambda *b, run=run, calls=calls: calls.append(b[0].shape) or run(*b)
+        job = _job(engine, inputs)
+        _drive(batcher, [[job]])
+        assert len(calls) == calls_expected
+        _assert_matches_engine(engine, job, inputs)
+    assert calls[0][0] == 1 and calls[1][0] == 3  # the long input alone, then the short ones
 
 
 def test_failed_model_call_fails_only_its_jobs(tiny_ckpt) -> None:

@@ -319,7 +319,10 @@ def engine_app(engine: Engine, config: ServeConfig) -> FastAPI:
         limits["host_ops"] = loop.executor.host_ops
         if config.batching == "static":
             return StaticBatcher(
-                lambda *batch: _logits_and_layers(loop.run(*batch)), device=engine.device, **limits
+                lambda *batch: _logits_and_layers(loop.run(*batch)),
+                loop.executor.split_cost,
+                device=engine.device,
+                **limits,
             )
         return LayerwiseBatcher(
             loop, config.schedule, config.max_wait_ms, device=engine.device, **limits

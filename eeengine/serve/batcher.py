@@ -18,6 +18,7 @@ full-depth model) before the next batch starts. The layer-wise continuous batche
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from eeengine.batching import Encoded, collate
+from eeengine.batching import Encoded, collate, split_padding
 from eeengine.serve.metrics import ServeMetrics
 
 # run_batch(input_ids, attention_mask, token_type_ids) -> (logits (n, C) float32, exit_layer (n,))
@@ -252,33 +253,44 @@ def _resolve(job: Job, result: JobResult) -> None:
 
 class StaticBatcher(Batcher):
     """TEI's scheme: the oldest pending inputs that fit the limits form a batch, which runs to
-    completion before the next one starts.
+    completion before the next one starts. The batch runs longest input first, cut into
+    model calls where a cut saves more than ``split_cost`` padded tokens
+    (:func:`eeengine.batching.split_padding`, as ``Engine.predict`` does).
 
     Args:
-        run_batch: runs one batch: (input_ids, attention_mask, token_type_ids), each
+        run_batch: runs one model call: (input_ids, attention_mask, token_type_ids), each
             (n, seq_len) int64, mask 1 for real tokens -> (logits (n, C) float32, exit_layer
             (n,) int64). For eeengine, :meth:`eeengine.runtime.ExitLoop.run` (rows exit inside
             the batch, the batch shrinks, and the call returns when the last row has exited).
+        split_cost: what one more model call costs, in padded tokens (the executor's
+            ``split_cost``); ``math.inf`` never cuts.
         **limits: the arguments of :class:`Batcher`.
     """
 
     name = "static"
 
-    def __init__(self, run_batch: RunBatch, **limits: object) -> None:
+    def __init__(self, run_batch: RunBatch, split_cost: float = math.inf, **limits: object) -> None:
         super().__init__(**limits)
         self._run_batch = run_batch
+        self.split_cost = split_cost
 
     def _has_work(self) -> bool:
         return bool(self._pending)
 
     def _iteration(self) -> None:
         rows = self._take_pending()
-        if not rows:
-            return
-        try:
-            input_ids, attention_mask, token_type_ids = self._collate(rows)
-            self.metrics.observe_batch(len(rows), input_ids.shape[1])
-            logits, exit_layer = self._run_batch(input_ids, attention_mask, token_type_ids)
-            self._finish(rows, logits, exit_layer.tolist())
-        except Exception as error:  # never kill the worker: fail this batch's jobs only
-            self._fail([job for job, _ in rows], error)
+        lengths = [len(job.input_ids[i]) for job, i in rows]
+        longest_first = sorted(range(len(rows)), key=lambda k: -lengths[k])
+        for call in split_padding(longest_first, lengths, self.split_cost) if rows else []:
+            part = [
+                rows[k] for k in call if not rows[k][0].cancelled
+            ]  # e.g. an earlier call failed
+            if not part:
+                continue
+            try:
+                input_ids, attention_mask, token_type_ids = self._collate(part)
+                self.metrics.observe_batch(len(part), input_ids.shape[1])
+                logits, exit_layer = self._run_batch(input_ids, attention_mask, token_type_ids)
+                self._finish(part, logits, exit_layer.tolist())
+            except Exception as error:  # never kill the worker: fail this call's jobs only
+                self._fail([job for job, _ in part], error)
