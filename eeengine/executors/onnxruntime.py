@@ -102,8 +102,8 @@ class OnnxRuntimeExecutor(LayerExecutor):
 
     name = "onnxruntime"
     # LayerExecutor.split_cost. SST-2 dev in calls of 32 sentences (benchmarks/padding_split.py):
-    # full depth 1.62x (fp32) and 1.50x (int8) faster at 64, 1.43x / 1.38x at 128; int8 early
-    # exit 1.29-1.34x at 32-256.
+    # full depth 1.58x faster at 64 (fp32 and int8), 1.46x / 1.49x at 128; int8 early exit
+    # 1.42x at 64 (1.36-1.41x at 32-256).
     split_cost = 64.0
 
     def __init__(

@@ -14,10 +14,10 @@ from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.token_pruning import TokenPruneOutput
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# LayerExecutor.split_cost of fp32 on CPU. SST-2 dev in calls of 32 sentences (padded to about
-# twice the real tokens; benchmarks/padding_split.py): full depth 1.33x and early exit 1.08x
-# faster at 256, 1.30x / 1.06x at 128. bf16 lost at every cost (0.63-0.92x: a bf16 matmul's
-# fixed cost per call is larger), and a GPU pass is bound by launches: neither cuts.
+# LayerExecutor.split_cost of fp32 on CPU. SST-2 dev in calls of 32 sentences (padded to 1.9x
+# the real tokens; benchmarks/padding_split.py): full depth 1.22x and early exit 1.07x faster
+# at 256 (1.23x / 1.07x at 128; 1.07x / 0.94x at 32). bf16 lost at every cost (0.63-0.89x: its
+# fixed cost per pass is larger), and a GPU pass is bound by launches: neither cuts.
 CPU_FP32_SPLIT_COST = 256.0
 
 

@@ -282,9 +282,8 @@ class StaticBatcher(Batcher):
         lengths = [len(job.input_ids[i]) for job, i in rows]
         longest_first = sorted(range(len(rows)), key=lambda k: -lengths[k])
         for call in split_padding(longest_first, lengths, self.split_cost) if rows else []:
-            part = [
-                rows[k] for k in call if not rows[k][0].cancelled
-            ]  # e.g. an earlier call failed
+            # Rows of jobs an earlier call failed (or whose client left) do not run.
+            part = [rows[k] for k in call if not rows[k][0].cancelled]
             if not part:
                 continue
             try:
