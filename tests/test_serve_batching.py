@@ -238,6 +238,28 @@ def test_static_batch_cut_where_padding_costs_more(tiny_ckpt) -> None:
     assert calls[0][0] == 1 and calls[1][0] == 3  # the long input alone, then the short ones
 
 
+def test_a_failed_call_of_a_cut_batch_drops_its_jobs_other_rows(tiny_ckpt) -> None:
+    engine = Engine(tiny_ckpt)
+    batcher = _batcher("static", engine, 16384, None)
+    batcher.split_cost = 0
+    rows_run, run = [], batcher._run_batch
+
+    def run_batch(*batch):
+        rows_run.append(batch[0].shape[0])
+        if len(rows_run) == 1:
+            raise RuntimeError("boom")
+        return run(*batch)
+
+    batcher._run_batch = run_batch
+    failing = _job(engine, [" ".join([TEXTS[0]] * 8), TEXTS[1]])  # runs first: the longest
+    other = _job(engine, [TEXTS[2]])
+    _drive(batcher, [[failing, other]])
+    with pytest.raises(RuntimeError, match="boom"):
+        failing.future.result(timeout=0)
+    _assert_matches_engine(engine, other, [TEXTS[2]])
+    assert rows_run[0] == 1 and sum(rows_run[1:]) == 1  # TEXTS[1] of the failed job never ran
+
+
 def test_failed_model_call_fails_only_its_jobs(tiny_ckpt) -> None:
     engine = Engine(tiny_ckpt)
     calls = []
