@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from eeengine.batching import Encoded, collate, split_padding
+from eeengine.batching import Encoded, collate, length_sorted_batches
 from eeengine.serve.metrics import ServeMetrics
 
 # run_batch(input_ids, attention_mask, token_type_ids) -> (logits (n, C) float32, exit_layer (n,))
@@ -255,7 +255,7 @@ class StaticBatcher(Batcher):
     """TEI's scheme: the oldest pending inputs that fit the limits form a batch, which runs to
     completion before the next one starts. The batch runs longest input first, cut into
     model calls where a cut saves more than ``split_cost`` padded tokens
-    (:func:`eeengine.batching.split_padding`, as ``Engine.predict`` does).
+    (:func:`eeengine.batching.length_sorted_batches`, as ``Engine.predict`` does).
 
     Args:
         run_batch: runs one model call: (input_ids, attention_mask, token_type_ids), each
@@ -280,8 +280,7 @@ class StaticBatcher(Batcher):
     def _iteration(self) -> None:
         rows = self._take_pending()
         lengths = [len(job.input_ids[i]) for job, i in rows]
-        longest_first = sorted(range(len(rows)), key=lambda k: -lengths[k])
-        for call in split_padding(longest_first, lengths, self.split_cost) if rows else []:
+        for call in length_sorted_batches(lengths, max(len(rows), 1), self.split_cost):
             # Rows of jobs an earlier call failed (or whose client left) do not run.
             part = [rows[k] for k in call if not rows[k][0].cancelled]
             if not part:
