@@ -117,16 +117,14 @@ def measure_int8_activations(engine: Engine, split_name: str, data: Split) -> No
     checkpoint before the int8_static engine is built from them."""
     from eeengine.executors.int8_static import (  # imports onnx
         CALIBRATION_ROWS,
-        activation_absmax,
+        calibration_absmax,
         write_activations,
     )
 
-    rows = slice(0, CALIBRATION_ROWS)
-    pairs = None if data.text_pairs is None else data.text_pairs[rows]
-    texts = data.texts[rows]
-    stats = activation_absmax(engine.model, engine.tokenizer, texts, pairs, engine.max_length)
+    stats = calibration_absmax(engine.model, engine.tokenizer, data, engine.max_length)
     path = write_activations(engine.path, stats)
-    print(f"wrote {path} (activations of {len(texts)} rows of {split_name})")
+    rows = min(len(data.texts), CALIBRATION_ROWS)
+    print(f"wrote {path} (activations of {rows} rows of {split_name})")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:

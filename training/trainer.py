@@ -452,14 +452,11 @@ def _int8_static_calibration(
         return None, {}, {"written": False, "reason": reason}
     from eeengine.executors.int8_static import (  # imports onnx
         ACTIVATIONS_FILE,
-        CALIBRATION_ROWS,
-        activation_absmax,
         activations_bytes,
+        calibration_absmax,
     )
 
-    rows = slice(0, CALIBRATION_ROWS)
-    pairs = None if calib.text_pairs is None else calib.text_pairs[rows]
-    stats = activation_absmax(model, tokenizer, calib.texts[rows], pairs, max_length)
+    stats = calibration_absmax(model, tokenizer, calib, max_length)
     executor = make_executor(None, model, "int8_static", activations=stats)
     sweep = {**sweep_slice(progress=progress, executor=executor).sweep}
     sweep["reference_full_depth"] = fp32_full_depth

@@ -33,6 +33,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from eeengine.checkpoint import CheckpointError, read_safetensors, write_atomic
+from eeengine.data import Split
 from eeengine.modeling_bert import BertLayer
 from eeengine.modeling_multiexit import MultiExitBert
 
@@ -102,6 +103,16 @@ def activation_absmax(
         for handle in handles:
             handle.remove()
     return stats
+
+
+def calibration_absmax(
+    model: MultiExitBert, tokenizer: PreTrainedTokenizerBase, split: Split, max_length: int
+) -> dict[str, Tensor]:
+    """:func:`activation_absmax` over the first :data:`CALIBRATION_ROWS` rows of ``split``
+    (the calibration rows of training and of ``eeengine calibrate``)."""
+    rows = slice(0, CALIBRATION_ROWS)
+    pairs = None if split.text_pairs is None else split.text_pairs[rows]
+    return activation_absmax(model, tokenizer, split.texts[rows], pairs, max_length)
 
 
 def activations_bytes(stats: dict[str, Tensor]) -> bytes:
