@@ -79,16 +79,15 @@ def measure(args: argparse.Namespace) -> dict:
     dev = load_split(get_task("sst2"), "dev")
     calls = [dev.texts[i : i + args.batch_size] for i in range(0, len(dev.texts), args.batch_size)]
     tokenizer = AutoTokenizer.from_pretrained(ckpt)  # no executor yet: see providers()
+    call_lengths = [encode(tokenizer, texts, None, 128).lengths for texts in calls]
+    real = sum(map(sum, call_lengths))
     padding, passes = {}, {}
     for cost in args.costs:
-        padded = real = count = 0
-        for texts in calls:
-            lengths = encode(tokenizer, texts, None, 128).lengths
-            groups = length_sorted_batches(lengths, len(texts), cost)
-            padded += sum(len(g) * lengths[g[0]] for g in groups)
-            real += sum(lengths)
-            count += len(groups)
-        padding[cost], passes[cost] = padded / real, count / len(calls)
+        groups = [length_sorted_batches(n, len(n), cost) for n in call_lengths]
+        padded = sum(
+            len(g) * n[g[0]] for n, gs in zip(call_lengths, groups, strict=True) for g in gs
+        )
+        padding[cost], passes[cost] = padded / real, sum(map(len, groups)) / len(calls)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, run in providers(ckpt, Path(tmp)).items():
