@@ -1,8 +1,10 @@
 """Load test of ``eeengine serve``: open-loop Poisson arrivals at rising offered load.
 
-Three servers, each its own process on 127.0.0.1, the same FastAPI app, the same limits:
+Servers, each its own process on 127.0.0.1, the same FastAPI app, the same limits:
 
 - ``eeengine``: ``eeengine serve`` (layer-wise continuous batching);
+- ``uncut``: the same with ``--split-cost inf``: inputs of one depth always run as one
+  layer call, padded to the longest (opt in with ``--servers``);
 - ``static``: ``eeengine serve --batching static`` (a batch runs to completion, TEI's scheme);
 - ``hf``: ``benchmarks/serve_hf.py``, Hugging Face transformers at full depth with TEI-style
   dynamic batching (what a user writes today).
@@ -51,7 +53,7 @@ from serve_client import (
 
 from eeengine.data import file_split, get_task, load_split
 
-SERVERS = ("eeengine", "static", "hf")
+SERVERS = ("eeengine", "static", "hf", "uncut")
 LOADS = {
     "sst2": [2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384],
     "imdb": [0.5, 1, 2, 4, 8, 16],
@@ -71,6 +73,8 @@ def server_command(name: str, ckpt: str, port: int, data: str, precision: str) -
     options += ["--precision", precision]
     if name == "static":
         options += ["--batching", "static"]
+    if name == "uncut":
+        options += ["--split-cost", "inf"]
     return eeengine_serve(ckpt, port, *options)
 
 
@@ -261,7 +265,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--data", nargs="+", choices=list(LOADS), default=list(LOADS))
-    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS[:3]))
     parser.add_argument(
         "--precision", default="fp32", help="eeengine's layers (both batchers): fp32 or int8"
     )

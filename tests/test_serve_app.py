@@ -272,3 +272,21 @@ def test_serve_command_runs_the_precision_it_is_given(tiny_ckpt, monkeypatch) ->
     assert info["precision"] == "int8" and info["executor"] == "onnxruntime"
     engine = Engine(tiny_ckpt, precision="int8")
     _check_prediction(answer, engine.predict(SENTENCES[0]), engine.label_names)
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_serve_command_cuts_with_the_split_cost_it_is_given(
+    tiny_ckpt, monkeypatch, capsys, batching
+) -> None:
+    import eeengine.serve.app as app_module
+    from eeengine.cli import main
+
+    served = {}
+    monkeypatch.setattr(app_module, "run", lambda app, *args: served.update(app=app))
+    command = ["serve", "--ckpt", str(tiny_ckpt), "--batching", batching]
+    main(command)
+    assert served["app"].state.batcher.split_cost == Engine(tiny_ckpt)._executor.split_cost
+    main([*command, "--split-cost", "inf"])
+    assert served["app"].state.batcher.split_cost == math.inf
+    assert main([*command, "--split-cost", "-1"]) == 2
+    assert "split_cost (-1.0) must be a number of padded tokens >= 0" in capsys.readouterr().err

@@ -69,13 +69,13 @@ def _batcher(
         max_batch_tokens=max_batch_tokens,
         max_batch_requests=max_batch_requests,
         metrics=ServeMetrics(engine.num_layers),
+        # "...-cut": every cut that saves padding is made
+        split_cost=0 if kind.endswith("-cut") else math.inf,
     )
     loop = engine.exit_loop()
-    if kind.startswith("static"):  # "static-cut": every cut that saves padding is made
+    if kind.startswith("static"):
         return StaticBatcher(
-            lambda *b: (lambda o: (o.logits, o.exit_layer))(loop.run(*b)),
-            0 if kind == "static-cut" else math.inf,
-            **limits,
+            lambda *b: (lambda o: (o.logits, o.exit_layer))(loop.run(*b)), **limits
         )
     return LayerwiseBatcher(loop, schedule, max_wait_ms, **limits)
 
@@ -119,6 +119,7 @@ requests_strategy = st.lists(
         ("continuous", "fullest", None),
         ("continuous", "fullest", 0.0),  # every input is overdue: the oldest always runs
         ("continuous", "oldest", None),
+        ("continuous-cut", "fullest", None),
         ("static", "fullest", None),
         ("static-cut", "fullest", None),
     ],
@@ -299,3 +300,58 @@ def test_checkpoint_with_pruning_schedule(tmp_path, tiny_bert_dir, tokenizer) ->
     _drive(batcher, [[jobs[0]], [], [jobs[1]], [jobs[2]]])
     for i, job in enumerate(jobs):
         _assert_matches_engine(engine, job, TEXTS[3 * i : 3 * i + 3])
+
+
+def _histogram_sum_and_count(histogram) -> tuple[float, float]:
+    samples = histogram.collect()[0].samples
+    total = next(s.value for s in samples if s.name.endswith("_sum"))
+    return total, next(s.value for s in samples if s.name.endswith("_count"))
+
+
+def test_layerwise_cuts_where_padding_costs_more(tiny_ckpt) -> None:
+    """One long input among short ones: cut, every layer runs it alone and the short ones
+    together at their own width; not cut, every layer pads the short ones to it."""
+    engine = Engine(tiny_ckpt, policy="none")  # every row runs every layer
+    long_text = " ".join([TEXTS[0]] * 8)
+    inputs = [TEXTS[1], long_text, TEXTS[2], TEXTS[1]]
+    lengths = [len(ids) for ids in _job(engine, inputs).input_ids]
+    short = max(lengths[:1] + lengths[2:])
+    assert 3 * (lengths[1] - short) > engine._executor.split_cost  # the cut pays here
+    for kind, calls, tokens in (
+        ("continuous", 1, 4 * lengths[1]),
+        ("continuous-cut", 2, lengths[1] + 3 * short),
+    ):
+        batcher = _batcher(kind, engine, 16384, None)
+        batcher.split_cost = engine._executor.split_cost if kind.endswith("-cut") else math.inf
+        job = _job(engine, inputs)
+        _drive(batcher, [[job]])
+        _assert_matches_engine(engine, job, inputs)
+        assert _histogram_sum_and_count(batcher.metrics.batch_size) == (
+            4 * engine.num_layers,
+            calls * engine.num_layers,
+        )
+        assert _histogram_sum_and_count(batcher.metrics.batch_tokens)[0] == (
+            tokens * engine.num_layers
+        )
+
+
+def test_a_failed_layer_call_of_a_cut_group_drops_its_jobs_other_rows(tiny_ckpt) -> None:
+    engine = Engine(tiny_ckpt, policy="none")
+    batcher = _batcher("continuous-cut", engine, 16384, None)
+    step, rows_run = batcher._loop.step, []
+
+    def failing_step(live, layer, out, first=None):
+        rows_run.append(live.hidden_states.shape[0])
+        if len(rows_run) == 1:
+            raise RuntimeError("boom")
+        return step(live, layer, out, first)
+
+    batcher._loop.step = failing_step
+    failing = _job(engine, [" ".join([TEXTS[0]] * 8), TEXTS[1]])  # runs first: the longest
+    other = _job(engine, [TEXTS[2]])
+    _drive(batcher, [[failing, other]])
+    with pytest.raises(RuntimeError, match="boom"):
+        failing.future.result(timeout=0)
+    _assert_matches_engine(engine, other, [TEXTS[2]])
+    # layer 1: the long input (fails), then TEXTS[2] alone; TEXTS[1] of the failed job never ran
+    assert rows_run == [1] + [1] * engine.num_layers

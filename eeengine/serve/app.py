@@ -70,6 +70,10 @@ class ServeConfig:
             (:data:`eeengine.serve.SCHEDULES`).
         max_wait_ms: with "fullest", an input waiting longer than this (ms) makes the
             longest-waiting queue run next; None: never.
+        split_cost: the padded tokens one more model call is worth: inputs that would run
+            together are cut into calls where that saves more padded tokens
+            (:func:`eeengine.batching.split_padding`); ``math.inf`` never cuts; None: the
+            executor's measured :attr:`~eeengine.executors.LayerExecutor.split_cost`.
     """
 
     max_concurrent_requests: int = 512
@@ -79,6 +83,7 @@ class ServeConfig:
     batching: str = "continuous"
     schedule: str = "fullest"
     max_wait_ms: float | None = 25.0
+    split_cost: float | None = None
 
 
 @dataclass
@@ -317,10 +322,12 @@ def engine_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     def make_batcher(**limits: object) -> Batcher:
         limits["host_ops"] = loop.executor.host_ops
+        limits["split_cost"] = (
+            loop.executor.split_cost if config.split_cost is None else config.split_cost
+        )
         if config.batching == "static":
             return StaticBatcher(
                 lambda *batch: _logits_and_layers(loop.run(*batch)),
-                loop.executor.split_cost,
                 device=engine.device,
                 **limits,
             )

@@ -95,6 +95,10 @@ class Batcher:
         host_ops: the context the worker thread runs the model in (the executor's
             :meth:`eeengine.executors.LayerExecutor.host_ops`: torch on one thread beside
             ONNX Runtime's pool).
+        split_cost: what one more model call costs, in padded tokens (the executor's
+            :attr:`eeengine.executors.LayerExecutor.split_cost`): rows that would run together
+            are cut into calls where a cut saves more padded tokens than this
+            (:func:`eeengine.batching.split_padding`); ``math.inf`` never cuts.
     """
 
     name = ""
@@ -108,11 +112,16 @@ class Batcher:
         max_batch_requests: int | None,
         metrics: ServeMetrics,
         host_ops: Callable[[], AbstractContextManager[None]] = nullcontext,
+        split_cost: float = math.inf,
     ) -> None:
         if max_batch_tokens < 1 or (max_batch_requests is not None and max_batch_requests < 1):
             raise ValueError(
                 f"max_batch_tokens ({max_batch_tokens}) and max_batch_requests "
                 f"({max_batch_requests}) must be positive"
+            )
+        if not split_cost >= 0:
+            raise ValueError(
+                f"split_cost ({split_cost}) must be a number of padded tokens >= 0 (inf: never cut)"
             )
         self.num_layers = num_layers
         self.pad_token_id = pad_token_id
@@ -122,6 +131,7 @@ class Batcher:
         self.max_batch_requests = max_batch_requests or max_batch_tokens
         self.metrics = metrics
         self._host_ops = host_ops
+        self.split_cost = split_cost
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._pending: deque[Row] = deque()  # inputs that have not run any layer yet
         self._stopping = False
@@ -262,17 +272,14 @@ class StaticBatcher(Batcher):
             (n, seq_len) int64, mask 1 for real tokens -> (logits (n, C) float32, exit_layer
             (n,) int64). For eeengine, :meth:`eeengine.runtime.ExitLoop.run` (rows exit inside
             the batch, the batch shrinks, and the call returns when the last row has exited).
-        split_cost: what one more model call costs, in padded tokens (the executor's
-            ``split_cost``); ``math.inf`` never cuts.
         **limits: the arguments of :class:`Batcher`.
     """
 
     name = "static"
 
-    def __init__(self, run_batch: RunBatch, split_cost: float = math.inf, **limits: object) -> None:
+    def __init__(self, run_batch: RunBatch, **limits: object) -> None:
         super().__init__(**limits)
         self._run_batch = run_batch
-        self.split_cost = split_cost
 
     def _has_work(self) -> bool:
         return bool(self._pending)

@@ -4,8 +4,10 @@ An encoder batch cannot be refilled the way an LLM's decode batch is: rows at di
 need different layer weights. So the worker keeps one queue per depth (inputs that have run
 layers 1..d and wait for layer d + 1); new inputs enter at layer 1 while survivors of earlier
 requests go deeper, and inputs at the same depth, from any requests, run together in one layer
-call (right-padded to the longest of them). After the call, inputs that exit are answered at
-once and the rest move to the next depth's queue.
+call, right-padded to the longest of them. Where that padding would cost more than another
+call (the executor's ``split_cost``, as in ``Engine.predict``), the call is cut in two, longest
+inputs first. After the call, inputs that exit are answered at once and the rest move to the
+next depth's queue.
 
 Which depth runs next (``schedule``; new inputs compete as the queue of depth 0):
 
@@ -29,12 +31,14 @@ int8, whose activation scale is taken over each layer call's rows (README, Preci
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from eeengine.batching import split_padding
 from eeengine.runtime import ExitLoop, LiveRows
 from eeengine.serve import SCHEDULES
 from eeengine.serve.batcher import Batcher, Row
@@ -125,10 +129,24 @@ class LayerwiseBatcher(Batcher):
         group = self._start() if done == 0 else self._take(done)
         if group is None:
             return
-        try:
-            self._step(group, done + 1)
-        except Exception as error:  # never kill the worker: fail this call's jobs only
-            self._fail({job for job, _ in group.rows}, error)
+        for part in self._cut(group):
+            try:
+                self._step(part, done + 1)
+            except Exception as error:  # never kill the worker: fail this call's jobs only
+                self._fail({job for job, _ in part.rows}, error)
+
+    def _cut(self, group: _Group) -> list[_Group]:
+        """``group`` as layer calls of similar widths, longest rows first: cut where a cut
+        saves more than ``split_cost`` padded tokens (:func:`split_padding`, over the rows'
+        live tokens)."""
+        if self.split_cost == math.inf or len(group.rows) < 2:
+            return [group]
+        lengths = group.live.attention_mask.sum(1).tolist()
+        longest_first = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        parts = split_padding(longest_first, lengths, self.split_cost)
+        if len(parts) == 1:
+            return [group]
+        return [self._select(group, torch.tensor(part)) for part in parts]
 
     def _start(self) -> _Group | None:
         """New inputs that fit the limits, embedded."""
