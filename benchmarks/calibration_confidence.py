@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from results_io import write_results
+from results_io import markdown_table, write_results
 
 from eeengine import Engine
 from eeengine.data import get_task, load_split
@@ -108,18 +108,17 @@ def main() -> None:
     report = {"checkpoint": str(ckpt), "task": task.name, "metric": metric,
               "slice_rows": len(slice_labels), "dev_rows": len(dev.labels),
               "summary": summary, "rows": rows}  # fmt: skip
-    lines = [
-        "| calibration rows | max_drop | confidence | draws | promised drop | held-out slice: "
-        "drop (share over max_drop) | dev: drop (share over) | dev avg exit layer |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for s in summary:
-        lines.append(
-            f"| {s['size']} | {s['max_drop']:g} | {s['confidence'] or 'none'} | {s['draws']} | "
-            f"{s['promised_drop']:+.2f} | {s['held_out_drop']:+.2f} ({s['held_out_over']:.0%}) | "
-            f"{s['dev_drop']:+.2f} ({s['dev_over']:.0%}) | {s['dev_avg_exit_layer']:.2f} |"
-        )
-    table = "\n".join(lines) + "\n"
+    table = markdown_table(
+        ["calibration rows", "max_drop", "confidence", "draws", "promised drop",
+         "held-out slice: drop (share over max_drop)", "dev: drop (share over)",
+         "dev avg exit layer"],
+        [
+            [s["size"], f"{s['max_drop']:g}", s["confidence"] or "none", s["draws"],
+             f"{s['promised_drop']:+.2f}", f"{s['held_out_drop']:+.2f} ({s['held_out_over']:.0%})",
+             f"{s['dev_drop']:+.2f} ({s['dev_over']:.0%})", f"{s['dev_avg_exit_layer']:.2f}"]
+            for s in summary
+        ],
+    )  # fmt: skip
     write_results(args.out, report, table)
     print(table)
 

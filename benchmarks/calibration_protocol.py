@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from results_io import write_results
+from results_io import markdown_table, write_results
 
 from eeengine import Engine
 from eeengine.calibration import OperatingPoint, select_operating_point
@@ -98,23 +98,23 @@ def _row(task, target, policy, promised_drop, promised_layer, full, measured, pa
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = [
-        "| task | target (chosen on the calibration slice) | point | promised drop (slice) "
-        "| measured drop (dev) | dev metric (full depth) | avg exit layer: slice / dev "
-        "| dev layer speed-up |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    header = [
+        "task", "target (chosen on the calibration slice)", "point", "promised drop (slice)",
+        "measured drop (dev)", "dev metric (full depth)", "avg exit layer: slice / dev",
+        "dev layer speed-up",
+    ]  # fmt: skip
+    cells = []
     for r in rows:
         if "dev_metric" not in r:
-            lines.append(f"| {r['task']} | {r['target']} | {r['point']} | | | | | |")
+            cells.append([r["task"], r["target"], r["point"], "", "", "", "", ""])
             continue
-        lines.append(
-            f"| {r['task']} | {r['target']} | `{r['point']}` | {r['promised_drop']:+.2f} | "
-            f"{r['measured_drop']:+.2f} | {r['dev_metric']:.2f} ({r['dev_full_depth']:.2f}) | "
-            f"{r['promised_avg_exit_layer']:.2f} / {r['dev_avg_exit_layer']:.2f} | "
-            f"{r['dev_speedup']:.2f}x |"
-        )
-    return "\n".join(lines) + "\n"
+        cells.append([
+            r["task"], r["target"], f"`{r['point']}`", f"{r['promised_drop']:+.2f}",
+            f"{r['measured_drop']:+.2f}", f"{r['dev_metric']:.2f} ({r['dev_full_depth']:.2f})",
+            f"{r['promised_avg_exit_layer']:.2f} / {r['dev_avg_exit_layer']:.2f}",
+            f"{r['dev_speedup']:.2f}x",
+        ])  # fmt: skip
+    return markdown_table(header, cells)
 
 
 def main() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from results_io import markdown_table
+
 BASELINES = ("hf_eager", "ort_int8")  # ratio columns
 REFERENCE = ("eeengine_torch_full", "hf_eager")  # fp32 full depth, the first one present
 
@@ -36,28 +38,24 @@ def fastest_within(report: dict, batch_size: int, drop: float = 0.5) -> tuple[st
 def markdown(report: dict, batch_sizes: list[int]) -> str:
     rows = report["providers"]
     bases = [b for b in BASELINES if b in rows]
-    head = "| provider | policy | acc. b=1 | avg exit layer b=1 | 1/ρ | median ms (b=1) | p90 ms |"
-    head += "".join(f" × {b} |" for b in bases)
+    header = ["provider", "policy", "acc. b=1", "avg exit layer b=1", "1/ρ", "median ms (b=1)"]
+    header += ["p90 ms", *(f"× {b}" for b in bases)]
     for size in batch_sizes:
-        head += f" acc. b={size} | inputs/s b={size} |"
-        head += "".join(f" × {b} b={size} |" for b in bases)
-    lines = [head, "|" + "---|" * head.count(" |")]
+        header += [f"acc. b={size}", f"inputs/s b={size}", *(f"× {b} b={size}" for b in bases)]
+    cells = []
     for name, r in rows.items():
         policy = r["policy"] + "".join(f" {k}={r[k]}" for k in ("threshold", "patience") if k in r)
         if r.get("window"):
             policy += f" window={r['window']} {r.get('window_test', '')}"
         layers = f"{r['avg_exit_layer_b1']:.2f}" if "avg_exit_layer_b1" in r else ""
         flops = f"{1 / r['flops_ratio_b1']:.2f}×" if "flops_ratio_b1" in r else ""
-        line = (
-            f"| {name} | {policy} | {r['accuracy_b1']:.2f} | {layers} | {flops} | "
-            f"{r['median_ms']:.2f} | {r['p90_ms']:.2f} |"
-        )
-        line += "".join(f" {r[f'speedup_median_vs_{b}']:.2f} |" for b in bases)
+        line = [name, policy, f"{r['accuracy_b1']:.2f}", layers, flops, f"{r['median_ms']:.2f}"]
+        line += [f"{r['p90_ms']:.2f}", *(f"{r[f'speedup_median_vs_{b}']:.2f}" for b in bases)]
         for size in batch_sizes:
-            line += f" {r[f'accuracy_b{size}']:.2f} | {r[f'sentences_per_s_b{size}']:.1f} |"
-            line += "".join(f" {r[f'throughput_vs_{b}_b{size}']:.2f} |" for b in bases)
-        lines.append(line)
-    lines.append("")
+            line += [f"{r[f'accuracy_b{size}']:.2f}", f"{r[f'sentences_per_s_b{size}']:.1f}"]
+            line += [f"{r[f'throughput_vs_{b}_b{size}']:.2f}" for b in bases]
+        cells.append(line)
+    lines = [markdown_table(header, cells)]  # its last newline and the join's: a blank line
     drop = report["max_drop"]
     for size in [1, *batch_sizes]:
         found = fastest_within(report, size, drop)

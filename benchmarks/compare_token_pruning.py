@@ -22,7 +22,7 @@ import json
 import statistics
 from pathlib import Path
 
-from results_io import write_results
+from results_io import markdown_table, write_results
 
 from eeengine import Engine
 from eeengine.cli_args import add_policy_args, policy_kwargs
@@ -71,22 +71,22 @@ def main() -> None:
         results[f"{name}/policy"].update(seconds=median, time_ratio=median / base)
 
     report = {"ckpt": str(args.ckpt), "task": task.name, "schedule": schedule, "results": results}
-    lines = [
-        f"{task.name} dev, {args.ckpt.name}, token pruning {json.dumps(schedule)}",
-        "",
-        f"| provider / policy | {task.metric} | avg exit layer | layer speed-up | ρ | 1/ρ | "
-        "time (ratio) |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    header = [
+        "provider / policy", task.metric, "avg exit layer", "layer speed-up", "ρ", "1/ρ",
+        "time (ratio)",
+    ]  # fmt: skip
+    rows = []
     for key, r in results.items():
         timing = f"{r['seconds']:.1f} s ({r['time_ratio']:.2f})" if "seconds" in r else ""
-        lines.append(
-            f"| {key} | {r['value']:.2f} | {r['avg_exit_layer']:.2f} | {r['speedup']:.2f}x | "
-            f"{r['flops_ratio']:.3f} | {r['flops_speedup']:.2f}x | {timing} |"
-        )
-    print("\n".join(lines))
+        rows.append([
+            key, f"{r['value']:.2f}", f"{r['avg_exit_layer']:.2f}", f"{r['speedup']:.2f}x",
+            f"{r['flops_ratio']:.3f}", f"{r['flops_speedup']:.2f}x", timing,
+        ])  # fmt: skip
+    text = f"{task.name} dev, {args.ckpt.name}, token pruning {json.dumps(schedule)}\n\n"
+    text += markdown_table(header, rows)
+    print(text, end="")
     if args.out:
-        write_results(args.out, report, "\n".join(lines) + "\n")
+        write_results(args.out, report, text)
 
 
 if __name__ == "__main__":

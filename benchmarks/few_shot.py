@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from results_io import write_results
+from results_io import markdown_table, write_results
 
 from eeengine.data import Split, get_task, load_split
 from eeengine.defaults import minilm_dir
@@ -94,20 +94,20 @@ def run_task(name: str, rows: int, seed: int, workdir: Path, overrides: dict) ->
 
 
 def markdown(results: list[dict]) -> str:
-    lines = [
-        "| task | rows | linear probe (frozen MiniLM) | eeengine train, default flags: full depth "
-        "| default policy (avg exit layer) | epochs, steps chosen |",
-        "|---|---|---|---|---|---|",
-    ]
+    header = [
+        "task", "rows", "linear probe (frozen MiniLM)", "eeengine train, default flags: full depth",
+        "default policy (avg exit layer)", "epochs, steps chosen",
+    ]  # fmt: skip
+    rows = []
     for r in results:
         policy, plan = r["default_policy_dev"], r["schedule"]
-        lines.append(
-            f"| {r['task']} | {r['rows']} | {r['linear_probe']:.2f} | "
-            f"{r['fine_tuned_full_depth']:.2f} | {policy['metric']:.2f} "
-            f"({policy['avg_exit_layer']:.2f}) | {plan['epochs']:g}, {plan['total_steps']}"
-            f"{' (stopped early)' if plan['stopped_early'] else ''} |"
-        )
-    return "\n".join(lines) + "\n"
+        rows.append([
+            r["task"], r["rows"], f"{r['linear_probe']:.2f}", f"{r['fine_tuned_full_depth']:.2f}",
+            f"{policy['metric']:.2f} ({policy['avg_exit_layer']:.2f})",
+            f"{plan['epochs']:g}, {plan['total_steps']}"
+            f"{' (stopped early)' if plan['stopped_early'] else ''}",
+        ])  # fmt: skip
+    return markdown_table(header, rows)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import argparse
 import random
 from pathlib import Path
 
-from results_io import write_results
+from results_io import markdown_table, write_results
 
 from eeengine import Engine
 from eeengine.data import get_task, load_split
@@ -55,18 +55,17 @@ def main() -> None:
                 abs(a.probs[k] - b.probs[k]) for a, b in pairs for k in a.probs
             ),
         })  # fmt: skip
-    lines = [
-        "| precision | labels changed, alone vs batch 32 | labels changed, batch 32 vs shuffled "
-        "batch 32 | largest probability change, alone vs batch 32 |",
-        "|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['precision']} | {r['label_changes_alone_vs_b32']} / {r['inputs']} | "
-            f"{r['label_changes_b32_vs_shuffled']} / {r['inputs']} | "
-            f"{r['max_prob_change_alone_vs_b32']:.4f} |"
-        )
-    table = "\n".join(lines) + "\n"
+    header = [
+        "precision", "labels changed, alone vs batch 32",
+        "labels changed, batch 32 vs shuffled batch 32",
+        "largest probability change, alone vs batch 32",
+    ]  # fmt: skip
+    table = markdown_table(header, [
+        [r["precision"], f"{r['label_changes_alone_vs_b32']} / {r['inputs']}",
+         f"{r['label_changes_b32_vs_shuffled']} / {r['inputs']}",
+         f"{r['max_prob_change_alone_vs_b32']:.4f}"]
+        for r in rows
+    ])  # fmt: skip
     write_results(args.out, {"checkpoint": str(ckpt), "rows": rows}, table)
     print(table)
 

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
-from results_io import write_results
+from results_io import markdown_table, write_results
 
 from eeengine import Engine
 from eeengine.data import get_task, load_split
@@ -122,21 +122,20 @@ def main() -> None:
             "median_ms_b1": statistics.median(times[1][scheme]),
             "sentences_per_s_b32": len(texts) / (sum(times[32][scheme]) / 1000),
         }
-    lines = [
+    header = [
+        "scheme", "dev acc. b=1", "dev acc. b=32", "labels changed b=1 vs 32",
+        "mean prob. error vs fp32", "median ms b=1", "sentences/s b=32",
+    ]  # fmt: skip
+    cells = [
+        [scheme, f"{r['accuracy_b1']:.2f}", f"{r['accuracy_b32']:.2f}",
+         r["labels_changed_b1_vs_b32"], f"{r['mean_prob_error_vs_fp32']:.4f}",
+         f"{r['median_ms_b1']:.2f}", f"{r['sentences_per_s_b32']:.0f}"]
+        for scheme, r in report["schemes"].items()
+    ]  # fmt: skip
+    table = (
         f"{report['calibration']}, alpha {args.alpha}; SST-2 dev ({len(texts)} sentences), full "
-        "depth, embeddings and head in torch",
-        "",
-        "| scheme | dev acc. b=1 | dev acc. b=32 | labels changed b=1 vs 32 | mean prob. error vs "
-        "fp32 | median ms b=1 | sentences/s b=32 |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for scheme, r in report["schemes"].items():
-        lines.append(
-            f"| {scheme} | {r['accuracy_b1']:.2f} | {r['accuracy_b32']:.2f} | "
-            f"{r['labels_changed_b1_vs_b32']} | {r['mean_prob_error_vs_fp32']:.4f} | "
-            f"{r['median_ms_b1']:.2f} | {r['sentences_per_s_b32']:.0f} |"
-        )
-    table = "\n".join(lines) + "\n"
+        "depth, embeddings and head in torch\n\n" + markdown_table(header, cells)
+    )
     write_results(args.out, report, table)
     print(table)
 

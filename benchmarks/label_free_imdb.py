@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from results_io import write_results
+from results_io import markdown_table, write_results
 
 from eeengine import Engine
 from eeengine.data import DATA_DIR, file_split
@@ -56,15 +56,16 @@ def main() -> None:
         f"SST-2 checkpoint {ckpt} on IMDB reviews at {args.max_length} tokens: calibrated "
         f"without labels on reviews 1-{half}, reported on reviews {half + 1}-{n}.",
         "",
-        "| policy | accuracy | vs full depth | avg exit layer | layer speed-up |",
-        "|---|---|---|---|---|",
-    ]
-    for name, r in rows.items():
-        lines.append(
-            f"| {name} | {r['value']:.2f} | {r['value'] - full:+.2f} | "
-            f"{r['avg_exit_layer']:.2f} | {r['speedup']:.2f}x |"
-        )
-    lines.append(f"\nLabel-free point: {point.describe()} (agreement on the first half).")
+        markdown_table(
+            ["policy", "accuracy", "vs full depth", "avg exit layer", "layer speed-up"],
+            [
+                [name, f"{r['value']:.2f}", f"{r['value'] - full:+.2f}",
+                 f"{r['avg_exit_layer']:.2f}", f"{r['speedup']:.2f}x"]
+                for name, r in rows.items()
+            ],
+        ),  # ends with a newline: the join's next one makes a blank line
+        f"Label-free point: {point.describe()} (agreement on the first half).",
+    ]  # fmt: skip
     result = {"point": {"name": point.name, **point.params, "agreement": point.metric}, **rows}
     write_results(args.out, result, "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -36,7 +36,7 @@ from compare import (
     prepare,
     throughput,
 )
-from results_io import write_results
+from results_io import markdown_table, write_results
 
 from eeengine import Engine
 from eeengine.metrics import accuracy
@@ -145,23 +145,23 @@ def main() -> None:
 
 
 def _markdown(results: dict, batch_size: int) -> str:
-    lines = [
-        "| tokens | configuration | policy | accuracy | avg exit layer | 1/ρ | median ms (b=1) "
-        f"| × full | reviews/s b={batch_size} | × full |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = [
+        "tokens", "configuration", "policy", "accuracy", "avg exit layer", "1/ρ",
+        "median ms (b=1)", "× full", f"reviews/s b={batch_size}", "× full",
+    ]  # fmt: skip
+    cells = []
     for length, rows in results.items():
         for name, r in rows.items():
             policy = r["policy"] + (f" τ={r['threshold']}" if "threshold" in r else "")
             if r.get("window"):
                 policy += f" N={r['window']} {r.get('window_test', '')}"
-            lines.append(
-                f"| {length} | {name} | {policy} | {r['accuracy']:.2f} | "
-                f"{r['avg_exit_layer']:.2f} | {r['flops_speedup']:.2f}× | {r['median_ms']:.1f} | "
-                f"{r['latency_vs_full']:.2f} | {r[f'inputs_per_s_b{batch_size}']:.1f} | "
-                f"{r['throughput_vs_full']:.2f} |"
-            )
-    return "\n".join(lines) + "\n"
+            cells.append([
+                length, name, policy, f"{r['accuracy']:.2f}", f"{r['avg_exit_layer']:.2f}",
+                f"{r['flops_speedup']:.2f}×", f"{r['median_ms']:.1f}",
+                f"{r['latency_vs_full']:.2f}", f"{r[f'inputs_per_s_b{batch_size}']:.1f}",
+                f"{r['throughput_vs_full']:.2f}",
+            ])  # fmt: skip
+    return markdown_table(header, cells)
 
 
 if __name__ == "__main__":

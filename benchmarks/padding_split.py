@@ -29,7 +29,7 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")  # before torc
 
 import torch
 from peers import onnxruntime_provider
-from results_io import write_results
+from results_io import markdown_table, write_results
 from transformers import AutoTokenizer
 
 from eeengine import Engine
@@ -115,18 +115,19 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [
-        f"Batch {report['batch_size']}, {report['threads']} threads, {report['checkpoint']}\n",
-        "| provider | split_cost (tokens) | sentences/s | vs uncut | padded / real tokens "
-        "| passes per call | accuracy |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in report["rows"]:
-        lines.append(
-            f"| {r['provider']} | {r['split_cost']} | {r['per_s']:.0f} | {r['vs_uncut']:.2f}x | "
-            f"{r['padded_per_real']:.2f} | {r['passes_per_call']:.2f} | {r['accuracy']:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
+    header = [
+        "provider", "split_cost (tokens)", "sentences/s", "vs uncut", "padded / real tokens",
+        "passes per call", "accuracy",
+    ]  # fmt: skip
+    cells = [
+        [r["provider"], r["split_cost"], f"{r['per_s']:.0f}", f"{r['vs_uncut']:.2f}x",
+         f"{r['padded_per_real']:.2f}", f"{r['passes_per_call']:.2f}", f"{r['accuracy']:.2f}"]
+        for r in report["rows"]
+    ]  # fmt: skip
+    return (
+        f"Batch {report['batch_size']}, {report['threads']} threads, {report['checkpoint']}\n\n"
+        + markdown_table(header, cells)
+    )
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from results_io import write_results
+from results_io import markdown_table, write_results
 
 from eeengine import Engine
 from eeengine.data import get_task, load_split
@@ -68,21 +68,18 @@ def measure(ckpt: str, precision: str, max_drop: float, write: bool) -> dict:
 
 def markdown(task: str, rows: list[dict]) -> str:
     layers = len(rows[0]["per_exit"])
-    lines = [
-        f"**{task}** (dev; per exit, then the default policy calibrated on the held-out slice)",
-        "",
-        "| precision | "
-        + " | ".join(f"exit {i + 1}" for i in range(layers))
-        + " | policy | dev | avg exit layer |",
-        "|---|" + "---|" * (layers + 3),
+    header = ["precision", *(f"exit {i + 1}" for i in range(layers))]
+    header += ["policy", "dev", "avg exit layer"]
+    cells = [
+        [f"{r['precision']} ({r['executor']})", *(f"{m:.2f}" for m in r["per_exit"])]
+        + [r["policy"], f"{r['dev_metric']:.2f}", f"{r['avg_exit_layer']:.2f}"]
+        for r in rows
     ]
-    for r in rows:
-        exits = " | ".join(f"{m:.2f}" for m in r["per_exit"])
-        lines.append(
-            f"| {r['precision']} ({r['executor']}) | {exits} | {r['policy']} | "
-            f"{r['dev_metric']:.2f} | {r['avg_exit_layer']:.2f} |"
-        )
-    return "\n".join(lines)
+    table = markdown_table(header, cells).removesuffix("\n")  # main() joins the tables
+    return (
+        f"**{task}** (dev; per exit, then the default policy calibrated on the held-out slice)\n\n"
+        + table
+    )
 
 
 def main() -> None:

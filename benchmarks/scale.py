@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from compare import EXECUTORS, environment
 from peers import FullDepth, Predict, engine_provider, torch_provider
-from results_io import write_results
+from results_io import markdown_table, write_results
 
 from eeengine import Engine
 from eeengine.data import get_task, load_split
@@ -203,32 +203,31 @@ def _markdown(report: dict) -> str:
     if "seq" in report:
         names = list(next(iter(report["seq"].values())))
         lines += ["### Latency at batch 1 against sequence length (median ms; avg exit layer)", ""]
-        lines += ["| seq | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+        cells = []
         for seq_len, row in report["seq"].items():
-            cells = [
-                f"{row[n]['median_ms']:.1f}"
-                + (f" ({row[n]['avg_exit_layer']:.1f})" if "avg_exit_layer" in row[n] else "")
-                for n in names
-            ]
-            lines.append(f"| {seq_len} | " + " | ".join(cells) + " |")
-        lines.append("")
+            cells.append([seq_len])
+            for n in names:
+                layer = f" ({row[n]['avg_exit_layer']:.1f})" if "avg_exit_layer" in row[n] else ""
+                cells[-1].append(f"{row[n]['median_ms']:.1f}{layer}")
+        lines.append(markdown_table(["seq", *names], cells))  # its newline + the join's: a blank
     if "batch" in report:
         names = list(next(iter(report["batch"].values())))
         lines += ["### Sentences/s against batch size (SST-2 dev sentences)", ""]
-        lines += ["| batch | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
-        for batch_size, row in report["batch"].items():
-            cells = [f"{row[n]['sentences_per_s']:.0f}" for n in names]
-            lines.append(f"| {batch_size} | " + " | ".join(cells) + " |")
-        lines.append("")
+        cells = [
+            [batch_size, *(f"{row[n]['sentences_per_s']:.0f}" for n in names)]
+            for batch_size, row in report["batch"].items()
+        ]
+        lines.append(markdown_table(["batch", *names], cells))
     if "memory" in report:
         lines += ["### Resident memory, one batch of 256 x 128 tokens (MiB)", ""]
-        lines += ["| provider | loaded | peak during the batch | peak - loaded |"]
-        lines += ["|---|---|---|---|"]
+        cells = []
         for name, row in report["memory"].items():
             extra = row["peak_mib"] - row["loaded_mib"]
-            lines.append(
-                f"| {name} | {row['loaded_mib']:.0f} | {row['peak_mib']:.0f} | {extra:.0f} |"
+            cells.append(
+                [name, f"{row['loaded_mib']:.0f}", f"{row['peak_mib']:.0f}", f"{extra:.0f}"]
             )
+        header = ["provider", "loaded", "peak during the batch", "peak - loaded"]
+        lines.append(markdown_table(header, cells).removesuffix("\n"))  # no blank line after
     return "\n".join(lines) + "\n"
 
 

@@ -41,7 +41,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from results_io import write_results
+from results_io import markdown_table, write_results
 from serve_client import (
     ConnectionPool,
     eeengine_serve,
@@ -237,14 +237,12 @@ def markdown(report: dict) -> str:
             + ", ".join(f"{n} {v:g} req/s" for n, v in part["held_p99_100ms"].items())
             + ")",
             "",
-            "| offered req/s | "
-            + " | ".join(f"{n} p50 / p99 ms, req/s" for n in part["rows"])
-            + " |",
-            "|---|" + "---|" * len(part["rows"]),
         ]
+        header = ["offered req/s", *(f"{n} p50 / p99 ms, req/s" for n in part["rows"])]
+        body = []
         loads = sorted({r["offered"] for rows in part["rows"].values() for r in rows})
         for load in loads:
-            cells = []
+            cells = [f"{load:g}"]
             for rows in part["rows"].values():
                 r = next((r for r in rows if r["offered"] == load), None)
                 if r is None:
@@ -254,8 +252,8 @@ def markdown(report: dict) -> str:
                 cells.append(
                     f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}, {r['throughput']:.0f}{failed}"
                 )
-            lines.append(f"| {load:g} | " + " | ".join(cells) + " |")
-        lines += ["", "ratios: " + json.dumps(part["ratios"]), ""]
+            body.append(cells)
+        lines += [markdown_table(header, body), "ratios: " + json.dumps(part["ratios"]), ""]
     loadavg = report["environment"]["loadavg_at_start"]
     lines.append(f"load average at start: {loadavg[0]:.1f} on {report['environment']['cpus']} CPUs")
     return "\n".join(lines) + "\n"

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from results_io import write_results
+from results_io import markdown_table, write_results
 
 from eeengine import Engine
 from eeengine.data import get_task, load_split
@@ -85,16 +85,17 @@ def main() -> None:
     lines = [
         f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, {args.threads} threads",
         "",
-        "| engine | b32 /s, one torch thread | b32 /s, torch's threads | ratio | "
-        "b1 ms, one | b1 ms, torch's | ratio |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['engine']} | {r['b32_on']:.0f} | {r['b32_off']:.0f} | {r['b32_ratio']:.2f}x | "
-            f"{r['b1_ms_on']:.2f} | {r['b1_ms_off']:.2f} | {r['b1_ratio']:.2f}x |"
-        )
-    table = "\n".join(lines) + "\n"
+        markdown_table(
+            ["engine", "b32 /s, one torch thread", "b32 /s, torch's threads", "ratio",
+             "b1 ms, one", "b1 ms, torch's", "ratio"],
+            [
+                [r["engine"], f"{r['b32_on']:.0f}", f"{r['b32_off']:.0f}", f"{r['b32_ratio']:.2f}x",
+                 f"{r['b1_ms_on']:.2f}", f"{r['b1_ms_off']:.2f}", f"{r['b1_ratio']:.2f}x"]
+                for r in rows
+            ],
+        ),
+    ]  # fmt: skip
+    table = "\n".join(lines)
     write_results(args.out, report, table)
     print(table)
 

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
+from results_io import markdown_table
 from transformers import AutoTokenizer
 
 from eeengine import _custom_ops
@@ -108,11 +109,11 @@ def main() -> None:
     if not _custom_ops.HAS_C:
         parser.error(f"the fused dropout needs the extension: {_custom_ops.LOAD_ERROR}")
     base = default_config()
-    print(
-        "| AdamW | word embeddings | batch | dropout | fwd+bwd ms | clip+AdamW ms | step ms "
-        "| example ms |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    header = [
+        "AdamW", "word embeddings", "batch", "dropout", "fwd+bwd ms", "clip+AdamW ms", "step ms",
+        "example ms",
+    ]  # fmt: skip
+    print(markdown_table(header, []), end="")  # the rows below, each printed once measured
     runs = [(False, False, 32, "torch"), (True, False, 32, "torch")]
     runs += [(True, True, size, kind) for size in args.batch_sizes for kind in ("torch", "fused")]
     for _ in range(args.repeats):

@@ -1,5 +1,5 @@
 """benchmarks/results_io.py: a script's figures and table land beside each other, in a folder
-made for them, and an unserializable report writes nothing."""
+made for them, and an unserializable report writes nothing; tables are GitHub Markdown."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from results_io import write_results  # noqa: E402
+from results_io import markdown_table, write_results  # noqa: E402
 
 
 def test_json_and_markdown_beside_each_other(tmp_path):
@@ -26,3 +26,14 @@ def test_unserializable_report_writes_nothing(tmp_path):
     with pytest.raises(TypeError):
         write_results(out, {"bad": object()}, "table")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_markdown_table_by_hand():
+    table = markdown_table(["task", "acc.", ""], [["sst2", f"{89.908:.2f}", ""], ["rte", 55, "x"]])
+    assert table == "| task | acc. |  |\n|---|---|---|\n| sst2 | 89.91 |  |\n| rte | 55 | x |\n"
+    assert markdown_table(["a"], []) == "| a |\n|---|\n"
+
+
+def test_markdown_table_row_of_the_wrong_width():
+    with pytest.raises(ValueError, match="row 1"):
+        markdown_table(["a", "b"], [[1, 2], [3]])
