@@ -239,26 +239,39 @@ def test_static_batch_cut_where_padding_costs_more(tiny_ckpt) -> None:
     assert calls[0][0] == 1 and calls[1][0] == 3  # the long input alone, then the short ones
 
 
-def test_a_failed_call_of_a_cut_batch_drops_its_jobs_other_rows(tiny_ckpt) -> None:
-    engine = Engine(tiny_ckpt)
-    batcher = _batcher("static", engine, 16384, None)
-    batcher.split_cost = 0
-    rows_run, run = [], batcher._run_batch
+def _failing_first_call(call, rows_of):
+    """``call`` that raises on its first call, and the rows each call was given."""
+    rows_run = []
 
-    def run_batch(*batch):
-        rows_run.append(batch[0].shape[0])
+    def wrapped(*args, **kwargs):
+        rows_run.append(rows_of(args[0]))
         if len(rows_run) == 1:
             raise RuntimeError("boom")
-        return run(*batch)
+        return call(*args, **kwargs)
 
-    batcher._run_batch = run_batch
+    return wrapped, rows_run
+
+
+@pytest.mark.parametrize("kind", ["static-cut", "continuous-cut"])
+def test_a_failed_call_of_a_cut_batch_drops_its_jobs_other_rows(tiny_ckpt, kind) -> None:
+    engine = Engine(tiny_ckpt, policy="none")
+    batcher = _batcher(kind, engine, 16384, None)
+    if kind.startswith("static"):  # a model call runs every layer
+        batcher._run_batch, rows_run = _failing_first_call(batcher._run_batch, lambda x: len(x))
+        calls_left = 1
+    else:  # a model call is one layer
+        batcher._loop.step, rows_run = _failing_first_call(
+            batcher._loop.step, lambda live: len(live.hidden_states)
+        )
+        calls_left = engine.num_layers
     failing = _job(engine, [" ".join([TEXTS[0]] * 8), TEXTS[1]])  # runs first: the longest
     other = _job(engine, [TEXTS[2]])
     _drive(batcher, [[failing, other]])
     with pytest.raises(RuntimeError, match="boom"):
         failing.future.result(timeout=0)
     _assert_matches_engine(engine, other, [TEXTS[2]])
-    assert rows_run[0] == 1 and sum(rows_run[1:]) == 1  # TEXTS[1] of the failed job never ran
+    # the long input (fails), then TEXTS[2] alone: TEXTS[1] of the failed job never runs
+    assert rows_run == [1] * (1 + calls_left)
 
 
 def test_failed_model_call_fails_only_its_jobs(tiny_ckpt) -> None:
@@ -333,25 +346,3 @@ def test_layerwise_cuts_where_padding_costs_more(tiny_ckpt) -> None:
         assert _histogram_sum_and_count(batcher.metrics.batch_tokens)[0] == (
             tokens * engine.num_layers
         )
-
-
-def test_a_failed_layer_call_of_a_cut_group_drops_its_jobs_other_rows(tiny_ckpt) -> None:
-    engine = Engine(tiny_ckpt, policy="none")
-    batcher = _batcher("continuous-cut", engine, 16384, None)
-    step, rows_run = batcher._loop.step, []
-
-    def failing_step(live, layer, out, first=None):
-        rows_run.append(live.hidden_states.shape[0])
-        if len(rows_run) == 1:
-            raise RuntimeError("boom")
-        return step(live, layer, out, first)
-
-    batcher._loop.step = failing_step
-    failing = _job(engine, [" ".join([TEXTS[0]] * 8), TEXTS[1]])  # runs first: the longest
-    other = _job(engine, [TEXTS[2]])
-    _drive(batcher, [[failing, other]])
-    with pytest.raises(RuntimeError, match="boom"):
-        failing.future.result(timeout=0)
-    _assert_matches_engine(engine, other, [TEXTS[2]])
-    # layer 1: the long input (fails), then TEXTS[2] alone; TEXTS[1] of the failed job never ran
-    assert rows_run == [1] + [1] * engine.num_layers
