@@ -105,6 +105,12 @@ def _assert_matches_engine(engine: Engine, job: Job, inputs: list) -> None:
     )
 
 
+def _histogram_sum_and_count(histogram) -> tuple[float, float]:
+    samples = histogram.collect()[0].samples
+    total = next(s.value for s in samples if s.name.endswith("_sum"))
+    return total, next(s.value for s in samples if s.name.endswith("_count"))
+
+
 requests_strategy = st.lists(
     st.lists(st.sampled_from(TEXTS), min_size=1, max_size=4)
     | st.lists(st.sampled_from(PAIRS), min_size=1, max_size=2),
@@ -146,16 +152,17 @@ def test_results_equal_engine_predict(
         _assert_matches_engine(engine, job, inputs)
 
 
-def test_layerwise_merges_depths_across_requests(tiny_ckpt) -> None:
+@pytest.mark.parametrize("kind", ["continuous", "continuous-cut"])
+def test_layerwise_merges_depths_across_requests(tiny_ckpt, kind) -> None:
     """Rows of different requests at the same depth run in one layer call: with a request
-    arriving between every call, the calls still carry rows of several requests."""
+    arriving between every call, the calls still carry rows of several requests (with the
+    cut too: these sentences differ by a few tokens, less padding than a call costs)."""
     engine = Engine(tiny_ckpt, policy="none")  # every row runs every layer
-    batcher = _batcher("continuous", engine, 16384, None)
+    batcher = _batcher(kind, engine, 16384, None)
+    batcher.split_cost = engine._executor.split_cost if kind.endswith("-cut") else math.inf
     jobs = [_job(engine, [text]) for text in TEXTS[:4]]
     _drive(batcher, [[job] for job in jobs])
-    sizes = batcher.metrics.batch_size.collect()[0].samples
-    count = next(s.value for s in sizes if s.name.endswith("_count"))
-    total = next(s.value for s in sizes if s.name.endswith("_sum"))
+    total, count = _histogram_sum_and_count(batcher.metrics.batch_size)
     # 4 requests x 4 layers = 16 rows run; without merging that takes 16 calls
     assert total == 16 and count < 16
     for job, text in zip(jobs, TEXTS[:4], strict=True):
@@ -203,8 +210,7 @@ def test_cancelled_job_leaves_the_queues(tiny_ckpt) -> None:
     assert not dropped.future.done()
     assert dropped.exit_layer == [0, 0, 0]  # never finished: its rows were dropped
     _assert_matches_engine(engine, kept, TEXTS[:2])
-    sizes = batcher.metrics.batch_size.collect()[0].samples
-    assert next(s.value for s in sizes if s.name.endswith("_sum")) == 5 + 2 * 3
+    assert _histogram_sum_and_count(batcher.metrics.batch_size)[0] == 5 + 2 * 3
 
 
 @pytest.mark.parametrize("kind", ["continuous", "static"])
@@ -313,12 +319,6 @@ def test_checkpoint_with_pruning_schedule(tmp_path, tiny_bert_dir, tokenizer) ->
     _drive(batcher, [[jobs[0]], [], [jobs[1]], [jobs[2]]])
     for i, job in enumerate(jobs):
         _assert_matches_engine(engine, job, TEXTS[3 * i : 3 * i + 3])
-
-
-def _histogram_sum_and_count(histogram) -> tuple[float, float]:
-    samples = histogram.collect()[0].samples
-    total = next(s.value for s in samples if s.name.endswith("_sum"))
-    return total, next(s.value for s in samples if s.name.endswith("_count"))
 
 
 def test_layerwise_cuts_where_padding_costs_more(tiny_ckpt) -> None:

@@ -5,9 +5,10 @@ need different layer weights. So the worker keeps one queue per depth (inputs th
 layers 1..d and wait for layer d + 1); new inputs enter at layer 1 while survivors of earlier
 requests go deeper, and inputs at the same depth, from any requests, run together in one layer
 call, right-padded to the longest of them. Where that padding would cost more than another
-call (the executor's ``split_cost``, as in ``Engine.predict``), the call is cut in two, longest
-inputs first. After the call, inputs that exit are answered at once and the rest move to the
-next depth's queue.
+call (the executor's ``split_cost``, as in ``Engine.predict``), new inputs are cut into calls
+of similar lengths, and the groups waiting at a depth merge only with groups of similar width.
+After the call, inputs that exit are answered at once and the rest move to the next depth's
+queue.
 
 Which depth runs next (``schedule``; new inputs compete as the queue of depth 0):
 
@@ -126,19 +127,27 @@ class LayerwiseBatcher(Batcher):
 
     def _iteration(self) -> None:
         done = self._pick()
-        group = self._start() if done == 0 else self._take(done)
-        if group is None:
-            return
-        for part in self._cut(group):
+        if done == 0:
+            group = self._start()
+            calls = [] if group is None else self._cut(group)
+        else:
+            calls = self._merge_similar(self._take(done))
+        for call in calls:
             try:
-                self._step(part, done + 1)
+                self._step(call, done + 1)
             except Exception as error:  # never kill the worker: fail this call's jobs only
-                self._fail({job for job, _ in part.rows}, error)
+                self._fail({job for job, _ in call.rows}, error)
+
+    def _start(self) -> _Group | None:
+        """New inputs that fit the limits, embedded."""
+        rows = self._take_pending()
+        if not rows:
+            return None
+        return _Group(self._loop.start(*self._collate(rows)), rows)
 
     def _cut(self, group: _Group) -> list[_Group]:
-        """``group`` as layer calls of similar widths, longest rows first: cut where a cut
-        saves more than ``split_cost`` padded tokens (:func:`split_padding`, over the rows'
-        live tokens)."""
+        """New inputs as layer calls of similar widths, longest first: cut where a cut saves
+        more than ``split_cost`` padded tokens (:func:`split_padding`)."""
         if self.split_cost == math.inf or len(group.rows) < 2:
             return [group]
         lengths = group.live.attention_mask.sum(1).tolist()
@@ -148,16 +157,21 @@ class LayerwiseBatcher(Batcher):
             return [group]
         return [self._select(group, torch.tensor(part)) for part in parts]
 
-    def _start(self) -> _Group | None:
-        """New inputs that fit the limits, embedded."""
-        rows = self._take_pending()
-        if not rows:
-            return None
-        return _Group(self._loop.start(*self._collate(rows)), rows)
+    def _merge_similar(self, groups: list[_Group]) -> list[_Group]:
+        """Groups of one depth as layer calls: widest first, each merged into the call before
+        it unless padding its rows to that call's width costs more than ``split_cost`` padded
+        tokens (one call). Groups are never split: their rows were cut when they started."""
+        calls: list[list[_Group]] = []
+        for group in sorted(groups, key=lambda g: -g.width):
+            if calls and len(group.rows) * (calls[-1][0].width - group.width) <= self.split_cost:
+                calls[-1].append(group)
+            else:
+                calls.append([group])
+        return [self._merge(call) for call in calls]
 
-    def _take(self, done: int) -> _Group:
-        """The oldest groups of queue ``done`` that fit the limits, merged into one (the last
-        one split if only part of it fits; at least one input)."""
+    def _take(self, done: int) -> list[_Group]:
+        """The oldest groups of queue ``done`` that fit the limits together (the last one split
+        if only part of it fits; at least one input)."""
         groups = self._queues[done]
         taken: list[_Group] = []
         count = width = 0
@@ -174,7 +188,7 @@ class LayerwiseBatcher(Batcher):
                 taken.append(self._select(head, torch.arange(room)))
                 groups[0] = self._select(head, torch.arange(room, len(head.rows)))
             break
-        return self._merge(taken)
+        return taken
 
     def _select(self, group: _Group, index: torch.Tensor) -> _Group:
         """The rows ``index`` (int64, or a bool mask) of ``group``."""
