@@ -285,8 +285,13 @@ def test_serve_command_cuts_with_the_split_cost_it_is_given(
     monkeypatch.setattr(app_module, "run", lambda app, *args: served.update(app=app))
     command = ["serve", "--ckpt", str(tiny_ckpt), "--batching", batching]
     main(command)
-    assert served["app"].state.batcher.split_cost == Engine(tiny_ckpt)._executor.split_cost
+    default = Engine(tiny_ckpt)._executor.split_cost
+    assert served["app"].state.batcher.split_cost == default
+    with TestClient(served["app"]) as client:  # /info: the cost in use (null: never cut)
+        assert _ready(client).get("/info").json()["split_cost"] == default
     main([*command, "--split-cost", "inf"])
     assert served["app"].state.batcher.split_cost == math.inf
+    with TestClient(served["app"]) as client:
+        assert _ready(client).get("/info").json()["split_cost"] is None
     assert main([*command, "--split-cost", "-1"]) == 2
     assert "split_cost (-1.0) must be a number of padded tokens >= 0" in capsys.readouterr().err

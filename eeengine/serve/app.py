@@ -22,6 +22,7 @@ the requests in flight; then the worker finishes what was submitted and stops.
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -268,13 +269,15 @@ def create_app(
 
     @app.get("/info")
     async def info() -> dict:
-        """The served model (labels, policy, backend, executor, precision) and the limits."""
+        """The served model (labels, policy, backend, executor, precision) and the limits;
+        ``split_cost`` is the batcher's (padded tokens, null: never cut)."""
         return {
             **model.info,
             "labels": model.label_names,
             "num_layers": model.num_layers,
             "max_input_length": model.max_input_length,
             **asdict(config),
+            "split_cost": batcher.split_cost if math.isfinite(batcher.split_cost) else None,
         }
 
     @app.get("/metrics")
