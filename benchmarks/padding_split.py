@@ -3,8 +3,10 @@
 what the same cut buys one ONNX Runtime session over the whole model.
 
 SST-2 dev in calls of ``--batch-size`` consecutive sentences (a server's batches: mixed
-lengths, each call padded to its longest input). Every provider runs every cost (in padded
-tokens, set on the engine's executor; ``inf`` never cuts) over the same
+lengths, each call padded to its longest input), or (``--data imdb``) the long movie reviews
+that ``compare.py --task imdb`` reports on, at 512 tokens (``--rows``: the first N of them;
+``--providers``: only those whose name contains one of the words). Every provider runs every
+cost (in padded tokens, set on the engine's executor; ``inf`` never cuts) over the same
 calls, in an order that reverses from repeat to repeat; the first repeat is warm-up. Reported:
 sentences/s (median of the repeats), the ratio to the same provider uncut, padded tokens per
 real token, passes per call, and accuracy (int8 answers depend on the rows of a pass). As in
@@ -28,13 +30,13 @@ from pathlib import Path
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")  # before torch loads oneDNN
 
 import torch
+from compare import load_workload
 from peers import onnxruntime_provider
 from results_io import markdown_table, write_results
 from transformers import AutoTokenizer
 
 from eeengine import Engine
 from eeengine.batching import encode, length_sorted_batches
-from eeengine.data import get_task, load_split
 from eeengine.defaults import default_checkpoint
 
 # (executor, precision, policy); policy None: the checkpoint's default (early exit).
@@ -48,38 +50,51 @@ ENGINES = [
 ]
 
 
-def providers(ckpt: Path, workdir: Path) -> dict:
-    """name -> a function of (texts, cost) returning predicted class indices. The peers come
-    first: ONNX Runtime's optimizer opens sessions of its own, which it refuses once an
-    executor has made the process-wide thread pool."""
+def providers(ckpt: Path, workdir: Path, max_length: int | None, wanted: list[str]) -> dict:
+    """name -> a function of (texts, cost) returning predicted class indices, for the names
+    that contain a word of ``wanted`` (all if it is empty). The peers come first: ONNX
+    Runtime's optimizer opens sessions of its own, which it refuses once an executor has made
+    the process-wide thread pool."""
+
+    def chosen(name: str) -> bool:
+        return not wanted or any(word in name for word in wanted)
+
     built = {}
-    base = Engine(ckpt, policy="none", executor="torch")
+    base = Engine(ckpt, policy="none", executor="torch", max_length=max_length)
     for int8 in (False, True):
+        name = f"one ORT session {'int8' if int8 else 'fp32'}"
+        if not chosen(name):
+            continue
         path = workdir / f"ort{int(int8)}"
         path.mkdir()
         peer = onnxruntime_provider(base, path, int8)[0]
-        built[f"one ORT session {'int8' if int8 else 'fp32'}"] = lambda texts, cost, peer=peer: (
-            peer(texts, split_cost=cost)
-        )
+        built[name] = lambda texts, cost, peer=peer: peer(texts, split_cost=cost)
     for executor, precision, policy in ENGINES:
+        name = f"eeengine {executor} {precision} {policy or 'default policy'}"
+        if not chosen(name):
+            continue
         kwargs = {} if policy is None else {"policy": policy}
-        engine = Engine(ckpt, executor=executor, precision=precision, **kwargs)
+        engine = Engine(
+            ckpt, executor=executor, precision=precision, max_length=max_length, **kwargs
+        )
 
         def run(texts, cost, engine=engine):
             engine._executor.split_cost = cost  # the cost under test, not the executor's own
             return [engine.label_names.index(p.label) for p in engine.predict(texts, len(texts))]
 
-        built[f"eeengine {executor} {precision} {policy or 'default policy'}"] = run
+        built[name] = run
     return built
 
 
 def measure(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     ckpt = Path(args.ckpt) if args.ckpt else default_checkpoint()
-    dev = load_split(get_task("sst2"), "dev")
-    calls = [dev.texts[i : i + args.batch_size] for i in range(0, len(dev.texts), args.batch_size)]
+    workload = load_workload(args.data)
+    texts, labels = workload.inputs[: args.rows], workload.labels[: args.rows]
+    calls = [texts[i : i + args.batch_size] for i in range(0, len(texts), args.batch_size)]
     tokenizer = AutoTokenizer.from_pretrained(ckpt)  # no executor yet: see providers()
-    call_lengths = [encode(tokenizer, texts, None, 128).lengths for texts in calls]
+    max_length = workload.max_length or 128  # the checkpoint's own otherwise
+    call_lengths = [encode(tokenizer, texts, None, max_length).lengths for texts in calls]
     real = sum(map(sum, call_lengths))
     padding, passes = {}, {}
     for cost in args.costs:
@@ -90,7 +105,7 @@ def measure(args: argparse.Namespace) -> dict:
         padding[cost], passes[cost] = padded / real, sum(map(len, groups)) / len(calls)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, run in providers(ckpt, Path(tmp)).items():
+        for name, run in providers(ckpt, Path(tmp), workload.max_length, args.providers).items():
             times = {cost: [] for cost in args.costs}
             correct = {}
             for repeat in range(args.repeats + 1):
@@ -99,19 +114,19 @@ def measure(args: argparse.Namespace) -> dict:
                     predicted = [y for texts in calls for y in run(texts, cost)]
                     if repeat:
                         times[cost].append(time.perf_counter() - started)
-                    correct[cost] = sum(p == y for p, y in zip(predicted, dev.labels, strict=True))
+                    correct[cost] = sum(p == y for p, y in zip(predicted, labels, strict=True))
             uncut = statistics.median(times[math.inf])
             for cost in args.costs:
                 seconds = statistics.median(times[cost])
                 rows.append({
                     "provider": name, "split_cost": str(cost),
-                    "per_s": len(dev.texts) / seconds, "vs_uncut": uncut / seconds,
+                    "per_s": len(texts) / seconds, "vs_uncut": uncut / seconds,
                     "padded_per_real": padding[cost], "passes_per_call": passes[cost],
-                    "accuracy": 100 * correct[cost] / len(dev.texts),
+                    "accuracy": 100 * correct[cost] / len(texts),
                 })  # fmt: skip
             print(*(f"{r['split_cost']}: {r['vs_uncut']:.2f}x" for r in rows[-len(args.costs) :]))
-    return {"checkpoint": str(ckpt), "batch_size": args.batch_size, "threads": args.threads,
-            "rows": rows}  # fmt: skip
+    return {"checkpoint": str(ckpt), "data": args.data, "inputs": len(texts),
+            "batch_size": args.batch_size, "threads": args.threads, "rows": rows}  # fmt: skip
 
 
 def markdown(report: dict) -> str:
@@ -133,6 +148,9 @@ def markdown(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", help="checkpoint (default: the cached default checkpoint)")
+    parser.add_argument("--data", choices=["sst2", "imdb"], default="sst2")
+    parser.add_argument("--rows", type=int, help="the first N inputs (default: all)")
+    parser.add_argument("--providers", nargs="+", default=[], help="words of provider names")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--costs", type=float, nargs="+", default=[math.inf, 32, 64, 128, 256, 512])
     parser.add_argument("--repeats", type=int, default=3)

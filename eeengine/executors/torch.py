@@ -14,11 +14,13 @@ from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.token_pruning import TokenPruneOutput
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# LayerExecutor.split_cost of fp32 on CPU. SST-2 dev in calls of 32 sentences (padded to 1.9x
-# the real tokens; benchmarks/padding_split.py): full depth 1.22x and early exit 1.07x faster
-# at 256 (1.23x / 1.07x at 128; 1.07x / 0.94x at 32). bf16 lost at every cost (0.63-0.89x: its
-# fixed cost per pass is larger), and a GPU pass is bound by launches: neither cuts.
-CPU_FP32_SPLIT_COST = 256.0
+# LayerExecutor.split_cost on CPU (benchmarks/padding_split.py; a GPU pass is bound by
+# launches: it never cuts). fp32: SST-2 dev in calls of 32 sentences (padded to 1.9x the real
+# tokens), full depth 1.22x and early exit 1.07x faster at 256 (1.23x / 1.07x at 128; 1.07x /
+# 0.94x at 32). bf16 has a larger fixed cost per pass: in calls of 32 sentences every cut lost
+# (0.63-0.98x), and at 1024 none is made (a call of 32 sentences cannot save that much); calls
+# of 128 sentences ran 1.44x faster at 1024, of 32 long movie reviews 2.01x.
+CPU_SPLIT_COST = {"fp32": 256.0, "bf16": 1024.0}
 
 
 class TorchExecutor(LayerExecutor):
@@ -51,7 +53,7 @@ class TorchExecutor(LayerExecutor):
         self.model = model
         self.precision = precision
         cpu = next(model.parameters()).device.type == "cpu"
-        self.split_cost = CPU_FP32_SPLIT_COST if cpu and precision == "fp32" else math.inf
+        self.split_cost = CPU_SPLIT_COST[precision] if cpu else math.inf
         dtype = _DTYPES[precision]
         # Each layer's dtype: fp32_layers stay float32.
         self._dtypes = [

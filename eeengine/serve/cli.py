@@ -48,7 +48,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         metavar="TOKENS",
         help="padded tokens one more model call is worth: inputs that would run together are "
         "cut into calls of similar lengths where that saves more (default: the executor's, "
-        "measured: onnxruntime 64, torch fp32 on CPU 256, else never); inf never cuts",
+        "measured: onnxruntime 64, torch on CPU 256 (fp32) or 1024 (bf16), GPU never); inf "
+        "never cuts",
     )
     p.add_argument(
         "--max-concurrent-requests",
