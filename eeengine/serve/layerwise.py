@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from eeengine.batching import split_padding
+from eeengine.batching import length_sorted_batches
 from eeengine.runtime import ExitLoop, LiveRows
 from eeengine.serve import SCHEDULES
 from eeengine.serve.batcher import Batcher, Row
@@ -147,12 +147,11 @@ class LayerwiseBatcher(Batcher):
 
     def _cut(self, group: _Group) -> list[_Group]:
         """New inputs as layer calls of similar widths, longest first: cut where a cut saves
-        more than ``split_cost`` padded tokens (:func:`split_padding`)."""
-        if self.split_cost == math.inf or len(group.rows) < 2:
+        more than ``split_cost`` padded tokens (:func:`length_sorted_batches`)."""
+        if self.split_cost == math.inf:
             return [group]
         lengths = group.live.attention_mask.sum(1).tolist()
-        longest_first = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        parts = split_padding(longest_first, lengths, self.split_cost)
+        parts = length_sorted_batches(lengths, len(lengths), self.split_cost)
         if len(parts) == 1:
             return [group]
         return [self._select(group, torch.tensor(part)) for part in parts]
