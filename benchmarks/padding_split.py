@@ -79,7 +79,7 @@ def providers(ckpt: Path, workdir: Path, max_length: int | None, wanted: list[st
         )
 
         def run(texts, cost, engine=engine):
-            engine._executor.split_cost = cost  # the cost under test, not the executor's own
+            engine.split_cost = cost  # the cost under test, not the executor's own
             return [engine.label_names.index(p.label) for p in engine.predict(texts, len(texts))]
 
         built[name] = run

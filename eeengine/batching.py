@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,13 +52,14 @@ def encode_truncating(
     texts: Sequence[str],
     text_pairs: Sequence[str] | None,
     max_length: int,
-) -> tuple[Encoded, list[int]]:
+    offset: int = 0,
+) -> Encoded:
     """:func:`encode` without truncation, then the inputs longer than ``max_length`` tokens
-    encoded again truncated (longest-first for pairs).
+    encoded again truncated (longest-first for pairs), with one warning naming them (their
+    indices plus ``offset``), attributed to the caller of :meth:`eeengine.Engine.predict`.
 
     Returns:
-        The encoded inputs, all at most ``max_length`` tokens, and the indices of the inputs
-        that were truncated.
+        The encoded inputs, all at most ``max_length`` tokens.
     """
     encoded = encode(tokenizer, texts, text_pairs, None)
     too_long = [i for i, n in enumerate(encoded.lengths) if n > max_length]
@@ -71,7 +73,12 @@ def encode_truncating(
         for j, i in enumerate(too_long):
             encoded.input_ids[i] = truncated.input_ids[j]
             encoded.token_type_ids[i] = truncated.token_type_ids[j]
-    return encoded, too_long
+        warnings.warn(
+            f"{len(too_long)} input(s) longer than {max_length} tokens were truncated "
+            f"(indices {[offset + i for i in too_long[:10]]})",
+            stacklevel=4,
+        )
+    return encoded
 
 
 def length_sorted_batches(
@@ -96,6 +103,24 @@ def length_sorted_batches(
     if split_cost == math.inf:
         return batches
     return [part for batch in batches for part in split_padding(batch, lengths, split_cost)]
+
+
+def check_split_cost(split_cost: float) -> float:
+    """``split_cost`` as a float, checked: a number of padded tokens >= 0 (``math.inf``: never
+    cut).
+
+    Raises:
+        ValueError: negative, NaN or not a number.
+    """
+    try:
+        value = float(split_cost)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not value >= 0:
+        raise ValueError(
+            f"split_cost ({split_cost!r}) must be a number of padded tokens >= 0 (inf: never cut)"
+        )
+    return value
 
 
 def split_padding(batch: list[int], lengths: Sequence[int], split_cost: float) -> list[list[int]]:

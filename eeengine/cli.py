@@ -142,6 +142,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         executor=args.executor,
         graph=not args.eager,
         precision=args.precision,
+        split_cost=args.split_cost,
     )
     name, split_name, data = inputs or calibration_inputs(args, engine)
     labels = None if args.unlabeled else data.labels

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 from typing import Literal
 
 from eeengine._custom_ops import resolve_backend
-from eeengine.batching import collate, encode_truncating, length_sorted_batches
+from eeengine.batching import check_split_cost, encode_truncating, length_sorted_batches
 from eeengine.calibration import OperatingPoint, calibrate_engine
 from eeengine.checkpoint import load_checkpoint
 from eeengine.executors import make_executor
 from eeengine.flops import FlopCounter
-from eeengine.inputs import char_limit, normalize_inputs, split_examples
+from eeengine.inputs import char_limit, check_batch_size, normalize_inputs, split_examples
 from eeengine.precision import check_precision, read_calibration
 from eeengine.prediction import Prediction, predictions_in_order
 from eeengine.resolve import (
@@ -40,9 +38,9 @@ class Engine:
         checkpoint: a checkpoint directory (see :mod:`eeengine.checkpoint`).
         policy: exit policy name (:data:`eeengine.policies.POLICIES`); None: the checkpoint's
             default, calibrated at training time on a held-out slice of the training data.
-        threshold: the policy's threshold in its own units (nats for ``entropy`` and ``mpee``;
-            normalized entropy in [0, 1] for ``normalized_entropy``, ``pcee``, ``elbert``), or
-            one per layer. None: the checkpoint's value for that policy.
+        threshold: in the policy's units (nats: ``entropy``, ``mpee``; normalized entropy in
+            [0, 1]: ``normalized_entropy``, ``pcee``, ``elbert``), or one per layer; None: the
+            checkpoint's value for that policy.
         patience: consecutive confident (``pcee``) or agreeing (``patience``) layers.
         target_speedup: run the most accurate point of ``calibration.json`` whose layer
             speed-up L / average exit layer is at least this (within ``policy`` if given).
@@ -56,17 +54,18 @@ class Engine:
             "reference" (plain torch), or None for the device's fused op.
         token_pruning: MPEE token-wise exit: "checkpoint" (its ``eeengine.json`` schedule),
             None, or a :class:`TokenPruning` / its JSON form.
-        executor: what runs the encoder layers (:mod:`eeengine.executors`): "torch",
-            "onnxruntime", or None for "onnxruntime" where it can run, else "torch".
-            "onnxruntime" drops the torch copy of the layers (one copy in memory).
+        executor: what runs the encoder layers (:mod:`eeengine.executors`): "torch" or
+            "onnxruntime" (which drops the torch copy of the layers); None: "onnxruntime"
+            where it can run, else "torch".
         precision: the encoder layers' precision on CPU (:mod:`eeengine.precision`): "fp32",
             "int8" (per-channel int8 linear weights; onnxruntime executor), "int8_static" (also
             fixed activation scales, results independent of the batch) or "bf16" (torch
             executor); exit heads stay fp32. Policy parameters come from that precision's
             calibration (``calibration-int8.json``) when the checkpoint has one.
-        graph: on a CUDA device, run each batch as one CUDA graph replay (no host sync per
-            layer; :mod:`eeengine.cuda_graph`); False runs the same sync-free loop eagerly.
-            Ignored on CPU (see :class:`eeengine.runtime.DeviceLoop`).
+        graph: on CUDA, run each batch as one CUDA graph replay (:mod:`eeengine.cuda_graph`);
+            False: the same sync-free loop eagerly. Ignored on CPU.
+        split_cost: padded tokens one more forward pass is worth (:attr:`split_cost`); None:
+            the executor's, measured per executor and precision (BENCHMARKS.md, "Padding").
         **policy_kwargs: other policy parameters (``layer``, ``window``, ``window_test``,
             ``window_range``, ``memory_weight`` ...; see :mod:`eeengine.policies`).
 
@@ -81,8 +80,8 @@ class Engine:
             field named).
         ValueError: unknown policy, device, backend, executor or precision, or one that cannot
             run here (int8 / bf16 on their executor, on CPU); a threshold or ``max_length`` out
-            of range; a bad token-pruning schedule; a calibration target that cannot be met
-            (the best reachable point is named).
+            of range; a bad token-pruning schedule or ``split_cost``; a calibration target
+            that cannot be met (the best reachable point is named).
     """
 
     def __init__(
@@ -101,6 +100,7 @@ class Engine:
         graph: bool = True,
         precision: str = "fp32",
         confidence: float | None = None,
+        split_cost: float | None = None,
         **policy_kwargs: object,
     ) -> None:
         self.device = resolve_device(device)
@@ -132,6 +132,7 @@ class Engine:
         self._executor = make_executor(
             executor, self.model, precision, self.token_pruning, True, self.path
         )
+        self.split_cost = self._executor.split_cost if split_cost is None else split_cost
         self._loop = DeviceLoop(self.model, self._executor, graph)
 
     @property
@@ -142,6 +143,16 @@ class Engine:
     def backend(self) -> str:
         """Which implementation runs the exit step: "cpp", "triton", "cuda" or "reference"."""
         return self._backend
+
+    @property
+    def split_cost(self) -> float:
+        """What one more forward pass costs, in padded tokens: predict, calibrate, evaluation and
+        serve cut batches where that removes more padding (inf: never). Settable (>= 0)."""
+        return self._executor.split_cost
+
+    @split_cost.setter
+    def split_cost(self, value: float) -> None:
+        self._executor.split_cost = check_split_cost(value)
 
     @property
     def loop(self) -> str:
@@ -192,15 +203,14 @@ class Engine:
     ) -> Prediction | list[Prediction]:
         """Predict with per-sample early exit.
 
-        Texts are cut to :func:`eeengine.inputs.char_limit` characters before tokenization
-        (which bounds the cost of any input without changing the tokens kept for text of
-        normal density; see :mod:`eeengine.inputs`).
+        Texts are cut to :func:`eeengine.inputs.char_limit` characters before tokenization: that
+        bounds any input's cost and keeps the tokens of normal text (:mod:`eeengine.inputs`).
 
         Args:
             inputs: a text, a (text, text_pair) tuple, or a list of them.
-            batch_size: most rows per pass (on CPU also cut where padding costs more than a
-                pass: the executor's ``split_cost``); rows exit on their own and leave
-                the batch. Results do not depend on it, except at int8 (README, Precision).
+            batch_size: most rows per pass (cut where padding costs more than a pass:
+                :attr:`split_cost`); rows exit on their own and leave the batch. Results do not
+                depend on it, except at int8 (README, Precision).
 
         Returns:
             One :class:`Prediction` for a single input, else a list in input order.
@@ -210,37 +220,27 @@ class Engine:
             eeengine.runtime.NonFiniteLogitsError: NaN or infinite logits (input and layer
                 named); no prediction is returned for the call.
         """
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_batch_size(batch_size)
         examples, single = normalize_inputs(inputs, char_limit(self.max_length))
         texts, pairs = split_examples(examples)
         predictions: list[Prediction] = []
         chunk = batch_size * _CHUNK_BATCHES
         with self._executor.host_ops():  # e.g. torch on one thread beside ONNX Runtime's pool
             for start in range(0, len(texts), chunk):
-                window = slice(start, start + chunk)
-                chunk_pairs = None if pairs is None else pairs[window]
-                predictions += self._predict_chunk(texts[window], chunk_pairs, start, batch_size)
+                predictions += self._predict_chunk(texts, pairs, start, chunk, batch_size)
         return predictions[0] if single else predictions
 
     def _predict_chunk(
-        self, texts: list[str], pairs: list[str] | None, offset: int, batch_size: int
+        self, texts: list[str], pairs: list[str] | None, offset: int, size: int, batch_size: int
     ) -> list[Prediction]:
-        encoded, truncated = encode_truncating(self.tokenizer, texts, pairs, self.max_length)
-        if truncated:
-            warnings.warn(
-                f"{len(truncated)} input(s) longer than {self.max_length} tokens were truncated "
-                f"(indices {[offset + i for i in truncated[:10]]})",
-                stacklevel=3,
-            )
-        batches = length_sorted_batches(encoded.lengths, batch_size, self._executor.split_cost)
-        run = partial(self._loop, self.policy, self._backend, self.token_pruning)
-        pad = self.tokenizer.pad_token_id
-        try:
-            outs = [run(*collate(encoded, i, pad, self.device)) for i in batches]
-        finally:
-            self._executor.release_scratch()
-        outs = self._loop.to_host(outs)
+        window = slice(offset, offset + size)
+        texts, pairs = texts[window], None if pairs is None else pairs[window]
+        encoded = encode_truncating(self.tokenizer, texts, pairs, self.max_length, offset)
+        batches = length_sorted_batches(encoded.lengths, batch_size, self.split_cost)
+        outs = self._loop.run_batches(
+            self.policy, self._backend, self.token_pruning, encoded, batches,
+            self.tokenizer.pad_token_id,
+        )  # fmt: skip
         return predictions_in_order(
             batches, outs, encoded.lengths, offset, self.label_names, self._flops,
             self.token_pruning,

@@ -107,7 +107,8 @@ def all_exit_outputs(
 
     Args:
         executor: runs the layers (an engine's, so that its precision is measured: see
-            :func:`exits_through`); None: the model's own torch layers.
+            :func:`exits_through`), in batches cut where padding costs more than a pass (its
+            ``split_cost``); None: the model's own torch layers, batches not cut.
 
     Returns:
         logits: (num_layers, len(texts), num_labels) float32 on CPU, rows in input order.
@@ -119,7 +120,8 @@ def all_exit_outputs(
     encoded = encode(tokenizer, texts, text_pairs, max_length)
     out = torch.empty(model.num_layers, len(texts), model.num_labels)
     signals = {name: torch.empty(model.num_layers, len(texts)) for name in model.signals}
-    batches = length_sorted_batches(encoded.lengths, batch_size)
+    split_cost = math.inf if executor is None else executor.split_cost
+    batches = length_sorted_batches(encoded.lengths, batch_size, split_cost)
     try:
         for indices in tqdm(batches, desc="evaluating", disable=not progress, leave=False):
             batch = collate(encoded, indices, tokenizer.pad_token_id, device)

@@ -30,6 +30,12 @@ def char_limit(max_length: int) -> int:
     return CHARS_PER_TOKEN * max_length
 
 
+def check_batch_size(batch_size: object) -> None:
+    """Raises ValueError unless ``batch_size`` is a positive int."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
 def normalize_inputs(inputs: object, max_chars: int | None = None) -> tuple[list[Example], bool]:
     """Turn ``str | (str, str) | list[str | (str, str)]`` into a list of (text, text_pair).
 

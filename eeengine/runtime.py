@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from eeengine import _custom_ops
+from eeengine.batching import Encoded, collate
 from eeengine.executors import LayerExecutor, TorchExecutor
 from eeengine.exit_step import exit_head_step_fused, exit_head_step_reference
 from eeengine.modeling_multiexit import MultiExitBert
@@ -426,6 +427,28 @@ class DeviceLoop:
             self._runner = GraphRunner(self.model, policy, backend, token_pruning)
             self._runner_key = key
         return self._runner
+
+    def run_batches(
+        self,
+        policy: ExitPolicy,
+        backend: str,
+        token_pruning: TokenPruning | None,
+        encoded: Encoded,
+        batches: list[list[int]],
+        pad_token_id: int,
+    ) -> list[ExitOutput]:
+        """Early exit for each batch of indices into ``encoded`` (collated on the model's
+        device), then the executor's scratch memory released; results on the CPU."""
+        try:
+            outs = [
+                self(
+                    policy, backend, token_pruning, *collate(encoded, i, pad_token_id, self.device)
+                )
+                for i in batches
+            ]
+        finally:
+            self.executor.release_scratch()
+        return self.to_host(outs)
 
     def to_host(self, outputs: list[ExitOutput]) -> list[ExitOutput]:
         """``outputs`` on the CPU. On a GPU: one non-blocking copy per tensor into pinned

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 import eeengine.defaults
+from eeengine import Engine
 from eeengine.cli import main
 from eeengine.training import TrainConfig
 
@@ -32,11 +33,29 @@ def test_predict_json(tiny_ckpt, capsys):
         (["--policy", "nope"], "unknown policy 'nope'"),
         (["--threshold", "9"], "out of range"),
         (["--device", "cuda:3"], "not available"),
+        (["--split-cost", "-5"], "split_cost (-5.0) must be a number of padded tokens >= 0"),
     ],
 )
 def test_errors_exit_2_with_a_message(tiny_ckpt, capsys, args, message):
     assert main(["predict", "--ckpt", str(tiny_ckpt), *args, "text"]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["eval"], ["calibrate", "--split", "dev"], ["score"]])
+def test_every_engine_command_takes_the_split_cost(
+    tiny_ckpt, tmp_path, capsys, monkeypatch, command
+):
+    """``--split-cost`` reaches the Engine of every command that builds one."""
+    seen = []
+    monkeypatch.setattr(
+        Engine, "split_cost", property(lambda self: 64.0, lambda self, value: seen.append(value))
+    )
+    (tmp_path / "in.csv").write_text("t\ngreat fun\n")
+    extra = ["--input", str(tmp_path / "in.csv"), "--output", str(tmp_path / "out.csv")]
+    extra += ["--text-column", "t"]
+    args = [*command, "--ckpt", str(tiny_ckpt), "--split-cost", "7"]
+    main(args + (extra if command == ["score"] else []))
+    assert 7.0 in seen
 
 
 def test_empty_text_is_an_error(tiny_ckpt, capsys):

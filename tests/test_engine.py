@@ -10,7 +10,9 @@ from eeengine import Engine, Prediction
 from eeengine._custom_ops import HAS_C, LOAD_ERROR
 from eeengine.batching import collate, encode, length_sorted_batches
 from eeengine.checkpoint import load_checkpoint
+from eeengine.evaluation import all_exit_logits
 from eeengine.policies import make_policy, run_policy
+from eeengine.runtime import DeviceLoop
 from tests.conftest import SENTENCES
 
 
@@ -52,37 +54,82 @@ def test_batch_size_does_not_change_results(engine, batch_size):
     assert [(p.label, p.exit_layer) for p in actual] == [(p.label, p.exit_layer) for p in expected]
 
 
-class CountingLoop:
-    """Wraps an engine's loop and counts its forward passes."""
+@pytest.fixture
+def passes(monkeypatch):
+    """Counts forward passes (calls of any engine's loop); ``passes[0]``."""
+    count = [0]
+    call = DeviceLoop.__call__
 
-    def __init__(self, loop):
-        self.loop, self.passes = loop, 0
+    def counted(self, *args):
+        count[0] += 1
+        return call(self, *args)
 
-    def __call__(self, *args):
-        self.passes += 1
-        return self.loop(*args)
-
-    def __getattr__(self, name):
-        return getattr(self.loop, name)
+    monkeypatch.setattr(DeviceLoop, "__call__", counted)
+    return count
 
 
-def test_a_batch_cut_for_padding_gives_the_same_results(engine, tokenizer, monkeypatch):
+LONG_AND_SHORT = [" ".join(["a gorgeous , witty film"] * 9), *SENTENCES[:6]]
+
+
+def test_a_batch_cut_for_padding_gives_the_same_results(engine, tokenizer, passes):
     """Short sentences beside long ones: the engine runs them as separate passes on CPU (the
     cut saves more than the executor's ``split_cost`` padded tokens), each row's result the
     same as alone."""
-    texts = [" ".join(["a gorgeous , witty film"] * 20), *SENTENCES[:6]]
+    texts = LONG_AND_SHORT
     lengths = encode(tokenizer, texts, None, engine.max_length).lengths
-    expected = length_sorted_batches(lengths, len(texts), engine._executor.split_cost)
+    expected = length_sorted_batches(lengths, len(texts), engine.split_cost)
     assert len(expected) > 1
-    counting = CountingLoop(engine._loop)
-    monkeypatch.setattr(engine, "_loop", counting)
     batched = engine.predict(texts, batch_size=len(texts))
-    assert counting.passes == len(expected)
-    monkeypatch.undo()
+    assert passes[0] == len(expected)
     for text, p in zip(texts, batched, strict=True):
         alone = engine.predict(text)
         assert (p.label, p.exit_layer) == (alone.label, alone.exit_layer)
         assert p.logits == pytest.approx(alone.logits, abs=1e-5)
+
+
+@pytest.mark.parametrize("split_cost", [0.0, 40.0, math.inf])
+def test_split_cost_sets_where_batches_are_cut(tiny_ckpt, tokenizer, passes, split_cost):
+    """``Engine(split_cost=)`` and the settable attribute decide the passes (as
+    :func:`length_sorted_batches` cuts), not the results."""
+    engine = Engine(tiny_ckpt, split_cost=split_cost)
+    assert engine.split_cost == engine._executor.split_cost == split_cost
+    lengths = encode(tokenizer, LONG_AND_SHORT, None, engine.max_length).lengths
+    cut = engine.predict(LONG_AND_SHORT, batch_size=len(LONG_AND_SHORT))
+    assert passes[0] == len(length_sorted_batches(lengths, len(lengths), split_cost))
+    assert passes[0] == {0.0: len(set(lengths)), math.inf: 1}.get(split_cost, 2)
+    engine.split_cost = math.inf
+    whole = engine.predict(LONG_AND_SHORT, batch_size=len(LONG_AND_SHORT))
+    assert [(p.label, p.exit_layer) for p in cut] == [(p.label, p.exit_layer) for p in whole]
+
+
+def test_full_depth_evaluation_cuts_batches_as_predict_does(tiny_ckpt, tokenizer, monkeypatch):
+    """Evaluation and calibration (every exit at full depth through the engine's executor) cut
+    where the engine's ``split_cost`` says, with the logits of the uncut batch."""
+    lengths = encode(tokenizer, LONG_AND_SHORT, None, 64).lengths
+    logits = {}
+    for split_cost in (0.0, math.inf):
+        engine = Engine(tiny_ckpt, split_cost=split_cost)
+        executor, calls = engine._executor, []
+        embed = executor.embed
+        monkeypatch.setattr(executor, "embed", lambda *a, e=embed, c=calls: c.append(1) or e(*a))
+        logits[split_cost] = all_exit_logits(
+            engine.model, tokenizer, LONG_AND_SHORT, None, 64, executor=executor
+        )
+        assert len(calls) == len(length_sorted_batches(lengths, 64, split_cost))
+    assert len(set(lengths)) > 1
+    torch.testing.assert_close(logits[0.0], logits[math.inf], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.nan, "many"])
+def test_a_bad_split_cost_is_refused_and_the_engine_kept(tiny_ckpt, bad):
+    with pytest.raises(ValueError, match=r"split_cost .* must be a number of padded tokens >= 0"):
+        Engine(tiny_ckpt, split_cost=bad)
+    engine = Engine(tiny_ckpt)
+    default = engine.split_cost
+    with pytest.raises(ValueError, match="split_cost"):
+        engine.split_cost = bad
+    assert engine.split_cost == default
+    assert engine.predict(SENTENCES[0]).label in ("negative", "positive")
 
 
 def test_sentence_pairs(engine):

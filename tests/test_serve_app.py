@@ -285,7 +285,7 @@ def test_serve_command_cuts_with_the_split_cost_it_is_given(
     monkeypatch.setattr(app_module, "run", lambda app, *args: served.update(app=app))
     command = ["serve", "--ckpt", str(tiny_ckpt), "--batching", batching]
     main(command)
-    default = Engine(tiny_ckpt)._executor.split_cost
+    default = Engine(tiny_ckpt).split_cost
     assert served["app"].state.batcher.split_cost == default
     with TestClient(served["app"]) as client:  # /info: the cost in use (null: never cut)
         assert _ready(client).get("/info").json()["split_cost"] == default

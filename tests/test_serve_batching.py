@@ -159,7 +159,7 @@ def test_layerwise_merges_depths_across_requests(tiny_ckpt, kind) -> None:
     cut too: these sentences differ by a few tokens, less padding than a call costs)."""
     engine = Engine(tiny_ckpt, policy="none")  # every row runs every layer
     batcher = _batcher(kind, engine, 16384, None)
-    batcher.split_cost = engine._executor.split_cost if kind.endswith("-cut") else math.inf
+    batcher.split_cost = engine.split_cost if kind.endswith("-cut") else math.inf
     jobs = [_job(engine, [text]) for text in TEXTS[:4]]
     _drive(batcher, [[job] for job in jobs])
     total, count = _histogram_sum_and_count(batcher.metrics.batch_size)
@@ -232,7 +232,7 @@ def test_static_batch_cut_where_padding_costs_more(tiny_ckpt) -> None:
     engine = Engine(tiny_ckpt)
     long_text = " ".join([TEXTS[0]] * 8)
     inputs = [TEXTS[1], long_text, TEXTS[2], TEXTS[1]]
-    for split_cost, calls_expected in ((math.inf, 1), (engine._executor.split_cost, 2)):
+    for split_cost, calls_expected in ((math.inf, 1), (engine.split_cost, 2)):
         batcher = _batcher("static", engine, 16384, None)
         batcher.split_cost = split_cost
         calls = []
@@ -329,13 +329,13 @@ def test_layerwise_cuts_where_padding_costs_more(tiny_ckpt) -> None:
     inputs = [TEXTS[1], long_text, TEXTS[2], TEXTS[1]]
     lengths = [len(ids) for ids in _job(engine, inputs).input_ids]
     short = max(lengths[:1] + lengths[2:])
-    assert 3 * (lengths[1] - short) > engine._executor.split_cost  # the cut pays here
+    assert 3 * (lengths[1] - short) > engine.split_cost  # the cut pays here
     for kind, calls, tokens in (
         ("continuous", 1, 4 * lengths[1]),
         ("continuous-cut", 2, lengths[1] + 3 * short),
     ):
         batcher = _batcher(kind, engine, 16384, None)
-        batcher.split_cost = engine._executor.split_cost if kind.endswith("-cut") else math.inf
+        batcher.split_cost = engine.split_cost if kind.endswith("-cut") else math.inf
         job = _job(engine, inputs)
         _drive(batcher, [[job]])
         _assert_matches_engine(engine, job, inputs)

@@ -74,7 +74,8 @@ class ServeConfig:
         split_cost: the padded tokens one more model call is worth: inputs that would run
             together are cut into calls where that saves more padded tokens
             (:func:`eeengine.batching.split_padding`); ``math.inf`` never cuts; None: the
-            executor's measured :attr:`~eeengine.executors.LayerExecutor.split_cost`.
+            engine's :attr:`eeengine.Engine.split_cost` (``Engine(split_cost=...)``, else the
+            executor's measured cost).
     """
 
     max_concurrent_requests: int = 512
@@ -325,9 +326,7 @@ def engine_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     def make_batcher(**limits: object) -> Batcher:
         limits["host_ops"] = loop.executor.host_ops
-        limits["split_cost"] = (
-            loop.executor.split_cost if config.split_cost is None else config.split_cost
-        )
+        limits["split_cost"] = engine.split_cost if config.split_cost is None else config.split_cost
         if config.batching == "static":
             return StaticBatcher(
                 lambda *batch: _logits_and_layers(loop.run(*batch)),

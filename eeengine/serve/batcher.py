@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from eeengine.batching import Encoded, collate, length_sorted_batches
+from eeengine.batching import Encoded, check_split_cost, collate, length_sorted_batches
 from eeengine.serve.metrics import ServeMetrics
 
 # run_batch(input_ids, attention_mask, token_type_ids) -> (logits (n, C) float32, exit_layer (n,))
@@ -119,10 +119,6 @@ class Batcher:
                 f"max_batch_tokens ({max_batch_tokens}) and max_batch_requests "
                 f"({max_batch_requests}) must be positive"
             )
-        if not split_cost >= 0:
-            raise ValueError(
-                f"split_cost ({split_cost}) must be a number of padded tokens >= 0 (inf: never cut)"
-            )
         self.num_layers = num_layers
         self.pad_token_id = pad_token_id
         self.device = device
@@ -131,7 +127,7 @@ class Batcher:
         self.max_batch_requests = max_batch_requests or max_batch_tokens
         self.metrics = metrics
         self._host_ops = host_ops
-        self.split_cost = split_cost
+        self.split_cost = check_split_cost(split_cost)
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._pending: deque[Row] = deque()  # inputs that have not run any layer yet
         self._stopping = False

@@ -43,15 +43,6 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "the queue holding the longest-waiting input runs next; 0 disables the rule",
     )
     p.add_argument(
-        "--split-cost",
-        type=float,
-        metavar="TOKENS",
-        help="padded tokens one more model call is worth: inputs that would run together are "
-        "cut into calls of similar lengths where that saves more (default: the executor's, "
-        "measured: onnxruntime 64, torch on CPU 256 (fp32) or 1024 (bf16), GPU never); inf "
-        "never cuts",
-    )
-    p.add_argument(
         "--max-concurrent-requests",
         type=int,
         default=512,
@@ -96,6 +87,5 @@ def cmd_serve(args: argparse.Namespace) -> None:
         batching=args.batching,
         schedule=args.schedule,
         max_wait_ms=args.max_wait_ms or None,
-        split_cost=args.split_cost,
     )
     run(engine_app(engine, config), args.host, args.port, args.log_level)
