@@ -14,3 +14,9 @@ def device_guard(tensor: Tensor) -> AbstractContextManager[object]:
     if tensor.is_cuda:
         return torch.cuda.device(tensor.device)
     return contextlib.nullcontext()
+
+
+def last_dim_contiguous(t: Tensor) -> Tensor:
+    """``t`` with unit stride in its last dimension (what the kernels index by), copied only
+    if it has not (other strides are passed to the kernel)."""
+    return t if t.stride(-1) == 1 else t.contiguous()

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from eeengine._custom_ops import exit_head_step_fake
 from eeengine.kernels._compile import compile_for_gpu
-from eeengine.kernels._launch import device_guard
+from eeengine.kernels._launch import device_guard, last_dim_contiguous
 from eeengine.policy_codes import PolicyCode, PolicyParams, WindowTest, decode_params, state_specs
 
 # The policy and window-test codes as compile-time constants of the kernel (the table of
@@ -371,10 +371,6 @@ def _check_args(
     return decoded
 
 
-def _last_dim_contiguous(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _launch_config(
     seq_len: int, hidden_size: int, num_labels: int, decoded: PolicyParams
 ) -> dict[str, int]:
@@ -429,13 +425,13 @@ def exit_head_step_triton(
     exit_mask = hidden_states.new_empty((batch_size,), dtype=torch.bool)
     if batch_size == 0:
         return logits, exit_mask
-    hidden = _last_dim_contiguous(hidden_states)
+    hidden = last_dim_contiguous(hidden_states)
     seq_len = hidden.shape[1] if hidden.dim() == 3 else 1
     mask = attention_mask if attention_mask is not None else hidden  # a placeholder pointer
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
-    mask = _last_dim_contiguous(mask)
-    weight = _last_dim_contiguous(weight)
+    mask = last_dim_contiguous(mask)
+    weight = last_dim_contiguous(weight)
     # The state tensors by role; placeholders (never read) where the policy has none.
     code = decoded.code
     counter = state[0] if code in (PolicyCode.PATIENCE, PolicyCode.PCEE) else rows

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from eeengine._custom_ops import token_prune_fake
 from eeengine.kernels._compile import compile_for_gpu
-from eeengine.kernels._launch import device_guard
+from eeengine.kernels._launch import device_guard, last_dim_contiguous
 from eeengine.token_pruning import TokenPruneOutput, pruned_length
 
 # Elements of one [BLOCK_N, BLOCK_D] key tile or [BLOCK_N, BLOCK_H] hidden-state tile.
@@ -300,10 +300,6 @@ def split_keep_ratio(keep_ratio: float) -> tuple[float, float, float]:
     return hi, mid, lo
 
 
-def _last_dim_contiguous(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _launch_config(seq_len: int, hidden_size: int, head_size: int) -> dict[str, int]:
     """Block sizes (powers of two, as tl.arange needs): the whole row of N tokens, and tiles of
     at most _TILE_ELEMENTS key or hidden-state elements."""
@@ -348,9 +344,9 @@ def token_prune_triton(
     )
     if batch_size == 0:
         return out_hidden, out_mask, out_memory, kept_indices
-    hidden = _last_dim_contiguous(hidden_states)
-    query = _last_dim_contiguous(cls_query)
-    keys = _last_dim_contiguous(key)
+    hidden = last_dim_contiguous(hidden_states)
+    query = last_dim_contiguous(cls_query)
+    keys = last_dim_contiguous(key)
     mask = (
         attention_mask.view(torch.uint8) if attention_mask.dtype == torch.bool else attention_mask
     )
