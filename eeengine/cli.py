@@ -237,7 +237,11 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eeengine", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="eeengine",
+        description="Early-exit inference for multi-exit BERT-class classifiers. Commands given no "
+        "checkpoint use the default SST-2 one (trained and cached on first use).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("predict", help="predict with per-sample early exit")

@@ -22,7 +22,9 @@ from eeengine.training.recipes import BASE_RECIPES, RECIPES
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     """:func:`add_model_args` and ``--batch-size``."""
     add_model_args(parser)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="most inputs per forward pass (default 32)"
+    )
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +32,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     ``--precision``, ``--split-cost``, ``--eager``; read back by :func:`engine_settings` (with
     the policy options of :func:`add_policy_args`)."""
     parser.add_argument("--ckpt", help="checkpoint directory (default: the cached SST-2 model)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument(
         "--backend", choices=BACKENDS, help="default: the fastest fused op of the device"
     )
