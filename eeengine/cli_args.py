@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import fields
+
+import docstring_parser
 
 from eeengine._custom_ops import BACKENDS
 from eeengine.defaults import default_checkpoint
@@ -167,15 +170,32 @@ _CHOICES = {
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """One option per :class:`TrainConfig` field but ``base_model``: ``--epochs 2``,
     ``--text-column sentence``; a boolean is ``--regression`` / ``--no-resume`` (an optional
-    one, ``bool | None``, stays None, automatic, unless given)."""
+    one, ``bool | None``, stays None, automatic, unless given). Each option's help is its
+    field's entry in :class:`TrainConfig`'s docstring (:func:`config_help`)."""
     defaults = TrainConfig(base_model="")
+    helps = config_help()
     for f in fields(TrainConfig):
         if f.name == "base_model":
             continue
         flag = f"--{f.name.replace('_', '-')}"
         default = getattr(defaults, f.name)
+        text = f"{helps[f.name]} (default: %(default)s)"
         if f.type in ("bool", "bool | None"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            action = argparse.BooleanOptionalAction
+            parser.add_argument(flag, action=action, default=default, help=text)
         else:
             kind = _ARG_TYPES[f.type.split(" | ")[0]]
-            parser.add_argument(flag, type=kind, default=default, choices=_CHOICES.get(f.name))
+            choices = _CHOICES.get(f.name)
+            parser.add_argument(flag, type=kind, default=default, choices=choices, help=text)
+
+
+def config_help() -> dict[str, str]:
+    """Every :class:`TrainConfig` field -> its entry of the class docstring's Attributes (an
+    entry may name several fields), on one line, without reST markup, ``%`` escaped for
+    argparse."""
+    helps = {}
+    for entry in docstring_parser.parse(TrainConfig.__doc__ or "").params:
+        text = re.sub(r":\w+:`~?([^`]+)`", r"\1", " ".join(entry.description.split()))
+        for name in entry.arg_name.split(","):
+            helps[name.strip()] = text.replace("``", "").replace("%", "%%")
+    return helps

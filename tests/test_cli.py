@@ -3,12 +3,14 @@
 import json
 import subprocess
 import sys
+from dataclasses import fields
 
 import pytest
 
 import eeengine.defaults
 from eeengine import Engine
 from eeengine.cli import main
+from eeengine.cli_args import config_help
 from eeengine.training import TrainConfig
 
 
@@ -145,3 +147,17 @@ def test_cli_works_without_the_serve_extra() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.split() == ["oldest", "fp32"]
+
+
+def test_every_train_option_is_documented_from_the_config_docstring(capsys):
+    """``eeengine train --help`` explains each TrainConfig option with the field's docstring
+    entry (markup stripped), and its default."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--warmup-ratio WARMUP_RATIO share of the optimizer steps over which the" in out
+    assert "--contrastive-lr CONTRASTIVE_LR before fine-tuning, train the encoder" in out
+    assert "(default: 0.06)" in out and "``" not in out and ":mod:" not in out
+    helps = config_help()
+    assert {f.name for f in fields(TrainConfig)} <= set(helps)
+    assert all(helps.values())

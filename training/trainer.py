@@ -82,11 +82,12 @@ class TrainConfig:
         base_model: Hugging Face BERT, RoBERTa or ALBERT directory (config.json,
             model.safetensors, tokenizer files).
         task: GLUE task name (see :mod:`eeengine.data`); ignored when ``train_file`` is set.
-        train_file, dev_file: the user's CSV / TSV / JSONL files (see
-            :func:`eeengine.data.file_dataset`), with ``text_column``, ``label_column`` and
-            optionally ``text_pair_column``; ``regression`` for a numeric target.
-        recipe: training recipe (see :mod:`eeengine.training.recipes`); ``lte_base`` is the
-            recipe under ``lte``.
+        train_file, dev_file, text_column, text_pair_column, label_column, regression: the
+            user's CSV / TSV / JSONL files (see :func:`eeengine.data.file_dataset`), with
+            ``text_column``, ``label_column`` and optionally ``text_pair_column``;
+            ``regression`` for a numeric target.
+        recipe, lte_base: training recipe (see :mod:`eeengine.training.recipes`); ``lte_base``
+            is the recipe under ``lte``.
         layout, pooling: exit heads (see :mod:`eeengine.heads`).
         epochs: passes over the (possibly limited) training set; fractions allowed. None:
             enough epochs for ``min_steps`` optimizer steps, at least 1 and at most
@@ -97,12 +98,12 @@ class TrainConfig:
             :func:`eeengine.data.calibration_size` training rows (stratified, seeded).
         early_stopping: stop after this many evaluations on the calibration slice without a
             better mean metric over the exits (0: never stop early).
-        probe_init: before fine-tuning, set every exit head's classifier to an L2-regularised
-            linear probe (penalty ``probe_l2``) of its layer's frozen features on the training
-            rows (LP-FT, :mod:`eeengine.training.probe_init`), after the contrastive stage if
-            it runs. Off by default: on 600 rows, without the stage, it gave SST-2 80.05 % on
-            dev instead of 79.13 but MRPC 61.03 instead of 65.44; after a 10-round stage (then lr
-            1e-4), SST-2 77.52.
+        probe_init, probe_l2: before fine-tuning, set every exit head's classifier to an
+            L2-regularised linear probe (penalty ``probe_l2``) of its layer's frozen features on
+            the training rows (LP-FT, :mod:`eeengine.training.probe_init`), after the
+            contrastive stage if it runs. Off by default: on 600 rows, without the stage, it
+            gave SST-2 80.05 % on dev instead of 79.13 but MRPC 61.03 instead of 65.44; after a
+            10-round stage (then lr 1e-4), SST-2 77.52.
         freeze_word_embeddings: keep the word-embedding table (MiniLM: 11.7M of 22.7M
             parameters) at its pre-trained values. Off by default; the default checkpoint
             turns it on (:func:`eeengine.defaults.default_config`): the table gets no gradient
@@ -110,7 +111,8 @@ class TrainConfig:
         small_data: the training-row count (after the calibration hold-out) below which
             ``max_seq_length=None`` trains sentence pairs at ``eval_max_seq_length`` and
             ``contrastive=None`` runs the contrastive stage.
-        contrastive: before fine-tuning, train the encoder on pairs of training rows, the
+        contrastive, contrastive_rounds, contrastive_lr, contrastive_batch_size, contrastive_exits:
+            before fine-tuning, train the encoder on pairs of training rows, the
             cosine similarity of their mean-pooled embeddings towards 1 for the same class and
             0 for different ones (SetFit's first stage, :mod:`eeengine.training.contrastive`):
             ``contrastive_rounds`` rounds of two pairs per row, ``contrastive_batch_size``
@@ -122,12 +124,19 @@ class TrainConfig:
             ``lr=None``: :data:`eeengine.training.plan.LR`, or
             :data:`eeengine.training.plan.LR_AFTER_CONTRASTIVE` after the contrastive
             stage.
-        max_seq_length: truncation length in training (tokens); inference uses
-            ``eval_max_seq_length``. Both are capped at the model's position embeddings.
-            None: :data:`eeengine.training.plan.TRAIN_LENGTH` (64), or ``eval_max_seq_length``
-            for sentence pairs with
-            fewer than ``small_data`` training rows: 64 tokens cut RTE premises, and a few
-            hundred rows cannot afford it (RTE, 600 rows: 53.79 % on dev instead of 46.93).
+        max_seq_length, eval_max_seq_length: truncation length in training (tokens); inference
+            uses ``eval_max_seq_length``. Both are capped at the model's position embeddings.
+            ``max_seq_length=None``: :data:`eeengine.training.plan.TRAIN_LENGTH` (64), or
+            ``eval_max_seq_length`` for sentence pairs with fewer than ``small_data`` training
+            rows: 64 tokens cut RTE premises, and a few hundred rows cannot afford it (RTE, 600
+            rows: 53.79 % on dev instead of 46.93).
+        batch_size: training examples per optimizer step.
+        weight_decay: AdamW's decoupled weight decay of the backbone and exit-head weights
+            (not of biases and LayerNorm weights).
+        warmup_ratio: share of the optimizer steps over which the learning rate warms up
+            linearly from 0; it then decays linearly to 0.
+        max_grad_norm: gradients are clipped to this L2 norm (over all trained parameters).
+        seed: seeds the calibration hold-out, the batch order, dropout and new weights.
         device: "cpu" or "cuda[:N]".
         mixed_precision: bf16 autocast where it is faster (CUDA with bf16; CPUs with AMX);
             fp32 otherwise.
