@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="dev metric per exit and of the exit policy")
     add_data_args(p, "dev")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument(
         "--sweep",
         action="store_true",
@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--input", required=True, type=Path, help=".csv, .tsv, .jsonl or .parquet")
     p.add_argument("--output", required=True, type=Path, help=".csv, .tsv, .jsonl or .parquet")
-    p.add_argument("--text-column", required=True)
+    p.add_argument("--text-column", required=True, help="the input column to classify")
     p.add_argument("--text-pair-column", help="second segment of sentence-pair inputs")
     p.add_argument("--id-column", help="an input column to copy to the output")
     p.add_argument(

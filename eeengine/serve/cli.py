@@ -19,8 +19,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "Needs the serve extra: pip install 'eeengine[serve]'.",
     )
     add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     p.add_argument(
         "--batching",
         choices=BATCHING,
