@@ -9,7 +9,7 @@ import pytest
 
 import eeengine.defaults
 from eeengine import Engine
-from eeengine.cli import main
+from eeengine.cli import build_parser, main
 from eeengine.cli_args import config_help
 from eeengine.training import TrainConfig
 
@@ -161,3 +161,12 @@ def test_every_train_option_is_documented_from_the_config_docstring(capsys):
     helps = config_help()
     assert {f.name for f in fields(TrainConfig)} <= set(helps)
     assert all(helps.values())
+
+
+def test_every_option_of_every_command_has_help():
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command")
+    undocumented = {
+        name: [a.dest for a in sub._actions if not a.help]
+        for name, sub in subparsers.choices.items()
+    }
+    assert undocumented == dict.fromkeys(subparsers.choices, [])
