@@ -71,11 +71,6 @@ class ServeConfig:
             (:data:`eeengine.serve.SCHEDULES`).
         max_wait_ms: with "fullest", an input waiting longer than this (ms) makes the
             longest-waiting queue run next; None: never.
-        split_cost: the padded tokens one more model call is worth: inputs that would run
-            together are cut into calls where that saves more padded tokens
-            (:func:`eeengine.batching.split_padding`); ``math.inf`` never cuts; None: the
-            engine's :attr:`eeengine.Engine.split_cost` (``Engine(split_cost=...)``, else the
-            executor's measured cost).
     """
 
     max_concurrent_requests: int = 512
@@ -85,7 +80,6 @@ class ServeConfig:
     batching: str = "continuous"
     schedule: str = "fullest"
     max_wait_ms: float | None = 25.0
-    split_cost: float | None = None
 
 
 @dataclass
@@ -271,7 +265,8 @@ def create_app(
     @app.get("/info")
     async def info() -> dict:
         """The served model (labels, policy, backend, executor, precision) and the limits;
-        ``split_cost`` is the batcher's (padded tokens, null: never cut)."""
+        ``split_cost`` is the engine's, which the batcher cuts by (padded tokens, null: never
+        cut)."""
         return {
             **model.info,
             "labels": model.label_names,
@@ -326,7 +321,7 @@ def engine_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     def make_batcher(**limits: object) -> Batcher:
         limits["host_ops"] = loop.executor.host_ops
-        limits["split_cost"] = engine.split_cost if config.split_cost is None else config.split_cost
+        limits["split_cost"] = engine.split_cost
         if config.batching == "static":
             return StaticBatcher(
                 lambda *batch: _logits_and_layers(loop.run(*batch)),

@@ -95,8 +95,8 @@ class Batcher:
         host_ops: the context the worker thread runs the model in (the executor's
             :meth:`eeengine.executors.LayerExecutor.host_ops`: torch on one thread beside
             ONNX Runtime's pool).
-        split_cost: what one more model call costs, in padded tokens (the executor's
-            :attr:`eeengine.executors.LayerExecutor.split_cost`): rows that would run together
+        split_cost: what one more model call costs, in padded tokens (the engine's
+            :attr:`eeengine.Engine.split_cost`): rows that would run together
             are cut into calls where a cut saves more padded tokens than this
             (:func:`eeengine.batching.split_padding`); ``math.inf`` never cuts.
     """

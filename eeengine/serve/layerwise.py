@@ -5,7 +5,7 @@ need different layer weights. So the worker keeps one queue per depth (inputs th
 layers 1..d and wait for layer d + 1); new inputs enter at layer 1 while survivors of earlier
 requests go deeper, and inputs at the same depth, from any requests, run together in one layer
 call, right-padded to the longest of them. Where that padding would cost more than another
-call (the executor's ``split_cost``, as in ``Engine.predict``), new inputs are cut into calls
+call (the engine's ``split_cost``, as in ``Engine.predict``), new inputs are cut into calls
 of similar lengths, and the groups waiting at a depth merge only with groups of similar width.
 After the call, inputs that exit are answered at once and the rest move to the next depth's
 queue.
