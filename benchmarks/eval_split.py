@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from compare import load_workload
+from interleave import interleaved
 from results_io import markdown_table, write_results
 
 from eeengine import Engine
@@ -51,17 +50,17 @@ def measure(args: argparse.Namespace) -> dict:
         engine = Engine(ckpt, policy="none", executor=executor, precision=precision)
         max_length = workload.max_length or engine.max_length
         costs = [engine.split_cost, math.inf]
-        times = {cost: [] for cost in costs}
-        correct = {}
-        for repeat in range(args.repeats + 1):
-            for cost in costs if repeat % 2 == 0 else costs[::-1]:
-                engine.split_cost = cost
-                started = time.perf_counter()
-                predicted = full_depth_pass(engine, texts, max_length)
-                if repeat:
-                    times[cost].append(time.perf_counter() - started)
-                correct[cost] = sum(p == y for p, y in zip(predicted, labels, strict=True))
-        cut, uncut = (statistics.median(times[cost]) for cost in costs)
+
+        def run(cost: float, engine: Engine = engine, max_length: int = max_length) -> list[int]:
+            engine.split_cost = cost
+            return full_depth_pass(engine, texts, max_length)
+
+        seconds, predicted = interleaved(costs, run, args.repeats)
+        cut, uncut = (seconds[cost] for cost in costs)
+        correct = {
+            cost: sum(p == y for p, y in zip(predicted[cost], labels, strict=True))
+            for cost in costs
+        }
         rows.append({
             "engine": f"{executor} {precision}", "split_cost": costs[0], "cut_s": cut,
             "uncut_s": uncut, "speedup": uncut / cut,

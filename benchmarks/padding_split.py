@@ -22,15 +22,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")  # before torch loads oneDNN
 
 import torch
 from compare import load_workload
+from interleave import interleaved
 from peers import onnxruntime_provider
 from results_io import markdown_table, write_results
 from transformers import AutoTokenizer
@@ -106,23 +105,19 @@ def measure(args: argparse.Namespace) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, run in providers(ckpt, Path(tmp), workload.max_length, args.providers).items():
-            times = {cost: [] for cost in args.costs}
-            correct = {}
-            for repeat in range(args.repeats + 1):
-                for cost in args.costs if repeat % 2 == 0 else args.costs[::-1]:
-                    started = time.perf_counter()
-                    predicted = [y for texts in calls for y in run(texts, cost)]
-                    if repeat:
-                        times[cost].append(time.perf_counter() - started)
-                    correct[cost] = sum(p == y for p, y in zip(predicted, labels, strict=True))
-            uncut = statistics.median(times[math.inf])
+            seconds_of, predicted = interleaved(
+                args.costs, lambda cost, run=run: [y for t in calls for y in run(t, cost)],
+                args.repeats,
+            )  # fmt: skip
+            uncut = seconds_of[math.inf]
             for cost in args.costs:
-                seconds = statistics.median(times[cost])
+                seconds = seconds_of[cost]
+                correct = sum(p == y for p, y in zip(predicted[cost], labels, strict=True))
                 rows.append({
                     "provider": name, "split_cost": str(cost),
                     "per_s": len(texts) / seconds, "vs_uncut": uncut / seconds,
                     "padded_per_real": padding[cost], "passes_per_call": passes[cost],
-                    "accuracy": 100 * correct[cost] / len(texts),
+                    "accuracy": 100 * correct / len(texts),
                 })  # fmt: skip
             print(*(f"{r['split_cost']}: {r['vs_uncut']:.2f}x" for r in rows[-len(args.costs) :]))
     return {"checkpoint": str(ckpt), "data": args.data, "inputs": len(texts),
