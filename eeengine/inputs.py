@@ -11,10 +11,15 @@ leaves the ``max_length`` tokens the engine keeps unchanged whenever the first
 average fewer than about ``CHARS_PER_TOKEN`` characters per token. English averages 4 to 5
 (all-MiniLM-L6-v2's WordPiece on the SST-2 and IMDB files in ``data/``); only texts made of
 long whitespace runs, characters the tokenizer drops, or words so long that they become one
-[UNK] (over 100 characters for WordPiece) can lose tokens to the cut. A sentence pair whose
-two texts are both cut keeps the same number of tokens as uncut, but which text keeps the odd
-token of an odd split (``max_length - 3`` tokens for two long texts) depends on which one is
-longer uncut, so it may move by that one token.
+[UNK] (over 100 characters for WordPiece) can lose tokens to the cut.
+
+Pairs are truncated longest-first, and which text keeps the odd token of an odd split
+(``max_length - 3`` tokens for two long texts) depends on which one has more tokens. When only
+one text of a pair is over the limit, it keeps ``CHARS_PER_TOKEN`` more characters for each
+UTF-8 byte of the other text (:func:`pair_char_limits`): no tokenizer here makes more tokens
+than a text has bytes, so by the bound above the cut text still has more tokens than the other,
+as it had uncut, and the pair keeps its tokens. A pair whose two texts are both cut keeps the
+same number of tokens as uncut, but the odd token may move to the other text.
 """
 
 from __future__ import annotations
@@ -30,6 +35,24 @@ def char_limit(max_length: int) -> int:
     return CHARS_PER_TOKEN * max_length
 
 
+def pair_char_limits(first: str, second: str, max_chars: int) -> tuple[int, int]:
+    """Characters read of each text of a pair, for a cut of ``max_chars`` per text.
+
+    A text over ``max_chars`` beside one that is not keeps ``max_chars`` plus
+    ``CHARS_PER_TOKEN`` per UTF-8 byte of the other, so that it stays the one with more
+    tokens (module docstring); otherwise each keeps ``max_chars``.
+    """
+    if len(first) > max_chars >= len(second):
+        return max_chars + CHARS_PER_TOKEN * _utf8_length(second), max_chars
+    if len(second) > max_chars >= len(first):
+        return max_chars, max_chars + CHARS_PER_TOKEN * _utf8_length(first)
+    return max_chars, max_chars
+
+
+def _utf8_length(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 def check_batch_size(batch_size: object) -> None:
     """Raises ValueError unless ``batch_size`` is a positive int."""
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -41,8 +64,8 @@ def normalize_inputs(inputs: object, max_chars: int | None = None) -> tuple[list
 
     Args:
         inputs: what the user passed.
-        max_chars: cut each text to this many characters (:func:`char_limit`); None: keep
-            them whole.
+        max_chars: cut each text to this many characters (:func:`char_limit`; the texts of a
+            pair by :func:`pair_char_limits`); None: keep them whole.
 
     Returns:
         The examples and whether the caller passed a single input (so one Prediction, not a
@@ -86,8 +109,10 @@ def _example(item: object, index: int | None, max_chars: int | None) -> Example:
         for part, text in enumerate(item):
             if not isinstance(text, str):
                 raise TypeError(f"{where}[{part}] must be a str, got {type(text).__name__}")
+        limits = (None, None) if max_chars is None else pair_char_limits(*item, max_chars)
         first, second = (
-            _checked_text(text, f"{where}[{part}]", max_chars) for part, text in enumerate(item)
+            _checked_text(text, f"{where}[{part}]", limit)
+            for part, (text, limit) in enumerate(zip(item, limits, strict=True))
         )
         return first, second
     raise TypeError(f"{where} must be a str or a (str, str) pair, got {type(item).__name__}")
