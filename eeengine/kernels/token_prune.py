@@ -45,7 +45,7 @@ from torch import Tensor
 
 from eeengine._custom_ops import token_prune_fake
 from eeengine.kernels._compile import compile_for_gpu
-from eeengine.kernels._launch import device_guard, last_dim_contiguous
+from eeengine.kernels._launch import device_guard, last_dim_contiguous, require_gpu_or_interpreter
 from eeengine.token_pruning import TokenPruneOutput, pruned_length
 
 # Elements of one [BLOCK_N, BLOCK_D] key tile or [BLOCK_N, BLOCK_H] hidden-state tile.
@@ -224,12 +224,8 @@ def _check_args(
     Raises:
         RuntimeError: naming the argument that is wrong.
     """
+    require_gpu_or_interpreter("token_prune", hidden_states, INTERPRETED)
     device = hidden_states.device
-    if device.type != "cuda" and not INTERPRETED:
-        raise RuntimeError(
-            f"token_prune: hidden_states must be a CUDA tensor, got {device} "
-            "(set TRITON_INTERPRET=1 before importing triton to run the kernel on CPU)"
-        )
     for t, name in (
         (attention_mask, "attention_mask"),
         (cls_query, "cls_query"),
