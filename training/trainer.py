@@ -37,21 +37,19 @@ from __future__ import annotations
 import random
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from eeengine.batching import collate, encode
-from eeengine.calibration import OperatingPoint, TradeOff, measure_trade_off
+from eeengine.calibration import OperatingPoint, measure_trade_off
 from eeengine.checkpoint import save_checkpoint
-from eeengine.data import Dataset, Split
+from eeengine.data import Dataset
 from eeengine.evaluation import predictions_of
-from eeengine.executors import make_executor, precision_unavailable
 from eeengine.metrics import METRICS
 from eeengine.modeling_multiexit import MultiExitBert, load_backbone_weights
 from eeengine.policies import run_policy
@@ -66,6 +64,7 @@ from eeengine.training.loop import (
     param_groups,
 )
 from eeengine.training.plan import describe_plan, load_dataset, schedule, split_calibration
+from eeengine.training.precision_calibration import int8_calibration, int8_static_calibration
 from eeengine.training.probe_init import probe_init
 from eeengine.training.recipes import Recipe, make_recipe
 from eeengine.training.state import load_state, remove_state, save_state
@@ -400,10 +399,10 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
         progress,
         token_pruning,
     )
-    int8_sweep, int8_record = _int8_calibration(
+    int8_sweep, int8_record = int8_calibration(
         model, sweep_slice, token_pruning, progress, trade_off.sweep["full_depth"]
     )
-    static_sweep, static_files, static_record = _int8_static_calibration(
+    static_sweep, static_files, static_record = int8_static_calibration(
         model, tokenizer, calib, eval_max_seq_length, sweep_slice, token_pruning, progress,
         trade_off.sweep["full_depth"],
     )  # fmt: skip
@@ -436,68 +435,3 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     )
     remove_state(out)
     return path
-
-
-def _int8_static_calibration(
-    model: MultiExitBert,
-    tokenizer: PreTrainedTokenizerBase,
-    calib: Split,
-    max_length: int,
-    sweep_slice: Callable[..., TradeOff],
-    token_pruning: TokenPruning | None,
-    progress: bool,
-    fp32_full_depth: float,
-) -> tuple[dict | None, dict[str, bytes], dict]:
-    """:func:`_int8_calibration` for "int8_static" (:mod:`eeengine.executors.int8_static`): its
-    activation statistics, measured on the first rows of the calibration slice, then its sweep
-    there (``calibration-int8_static.json``); returns the sweep, the statistics' file (name ->
-    content) and the manifest's record, or (None, {}, the reason) where it cannot run (no
-    onnxruntime, a backbone other than BERT with exact GELU, a token-pruning schedule)."""
-    model.cpu().eval()
-    reason = precision_unavailable("int8_static", model)
-    if token_pruning is not None:
-        reason = "int8_static runs without token pruning"
-    if reason is not None:
-        return None, {}, {"written": False, "reason": reason}
-    from eeengine.executors.int8_static import (  # imports onnx
-        ACTIVATIONS_FILE,
-        activations_bytes,
-        calibration_absmax,
-    )
-
-    stats = calibration_absmax(model, tokenizer, calib, max_length)
-    executor = make_executor(None, model, "int8_static", activations=stats)
-    sweep = {**sweep_slice(progress=progress, executor=executor).sweep}
-    sweep["reference_full_depth"] = fp32_full_depth
-    record = {"written": True, "file": calibration_file("int8_static")}
-    files = {ACTIVATIONS_FILE: activations_bytes(stats)}
-    return sweep, files, {**record, "full_depth": sweep["full_depth"]}
-
-
-def _int8_calibration(
-    model: MultiExitBert,
-    sweep_slice: Callable[..., TradeOff],
-    token_pruning: TokenPruning | None,
-    progress: bool,
-    fp32_full_depth: float,
-) -> tuple[dict | None, dict]:
-    """The sweep of every policy on the calibration slice with int8 layers (the content of
-    ``calibration-int8.json``, :mod:`eeengine.precision`), measured by ``sweep_slice`` (fp32's
-    :func:`eeengine.calibration.measure_trade_off` on the slice) with an int8 executor (its
-    token-pruning layers pruned at int8 too), and the manifest's record of it; (None, the
-    reason) where int8 cannot run here (no onnxruntime, a backbone other than BERT with exact
-    GELU). int8 runs on CPU: the model moves there (it is saved from there) and stays in eval
-    mode.
-
-    The sweep records ``fp32_full_depth`` (the fp32 model's full depth on the same slice) as
-    its ``reference_full_depth``: int8 operating points are picked within ``max_drop`` of the
-    model as trained (:func:`eeengine.selection.reference_full_depth`)."""
-    model.cpu().eval()
-    reason = precision_unavailable("int8", model)
-    if reason is not None:
-        return None, {"written": False, "reason": reason}
-    executor = make_executor(None, model, "int8", token_pruning)
-    sweep = {**sweep_slice(progress=progress, executor=executor).sweep}
-    sweep["reference_full_depth"] = fp32_full_depth
-    record = {"written": True, "file": calibration_file("int8")}
-    return sweep, {**record, "full_depth": sweep["full_depth"]}
