@@ -257,7 +257,7 @@ def build_providers(
                 continue  # no calibration measured with pruning to pick its points from
             try:
                 calibrated = _calibration_engine(ckpt, workload, pruning, kwargs)
-            except (ValueError, FileNotFoundError) as error:  # e.g. int8_static with pruning
+            except (ValueError, FileNotFoundError) as error:  # e.g. int8_static, no statistics
                 print(f"skipped {precision} {prefix or 'no '}pruning: {error}")
                 continue
             points, sweep = operating_points(calibrated, workload)

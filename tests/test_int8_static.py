@@ -22,6 +22,8 @@ from eeengine.executors.int8_static import (  # noqa: E402
     ACTIVATIONS_FILE,
     POINTS,
     activation_absmax,
+    int8_static_attention_graph,
+    int8_static_feed_forward_graph,
     int8_static_layer_graph,
     read_activations,
     write_activations,
@@ -143,10 +145,61 @@ def test_corrupt_statistics_file_is_named(fp32, tmp_path):
         read_activations(tmp_path, fp32.model)
 
 
-def test_token_pruning_is_refused(static_ckpt):
-    schedule = {"layers": [2], "keep_ratio": 0.7, "beta": [1.0]}
-    with pytest.raises(ValueError, match="without token pruning"), pytest.warns(UserWarning):
-        Engine(static_ckpt, precision="int8_static", token_pruning=schedule)
+def test_sublayer_graphs_compose_to_the_layer(fp32, stats):
+    """A pruning layer's two int8_static sessions, run back to back, are the whole layer's
+    session; the [CLS] query and the keys they return are the torch layer's (the keys through
+    the quantized projection, so to quantization error)."""
+    layer = fp32.model.backbone.layers[1]
+    config = fp32.model.config
+    heads, eps = config.num_attention_heads, config.layer_norm_eps
+    sessions = [
+        onnxruntime.InferenceSession(
+            graph.SerializeToString(), neighbour_session_options(1),
+            providers=["CPUExecutionProvider"],
+        )
+        for graph in (
+            int8_static_layer_graph(layer, heads, eps, stats, 1),
+            int8_static_attention_graph(layer, heads, eps, stats, 1),
+            int8_static_feed_forward_graph(layer, eps, stats, 1),
+        )
+    ]  # fmt: skip
+    enc = fp32.tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = fp32.model.backbone.embeddings(enc["input_ids"], enc["token_type_ids"])
+        query, key = layer.attention.self.query(hidden), layer.attention.self.key(hidden)
+    feed = {"hidden_states": hidden.numpy(),
+            "attention_mask": enc["attention_mask"].numpy().astype(np.int32)}  # fmt: skip
+    (whole,) = sessions[0].run(None, feed)
+    attention_output, cls_query, present_key = sessions[1].run(None, feed)
+    (composed,) = sessions[2].run(None, {"attention_output": attention_output})
+    np.testing.assert_array_equal(composed, whole)
+    batch, seq_len, hidden_size = hidden.shape
+    head_size = hidden_size // heads
+    np.testing.assert_allclose(
+        cls_query, query[:, 0].reshape(batch, heads, head_size).numpy(), rtol=1e-5, atol=1e-5
+    )
+    keys = key.reshape(batch, seq_len, heads, head_size).transpose(1, 2).numpy()
+    assert present_key.shape == keys.shape
+    assert np.abs(present_key - keys).mean() < 0.02 * np.abs(keys).mean()
+
+
+def test_token_pruning_answers_do_not_depend_on_the_batch(static_ckpt):
+    """With MPEE token pruning (its layers as two int8_static sessions, the fused prune between
+    them) a row's answer and kept tokens are the same alone and batched, and the logits stay
+    near fp32's with the same schedule."""
+    schedule = {"layers": [2, 3], "keep_ratio": 0.6, "beta": [1.0, 0.5]}
+    with pytest.warns(UserWarning, match="calibration-int8_static.json"):
+        engine = Engine(static_ckpt, policy="none", precision="int8_static", token_pruning=schedule)
+    alone = [engine.predict(text) for text in SENTENCES]
+    batched = engine.predict(SENTENCES, batch_size=len(SENTENCES))
+    for a, b in zip(alone, batched, strict=True):
+        assert (a.label, a.exit_layer, a.tokens_kept) == (b.label, b.exit_layer, b.tokens_kept)
+        np.testing.assert_allclose(a.logits, b.logits, rtol=0, atol=1e-5)
+    assert any(p.tokens_kept[-1] < p.tokens_kept[0] for p in batched)  # pruning happened
+    full = Engine(static_ckpt, policy="none", token_pruning=schedule).predict(SENTENCES)
+    for f, q in zip(full, batched, strict=True):
+        assert f.tokens_kept == q.tokens_kept
+        np.testing.assert_allclose(q.logits, f.logits, rtol=0, atol=0.05)
 
 
 def test_calibrate_writes_statistics_then_its_calibration(tiny_ckpt, tmp_path, capsys):

@@ -292,10 +292,13 @@ def test_onnxruntime_executor_prunes_as_the_torch_layers(model, encoded, name, p
 
 
 @pytest.mark.skipif(not HAS_C, reason="the ONNX Runtime executor prunes with the C++ op here")
-def test_onnxruntime_int8_prunes_to_the_schedule(model, encoded):
-    """At int8 the kept-token counts are the schedule's (they depend on lengths only) and the
-    full-depth logits stay near fp32's."""
+def test_onnxruntime_int8_prunes_to_the_schedule(model, encoded, tokenizer):
+    """At int8 and int8_static the kept-token counts are the schedule's (they depend on lengths
+    only) and the full-depth logits stay near fp32's."""
     pytest.importorskip("onnxruntime")
+    from eeengine.executors.int8_static import activation_absmax
+
+    stats = activation_absmax(model, tokenizer, SENTENCES)
     policy = make_policy("none")
     batch = collate(encoded, range(len(SENTENCES)), 0)
     outs = {
@@ -305,14 +308,21 @@ def test_onnxruntime_int8_prunes_to_the_schedule(model, encoded):
             *batch,
             backend="cpp",
             token_pruning=SCHEDULE,
-            executor=make_executor("onnxruntime", model, precision, SCHEDULE),
+            executor=make_executor(
+                "onnxruntime",
+                model,
+                precision,
+                SCHEDULE,
+                activations=stats if precision == "int8_static" else None,
+            ),
         )  # fmt: skip
-        for precision in ("fp32", "int8")
+        for precision in ("fp32", "int8", "int8_static")
     }
     lengths = batch[1].sum(1).tolist()
     expected = [SCHEDULE.tokens_per_layer(n, model.num_layers) for n in lengths]
-    assert outs["int8"].tokens_kept.tolist() == expected
-    torch.testing.assert_close(outs["int8"].logits, outs["fp32"].logits, atol=0.1, rtol=0.05)
+    for precision in ("int8", "int8_static"):
+        assert outs[precision].tokens_kept.tolist() == expected
+        torch.testing.assert_close(outs[precision].logits, outs["fp32"].logits, atol=0.1, rtol=0.05)
 
 
 def test_onnxruntime_executor_refuses_a_layer_not_built_for_pruning(model, encoded):

@@ -4,6 +4,7 @@ evaluation; failures leave an existing checkpoint alone."""
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -353,6 +354,25 @@ def test_train_with_token_pruning(recipe, tiny_bert_dir, tiny_csv_task, tmp_path
     _, calib = holdout_split(train_rows, size, config.seed, stratify=True)
     measured = evaluate(Engine(path, policy="budget", layer=point["layer"]), calib, "accuracy")
     assert point["flops_ratio"] == pytest.approx(measured["flops_ratio"])
+
+
+def test_train_with_token_pruning_writes_int8_static(tiny_bert_dir, tiny_csv_task, tmp_path):
+    """A checkpoint trained with a schedule gets int8_static statistics and its sweep, measured
+    with the pruning layers at int8_static; its engine prunes as the fp32 one does."""
+    pytest.importorskip("onnxruntime")
+    schedule = {"layers": [1, 3], "keep_ratio": 0.6, "beta": [1.0, 0.5]}
+    config = csv_config(tiny_bert_dir, tiny_csv_task, token_pruning=schedule)
+    path = train(config, tmp_path / "pruned", progress=False)
+    record = json.loads((path / "eeengine.json").read_text())["training"]["int8_static_calibration"]
+    sweep = json.loads((path / "calibration-int8_static.json").read_text())
+    assert record == {"written": True, "file": "calibration-int8_static.json",
+                      "full_depth": sweep["full_depth"]}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its own calibration: no warning
+        static = Engine(path, policy="none", precision="int8_static")
+    expected = Engine(path, policy="none", precision="fp32").predict(SENTENCES)
+    got = static.predict(SENTENCES)
+    assert [p.tokens_kept for p in got] == [p.tokens_kept for p in expected]
 
 
 def test_cli_reads_the_schedule_as_json():

@@ -32,11 +32,10 @@ def int8_static_calibration(
     activation statistics, measured on the first rows of the calibration slice, then its sweep
     there (``calibration-int8_static.json``); returns the sweep, the statistics' file (name ->
     content) and the manifest's record, or (None, {}, the reason) where it cannot run (no
-    onnxruntime, a backbone other than BERT with exact GELU, a token-pruning schedule)."""
+    onnxruntime, a backbone other than BERT with exact GELU). Its token-pruning layers prune at
+    int8_static too."""
     model.cpu().eval()
     reason = precision_unavailable("int8_static", model)
-    if token_pruning is not None:
-        reason = "int8_static runs without token pruning"
     if reason is not None:
         return None, {}, {"written": False, "reason": reason}
     from eeengine.executors.int8_static import (  # imports onnx
@@ -46,7 +45,7 @@ def int8_static_calibration(
     )
 
     stats = calibration_absmax(model, tokenizer, calib, max_length)
-    executor = make_executor(None, model, "int8_static", activations=stats)
+    executor = make_executor(None, model, "int8_static", token_pruning, activations=stats)
     sweep = {**sweep_slice(progress=progress, executor=executor).sweep}
     sweep["reference_full_depth"] = fp32_full_depth
     record = {"written": True, "file": calibration_file("int8_static")}

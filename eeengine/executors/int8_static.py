@@ -14,9 +14,12 @@ rounding), with ``alpha`` = :data:`ALPHA`.
 One layer (:func:`int8_static_layer_graph`), per matmul: ``Mul(x, 1 / s)``, ``QuantizeLinear``
 with the calibrated per-tensor scale (uint8, zero point 128), ``MatMulIntegerToFloat`` with
 per-column int8 weights; attention as ``MultiHeadAttention`` on the split QKV projection;
-LayerNorm, GELU and the softmax in fp32. Measured on the default SST-2 checkpoint
-(BENCHMARKS.md, "A batch-independent int8"): no label changes with the batch, probabilities
-1.6x closer to fp32 than "int8", 13-16 % slower than it at batch 1 and 4-7 % at batch 32.
+LayerNorm, GELU and the softmax in fp32. A layer that prunes tokens (MPEE) is its two
+sublayers, :func:`int8_static_attention_graph` (also returning the [CLS] query and the keys the
+pruning rule reads) and :func:`int8_static_feed_forward_graph`, with the same scales. Measured
+on the default SST-2 checkpoint (BENCHMARKS.md, "A batch-independent int8"): no label changes
+with the batch, probabilities 1.6x closer to fp32 than "int8", 13-16 % slower than it at batch
+1 and 4-7 % at batch 32.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from transformers import PreTrainedTokenizerBase
 
 from eeengine.checkpoint import CheckpointError, read_safetensors, write_atomic
 from eeengine.data import Split
+from eeengine.executors.onnx_graphs import attention_inputs, cls_query_nodes
 from eeengine.modeling_bert import BertLayer
 from eeengine.modeling_multiexit import MultiExitBert
 
@@ -173,26 +177,77 @@ def int8_static_layer_graph(
     """Layer ``index`` (0-based) with smoothed, statically quantized matmul inputs (module
     docstring), from ``stats`` (:func:`activation_absmax`) and SmoothQuant's ``alpha``; inputs
     and output as :func:`eeengine.executors.onnx_graphs.layer_graph`."""
-    attention = layer.attention
-    qkv = (attention.self.query, attention.self.key, attention.self.value)
-    linears = {
-        "qkv": (torch.cat([p.weight for p in qkv]).T, torch.cat([p.bias for p in qkv])),
-        "attn_out": (attention.output.dense.weight.T, None),
-        "ffn_in": (layer.intermediate.dense.weight.T, None),
-        "ffn_out": (layer.output.dense.weight.T, None),
-    }
-    tensors: dict[str, np.ndarray] = {}
-    nodes: list[onnx.NodeProto] = []
+    graph = _StaticLayer(layer, stats, index, alpha)
+    graph.attention(num_heads, eps)
+    graph.feed_forward(eps)
+    hidden = graph.hidden_shape
+    return graph.model("bert_layer_int8_static", attention_inputs(hidden), {"output": hidden})
 
-    def linear(point: str, output: str) -> None:
-        weight, bias = (None if t is None else t.detach().float() for t in linears[point])
-        absmax = stats[f"layer{index}.{point}"].float()
-        smooth = absmax.clamp_min(1e-5) ** alpha / weight.abs().amax(1).clamp_min(1e-5) ** (
-            1 - alpha
+
+def int8_static_attention_graph(
+    layer: BertLayer,
+    num_heads: int,
+    eps: float,
+    stats: dict[str, Tensor],
+    index: int,
+    alpha: float = ALPHA,
+) -> onnx.ModelProto:
+    """The attention sublayer of :func:`int8_static_layer_graph`, for MPEE token pruning: the
+    inputs of :func:`eeengine.executors.onnx_graphs.attention_graph`, and outputs
+    ``attention_output`` (batch, seq, hidden), ``cls_query`` (batch, num_heads, head_size;
+    fp32 query weights) and ``present_key`` (batch, num_heads, seq, head_size: the keys
+    attended with), float32."""
+    graph = _StaticLayer(layer, stats, index, alpha)
+    graph.attention(num_heads, eps, present_key="present_key")
+    cls_nodes, cls_weights = cls_query_nodes(layer, num_heads)
+    graph.nodes += cls_nodes
+    graph.tensors |= {key: value.detach().numpy() for key, value in cls_weights.items()}
+    hidden = graph.hidden_shape
+    head_size = hidden[-1] // num_heads
+    outputs = {
+        "attention_output": hidden,
+        "cls_query": ["batch", num_heads, head_size],
+        "present_key": ["batch", num_heads, "seq", head_size],
+    }
+    return graph.model("bert_attention_int8_static", attention_inputs(hidden), outputs)
+
+
+def int8_static_feed_forward_graph(
+    layer: BertLayer, eps: float, stats: dict[str, Tensor], index: int, alpha: float = ALPHA
+) -> onnx.ModelProto:
+    """The feed-forward sublayer of :func:`int8_static_layer_graph`: input and output as
+    :func:`eeengine.executors.onnx_graphs.feed_forward_graph`. Its statistics are those of
+    every token, a superset of the tokens pruning keeps."""
+    graph = _StaticLayer(layer, stats, index, alpha)
+    graph.feed_forward(eps)
+    hidden = graph.hidden_shape
+    inputs = [helper.make_tensor_value_info("attention_output", TensorProto.FLOAT, hidden)]
+    return graph.model("bert_feed_forward_int8_static", inputs, {"output": hidden})
+
+
+class _StaticLayer:
+    """The nodes and initializers of one layer's quantized sublayers, built in order."""
+
+    def __init__(
+        self, layer: BertLayer, stats: dict[str, Tensor], index: int, alpha: float
+    ) -> None:
+        self.layer, self.stats, self.index, self.alpha = layer, stats, index, alpha
+        self.tensors: dict[str, np.ndarray] = {}
+        self.nodes: list[onnx.NodeProto] = []
+        self.hidden_size = layer.attention.output.dense.out_features
+        self.hidden_shape: list[str | int] = ["batch", "seq", self.hidden_size]
+
+    def linear(self, point: str, weight: Tensor, bias: Tensor | None, output: str) -> None:
+        """``output = x @ weight (+ bias)`` for the matmul input ``point`` of :data:`POINTS`:
+        smoothed, quantized with its calibrated scale, multiplied in int8."""
+        weight = weight.detach().float()
+        absmax = self.stats[f"layer{self.index}.{point}"].float()
+        smooth = absmax.clamp_min(1e-5) ** self.alpha / weight.abs().amax(1).clamp_min(1e-5) ** (
+            1 - self.alpha
         )
         weight = weight * smooth[:, None]
         w_scale = weight.abs().amax(0).clamp_min(1e-12) / 127.0
-        tensors.update({
+        self.tensors.update({
             f"{point}_inv_smooth": (1.0 / smooth).numpy(),
             f"{point}_x_scale": np.array(float((absmax / smooth).max()) / 127.0, np.float32),
             f"{point}_x_zero": np.array(128, np.uint8),
@@ -201,7 +256,7 @@ def int8_static_layer_graph(
         })  # fmt: skip
         x = POINTS[point][1]
         result = output if bias is None else f"{point}_nobias"
-        nodes.extend([
+        self.nodes.extend([
             helper.make_node("Mul", [x, f"{point}_inv_smooth"], [f"{point}_smoothed"]),
             helper.make_node(
                 "QuantizeLinear",
@@ -217,46 +272,67 @@ def int8_static_layer_graph(
             ),
         ])  # fmt: skip
         if bias is not None:
-            tensors[f"{point}_bias"] = bias.numpy()
-            nodes.append(helper.make_node("Add", [result, f"{point}_bias"], [output]))
+            self.tensors[f"{point}_bias"] = bias.detach().float().numpy()
+            self.nodes.append(helper.make_node("Add", [result, f"{point}_bias"], [output]))
 
-    def norm(x: str, residual: str, ln: torch.nn.LayerNorm, bias: Tensor, output: str) -> None:
+    def norm(
+        self, x: str, residual: str, ln: torch.nn.LayerNorm, bias: Tensor, output: str, eps: float
+    ) -> None:
+        """``output = LayerNorm(x + bias + residual)``, one fused node."""
         for name, value in (("gamma", ln.weight), ("beta", ln.bias), ("dense_bias", bias)):
-            tensors[f"{output}_{name}"] = value.detach().float().numpy()
-        nodes.append(helper.make_node(
+            self.tensors[f"{output}_{name}"] = value.detach().float().numpy()
+        self.nodes.append(helper.make_node(
             "SkipLayerNormalization",
             [x, residual, f"{output}_gamma", f"{output}_beta", f"{output}_dense_bias"],
             [output], domain=_MS, epsilon=eps,
         ))  # fmt: skip
 
-    hidden_size = attention.output.dense.out_features
-    tensors["qkv_split"] = np.array([hidden_size] * 3, np.int64)
-    linear("qkv", "qkv")
-    nodes += [
-        helper.make_node("Split", ["qkv", "qkv_split"], ["q", "k", "v"], axis=-1),
-        helper.make_node(
-            "MultiHeadAttention", ["q", "k", "v", "", "attention_mask"], ["context"],
-            domain=_MS, num_heads=num_heads,
-        ),
-    ]  # fmt: skip
-    linear("attn_out", "attn_out")
-    norm("attn_out", "hidden_states", attention.output.LayerNorm, attention.output.dense.bias,
-         "attention_output")  # fmt: skip
-    linear("ffn_in", "ffn_in")
-    tensors["ffn_in_bias"] = layer.intermediate.dense.bias.detach().float().numpy()
-    nodes.append(helper.make_node("BiasGelu", ["ffn_in", "ffn_in_bias"], ["ffn_act"], domain=_MS))
-    linear("ffn_out", "ffn_out")
-    norm("ffn_out", "attention_output", layer.output.LayerNorm, layer.output.dense.bias, "output")
-    shape = ["batch", "seq", hidden_size]
-    graph = helper.make_graph(
-        nodes,
-        "bert_layer_int8_static",
-        [
-            helper.make_tensor_value_info("hidden_states", TensorProto.FLOAT, shape),
-            helper.make_tensor_value_info("attention_mask", TensorProto.INT32, shape[:2]),
-        ],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)],
-        [numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in tensors.items()],
-    )
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(_MS, 1)]
-    return helper.make_model(graph, opset_imports=opsets)
+    def attention(self, num_heads: int, eps: float, present_key: str = "") -> None:
+        """``hidden_states``, ``attention_mask`` -> ``attention_output`` (and the keys in
+        ``present_key`` when it is named)."""
+        attention = self.layer.attention
+        qkv = (attention.self.query, attention.self.key, attention.self.value)
+        weight = torch.cat([p.weight for p in qkv]).T
+        self.tensors["qkv_split"] = np.array([self.hidden_size] * 3, np.int64)
+        self.linear("qkv", weight, torch.cat([p.bias for p in qkv]), "qkv")
+        self.nodes += [
+            helper.make_node("Split", ["qkv", "qkv_split"], ["q", "k", "v"], axis=-1),
+            helper.make_node(
+                "MultiHeadAttention", ["q", "k", "v", "", "attention_mask"],
+                ["context", present_key, ""] if present_key else ["context"],
+                domain=_MS, num_heads=num_heads,
+            ),
+        ]  # fmt: skip
+        dense = attention.output.dense
+        self.linear("attn_out", dense.weight.T, None, "attn_out")
+        self.norm("attn_out", "hidden_states", attention.output.LayerNorm, dense.bias,
+                  "attention_output", eps)  # fmt: skip
+
+    def feed_forward(self, eps: float) -> None:
+        """``attention_output`` -> ``output``."""
+        layer = self.layer
+        self.linear("ffn_in", layer.intermediate.dense.weight.T, None, "ffn_in")
+        self.tensors["ffn_in_bias"] = layer.intermediate.dense.bias.detach().float().numpy()
+        self.nodes.append(
+            helper.make_node("BiasGelu", ["ffn_in", "ffn_in_bias"], ["ffn_act"], domain=_MS)
+        )
+        self.linear("ffn_out", layer.output.dense.weight.T, None, "ffn_out")
+        self.norm("ffn_out", "attention_output", layer.output.LayerNorm, layer.output.dense.bias,
+                  "output", eps)  # fmt: skip
+
+    def model(
+        self,
+        name: str,
+        inputs: list[onnx.ValueInfoProto],
+        outputs: dict[str, list[str | int]],
+    ) -> onnx.ModelProto:
+        """The model of the nodes built so far, with float32 ``outputs`` (name -> shape)."""
+        graph = helper.make_graph(
+            self.nodes,
+            name,
+            inputs,
+            [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in outputs.items()],
+            [numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in self.tensors.items()],
+        )
+        opsets = [helper.make_opsetid("", 17), helper.make_opsetid(_MS, 1)]
+        return helper.make_model(graph, opset_imports=opsets)

@@ -62,7 +62,7 @@ def layer_graph(layer: BertLayer, num_heads: int, eps: float) -> onnx.ModelProto
     return _model(
         "bert_layer",
         attention_nodes + ffn_nodes,
-        _attention_inputs(hidden),
+        attention_inputs(hidden),
         [_float("output", hidden)],
         {**attention_weights, **ffn_weights},
     )
@@ -81,28 +81,41 @@ def attention_graph(layer: BertLayer, num_heads: int, eps: float) -> onnx.ModelP
         (2, batch, num_heads, seq, head_size), float32.
     """
     nodes, weights = _attention_sublayer(layer, num_heads, eps, present="present")
-    query = layer.attention.self.query
-    hidden_size = query.out_features
-    head_size = hidden_size // num_heads
-    weights |= {
-        "query_weight": query.weight.T,
-        "query_bias": query.bias,
-        "zero": torch.tensor(0, dtype=torch.int64),
-        "cls_query_shape": torch.tensor([-1, num_heads, head_size], dtype=torch.int64),
-    }
-    nodes += [
-        helper.make_node("Gather", ["hidden_states", "zero"], ["cls_hidden"], axis=1),
-        helper.make_node("MatMul", ["cls_hidden", "query_weight"], ["cls_projected"]),
-        helper.make_node("Add", ["cls_projected", "query_bias"], ["cls_query_flat"]),
-        helper.make_node("Reshape", ["cls_query_flat", "cls_query_shape"], ["cls_query"]),
-    ]
+    cls_nodes, cls_weights = cls_query_nodes(layer, num_heads)
+    head_size = layer.attention.self.query.out_features // num_heads
     hidden = _hidden_shape(layer)
     outputs = [
         _float("attention_output", hidden),
         _float("cls_query", ["batch", num_heads, head_size]),
         _float("present", [2, "batch", num_heads, "seq", head_size]),
     ]
-    return _model("bert_attention", nodes, _attention_inputs(hidden), outputs, weights)
+    return _model(
+        "bert_attention", nodes + cls_nodes, attention_inputs(hidden), outputs,
+        weights | cls_weights,
+    )  # fmt: skip
+
+
+def cls_query_nodes(
+    layer: BertLayer, num_heads: int
+) -> tuple[list[onnx.NodeProto], dict[str, Tensor]]:
+    """Nodes ``hidden_states`` -> ``cls_query`` (batch, num_heads, head_size): [CLS]'s input
+    row through the layer's query projection (fp32), what MPEE's pruning rule scores the keys
+    against; and their weights."""
+    query = layer.attention.self.query
+    head_size = query.out_features // num_heads
+    weights = {
+        "query_weight": query.weight.T,
+        "query_bias": query.bias,
+        "zero": torch.tensor(0, dtype=torch.int64),
+        "cls_query_shape": torch.tensor([-1, num_heads, head_size], dtype=torch.int64),
+    }
+    nodes = [
+        helper.make_node("Gather", ["hidden_states", "zero"], ["cls_hidden"], axis=1),
+        helper.make_node("MatMul", ["cls_hidden", "query_weight"], ["cls_projected"]),
+        helper.make_node("Add", ["cls_projected", "query_bias"], ["cls_query_flat"]),
+        helper.make_node("Reshape", ["cls_query_flat", "cls_query_shape"], ["cls_query"]),
+    ]
+    return nodes, weights
 
 
 def feed_forward_graph(layer: BertLayer, eps: float) -> onnx.ModelProto:
@@ -185,7 +198,9 @@ def _hidden_shape(layer: BertLayer) -> list[str | int]:
     return ["batch", "seq", layer.attention.output.dense.out_features]
 
 
-def _attention_inputs(hidden: list[str | int]) -> list[onnx.ValueInfoProto]:
+def attention_inputs(hidden: list[str | int]) -> list[onnx.ValueInfoProto]:
+    """The inputs of a layer or attention graph: ``hidden_states`` of shape ``hidden``
+    float32 and ``attention_mask`` (batch, seq) int32."""
     return [
         _float("hidden_states", hidden),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT32, ["batch", "seq"]),

@@ -15,7 +15,9 @@ torch copy of the layers, for an owner that runs nothing else on them (:class:`e
 
 MPEE token pruning (``pruning_layers``): a pruning layer is two sessions, its attention
 sublayer (:func:`attention_graph`, which also returns the [CLS] query and the keys the pruning
-rule reads) and its feed-forward sublayer (:func:`feed_forward_graph`); the fused
+rule reads) and its feed-forward sublayer (:func:`feed_forward_graph`; at "int8_static"
+:func:`eeengine.executors.int8_static.int8_static_attention_graph` and
+:func:`~eeengine.executors.int8_static.int8_static_feed_forward_graph`); the fused
 ``token_prune`` runs between them, so pruning layers run at the executor's precision too.
 
 Threads: every session runs on ONNX Runtime's process-wide intra-op thread pool (made by the
@@ -56,7 +58,11 @@ import torch
 from torch import Tensor
 
 from eeengine.executors.base import LayerExecutor
-from eeengine.executors.int8_static import int8_static_layer_graph
+from eeengine.executors.int8_static import (
+    int8_static_attention_graph,
+    int8_static_feed_forward_graph,
+    int8_static_layer_graph,
+)
 from eeengine.executors.onnx_graphs import (
     attention_graph,
     embeddings_graph,
@@ -96,8 +102,7 @@ class OnnxRuntimeExecutor(LayerExecutor):
             :func:`eeengine.executors.int8_static.activation_absmax`.
 
     Raises:
-        ValueError: an unknown precision; "int8_static" without ``activations`` or with
-            pruning layers (its graphs are whole layers).
+        ValueError: an unknown precision; "int8_static" without ``activations``.
     """
 
     name = "onnxruntime"
@@ -118,11 +123,8 @@ class OnnxRuntimeExecutor(LayerExecutor):
             raise ValueError(
                 f"the onnxruntime executor runs {' or '.join(PRECISIONS)}, not {precision!r}"
             )
-        if precision == "int8_static" and (activations is None or pruning_layers):
-            raise ValueError(
-                "precision 'int8_static' needs the checkpoint's activation statistics and runs "
-                "without token pruning (use 'int8' with a token-pruning schedule)"
-            )
+        if precision == "int8_static" and activations is None:
+            raise ValueError("precision 'int8_static' needs the checkpoint's activation statistics")
         self.precision = precision
         self.model = model
         config = model.config
@@ -147,18 +149,29 @@ class OnnxRuntimeExecutor(LayerExecutor):
                 return _session(str(path), options)
 
             layers = model.backbone.layers
+            static = precision == "int8_static"
             for index, layer in enumerate(layers):
-                if precision == "int8_static":
+                if index in pruning_layers:
+                    graph = (
+                        int8_static_attention_graph(layer, heads, eps, activations, index)
+                        if static
+                        else attention_graph(layer, heads, eps)
+                    )
+                elif static:
                     graph = int8_static_layer_graph(layer, heads, eps, activations, index)
-                elif index in pruning_layers:
-                    graph = attention_graph(layer, heads, eps)
                 else:
                     graph = layer_graph(layer, heads, eps)
                 sessions.append(load(graph))
                 del graph  # one layer's transient copies at a time
             for index in sorted(pruning_layers):
                 self._feed_forward[index] = len(sessions)
-                sessions.append(load(feed_forward_graph(layers[index], eps)))
+                layer = layers[index]
+                graph = (
+                    int8_static_feed_forward_graph(layer, eps, activations, index)
+                    if static
+                    else feed_forward_graph(layer, eps)
+                )
+                sessions.append(load(graph))
         _release_freed_heap()
         self._sessions = sessions
         self._bindings = [session.io_binding() for session in self._sessions]
@@ -242,14 +255,17 @@ class OnnxRuntimeExecutor(LayerExecutor):
         hidden_states = self._track(hidden_states)
         batch_size, seq_len, hidden_size = hidden_states.shape
         heads = self.model.config.num_attention_heads
+        head_size = hidden_size // heads
+        # int8_static's MultiHeadAttention gives the keys alone, Attention keys and values.
+        keys = ("present_key", ()) if self.precision == "int8_static" else ("present", (2,))
         outputs = {
             "attention_output": torch.empty_like(hidden_states),
-            "cls_query": torch.empty(batch_size, heads, hidden_size // heads),
-            "present": torch.empty(2, batch_size, heads, seq_len, hidden_size // heads),
+            "cls_query": torch.empty(batch_size, heads, head_size),
+            keys[0]: torch.empty(*keys[1], batch_size, heads, seq_len, head_size),
         }
         inputs = {"hidden_states": hidden_states, "attention_mask": mask}
         attention_output, cls_query, present = self._run(index + 1, inputs, outputs)
-        return attention_output, cls_query, present[0]
+        return attention_output, cls_query, present if keys[1] == () else present[0]
 
     def _run_feed_forward(self, index: int, attention_output: Tensor) -> Tensor:
         attention_output = self._track(attention_output)
