@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 from transformers import (  # noqa: E402
     AlbertConfig,
     AlbertModel,
@@ -32,6 +33,12 @@ from transformers import BertModel as HFBertModel  # noqa: E402
 from eeengine.checkpoint import save_checkpoint  # noqa: E402
 from eeengine.defaults import minilm_dir  # noqa: E402
 from eeengine.modeling_multiexit import MultiExitBert, load_backbone_weights  # noqa: E402
+
+# The gate (.ci/run sets HYPOTHESIS_PROFILE=ci) draws the same examples on every run, so a red
+# CI names a change, not a draw; everywhere else each run draws new ones (and a failure prints
+# the seed to replay it).
+settings.register_profile("ci", derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 TINY = dict(
     vocab_size=30522,
