@@ -129,6 +129,12 @@ def measure_int8_activations(engine: Engine, split_name: str, data: Split) -> No
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     checkpoint = args.ckpt or default_checkpoint()
+    if args.write and args.token_pruning != "checkpoint":
+        raise ValueError(
+            "--write stores thresholds for the checkpoint as trained, with its own token "
+            "pruning; without --write, --token-pruning measures another schedule: pass the "
+            "point it prints to predict, eval, score or serve (--policy, --threshold, --param)"
+        )
     inputs = None
     if args.precision == "int8_static" and args.write:
         fp32 = Engine(checkpoint, policy="none", executor="torch")
@@ -143,6 +149,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         graph=not args.eager,
         precision=args.precision,
         split_cost=args.split_cost,
+        token_pruning=args.token_pruning,
     )
     name, split_name, data = inputs or calibration_inputs(args, engine)
     labels = None if args.unlabeled else data.labels

@@ -16,6 +16,7 @@ from eeengine.defaults import default_checkpoint
 from eeengine.engine import Engine
 from eeengine.executors import EXECUTORS, PRECISIONS
 from eeengine.heads import LAYOUTS, POOLINGS
+from eeengine.token_pruning import DEFAULT_TOKEN_PRUNING
 from eeengine.training import TrainConfig
 from eeengine.training.calibration_slice import CALIBRATION_SPLIT
 from eeengine.training.contrastive import EXITS
@@ -32,8 +33,8 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Which checkpoint runs, and how: ``--ckpt``, ``--device``, ``--backend``, ``--executor``,
-    ``--precision``, ``--split-cost``, ``--eager``; read back by :func:`engine_settings` (with
-    the policy options of :func:`add_policy_args`)."""
+    ``--precision``, ``--split-cost``, ``--eager``, ``--token-pruning``; read back by
+    :func:`engine_settings` (with the policy options of :func:`add_policy_args`)."""
     parser.add_argument("--ckpt", help="checkpoint directory (default: the cached SST-2 model)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument(
@@ -57,6 +58,38 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="on a CUDA device, run the sync-free loop eagerly instead of replaying CUDA graphs",
     )
+    parser.add_argument(
+        "--token-pruning",
+        type=token_pruning_arg,
+        default="checkpoint",
+        metavar="SCHEDULE",
+        help="MPEE token pruning: 'checkpoint' (its trained schedule, the default), 'none', "
+        f"'mpee' ({json.dumps(DEFAULT_TOKEN_PRUNING)}) or a JSON schedule like it. The "
+        "checkpoint's thresholds were calibrated with its own schedule: with another, pass the "
+        "point `eeengine calibrate --token-pruning ...` prints (--policy, --threshold, --param)",
+    )
+
+
+def token_pruning_arg(text: str) -> str | dict | None:
+    """``--token-pruning``: "checkpoint", None for "none", the MPEE default schedule for
+    "mpee", or the JSON object given (checked when the engine loads, against its depth).
+
+    Raises:
+        argparse.ArgumentTypeError: anything else (argparse names the option).
+    """
+    named = {"checkpoint": "checkpoint", "none": None, "mpee": DEFAULT_TOKEN_PRUNING}
+    if text in named:
+        return named[text]
+    try:
+        schedule = json.loads(text)
+    except json.JSONDecodeError:
+        schedule = None
+    if not isinstance(schedule, dict):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not 'checkpoint', 'none', 'mpee' or a JSON object like "
+            f"{json.dumps(DEFAULT_TOKEN_PRUNING)}"
+        )
+    return schedule
 
 
 def add_precision_arg(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +158,7 @@ def engine_settings(args: argparse.Namespace) -> dict:
         "graph": not args.eager,
         "precision": args.precision,
         "split_cost": args.split_cost,
+        "token_pruning": args.token_pruning,
         **policy_kwargs(args),
     }
 

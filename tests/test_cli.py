@@ -60,6 +60,72 @@ def test_every_engine_command_takes_the_split_cost(
     assert 7.0 in seen
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["predict", "x"], ["eval"], ["calibrate", "--split", "dev", "--max-drop", "1"], ["score"]],
+)
+def test_every_engine_command_takes_the_token_pruning(
+    tiny_ckpt, tmp_path, capsys, monkeypatch, command
+):
+    """``--token-pruning`` reaches the Engine of every command that builds one."""
+    import eeengine.engine
+
+    seen = []
+    resolve = eeengine.engine.resolve_token_pruning
+
+    def spy(given, *args):
+        seen.append(given)
+        return resolve(given, *args)
+
+    monkeypatch.setattr(eeengine.engine, "resolve_token_pruning", spy)
+    (tmp_path / "in.csv").write_text("t\ngreat fun\n")
+    extra = ["--input", str(tmp_path / "in.csv"), "--output", str(tmp_path / "out.csv")]
+    extra += ["--text-column", "t"]
+    args = [*command, "--ckpt", str(tiny_ckpt), "--token-pruning", "mpee"]
+    assert main(args + (extra if command == ["score"] else [])) == 0
+    assert {"layers": [2, 4], "keep_ratio": 0.7, "beta": [1.0, 0.5]} in seen
+
+
+def test_predict_with_a_token_pruning_schedule(tiny_ckpt, capsys):
+    """A schedule given on the command line prunes (the tiny checkpoint has none); ``none``
+    turns it off."""
+    text = "a long and winding sentence about a film that could have been much shorter"
+    schedule = '{"layers": [1], "keep_ratio": 0.5, "beta": [1.0]}'
+    base = ["predict", "--ckpt", str(tiny_ckpt), "--json", "--policy", "none"]
+    assert main([*base, "--token-pruning", schedule, text]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert len(row["tokens_kept"]) == 4 and row["tokens_kept"][0] < row["tokens_kept"][-1] * 2
+    assert row["tokens_kept"][0] < len(text.split()) + 2
+    assert main([*base, "--token-pruning", "none", text]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["tokens_kept"] is None
+
+
+def test_bad_token_pruning_is_named(tiny_ckpt, capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", "--ckpt", str(tiny_ckpt), "--token-pruning", "nope", "x"])
+    assert "argument --token-pruning: 'nope' is not 'checkpoint', 'none', 'mpee'" in (
+        capsys.readouterr().err
+    )
+    args = ["predict", "--ckpt", str(tiny_ckpt), "--token-pruning", '{"layers": [9]}', "x"]
+    assert main(args) == 2
+    assert "layers" in capsys.readouterr().err
+
+
+def test_calibrate_write_keeps_the_checkpoints_schedule(tiny_ckpt, tmp_path, capsys):
+    """Thresholds written to a checkpoint are for its own schedule: --write with another is
+    refused before anything is measured or written."""
+    import shutil
+
+    ckpt = shutil.copytree(tiny_ckpt, tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
+    args = ["calibrate", "--ckpt", str(ckpt), "--split", "dev", "--max-drop", "1"]
+    args += ["--token-pruning", "mpee"]
+    assert main([*args, "--write"]) == 2
+    assert "--write stores thresholds for the checkpoint as trained" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()} == before
+    assert main(args) == 0  # without --write it measures the schedule
+
+
 def test_empty_text_is_an_error(tiny_ckpt, capsys):
     assert main(["predict", "--ckpt", str(tiny_ckpt), " "]) == 2
     assert "empty" in capsys.readouterr().err
