@@ -30,14 +30,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 from safetensors.torch import save
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from eeengine.checkpoint import CheckpointError, read_safetensors, write_atomic
 from eeengine.data import Split
-from eeengine.executors.onnx_graphs import attention_inputs, cls_query_nodes
+from eeengine.executors.onnx_graphs import as_arrays, attention_inputs, cls_query_nodes, model_of
 from eeengine.modeling_bert import BertLayer
 from eeengine.modeling_multiexit import MultiExitBert
 
@@ -201,7 +201,7 @@ def int8_static_attention_graph(
     graph.attention(num_heads, eps, present_key="present_key")
     cls_nodes, cls_weights = cls_query_nodes(layer, num_heads)
     graph.nodes += cls_nodes
-    graph.tensors |= {key: value.detach().numpy() for key, value in cls_weights.items()}
+    graph.tensors |= as_arrays(cls_weights)
     hidden = graph.hidden_shape
     head_size = hidden[-1] // num_heads
     outputs = {
@@ -327,12 +327,7 @@ class _StaticLayer:
         outputs: dict[str, list[str | int]],
     ) -> onnx.ModelProto:
         """The model of the nodes built so far, with float32 ``outputs`` (name -> shape)."""
-        graph = helper.make_graph(
-            self.nodes,
-            name,
-            inputs,
-            [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in outputs.items()],
-            [numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in self.tensors.items()],
-        )
-        opsets = [helper.make_opsetid("", 17), helper.make_opsetid(_MS, 1)]
-        return helper.make_model(graph, opset_imports=opsets)
+        values = [
+            helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in outputs.items()
+        ]
+        return model_of(name, self.nodes, inputs, values, self.tensors)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -265,8 +266,28 @@ def _model(
     initializers: dict[str, Tensor],
 ) -> onnx.ModelProto:
     """A model of ``nodes``; ``initializers`` are copied (floating point ones as float32)."""
+    return model_of(name, nodes, inputs, outputs, as_arrays(initializers))
+
+
+def as_arrays(tensors: dict[str, Tensor]) -> dict[str, np.ndarray]:
+    """Initializer values from torch tensors: contiguous CPU copies, floating point ones as
+    float32."""
+    return {
+        key: _float32(value).detach().contiguous().cpu().numpy() for key, value in tensors.items()
+    }
+
+
+def model_of(
+    name: str,
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+    initializers: dict[str, np.ndarray],
+) -> onnx.ModelProto:
+    """A model of ``nodes`` with ``initializers`` (name -> array), on the standard opset and
+    ONNX Runtime's contrib ops (``com.microsoft``)."""
     tensors = [
-        numpy_helper.from_array(_float32(value).detach().contiguous().cpu().numpy(), key)
+        numpy_helper.from_array(np.ascontiguousarray(value), key)
         for key, value in initializers.items()
     ]
     graph = helper.make_graph(nodes, name, inputs, outputs, tensors)

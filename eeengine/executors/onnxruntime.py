@@ -256,16 +256,19 @@ class OnnxRuntimeExecutor(LayerExecutor):
         batch_size, seq_len, hidden_size = hidden_states.shape
         heads = self.model.config.num_attention_heads
         head_size = hidden_size // heads
-        # int8_static's MultiHeadAttention gives the keys alone, Attention keys and values.
-        keys = ("present_key", ()) if self.precision == "int8_static" else ("present", (2,))
+        keys_shape = (batch_size, heads, seq_len, head_size)
+        # int8_static's MultiHeadAttention outputs the keys alone; Attention keys and values.
+        keys_only = self.precision == "int8_static"
         outputs = {
             "attention_output": torch.empty_like(hidden_states),
             "cls_query": torch.empty(batch_size, heads, head_size),
-            keys[0]: torch.empty(*keys[1], batch_size, heads, seq_len, head_size),
+            "present_key" if keys_only else "present": torch.empty(
+                keys_shape if keys_only else (2, *keys_shape)
+            ),
         }
         inputs = {"hidden_states": hidden_states, "attention_mask": mask}
         attention_output, cls_query, present = self._run(index + 1, inputs, outputs)
-        return attention_output, cls_query, present if keys[1] == () else present[0]
+        return attention_output, cls_query, present if keys_only else present[0]
 
     def _run_feed_forward(self, index: int, attention_output: Tensor) -> Tensor:
         attention_output = self._track(attention_output)
