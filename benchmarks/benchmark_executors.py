@@ -5,15 +5,16 @@ Speed (``--speed``), in one process, interleaved (:func:`compare.latency_batch1`
 :func:`compare.throughput`), SST-2 dev sentences, tokenization included:
 
 - ``eeengine_ort_{fp32,int8}``: ``Engine(ckpt, policy="none", executor="onnxruntime",
-  precision=...)``, full depth: one ONNX Runtime session per layer, the exit head and policy
-  step between layers.
+  precision=...)``, full depth: at batch 32 one ONNX Runtime session per layer, back to back;
+  at batch 1 the row graph (:mod:`eeengine.executors.row_graph`), the loop in one session.
 - ``one_session_{fp32,int8}``: the very same graphs (:func:`eeengine.executors.onnxruntime.
   layer_graph`, ``embeddings_graph``; int8 through the same ``quantize_int8``) joined into one
   ONNX Runtime session, then the last exit head: what per-layer execution costs over it.
 - ``eeengine_torch_{fp32,bf16}``: the torch executor at fp32 and bf16 (AVX-512 BF16 here).
 
 Memory (``--memory``): resident memory (VmRSS) of a fresh subprocess per configuration after
-loading the engine and predicting a few sentences; ratio to the torch executor at fp32.
+loading the engine and predicting a few sentences in one batch (``_row_graph``: then one alone,
+which builds the ONNX Runtime executor's row graph); ratio to the torch executor at fp32.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/benchmark_executors.py --threads 2 \
         --out benchmarks/results/executors_sst2
@@ -147,14 +148,17 @@ def speed(args: argparse.Namespace) -> dict:
     }
 
 
-def resident_mib(ckpt: str, settings: dict) -> float:
-    """VmRSS (MiB) of a fresh process after Engine(ckpt, **settings) and a few predictions."""
+def resident_mib(ckpt: str, settings: dict, one_row: bool = False) -> float:
+    """VmRSS (MiB) of a fresh process after Engine(ckpt, **settings) and a few predictions in
+    one batch; ``one_row``: then one more, alone (the ONNX Runtime executor builds its row
+    graph)."""
     code = (
         "import json, sys, warnings; warnings.simplefilter('ignore'); "
         "import torch; torch.set_num_threads(1); from eeengine import Engine; "
         f"e = Engine({ckpt!r}, policy='none', **json.loads(sys.argv[1])); "
         "e.predict(['a gorgeous, witty, seductive movie.'] * 8, batch_size=8); "
-        "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])"
+        + ("e.predict('a gorgeous, witty, seductive movie.'); " if one_row else "")
+        + "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, json.dumps(settings)],
@@ -167,10 +171,14 @@ def resident_mib(ckpt: str, settings: dict) -> float:
 
 def memory(args: argparse.Namespace) -> dict:
     ckpt = str(args.ckpt or default_checkpoint())
-    rss = {name: [] for name in ENGINES}
+    configurations = {name: (settings, False) for name, settings in ENGINES.items()}
+    for name, settings in ENGINES.items():
+        if settings["executor"] == "onnxruntime":
+            configurations[f"{name}_row_graph"] = (settings, True)
+    rss = {name: [] for name in configurations}
     for _ in range(args.memory_repeats):  # interleaved
-        for name, settings in ENGINES.items():
-            rss[name].append(resident_mib(ckpt, settings))
+        for name, (settings, one_row) in configurations.items():
+            rss[name].append(resident_mib(ckpt, settings, one_row))
     medians = {name: statistics.median(values) for name, values in rss.items()}
     base = medians["eeengine_torch_fp32"]
     return {

@@ -13,7 +13,8 @@ peers are built in :mod:`peers`):
 - ``papers_loop``: the papers' control flow: batch 1, after every layer an unfused head, the
   entropy, and a host check (``.item()``) whether to stop, on eeengine's layers.
 - ``eeengine_{executor}[_{precision}][_tok]_{point}``: ``Engine.predict`` for each layer
-  executor (``torch``; ``ort``: one ONNX Runtime session per layer), each precision the Engine
+  executor (``torch``; ``ort``: one ONNX Runtime session per layer, and at batch 1 the row
+  graph, the whole loop in one session), each precision the Engine
   offers (fp32 unnamed; ``bf16`` / ``int8`` / ``int8_static`` where ``Engine`` takes
   ``precision``; ``int8_static`` needs the checkpoint's activation statistics), without and
   with (``_tok``) MPEE token pruning (the checkpoint's schedule, else ``--token-pruning``), at

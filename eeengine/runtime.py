@@ -25,7 +25,7 @@ captures in CUDA graphs; :class:`DeviceLoop` picks the loop for a device once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -197,6 +197,11 @@ class ExitLoop:
             input_ids, attention_mask, token_type_ids: (batch_size, seq_len) int64; the mask
                 is 1 for real tokens.
         """
+        row = self._row_loop(input_ids.shape[0])
+        if row is not None:  # one row: the executor runs the whole loop in one call
+            out = ExitOutput(*row(input_ids, attention_mask, token_type_ids))
+            out.tokens_kept = self._tokens_kept(attention_mask, out.exit_layer)
+            return out
         out = self.outputs(input_ids.shape[0], input_ids.device)
         live = self.start(input_ids, attention_mask, token_type_ids)
         for first, last in self.segments:
@@ -208,11 +213,20 @@ class ExitLoop:
                 break
             live = self.select(live, keep)
         if self.token_pruning is None:  # every layer a row ran had its full length
-            layers = torch.arange(1, self.model.num_layers + 1, device=input_ids.device)
-            out.tokens_kept = attention_mask.sum(1, keepdim=True) * (
-                layers <= out.exit_layer[:, None]
-            )
+            out.tokens_kept = self._tokens_kept(attention_mask, out.exit_layer)
         return out
+
+    def _row_loop(self, batch_size: int) -> Callable[..., tuple[Tensor, Tensor]] | None:
+        """The executor's one-row runner (:meth:`LayerExecutor.row_loop`) for a batch of one
+        with a fused backend and no token pruning, else None."""
+        if batch_size != 1 or self._op is None or self.token_pruning is not None:
+            return None
+        return self.executor.row_loop(self.policy)
+
+    def _tokens_kept(self, attention_mask: Tensor, exit_layer: Tensor) -> Tensor:
+        """``ExitOutput.tokens_kept`` without pruning: each row's length up to its exit."""
+        layers = torch.arange(1, self.model.num_layers + 1, device=attention_mask.device)
+        return attention_mask.sum(1, keepdim=True) * (layers <= exit_layer[:, None])
 
     def outputs(self, batch_size: int, device: torch.device) -> ExitOutput:
         """Empty result buffers for ``batch_size`` rows (filled by :meth:`step`; ``tokens_kept``

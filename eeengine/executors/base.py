@@ -9,6 +9,7 @@ from typing import Protocol
 
 from torch import Tensor
 
+from eeengine.policies import ExitPolicy
 from eeengine.token_pruning import TokenPruneOutput
 
 
@@ -58,6 +59,12 @@ class LayerExecutor(Protocol):
         for index in range(start, stop):
             hidden_states = self.layer(index, hidden_states, mask)
         return hidden_states
+
+    def row_loop(self, policy: ExitPolicy) -> Callable[..., tuple[Tensor, Tensor]] | None:
+        """A runner of the whole early-exit loop for a batch of one row under ``policy``,
+        (input_ids, attention_mask, token_type_ids) -> (logits, exit_layer), as the loop would
+        compute them; None (the default): the loop runs layer by layer."""
+        return None
 
     def host_ops(self) -> AbstractContextManager[None]:
         """A context for the torch operations between this executor's layers (exit heads,

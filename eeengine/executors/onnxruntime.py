@@ -20,6 +20,10 @@ rule reads) and its feed-forward sublayer (:func:`feed_forward_graph`; at "int8_
 :func:`~eeengine.executors.int8_static.int8_static_feed_forward_graph`); the fused
 ``token_prune`` runs between them, so pruning layers run at the executor's precision too.
 
+A batch of one row can run the whole early-exit loop as one more session, the row graph
+(:meth:`OnnxRuntimeExecutor.row_loop`, :mod:`eeengine.executors.row_graph`), built from the
+layer graphs the executor keeps on disk (in a temporary directory deleted with it).
+
 Threads: every session runs on ONNX Runtime's process-wide intra-op thread pool (made by the
 first executor; :func:`global_thread_pool_size`), whose workers spin between the sessions of a
 forward pass as a single session's would. ONNX Runtime then refuses new sessions of the process
@@ -70,10 +74,17 @@ from eeengine.executors.onnx_graphs import (
     layer_graph,
     quantize_int8,
 )
+from eeengine.executors.row_graph import row_exit_model, row_graph_support
 from eeengine.modeling_multiexit import MultiExitBert
+from eeengine.policies import ExitPolicy
 from eeengine.token_pruning import TokenPruneOutput
 
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.int32: np.int32}
+_NUMPY_DTYPES = {
+    torch.float32: np.float32,
+    torch.int32: np.int32,
+    torch.int64: np.int64,
+    torch.bool: np.bool_,
+}
 PRECISIONS = ("fp32", "int8", "int8_static")
 # Batches up to this many tokens (batch_size x seq_len) leave their scratch memory in the shared
 # arena for the next call (MiniLM: about 25 MB at 4,096 tokens); larger ones give it back at
@@ -137,41 +148,47 @@ class OnnxRuntimeExecutor(LayerExecutor):
         # self._feed_forward[i], after the layers.
         self._feed_forward: dict[int, int] = {}
         # Layer sessions load from files: one from bytes keeps the bytes (a second copy of
-        # the weights) referenced for its lifetime.
-        with tempfile.TemporaryDirectory(prefix="eeengine-onnx-") as tmp:
-            path = Path(tmp) / "layer.onnx"
+        # the weights) referenced for its lifetime. Without pruning layers the files stay
+        # (deleted with the executor) for the row graph (row_loop).
+        self._graph_dir = tempfile.TemporaryDirectory(prefix="eeengine-onnx-")
+        self._options, self._embeddings_model = options, embeddings
+        self._row: tuple[str, RowLoop] | None = None  # the row graph of the last policy
+        tmp = self._graph_dir.name
 
-            def load(graph: onnx.ModelProto) -> onnxruntime.InferenceSession:
-                if precision == "int8":
-                    quantize_int8(graph, path)
-                else:
-                    onnx.save(graph, path)
-                return _session(str(path), options)
+        def load(graph: onnx.ModelProto, name: str) -> onnxruntime.InferenceSession:
+            path = Path(tmp) / f"{name}.onnx"
+            if precision == "int8":
+                quantize_int8(graph, path)
+            else:
+                onnx.save(graph, path)
+            return _session(str(path), options)
 
-            layers = model.backbone.layers
-            static = precision == "int8_static"
-            for index, layer in enumerate(layers):
-                if index in pruning_layers:
-                    graph = (
-                        int8_static_attention_graph(layer, heads, eps, activations, index)
-                        if static
-                        else attention_graph(layer, heads, eps)
-                    )
-                elif static:
-                    graph = int8_static_layer_graph(layer, heads, eps, activations, index)
-                else:
-                    graph = layer_graph(layer, heads, eps)
-                sessions.append(load(graph))
-                del graph  # one layer's transient copies at a time
-            for index in sorted(pruning_layers):
-                self._feed_forward[index] = len(sessions)
-                layer = layers[index]
+        layers = model.backbone.layers
+        static = precision == "int8_static"
+        for index, layer in enumerate(layers):
+            if index in pruning_layers:
                 graph = (
-                    int8_static_feed_forward_graph(layer, eps, activations, index)
+                    int8_static_attention_graph(layer, heads, eps, activations, index)
                     if static
-                    else feed_forward_graph(layer, eps)
+                    else attention_graph(layer, heads, eps)
                 )
-                sessions.append(load(graph))
+            elif static:
+                graph = int8_static_layer_graph(layer, heads, eps, activations, index)
+            else:
+                graph = layer_graph(layer, heads, eps)
+            sessions.append(load(graph, f"layer{index}"))
+            del graph  # one layer's transient copies at a time
+        for index in sorted(pruning_layers):
+            self._feed_forward[index] = len(sessions)
+            layer = layers[index]
+            graph = (
+                int8_static_feed_forward_graph(layer, eps, activations, index)
+                if static
+                else feed_forward_graph(layer, eps)
+            )
+            sessions.append(load(graph, f"feed_forward{index}"))
+        if pruning_layers:
+            self._graph_dir.cleanup()
         _release_freed_heap()
         self._sessions = sessions
         self._bindings = [session.io_binding() for session in self._sessions]
@@ -181,6 +198,38 @@ class OnnxRuntimeExecutor(LayerExecutor):
             _bind(self._bindings[0].bind_input, key, value)
         self._hidden_size = config.hidden_size
         self._largest_batch_tokens = 0  # batch_size x seq_len, since release_scratch
+
+    def row_loop(self, policy: ExitPolicy) -> RowLoop | None:
+        """The early-exit loop of one row as one session (:mod:`eeengine.executors.row_graph`),
+        built at the first call with ``policy`` (about 0.5 s for MiniLM) and kept until
+        another policy asks; None where there is none: pruning layers, or a policy the graph
+        cannot run (:func:`~eeengine.executors.row_graph.row_graph_support`).
+
+        The session holds its own copy of the layer weights (+11 MiB for MiniLM at int8,
+        +43 MiB at fp32), built only for a process that predicts one row at a time.
+        """
+        if self._feed_forward or row_graph_support(policy) is not None:
+            return None
+        key = repr(policy)
+        if self._row is None or self._row[0] != key:
+            self._row = None  # free the old session first
+            self._row = (key, self._build_row_loop(policy))
+        return self._row[1]
+
+    def _build_row_loop(self, policy: ExitPolicy) -> RowLoop:
+        model = self.model
+        directory = Path(self._graph_dir.name)
+        layers = [onnx.load(directory / f"layer{i}.onnx") for i in range(model.num_layers)]
+        heads = [model.exit_head(i) for i in range(model.num_layers)]
+        graph = row_exit_model(self._embeddings_model, layers, heads, policy, model.num_labels)
+        del layers
+        path = directory / "row.onnx"
+        onnx.save(graph, path)
+        del graph
+        session = _session(str(path), self._options)
+        path.unlink()
+        state = policy.init_state(1, torch.device("cpu"), model.num_labels)
+        return RowLoop(session, self._embedding_weights, state, model.num_labels)
 
     def host_ops(self) -> AbstractContextManager[None]:
         """torch on one thread (:func:`single_threaded_torch`): the cores belong to ONNX
@@ -324,6 +373,51 @@ class OnnxRuntimeExecutor(LayerExecutor):
             _bind(binding.bind_output, name, tensor)
         self._sessions[session].run_with_iobinding(binding, options)
         return list(outputs.values())
+
+
+class RowLoop:
+    """Runs a row graph (:func:`eeengine.executors.row_graph.row_exit_model`) on one row,
+    inputs and outputs bound by pointer.
+
+    Args:
+        session: the row graph's session.
+        embedding_weights: the embeddings' weights, bound once.
+        state: the policy's initial state for one row (:meth:`ExitPolicy.init_state`), bound
+            once (the graph reads it and never writes it).
+        num_labels: classes of the exit heads (1: regression).
+    """
+
+    def __init__(
+        self,
+        session: onnxruntime.InferenceSession,
+        embedding_weights: dict[str, Tensor],
+        state: dict[str, Tensor],
+        num_labels: int,
+    ) -> None:
+        self._session = session
+        self._binding = session.io_binding()
+        self._state = {f"state.{key}": value.contiguous() for key, value in state.items()}
+        for name, tensor in {**embedding_weights, **self._state}.items():
+            _bind(self._binding.bind_input, name, tensor)
+        self._logits = torch.empty(1, num_labels)
+        self._exit_layer = torch.empty(1, dtype=torch.long)
+        _bind(self._binding.bind_output, "logits", self._logits)
+        _bind(self._binding.bind_output, "exit_layer", self._exit_layer)
+
+    def __call__(
+        self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """One row, (1, seq_len) int64 each (mask 1 = real token) -> logits (1, num_labels)
+        float32 (the policy's output logits at the exit) and exit_layer (1,) int64, 1-based."""
+        inputs = {  # referenced until the run: the binding holds their pointers
+            "input_ids": _int32(input_ids),
+            "token_type_ids": _int32(token_type_ids),
+            "attention_mask": _int32(attention_mask),
+        }
+        for name, tensor in inputs.items():
+            _bind(self._binding.bind_input, name, tensor)
+        self._session.run_with_iobinding(self._binding)
+        return self._logits.clone(), self._exit_layer.clone()
 
 
 def _session(

@@ -42,7 +42,9 @@ class BudgetPolicy(ExitPolicy):
             )
 
     def step(self, logits: Tensor, layer: int, state: State) -> tuple[Tensor, State]:
-        return torch.full((logits.shape[0],), layer >= self.layer, device=logits.device), state
+        # ones/zeros, not full(.., bool): the step traces to ONNX (eeengine.executors.row_graph)
+        make = torch.ones if layer >= self.layer else torch.zeros
+        return make(logits.shape[0], dtype=torch.bool, device=logits.device), state
 
     def decides_at(self, layer: int, num_layers: int) -> bool:
         return layer >= min(self.layer, num_layers)

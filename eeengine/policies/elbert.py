@@ -100,7 +100,9 @@ class ElbertPolicy(ExitPolicy):
             else:
                 steady = q.amax(1) - q.amin(1) <= self.window_range
         confident = normalized_entropy(logits) < self.threshold_at(layer)
-        return confident | (steady & (layer >= self.window)), {"window": window}
+        if layer < self.window:  # a tensor test, not `& bool`: the step traces to ONNX
+            return confident, {"window": window}
+        return confident | steady, {"window": window}
 
     def _push(self, state: State, layer: int, current: Tensor) -> Tensor:
         """Append ``current`` (batch_size, ...) to the window, dropping its oldest entry."""
