@@ -158,3 +158,11 @@ def test_row_graph_with_cls_pooler_heads(tokenizer, layout):
         torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
         exits.append(int(exit_layer))
     assert len(set(exits)) > 1, exits
+
+
+@pytest.mark.parametrize(("name", "params"), POLICIES)
+def test_row_graph_builds_without_onnxruntime_warnings(tiny_bert_dir, capfd, name, params):
+    executor = make_executor("onnxruntime", make_tiny_model(tiny_bert_dir))
+    capfd.readouterr()
+    assert executor.row_loop(make_policy(name, **params)) is not None
+    assert "[W:onnxruntime" not in capfd.readouterr().err

@@ -151,7 +151,7 @@ class OnnxRuntimeExecutor(LayerExecutor):
         # the weights) referenced for its lifetime. Without pruning layers the files stay
         # (deleted with the executor) for the row graph (row_loop).
         self._graph_dir = tempfile.TemporaryDirectory(prefix="eeengine-onnx-")
-        self._options, self._embeddings_model = options, embeddings
+        self._threads, self._embeddings_model = threads, embeddings
         self._row: tuple[str, RowLoop] | None = None  # the row graph of the last policy
         tmp = self._graph_dir.name
 
@@ -226,7 +226,11 @@ class OnnxRuntimeExecutor(LayerExecutor):
         path = directory / "row.onnx"
         onnx.save(graph, path)
         del graph
-        session = _session(str(path), self._options)
+        options = _session_options(self._threads)
+        # Errors only: ORT's graph optimizer warns where it cannot rename a value an If branch
+        # reads (an Identity it would remove), an optimization missed, not a problem.
+        options.log_severity_level = 3
+        session = _session(str(path), options)
         path.unlink()
         state = policy.init_state(1, torch.device("cpu"), model.num_labels)
         return RowLoop(session, self._embedding_weights, state, model.num_labels)

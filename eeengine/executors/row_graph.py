@@ -154,7 +154,31 @@ def row_exit_model(
         helper.make_node("Identity", ["result_layer_1"], ["exit_layer"]),
     ]
     graph = helper.make_graph(nodes, "row_exit", inputs, outputs, builder.initializers)
+    _drop_dead_code(graph)
     return helper.make_model(graph, opset_imports=builder.opsets(layers))
+
+
+def _drop_dead_code(graph: onnx.GraphProto) -> set[str]:
+    """Remove the nodes and initializers of ``graph`` and its ``If`` branches whose values
+    nothing reads (e.g. a traced step's exit mask at the last layer, where every row exits:
+    ONNX Runtime warns about each unused constant); return the names read in ``graph``, its
+    branches included."""
+    while True:
+        read = {output.name for output in graph.output}
+        for node in graph.node:
+            read.update(node.input)
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    read |= _drop_dead_code(attribute.g)
+        live = [node for node in graph.node if any(name in read for name in node.output)]
+        if len(live) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(live)
+    kept = [tensor for tensor in graph.initializer if tensor.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return read
 
 
 class _Builder:
