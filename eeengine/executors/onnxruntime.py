@@ -232,6 +232,7 @@ class OnnxRuntimeExecutor(LayerExecutor):
         options.log_severity_level = 3
         session = _session(str(path), options)
         path.unlink()
+        _release_freed_heap()  # the transient graphs: 40 MiB of RSS at int8 without the trim
         state = policy.init_state(1, torch.device("cpu"), model.num_labels)
         return RowLoop(session, self._embedding_weights, state, model.num_labels)
 
