@@ -392,6 +392,8 @@ class DeviceLoop:
         self.graph = graph and self.device.type == "cuda"
         self._runner = None  # the GraphRunner of the last policy, and its key
         self._runner_key: tuple | None = None
+        self._loop: ExitLoop | None = None  # the CPU ExitLoop of the last policy, and its key
+        self._loop_key: tuple | None = None
 
     @property
     def mode(self) -> str:
@@ -411,6 +413,10 @@ class DeviceLoop:
     ) -> ExitOutput:
         """Early exit for one batch (inputs on the model's device, right-padded, mask 1 = real
         token); the result stays on the device (see :meth:`to_host`)."""
+        if self.device.type == "cpu":
+            return self._exit_loop(policy, backend, token_pruning).run(
+                input_ids, attention_mask, token_type_ids
+            )
         if not self.graph:
             return early_exit_forward(
                 self.model, policy, input_ids, attention_mask, token_type_ids, backend,
@@ -429,6 +435,17 @@ class DeviceLoop:
         return ExitOutput(
             *(torch.cat(parts) for parts in zip(*(o.tensors() for o in outs), strict=True))
         )
+
+    def _exit_loop(
+        self, policy: ExitPolicy, backend: str, token_pruning: TokenPruning | None
+    ) -> ExitLoop:
+        """The CPU loop of a policy, backend and schedule, made once for them (not per batch:
+        at batch 1 making it cost about as much as a layer's exit step)."""
+        key = (repr(policy), backend, token_pruning)
+        if key != self._loop_key:
+            self._loop = ExitLoop(self.model, policy, backend, token_pruning, self.executor)
+            self._loop_key = key
+        return self._loop
 
     def _graph_runner(
         self, policy: ExitPolicy, backend: str, token_pruning: TokenPruning | None

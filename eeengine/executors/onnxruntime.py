@@ -414,10 +414,10 @@ class RowLoop:
     ) -> tuple[Tensor, Tensor]:
         """One row, (1, seq_len) int64 each (mask 1 = real token) -> logits (1, num_labels)
         float32 (the policy's output logits at the exit) and exit_layer (1,) int64, 1-based."""
-        inputs = {  # referenced until the run: the binding holds their pointers
-            "input_ids": _int32(input_ids),
-            "token_type_ids": _int32(token_type_ids),
-            "attention_mask": _int32(attention_mask),
+        inputs = {  # bound by pointer: contiguous, and referenced until the run
+            "input_ids": input_ids.contiguous(),
+            "token_type_ids": token_type_ids.contiguous(),
+            "attention_mask": attention_mask.contiguous(),
         }
         for name, tensor in inputs.items():
             _bind(self._binding.bind_input, name, tensor)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 import onnx
@@ -42,6 +42,7 @@ from eeengine.policies import ExitPolicy
 from eeengine.policies.base import State
 
 _OPSET = 17
+_IDS = ("input_ids", "token_type_ids", "attention_mask")  # (1, seq_len) int64 inputs
 
 
 def row_graph_support(policy: ExitPolicy) -> str | None:
@@ -116,9 +117,10 @@ def row_exit_model(
         num_labels: classes of the heads (1: regression).
 
     Returns:
-        A model with the embeddings' inputs, ``attention_mask`` (1, seq) int32 and the policy's
-        initial state ``state.{key}`` (:meth:`ExitPolicy.init_state` for one row); outputs
-        ``logits`` (1, num_labels) float32 (:meth:`ExitPolicy.output_logits` at the exit) and
+        A model with inputs ``input_ids``, ``token_type_ids`` and ``attention_mask`` (1, seq)
+        int64 (mask 1 = real token), the embeddings' weights and the policy's initial state
+        ``state.{key}`` (:meth:`ExitPolicy.init_state` for one row); outputs ``logits``
+        (1, num_labels) float32 (:meth:`ExitPolicy.output_logits` at the exit) and
         ``exit_layer`` (1,) int64, 1-based.
 
     Raises:
@@ -128,16 +130,18 @@ def row_exit_model(
     if reason is not None:
         raise ValueError(f"no row graph: {reason}")
     builder = _Builder()
-    (embed,) = builder.inline(
-        embeddings.graph, "embeddings/", {"output": "hidden_0"}, keep_inputs=True
-    )
+    # The loop's int64 ids, cast here for ONNX Runtime's ops (int32): no conversion per call.
+    nodes = [helper.make_node("Cast", [n], [f"{n}.int32"], to=TensorProto.INT32) for n in _IDS]
+    weights = [i.name for i in embeddings.graph.input if i.name not in _IDS]
+    names = {"output": "hidden_0", **{n: f"{n}.int32" for n in _IDS}}
+    nodes += builder.inline(embeddings.graph, "embeddings/", names, keep=weights)
     state = policy.init_state(1, torch.device("cpu"), num_labels)
     state_names = {key: f"state.{key}" for key in sorted(state)}
-    nodes = [embed, *builder.mask_nodes()]
+    nodes += builder.mask_nodes()
     nodes += builder.chain(1, layers, heads, policy, num_labels, state, state_names)
     inputs = [
-        *(i for i in embeddings.graph.input),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT32, [1, "seq"]),
+        *(helper.make_tensor_value_info(n, TensorProto.INT64, [1, "seq"]) for n in _IDS),
+        *(i for i in embeddings.graph.input if i.name in weights),
         *(
             helper.make_tensor_value_info(
                 name, helper.np_dtype_to_tensor_dtype(state[key].numpy().dtype), state[key].shape
@@ -193,12 +197,12 @@ class _Builder:
         graph: onnx.GraphProto,
         prefix: str,
         names: dict[str, str],
-        keep_inputs: bool = False,
+        keep: Collection[str] = (),
     ) -> list[onnx.NodeProto]:
         """``graph``'s nodes, every value renamed ``prefix + name`` except those in ``names``
-        (renamed to their value there) and, with ``keep_inputs``, the graph's inputs; its
+        (renamed to their value there) and those in ``keep`` (kept as they are); its
         initializers are renamed alike and collected."""
-        kept = {i.name for i in graph.input} if keep_inputs else set()
+        kept = set(keep)
 
         def rename(name: str) -> str:
             if not name or name in kept:
@@ -288,7 +292,7 @@ class _Builder:
         for layer in range(first, num_layers + 1):
             names = {
                 "hidden_states": f"hidden_{layer - 1}",
-                "attention_mask": "attention_mask",
+                "attention_mask": "attention_mask.int32",
                 "output": f"hidden_{layer}",
             }
             nodes += self.inline(layers[layer - 1].graph, f"layer{layer}/", names)
