@@ -197,7 +197,7 @@ class ExitLoop:
             input_ids, attention_mask, token_type_ids: (batch_size, seq_len) int64; the mask
                 is 1 for real tokens.
         """
-        row = self._row_loop(input_ids.shape[0])
+        row = self.row_loop(input_ids.shape[0])
         if row is not None:  # one row: the executor runs the whole loop in one call
             out = ExitOutput(*row(input_ids, attention_mask, token_type_ids))
             out.tokens_kept = self._tokens_kept(attention_mask, out.exit_layer)
@@ -216,9 +216,10 @@ class ExitLoop:
             out.tokens_kept = self._tokens_kept(attention_mask, out.exit_layer)
         return out
 
-    def _row_loop(self, batch_size: int) -> Callable[..., tuple[Tensor, Tensor]] | None:
-        """The executor's one-row runner (:meth:`LayerExecutor.row_loop`) for a batch of one
-        with a fused backend and no token pruning, else None."""
+    def row_loop(self, batch_size: int) -> Callable[..., tuple[Tensor, Tensor]] | None:
+        """The executor's one-row runner (:meth:`LayerExecutor.row_loop`), which :meth:`run`
+        takes for a batch of ``batch_size`` rows: for a batch of one with a fused backend and no
+        token pruning, where the executor has one; else None."""
         if batch_size != 1 or self._op is None or self.token_pruning is not None:
             return None
         return self.executor.row_loop(self.policy)

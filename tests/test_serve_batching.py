@@ -156,8 +156,9 @@ def test_results_equal_engine_predict(
 def test_layerwise_merges_depths_across_requests(tiny_ckpt, kind) -> None:
     """Rows of different requests at the same depth run in one layer call: with a request
     arriving between every call, the calls still carry rows of several requests (with the
-    cut too: these sentences differ by a few tokens, less padding than a call costs)."""
-    engine = Engine(tiny_ckpt, policy="none")  # every row runs every layer
+    cut too: these sentences differ by a few tokens, less padding than a call costs). The
+    torch executor: with ONNX Runtime the first input, alone, would run in one call."""
+    engine = Engine(tiny_ckpt, policy="none", executor="torch")  # every row runs every layer
     batcher = _batcher(kind, engine, 16384, None)
     batcher.split_cost = engine.split_cost if kind.endswith("-cut") else math.inf
     jobs = [_job(engine, [text]) for text in TEXTS[:4]]
@@ -179,7 +180,8 @@ def test_layerwise_merges_depths_across_requests(tiny_ckpt, kind) -> None:
     ],
 )
 def test_schedule_picks_the_next_depth(tiny_ckpt, schedule, max_wait_ms, runs_next) -> None:
-    engine = Engine(tiny_ckpt, policy="none")  # every row runs every layer
+    # Every row runs every layer, layer by layer (the torch executor has no row graph).
+    engine = Engine(tiny_ckpt, policy="none", executor="torch")
     batcher = _batcher("continuous", engine, 16384, None, schedule, max_wait_ms)
     with torch.inference_mode():
         batcher.submit(_job(engine, TEXTS[:1]))
@@ -346,3 +348,16 @@ def test_layerwise_cuts_where_padding_costs_more(tiny_ckpt) -> None:
         assert _histogram_sum_and_count(batcher.metrics.batch_tokens)[0] == (
             tokens * engine.num_layers
         )
+
+
+@pytest.mark.parametrize("executor", ["onnxruntime", "torch"])
+def test_one_input_alone_runs_the_whole_loop_in_one_call(tiny_ckpt, executor) -> None:
+    """Alone in the server, an input runs as one call where the executor has a row graph
+    (ONNX Runtime), layer by layer otherwise; the answer is the engine's either way."""
+    engine = Engine(tiny_ckpt, executor=executor, policy="none")  # every layer runs
+    batcher = _batcher("continuous", engine, 16384, None)
+    job = _job(engine, [TEXTS[0]])
+    _drive(batcher, [[job]])
+    _assert_matches_engine(engine, job, [TEXTS[0]])
+    _, calls = _histogram_sum_and_count(batcher.metrics.batch_size)
+    assert calls == (1 if executor == "onnxruntime" else engine.num_layers)

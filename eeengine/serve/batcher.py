@@ -239,6 +239,21 @@ class Batcher:
                     ),
                 )
 
+    def _run_whole(self, rows: Sequence[Row], run_batch: RunBatch) -> None:
+        """One model call of the whole early-exit loop (``run_batch``, as
+        :class:`StaticBatcher`'s) on ``rows``, all answered by it. Rows of jobs an earlier call
+        failed (or whose client left) do not run; if the call raises, its jobs fail."""
+        part = [row for row in rows if not row[0].cancelled]
+        if not part:
+            return
+        try:
+            input_ids, attention_mask, token_type_ids = self._collate(part)
+            self.metrics.observe_batch(len(part), input_ids.shape[1])
+            logits, exit_layer = run_batch(input_ids, attention_mask, token_type_ids)
+            self._finish(part, logits, exit_layer.tolist())
+        except Exception as error:  # never kill the worker: fail this call's jobs only
+            self._fail([job for job, _ in part], error)
+
     def _fail(self, jobs: Sequence[Job], error: BaseException) -> None:
         """A model call raised: its jobs get the error, and their other inputs are dropped."""
         for job in jobs:
@@ -284,14 +299,4 @@ class StaticBatcher(Batcher):
         rows = self._take_pending()
         lengths = [len(job.input_ids[i]) for job, i in rows]
         for call in length_sorted_batches(lengths, max(len(rows), 1), self.split_cost):
-            # Rows of jobs an earlier call failed (or whose client left) do not run.
-            part = [rows[k] for k in call if not rows[k][0].cancelled]
-            if not part:
-                continue
-            try:
-                input_ids, attention_mask, token_type_ids = self._collate(part)
-                self.metrics.observe_batch(len(part), input_ids.shape[1])
-                logits, exit_layer = self._run_batch(input_ids, attention_mask, token_type_ids)
-                self._finish(part, logits, exit_layer.tolist())
-            except Exception as error:  # never kill the worker: fail this call's jobs only
-                self._fail([job for job, _ in part], error)
+            self._run_whole([rows[k] for k in call], self._run_batch)

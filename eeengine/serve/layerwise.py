@@ -8,7 +8,10 @@ call, right-padded to the longest of them. Where that padding would cost more th
 call (the engine's ``split_cost``, as in ``Engine.predict``), new inputs are cut into calls
 of similar lengths, and the groups waiting at a depth merge only with groups of similar width.
 After the call, inputs that exit are answered at once and the rest move to the next depth's
-queue.
+queue. One input alone in the server (no other pending, none in flight) runs the whole loop in
+one call where the executor can (the ONNX Runtime executor's row graph,
+:mod:`eeengine.executors.row_graph`); an input arriving meanwhile waits for that call, not
+for a layer boundary.
 
 Which depth runs next (``schedule``; new inputs compete as the queue of depth 0):
 
@@ -128,8 +131,14 @@ class LayerwiseBatcher(Batcher):
     def _iteration(self) -> None:
         done = self._pick()
         if done == 0:
-            group = self._start()
-            calls = [] if group is None else self._cut(group)
+            rows = self._take_pending()
+            alone = len(rows) == 1 and not any(self._queues.values())
+            if alone and self._loop.row_loop(1) is not None:
+                # Alone in the server: the executor runs the whole loop in one call (the row
+                # graph), instead of stopping at layer boundaries where no other input waits.
+                self._run_whole(rows, self._run_alone)
+                return
+            calls = self._cut(self._start(rows)) if rows else []
         else:
             calls = self._merge_similar(self._take(done))
         for call in calls:
@@ -138,12 +147,15 @@ class LayerwiseBatcher(Batcher):
             except Exception as error:  # never kill the worker: fail this call's jobs only
                 self._fail({job for job, _ in call.rows}, error)
 
-    def _start(self) -> _Group | None:
-        """New inputs that fit the limits, embedded."""
-        rows = self._take_pending()
-        if not rows:
-            return None
+    def _start(self, rows: list[Row]) -> _Group:
+        """New inputs, embedded."""
         return _Group(self._loop.start(*self._collate(rows)), rows)
+
+    def _run_alone(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self._loop.run(input_ids, attention_mask, token_type_ids)
+        return out.logits, out.exit_layer
 
     def _cut(self, group: _Group) -> list[_Group]:
         """New inputs as layer calls of similar widths, longest first: cut where a cut saves
