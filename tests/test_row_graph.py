@@ -105,12 +105,14 @@ def test_the_loop_runs_a_single_row_through_the_row_graph(setup, tokenizer, monk
     calls = []
     runner = executor.row_loop(policy)
     monkeypatch.setattr(executor, "row_loop", lambda p: calls.append(p) or runner)
-    for batch in rows(tokenizer)[:3]:
+    for batch in rows(tokenizer)[:4]:
         out = loop.run(*batch)
         expected = ExitLoop(model, policy, "reference", None, executor).run(*batch)
         assert out.exit_layer.tolist() == expected.exit_layer.tolist()
         torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=1e-5)
         assert out.tokens_kept.tolist() == expected.tokens_kept.tolist()
+    # The first row runs layer by layer (a one-off prediction does not build the graph), the
+    # next ones in the row graph.
     assert calls == [policy] * 3
     # A batch of two runs layer by layer; so does the reference backend (above: no call).
     batch = collate(encode(tokenizer, SENTENCES[:2], None, 64), [0, 1], 0, torch.device("cpu"))

@@ -353,11 +353,14 @@ def test_layerwise_cuts_where_padding_costs_more(tiny_ckpt) -> None:
 @pytest.mark.parametrize("executor", ["onnxruntime", "torch"])
 def test_one_input_alone_runs_the_whole_loop_in_one_call(tiny_ckpt, executor) -> None:
     """Alone in the server, an input runs as one call where the executor has a row graph
-    (ONNX Runtime), layer by layer otherwise; the answer is the engine's either way."""
+    (ONNX Runtime; from the second such input on, which builds it), layer by layer otherwise;
+    the answer is the engine's either way."""
     engine = Engine(tiny_ckpt, executor=executor, policy="none")  # every layer runs
     batcher = _batcher("continuous", engine, 16384, None)
-    job = _job(engine, [TEXTS[0]])
-    _drive(batcher, [[job]])
-    _assert_matches_engine(engine, job, [TEXTS[0]])
+    jobs = [_job(engine, [text]) for text in TEXTS[:3]]
+    for job, text in zip(jobs, TEXTS, strict=False):
+        _drive(batcher, [[job]])
+        _assert_matches_engine(engine, job, [text])
     _, calls = _histogram_sum_and_count(batcher.metrics.batch_size)
-    assert calls == (1 if executor == "onnxruntime" else engine.num_layers)
+    layers = engine.num_layers
+    assert calls == (layers + 2 if executor == "onnxruntime" else 3 * layers)

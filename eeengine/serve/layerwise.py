@@ -10,8 +10,9 @@ of similar lengths, and the groups waiting at a depth merge only with groups of 
 After the call, inputs that exit are answered at once and the rest move to the next depth's
 queue. One input alone in the server (no other pending, none in flight) runs the whole loop in
 one call where the executor can (the ONNX Runtime executor's row graph,
-:mod:`eeengine.executors.row_graph`); an input arriving meanwhile waits for that call, not
-for a layer boundary.
+:mod:`eeengine.executors.row_graph`, from the second such input on:
+:meth:`eeengine.runtime.ExitLoop.row_loop`); an input arriving meanwhile waits for that call,
+not for a layer boundary.
 
 Which depth runs next (``schedule``; new inputs compete as the queue of depth 0):
 
