@@ -11,6 +11,8 @@ activation; ATOL = 1e-5 covers it with margin (measured: <= 6e-6 on all-MiniLM-L
 activations reach ~10). Exit decisions must be equal.
 """
 
+import threading
+
 import pytest
 import torch
 from transformers import BertModel as HFBertModel
@@ -270,3 +272,30 @@ def test_onnxruntime_sessions_share_the_global_thread_pool_unless_told_not_to(gl
         "same True",
         "other session ok",
     ]
+
+
+def test_onnxruntime_engine_answers_threads_as_one_caller(tiny_ckpt):
+    """Several threads predicting at once get what one caller gets: the executor's session
+    bindings are shared, so its runs take turns (they overwrote each other's pointers)."""
+    engine = Engine(tiny_ckpt, executor="onnxruntime")
+    inputs = SENTENCES * 3
+    expected = [(p.exit_layer, p.logits) for p in engine.predict(inputs, batch_size=1)]
+    wrong: list[int] = []
+
+    def caller(offset: int) -> None:
+        for _ in range(4):
+            for i in range(offset % 2, len(inputs), 2):
+                batch = [inputs[i]] if offset < 2 else [inputs[i], inputs[i - 1]]
+                prediction = engine.predict(batch, batch_size=len(batch))[0]
+                layer, logits = expected[i]
+                if prediction.exit_layer != layer or not torch.allclose(
+                    torch.tensor(prediction.logits), torch.tensor(logits), atol=1e-5
+                ):
+                    wrong.append(i)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []

@@ -24,6 +24,9 @@ A batch of one row can run the whole early-exit loop as one more session, the ro
 (:meth:`OnnxRuntimeExecutor.row_loop`, :mod:`eeengine.executors.row_graph`), built from the
 layer graphs the executor keeps on disk (in a temporary directory deleted with it).
 
+Several threads may use one executor: its session runs take turns (the bindings and the row
+graph's buffers are the executor's own), each run on all the pool's threads.
+
 Threads: every session runs on ONNX Runtime's process-wide intra-op thread pool (made by the
 first executor; :func:`global_thread_pool_size`), whose workers spin between the sessions of a
 forward pass as a single session's would. ONNX Runtime then refuses new sessions of the process
@@ -153,6 +156,9 @@ class OnnxRuntimeExecutor(LayerExecutor):
         self._graph_dir = tempfile.TemporaryDirectory(prefix="eeengine-onnx-")
         self._threads, self._embeddings_model = threads, embeddings
         self._row: tuple[str, RowLoop] | None = None  # the row graph of the last policy
+        # One session run at a time: the bindings (and what _bound remembers of them) are the
+        # executor's, so two threads' runs would overwrite each other's pointers.
+        self._lock = threading.Lock()
         tmp = self._graph_dir.name
 
         def load(graph: onnx.ModelProto, name: str) -> onnxruntime.InferenceSession:
@@ -211,10 +217,11 @@ class OnnxRuntimeExecutor(LayerExecutor):
         if self._feed_forward or row_graph_support(policy) is not None:
             return None
         key = repr(policy)
-        if self._row is None or self._row[0] != key:
-            self._row = None  # free the old session first
-            self._row = (key, self._build_row_loop(policy))
-        return self._row[1]
+        with self._lock:  # one build, and no thread runs a session being replaced
+            if self._row is None or self._row[0] != key:
+                self._row = None  # free the old session first
+                self._row = (key, self._build_row_loop(policy))
+            return self._row[1]
 
     def _build_row_loop(self, policy: ExitPolicy) -> RowLoop:
         model = self.model
@@ -367,16 +374,17 @@ class OnnxRuntimeExecutor(LayerExecutor):
         of pruning layers) on contiguous CPU tensors bound by pointer (no copies); ``outputs``
         are written in place and returned in order."""
         binding, bound = self._bindings[session], self._bound[session]
-        for name, tensor in inputs.items():
-            # A binding is a pointer, a shape and a type: the same three again need no call
-            # (the attention mask, bound once for the layers between two compactions).
-            key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
-            if bound.get(name) != key:
-                _bind(binding.bind_input, name, tensor)
-                bound[name] = key
-        for name, tensor in outputs.items():
-            _bind(binding.bind_output, name, tensor)
-        self._sessions[session].run_with_iobinding(binding, options)
+        with self._lock:
+            for name, tensor in inputs.items():
+                # A binding is a pointer, a shape and a type: the same three again need no call
+                # (the attention mask, bound once for the layers between two compactions).
+                key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
+                if bound.get(name) != key:
+                    _bind(binding.bind_input, name, tensor)
+                    bound[name] = key
+            for name, tensor in outputs.items():
+                _bind(binding.bind_output, name, tensor)
+            self._sessions[session].run_with_iobinding(binding, options)
         return list(outputs.values())
 
 
@@ -406,6 +414,7 @@ class RowLoop:
             _bind(self._binding.bind_input, name, tensor)
         self._logits = torch.empty(1, num_labels)
         self._exit_layer = torch.empty(1, dtype=torch.long)
+        self._lock = threading.Lock()  # one run at a time: one binding, one pair of outputs
         _bind(self._binding.bind_output, "logits", self._logits)
         _bind(self._binding.bind_output, "exit_layer", self._exit_layer)
 
@@ -419,10 +428,11 @@ class RowLoop:
             "token_type_ids": token_type_ids.contiguous(),
             "attention_mask": attention_mask.contiguous(),
         }
-        for name, tensor in inputs.items():
-            _bind(self._binding.bind_input, name, tensor)
-        self._session.run_with_iobinding(self._binding)
-        return self._logits.clone(), self._exit_layer.clone()
+        with self._lock:
+            for name, tensor in inputs.items():
+                _bind(self._binding.bind_input, name, tensor)
+            self._session.run_with_iobinding(self._binding)
+            return self._logits.clone(), self._exit_layer.clone()
 
 
 def _session(
