@@ -286,13 +286,17 @@ def model_of(
 ) -> onnx.ModelProto:
     """A model of ``nodes`` with ``initializers`` (name -> array), on the standard opset and
     ONNX Runtime's contrib ops (``com.microsoft``)."""
-    tensors = [
-        numpy_helper.from_array(np.ascontiguousarray(value), key)
-        for key, value in initializers.items()
-    ]
+    tensors = [initializer(key, value) for key, value in initializers.items()]
     graph = helper.make_graph(nodes, name, inputs, outputs, tensors)
     opsets = [helper.make_opsetid("", _OPSET), helper.make_opsetid(_MS, 1)]
     return helper.make_model(graph, opset_imports=opsets)
+
+
+def initializer(name: str, value: np.ndarray) -> onnx.TensorProto:
+    """``value`` as an initializer named ``name``, C-contiguous, its shape kept: a 0-d value
+    stays 0-d (``np.ascontiguousarray`` makes it 1-d, and a 1-d index makes ``Gather`` keep
+    the axis)."""
+    return numpy_helper.from_array(np.array(value, order="C"), name)
 
 
 def quantize_int8(model: onnx.ModelProto, output: Path) -> None:

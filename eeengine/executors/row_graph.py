@@ -34,9 +34,10 @@ from collections.abc import Collection, Sequence
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 from torch import Tensor
 
+from eeengine.executors.onnx_graphs import as_arrays, initializer
 from eeengine.heads import ExitHead
 from eeengine.policies import ExitPolicy
 from eeengine.policies.base import State
@@ -225,8 +226,7 @@ class _Builder:
         return nodes
 
     def add(self, name: str, value: np.ndarray) -> str:
-        # np.array, not ascontiguousarray: that makes a 0-d index 1-d (and Gather keep the axis).
-        self.initializers.append(numpy_helper.from_array(np.array(value, order="C"), name))
+        self.initializers.append(initializer(name, value))
         return name
 
     def mask_nodes(self) -> list[onnx.NodeProto]:
@@ -254,8 +254,9 @@ class _Builder:
         else:  # the [CLS] pooler: tanh(dense(hidden[:, 0]))
             pooler = head.pooler if head.pooler is not None else head._shared_pooler[0]
             self.add(p + "index_0", np.array(0, np.int64))
-            self.add(p + "pooler_weight", _array(pooler.dense.weight))
-            self.add(p + "pooler_bias", _array(pooler.dense.bias))
+            weights = {"pooler_weight": pooler.dense.weight, "pooler_bias": pooler.dense.bias}
+            for key, value in as_arrays(weights).items():
+                self.add(p + key, value)
             nodes = [
                 helper.make_node("Gather", [hidden, p + "index_0"], [p + "cls"], axis=1),
                 helper.make_node(
@@ -266,8 +267,9 @@ class _Builder:
                 ),  # fmt: skip
                 helper.make_node("Tanh", [p + "dense"], [p + "pooled"]),
             ]
-        self.add(p + "weight", _array(head.classifier.weight))
-        self.add(p + "bias", _array(head.classifier.bias))
+        weights = {"weight": head.classifier.weight, "bias": head.classifier.bias}
+        for key, value in as_arrays(weights).items():
+            self.add(p + key, value)
         return nodes + [
             helper.make_node(
                 "Gemm", [p + "pooled", p + "weight", p + "bias"], [f"logits_{layer}"], transB=1
@@ -365,7 +367,3 @@ def _branch(
         helper.make_tensor_value_info(outputs[1], TensorProto.INT64, None),
     ]
     return helper.make_graph(nodes, name, [], values, initializers)
-
-
-def _array(tensor: Tensor) -> np.ndarray:
-    return tensor.detach().float().contiguous().cpu().numpy()
