@@ -211,8 +211,9 @@ class OnnxRuntimeExecutor(LayerExecutor):
         another policy asks; None where there is none: pruning layers, or a policy the graph
         cannot run (:func:`~eeengine.executors.row_graph.row_graph_support`).
 
-        The session holds its own copy of the layer weights (+11 MiB for MiniLM at int8,
-        +43 MiB at fp32), built only for a process that predicts one row at a time.
+        The session holds its own copy of the layer weights (MiniLM: +23 MiB resident at int8,
+        +54 MiB at fp32, BENCHMARKS.md), built only for a process that predicts one row at a
+        time.
         """
         if self._feed_forward or row_graph_support(policy) is not None:
             return None

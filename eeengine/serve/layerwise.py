@@ -134,10 +134,11 @@ class LayerwiseBatcher(Batcher):
         if done == 0:
             rows = self._take_pending()
             alone = len(rows) == 1 and not any(self._queues.values())
-            if alone and self._loop.row_loop(1) is not None:
+            row_loop = self._loop.row_loop(1) if alone else None
+            if row_loop is not None:
                 # Alone in the server: the executor runs the whole loop in one call (the row
                 # graph), instead of stopping at layer boundaries where no other input waits.
-                self._run_whole(rows, self._run_alone)
+                self._run_whole(rows, row_loop)
                 return
             calls = self._cut(self._start(rows)) if rows else []
         else:
@@ -151,12 +152,6 @@ class LayerwiseBatcher(Batcher):
     def _start(self, rows: list[Row]) -> _Group:
         """New inputs, embedded."""
         return _Group(self._loop.start(*self._collate(rows)), rows)
-
-    def _run_alone(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self._loop.run(input_ids, attention_mask, token_type_ids)
-        return out.logits, out.exit_layer
 
     def _cut(self, group: _Group) -> list[_Group]:
         """New inputs as layer calls of similar widths, longest first: cut where a cut saves
