@@ -46,15 +46,16 @@ def _layer_by_layer(self: ExitLoop, batch_size: int) -> None:
     return None
 
 
-def interleaved(runs: dict[str, Callable[[], None]], passes: int) -> dict[str, float]:
-    """Median ms of each run over ``passes`` passes, alternating the order; each run is a
-    function of no arguments that does one pass and returns its per-input times."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    names = list(runs)
+def interleaved(one_pass: Callable[[], list[float]], passes: int) -> dict[str, float]:
+    """Median ms per input of ``one_pass`` (a pass over the inputs, returning each one's
+    seconds) with the row graph and layer by layer, ``passes`` times each, alternating."""
+    modes = {"row graph": ROW_LOOP, "layers": _layer_by_layer}
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    names = list(modes)
     for index in range(passes):
         for name in names if index % 2 == 0 else names[::-1]:
-            ExitLoop.row_loop = ROW_LOOP if name == "row graph" else _layer_by_layer
-            times[name] += runs[name]()
+            ExitLoop.row_loop = modes[name]
+            times[name] += one_pass()
     ExitLoop.row_loop = ROW_LOOP
     return {name: 1000 * statistics.median(values) for name, values in times.items()}
 
@@ -68,7 +69,7 @@ def loop_pass(loop: ExitLoop, batches: list) -> list[float]:
     return times
 
 
-def serve_pass(engine: Engine, batcher: LayerwiseBatcher, inputs: list) -> list[float]:
+def serve_pass(batcher: LayerwiseBatcher, inputs: list) -> list[float]:
     times = []
     for tokens in inputs:
         job = Job(*tokens)
@@ -93,18 +94,14 @@ def measure(ckpt: str, precision: str, policy: str | None, texts: list[str], pas
         ExitLoop.row_loop = _layer_by_layer
         layered = [int(loop.run(*b).exit_layer) for b in batches]
         ExitLoop.row_loop = ROW_LOOP
-        runs = {name: (lambda: loop_pass(loop, batches)) for name in ("row graph", "layers")}
-        result = {"loop_ms": interleaved(runs, passes)}
+        result = {"loop_ms": interleaved(lambda: loop_pass(loop, batches), passes)}
         batcher = LayerwiseBatcher(
             loop, num_layers=engine.num_layers, pad_token_id=pad, device=engine.device,
             max_batch_tokens=16384, max_batch_requests=None,
             metrics=ServeMetrics(engine.num_layers), split_cost=engine.split_cost,
         )  # fmt: skip
         inputs = [tokenize(engine.tokenizer, [(t, None)], engine.max_length, True) for t in texts]
-        runs = {
-            name: (lambda: serve_pass(engine, batcher, inputs)) for name in ("row graph", "layers")
-        }
-        result["serve_ms"] = interleaved(runs, passes)
+        result["serve_ms"] = interleaved(lambda: serve_pass(batcher, inputs), passes)
     result["policy"] = repr(engine.policy)
     result["exits_equal"] = sum(a == b for a, b in zip(row, layered, strict=True))
     result["inputs"] = len(texts)
