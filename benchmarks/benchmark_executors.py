@@ -13,8 +13,9 @@ Speed (``--speed``), in one process, interleaved (:func:`compare.latency_batch1`
 - ``eeengine_torch_{fp32,bf16}``: the torch executor at fp32 and bf16 (AVX-512 BF16 here).
 
 Memory (``--memory``): resident memory (VmRSS) of a fresh subprocess per configuration after
-loading the engine and predicting a few sentences in one batch (``_row_graph``: then one alone,
-which builds the ONNX Runtime executor's row graph); ratio to the torch executor at fp32.
+loading the engine and predicting a few sentences in one batch (``_row_graph``: then two, one at
+a time, which builds the ONNX Runtime executor's row graph); ratio to the torch executor at
+fp32.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/benchmark_executors.py --threads 2 \
         --out benchmarks/results/executors_sst2
@@ -41,7 +42,7 @@ from eeengine import Engine
 from eeengine.data import get_task, load_split
 from eeengine.defaults import default_checkpoint
 from eeengine.executors.onnx_graphs import embeddings_graph, layer_graph, quantize_int8
-from eeengine.executors.onnxruntime import neighbour_session_options
+from eeengine.executors.ort_environment import neighbour_session_options
 
 ENGINES = {  # provider -> Engine keyword arguments
     "eeengine_ort_fp32": {"executor": "onnxruntime", "precision": "fp32"},
@@ -150,14 +151,14 @@ def speed(args: argparse.Namespace) -> dict:
 
 def resident_mib(ckpt: str, settings: dict, one_row: bool = False) -> float:
     """VmRSS (MiB) of a fresh process after Engine(ckpt, **settings) and a few predictions in
-    one batch; ``one_row``: then one more, alone (the ONNX Runtime executor builds its row
-    graph)."""
+    one batch; ``one_row``: then two more, each alone (the loop asks the ONNX Runtime
+    executor for its row graph from the second one-row batch on)."""
     code = (
         "import json, sys, warnings; warnings.simplefilter('ignore'); "
         "import torch; torch.set_num_threads(1); from eeengine import Engine; "
         f"e = Engine({ckpt!r}, policy='none', **json.loads(sys.argv[1])); "
         "e.predict(['a gorgeous, witty, seductive movie.'] * 8, batch_size=8); "
-        + ("e.predict('a gorgeous, witty, seductive movie.'); " if one_row else "")
+        + ("e.predict('a gorgeous, witty, seductive movie.'); " * 2 if one_row else "")
         + "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])"
     )
     out = subprocess.run(

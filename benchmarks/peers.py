@@ -137,7 +137,7 @@ def onnxruntime_provider(
     """
     import onnxruntime
 
-    from eeengine.executors.onnxruntime import neighbour_session_options
+    from eeengine.executors.ort_environment import neighbour_session_options
 
     path, fusions = export_optimized(engine, workdir)
     settings: dict = {"fusions": fusions}

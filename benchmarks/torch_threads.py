@@ -1,7 +1,7 @@
 """The ONNX Runtime executor with and without its torch ops on one thread (``host_ops``).
 
 Both variants run in one process, interleaved, on the same engines: ``on`` is the executor as
-shipped (:func:`eeengine.executors.onnxruntime.single_threaded_torch` around each predict
+shipped (:func:`eeengine.executors.ort_environment.single_threaded_torch` around each predict
 call), ``off`` runs the same calls with torch's own thread count. Batch 32 throughput over SST-2
 dev and batch-1 median latency, at full depth and at the fp32 drop-1.0 point of the default
 checkpoint, fp32 and int8. Run it with and without ``OMP_WAIT_POLICY=PASSIVE``: with OpenMP's

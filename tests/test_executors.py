@@ -211,8 +211,9 @@ _THREAD_POOL_SCRIPT = """
 import warnings
 import onnxruntime, torch
 from onnx import TensorProto, helper
-from eeengine.executors.onnxruntime import (
-    OnnxRuntimeExecutor, global_thread_pool_size, neighbour_session_options,
+from eeengine.executors.onnxruntime import OnnxRuntimeExecutor
+from eeengine.executors.ort_environment import (
+    global_thread_pool_size, neighbour_session_options,
 )
 from eeengine.modeling_multiexit import MultiExitBert
 from tests.conftest import tiny_config

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from eeengine import Engine
-from eeengine.executors.onnxruntime import OnnxRuntimeExecutor, single_threaded_torch
+from eeengine.executors.onnxruntime import OnnxRuntimeExecutor
+from eeengine.executors.ort_environment import single_threaded_torch
 from eeengine.executors.torch import TorchExecutor
 
 

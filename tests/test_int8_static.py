@@ -28,7 +28,7 @@ from eeengine.executors.int8_static import (  # noqa: E402
     read_activations,
     write_activations,
 )
-from eeengine.executors.onnxruntime import neighbour_session_options  # noqa: E402
+from eeengine.executors.ort_environment import neighbour_session_options  # noqa: E402
 from eeengine.precision import calibration_file  # noqa: E402
 from tests.conftest import SENTENCES, write_rows  # noqa: E402
 

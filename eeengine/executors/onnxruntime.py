@@ -11,7 +11,9 @@ Memory: one copy of the weights. The embedding tables (half of MiniLM's weights)
 copied: they are inputs of the embeddings session, bound once to the torch tensors. The
 layer weights are ONNX Runtime's own (it repacks them for its GEMMs at session creation, a
 layout torch cannot share); :meth:`OnnxRuntimeExecutor.release_torch_layers` then drops the
-torch copy of the layers, for an owner that runs nothing else on them (:class:`eeengine.Engine`).
+torch copy of the layers, and their pages of the checkpoint's memory map, for an owner that
+runs nothing else on them (:class:`eeengine.Engine`). The process-wide settings the sessions
+share (thread pool, scratch arena) are in :mod:`eeengine.executors.ort_environment`.
 
 MPEE token pruning (``pruning_layers``): a pruning layer is two sessions, its attention
 sublayer (:func:`attention_graph`, which also returns the [CLS] query and the keys the pruning
@@ -28,17 +30,18 @@ Several threads may use one executor: its session runs take turns (the bindings 
 graph's buffers are the executor's own), each run on all the pool's threads.
 
 Threads: every session runs on ONNX Runtime's process-wide intra-op thread pool (made by the
-first executor; :func:`global_thread_pool_size`), whose workers spin between the sessions of a
-forward pass as a single session's would. ONNX Runtime then refuses new sessions of the process
-with their own pools: other code making sessions sets ``use_per_session_threads = False``, or
-the process sets ``EEENGINE_ORT_GLOBAL_THREAD_POOL=0`` first (per-session pools, slower).
+first executor; :func:`.ort_environment.global_thread_pool_size`), whose workers spin between
+the sessions of a forward pass as a single session's would. ONNX Runtime then refuses new
+sessions of the process with their own pools: other code making sessions sets
+``use_per_session_threads = False``, or the process sets
+``EEENGINE_ORT_GLOBAL_THREAD_POOL=0`` first (per-session pools, slower).
 
 Hidden states stay torch tensors: each session reads and writes them in place through
 IOBinding (pointers, no copies), and the exit head, the policy step and the batch compaction
 between layers run in eeengine exactly as with the torch executor. Running the embeddings in
 ONNX Runtime too means no multi-threaded torch op runs between two sessions (waking torch's
 thread pool costs more than a small op at batch 1 on a busy CPU). The torch ops that remain
-run on one thread (:meth:`OnnxRuntimeExecutor.host_ops`, :func:`single_threaded_torch`): with
+run on one thread (:meth:`OnnxRuntimeExecutor.host_ops`, :func:`.single_threaded_torch`): with
 torch's own pool, each multi-threaded one waited for cores that ONNX Runtime's workers were
 spinning on, a softmax of 32 x 2 logits took 1.6-3.9 ms instead of 5 us, and early exit at
 batch 32 ran 1.48x (fp32) / 1.62x (int8) slower under OpenMP's default waiting
@@ -47,15 +50,10 @@ batch 32 ran 1.48x (fp32) / 1.62x (int8) slower under OpenMP's default waiting
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
-import os
 import tempfile
 import threading
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +63,7 @@ import torch
 from torch import Tensor
 
 from eeengine.executors.base import LayerExecutor
+from eeengine.executors.host_memory import drop_file_pages, release_freed_heap
 from eeengine.executors.int8_static import (
     int8_static_attention_graph,
     int8_static_feed_forward_graph,
@@ -77,6 +76,7 @@ from eeengine.executors.onnx_graphs import (
     layer_graph,
     quantize_int8,
 )
+from eeengine.executors.ort_environment import session_options, single_threaded_torch
 from eeengine.executors.row_graph import row_exit_model, row_graph_support
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import ExitPolicy
@@ -105,7 +105,8 @@ class OnnxRuntimeExecutor(LayerExecutor):
             docstring) or "int8_static" (:mod:`eeengine.executors.int8_static`).
         num_threads: ONNX Runtime intra-op threads (default: ``torch.get_num_threads()``).
             The sessions run on ONNX Runtime's process-wide thread pool, which the first
-            executor of the process makes with its count (see :func:`global_thread_pool_size`).
+            executor of the process makes with its count (see
+            :func:`.ort_environment.global_thread_pool_size`).
         pruning_layers: 0-based layers the loop runs with MPEE token pruning
             (:meth:`pruned_layer`): each is built as two sessions, its attention sublayer
             (:func:`attention_graph`) and its feed-forward sublayer
@@ -143,7 +144,7 @@ class OnnxRuntimeExecutor(LayerExecutor):
         self.model = model
         config = model.config
         threads = num_threads or torch.get_num_threads()
-        options = _session_options(threads)
+        options = session_options(threads)
         embeddings, self._embedding_weights = embeddings_graph(model.backbone.embeddings)
         sessions = [_session(embeddings.SerializeToString(), options)]
         heads, eps = config.num_attention_heads, config.layer_norm_eps
@@ -195,7 +196,7 @@ class OnnxRuntimeExecutor(LayerExecutor):
             sessions.append(load(graph, f"feed_forward{index}"))
         if pruning_layers:
             self._graph_dir.cleanup()
-        _release_freed_heap()
+        release_freed_heap()
         self._sessions = sessions
         self._bindings = [session.io_binding() for session in self._sessions]
         self._bound: list[dict[str, tuple]] = [{} for _ in self._sessions]
@@ -234,18 +235,18 @@ class OnnxRuntimeExecutor(LayerExecutor):
         path = directory / "row.onnx"
         onnx.save(graph, path)
         del graph
-        options = _session_options(self._threads)
+        options = session_options(self._threads)
         # Errors only: ORT's graph optimizer warns where it cannot rename a value an If branch
         # reads (an Identity it would remove), an optimization missed, not a problem.
         options.log_severity_level = 3
         session = _session(str(path), options)
         path.unlink()
-        _release_freed_heap()  # the transient graphs: 40 MiB of RSS at int8 without the trim
+        release_freed_heap()  # the transient graphs: 40 MiB of RSS at int8 without the trim
         state = policy.init_state(1, torch.device("cpu"), model.num_labels)
         return RowLoop(session, self._embedding_weights, state, model.num_labels)
 
     def host_ops(self) -> AbstractContextManager[None]:
-        """torch on one thread (:func:`single_threaded_torch`): the cores belong to ONNX
+        """torch on one thread (:func:`.single_threaded_torch`): the cores belong to ONNX
         Runtime's pool, whose workers spin between sessions."""
         return single_threaded_torch()
 
@@ -254,12 +255,22 @@ class OnnxRuntimeExecutor(LayerExecutor):
         Runtime's. The torch layers cannot run afterwards (their parameters are on the
         ``meta`` device: any use raises).
 
+        A checkpoint's weights are views of one memory map of its file, which the embeddings
+        keep open: the layers' pages, read once to build the graphs, are dropped from resident
+        memory too (:func:`~eeengine.executors.host_memory.drop_file_pages`; MiniLM at fp32:
+        -40 MiB, BENCHMARKS.md).
+
         For an owner that runs the layers only through this executor; the model given to the
         constructor is changed in place.
         """
-        for layer in self.model.backbone.layers:
+        layers = self.model.backbone.layers
+        released = {id(t): t for t in (*layers.parameters(), *layers.buffers())}
+        model = (*self.model.parameters(), *self.model.buffers())
+        kept = [t for t in model if id(t) not in released]
+        drop_file_pages(released.values(), keep=kept)
+        for layer in layers:
             layer.to_empty(device="meta")
-        _release_freed_heap()
+        release_freed_heap()
 
     def embed(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
         """(batch_size, seq_len) int64 ids -> (batch_size, seq_len, hidden_size) float32."""
@@ -440,162 +451,6 @@ def _session(
     model: bytes | str, options: onnxruntime.SessionOptions
 ) -> onnxruntime.InferenceSession:
     return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-
-
-def _session_options(num_threads: int) -> onnxruntime.SessionOptions:
-    options = onnxruntime.SessionOptions()
-    if _global_thread_pool(num_threads):
-        options.use_per_session_threads = False
-    else:
-        options.intra_op_num_threads = num_threads
-        options.inter_op_num_threads = 1
-        # Each session has its own workers: spinning, the seven pools' workers would take
-        # turns on the cores (measured 4-5x slower at batch 1).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    # Scratch memory comes from one arena shared by every session of the process (see
-    # _shared_arena), not from malloc at each run: a layer's large buffers (the attention
-    # probabilities, 12.6 MB at 512 tokens) were fresh pages at every session run, faulted in
-    # again at each of the seven runs of a forward pass, where one whole-model session pays
-    # that once. Measured at 512 tokens, batch 1, one thread: per-layer execution 13-15 %
-    # slower than one session over the same graphs with malloc, 2.6 % with the shared arena.
-    _shared_arena()
-    options.add_session_config_entry("session.use_env_allocators", "1")
-    # The memory-pattern planner asks for one block sized for a whole run; with the shared
-    # arena, buffers sized per tensor reuse each other's chunks better (measured faster).
-    options.enable_mem_pattern = False
-    return options
-
-
-_GLOBAL_POOL_THREADS: list[int] = []  # the size of ONNX Runtime's global pool, once made
-# Set to "0" before the first executor is made to keep per-session thread pools (slower at
-# batch 1; for processes that make other ONNX Runtime sessions with their own pools).
-GLOBAL_POOL_ENV = "EEENGINE_ORT_GLOBAL_THREAD_POOL"
-
-
-def global_thread_pool_size() -> int | None:
-    """The intra-op threads of ONNX Runtime's process-wide pool if an executor made it, else
-    None. Once it exists, ONNX Runtime refuses every new session of the process that asks for
-    its own pool: make them with ``SessionOptions.use_per_session_threads = False``."""
-    return _GLOBAL_POOL_THREADS[0] if _GLOBAL_POOL_THREADS else None
-
-
-def neighbour_session_options(num_threads: int) -> onnxruntime.SessionOptions:
-    """Options for another ONNX Runtime session of a process that may hold these executors (a
-    peer in a benchmark, a whole-model session): ORT's defaults with ``num_threads`` intra-op
-    threads, or ORT's global pool once an executor made it (ORT then allows no other pool;
-    the pool's own thread count applies)."""
-    options = onnxruntime.SessionOptions()
-    if global_thread_pool_size() is None:
-        options.intra_op_num_threads = num_threads
-    else:
-        options.use_per_session_threads = False
-    return options
-
-
-def _global_thread_pool(num_threads: int) -> bool:
-    """Whether the executor's sessions run on ONNX Runtime's process-wide intra-op thread pool,
-    which the first executor of the process makes with its ``num_threads`` (unless
-    :data:`GLOBAL_POOL_ENV` is "0" then). Later executors share it whatever they ask for (a
-    warning names a different count): ONNX Runtime allows no per-session pool beside it.
-
-    One pool for every session means one set of workers, which spin between the layer
-    sessions of a forward pass, as the workers of a single ONNX Runtime session do, instead of
-    sleeping and being woken for every operator, as each session's own non-spinning pool must
-    (see :func:`_session_options`). Measured on the default SST-2 checkpoint at int8, batch 1,
-    two threads: full depth 3.44 -> 2.09 ms, the default policy 2.19 -> 1.49 ms; batch 32
-    unchanged or faster (BENCHMARKS.md, "Issue 12").
-    """
-    if not _GLOBAL_POOL_THREADS:
-        if os.environ.get(GLOBAL_POOL_ENV, "1") == "0":
-            return False
-        onnxruntime.set_global_thread_pool_sizes(num_threads, 1)
-        _GLOBAL_POOL_THREADS.append(num_threads)
-    elif _GLOBAL_POOL_THREADS[0] != num_threads:
-        warnings.warn(
-            f"ONNX Runtime's global thread pool has {_GLOBAL_POOL_THREADS[0]} threads (made by "
-            f"this process's first eeengine executor); this executor shares it instead of "
-            f"using {num_threads} (set {GLOBAL_POOL_ENV}=0 for per-session pools)",
-            stacklevel=4,
-        )
-    return True
-
-
-@functools.cache
-def _shared_arena() -> None:
-    """Register one CPU arena allocator with ONNX Runtime's environment (once per process),
-    for sessions created with ``session.use_env_allocators``.
-
-    It grows by what is asked (no power-of-two rounding) and keeps its chunks, so its size is
-    the largest working set of one session run (the shapes change at every compaction; seven
-    per-session arenas each kept every size it ever served: 2.9 GiB at batch 256 x 128 tokens
-    where malloc needed 0.97 GiB).
-    """
-    info = onnxruntime.OrtMemoryInfo(
-        "Cpu", onnxruntime.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, onnxruntime.OrtMemType.DEFAULT
-    )
-    # max_mem 0 (no limit), extend strategy 1 (kSameAsRequested), defaults for the rest.
-    config = onnxruntime.OrtArenaCfg(0, 1, -1, -1)
-    try:
-        onnxruntime.create_and_register_allocator(info, config)
-    except Exception as error:  # another library of the process registered one first
-        if "already" not in str(error).lower():
-            raise
-
-
-def _release_freed_heap() -> None:
-    """Give the heap pages freed by the graph building back to the system (glibc's
-    ``malloc_trim``; a no-op elsewhere). The transient copies of the weights (numpy, protobuf,
-    serialized bytes) are freed but would otherwise stay in the process's resident memory."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
-class _TorchThreads(threading.local):
-    """What :func:`single_threaded_torch` keeps: per thread, its open contexts and its thread
-    count from before them; per process (class attributes), the open contexts of all threads
-    and the count from before the first."""
-
-    depth = 0
-    saved = 1
-    lock = threading.Lock()
-    process_depth = 0
-    process_saved = 1
-
-
-_torch_threads = _TorchThreads()
-
-
-@contextmanager
-def single_threaded_torch() -> Iterator[None]:
-    """``torch.set_num_threads(1)`` in the calling thread while inside.
-
-    torch's thread count is partly per thread and partly process-wide (OpenMP's is per thread,
-    torch's default for new threads is shared), so on leaving, a thread gets back the count it
-    had, and when the last context open in the process closes, the count from before the
-    first is set again: overlapping :meth:`eeengine.Engine.predict` calls from several threads
-    never leave it at 1. torch code of other threads may also run on one thread meanwhile.
-    """
-    local, shared = _torch_threads, _TorchThreads
-    with shared.lock:
-        if shared.process_depth == 0:
-            shared.process_saved = torch.get_num_threads()
-        shared.process_depth += 1
-    if local.depth == 0:
-        local.saved = torch.get_num_threads()
-        torch.set_num_threads(1)
-    local.depth += 1
-    try:
-        yield
-    finally:
-        local.depth -= 1
-        if local.depth == 0:
-            torch.set_num_threads(local.saved)
-        with shared.lock:
-            shared.process_depth -= 1
-            if shared.process_depth == 0:
-                torch.set_num_threads(shared.process_saved)
 
 
 def _int32(tensor: Tensor) -> Tensor:
