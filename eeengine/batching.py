@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
@@ -171,20 +172,17 @@ def collate(
     """
     lengths = [len(encoded.input_ids[i]) for i in indices]
     max_len = max(lengths)
-    input_ids = torch.tensor(
-        [
-            encoded.input_ids[i] + [pad_token_id] * (max_len - n)
-            for i, n in zip(indices, lengths, strict=True)
-        ]
-    )
-    token_type_ids = torch.tensor(
-        [
-            encoded.token_type_ids[i] + [0] * (max_len - n)
-            for i, n in zip(indices, lengths, strict=True)
-        ]
-    )
-    attention_mask = (torch.arange(max_len) < torch.tensor(lengths)[:, None]).long()
-    tensors = (input_ids, attention_mask, token_type_ids)
-    if torch.device(device).type == "cuda":
+    # Filled in numpy: at batch 1, right after a forward pass, a torch op costs 10-20 us.
+    input_ids = np.full((len(lengths), max_len), pad_token_id, dtype=np.int64)
+    token_type_ids = np.zeros((len(lengths), max_len), dtype=np.int64)
+    for row, (i, n) in enumerate(zip(indices, lengths, strict=True)):
+        input_ids[row, :n] = encoded.input_ids[i]
+        token_type_ids[row, :n] = encoded.token_type_ids[i]
+    attention_mask = (np.arange(max_len) < np.array(lengths)[:, None]).astype(np.int64)
+    tensors = tuple(map(torch.from_numpy, (input_ids, attention_mask, token_type_ids)))
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return tensors
+    if kind == "cuda":
         return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
     return tuple(t.to(device) for t in tensors)

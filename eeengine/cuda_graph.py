@@ -23,7 +23,7 @@ Three details make the same capture work on torch 2.11 and 2.13 without growing 
   up on that stream and on the capture stream before capture; all graphs share one pool.
 
 Thresholds and the other policy parameters are captured as kernel arguments: a runner belongs
-to one policy, and :class:`eeengine.runtime.DeviceLoop` makes a new runner (recapturing)
+to one policy, and :class:`eeengine.device_loop.DeviceLoop` makes a new runner (recapturing)
 when the policy changes, so a graph never replays stale thresholds.
 
 Where conditional nodes do not work (CUDA < 12.4, a torch without them, a probe that fails),

@@ -10,6 +10,7 @@ from eeengine._custom_ops import resolve_backend
 from eeengine.batching import check_split_cost, encode_truncating, length_sorted_batches
 from eeengine.calibration import OperatingPoint, calibrate_engine
 from eeengine.checkpoint import load_checkpoint
+from eeengine.device_loop import DeviceLoop
 from eeengine.executors import make_executor
 from eeengine.flops import FlopCounter
 from eeengine.inputs import char_limit, check_batch_size, normalize_inputs, split_examples
@@ -22,7 +23,7 @@ from eeengine.resolve import (
     resolve_token_pruning,
     validated_policy,
 )
-from eeengine.runtime import DeviceLoop, ExitLoop
+from eeengine.runtime import ExitLoop
 from eeengine.token_pruning import TokenPruning
 
 __all__ = ["Engine", "Prediction"]
@@ -128,8 +129,7 @@ class Engine:
             token_pruning, self.model, self.manifest, self.path
         )
         self._flops = FlopCounter.for_model(self.model)
-        # The engine owns its model: the executor keeps one copy of the weights.
-        self._executor = make_executor(
+        self._executor = make_executor(  # the engine owns its model: one copy of the weights
             executor, self.model, precision, self.token_pruning, True, self.path
         )
         self.split_cost = self._executor.split_cost if split_cost is None else split_cost

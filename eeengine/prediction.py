@@ -3,13 +3,13 @@ predictions."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
-
+from eeengine.device_loop import HostExits
 from eeengine.flops import FlopCounter
-from eeengine.runtime import ExitOutput, check_finite
+from eeengine.runtime import check_finite
 from eeengine.token_pruning import TokenPruning
 
 
@@ -45,39 +45,40 @@ class Prediction:
 
 
 def predictions_from(
-    out: ExitOutput,
+    exits: HostExits,
+    inputs: Sequence[int],
     lengths: Sequence[int],
     label_names: Sequence[str] | None,
     flop_counter: FlopCounter,
     token_pruning: TokenPruning | None,
 ) -> list[Prediction]:
-    """One :class:`Prediction` per row of a batch's exit output, with one host copy per field
-    for the whole batch.
+    """One :class:`Prediction` per row of a batch's exits.
 
     Args:
-        out: the latched ``logits`` (batch, num_labels), ``exit_layer`` (batch,) and, under
-            token pruning, ``tokens_kept`` (batch, num_layers) of a batch.
+        exits: the batch's logits, exit layers and, under token pruning, tokens kept.
+        inputs: the caller's index of each row (named in errors).
         lengths: each row's token count (for its FLOPs).
         label_names: class names in index order; None for regression (one logit: the value).
         flop_counter: the model's :class:`eeengine.flops.FlopCounter`.
         token_pruning: the schedule the batch ran with.
+
+    Raises:
+        eeengine.runtime.NonFiniteLogitsError: a NaN or infinite logit (input and layer named).
     """
     num_layers = flop_counter.num_layers
-    layers = out.exit_layer.tolist()
-    logits = out.logits.tolist()
-    kept = out.tokens_kept.tolist() if token_pruning is not None else [None] * len(layers)
-    probs = torch.softmax(out.logits.float(), -1).tolist() if label_names else logits
+    logits, layers = exits.logits, exits.exit_layer
+    check_finite(logits, layers, inputs)
+    kept = exits.tokens_kept if token_pruning is not None else [None] * len(layers)
     predictions = []
-    for row, row_probs, layer, length, row_kept in zip(
-        logits, probs, layers, lengths, kept, strict=True
-    ):
+    for row, layer, length, row_kept in zip(logits, layers, lengths, kept, strict=True):
         if label_names is None:
             prediction = Prediction(None, None, None, row[0], layer, num_layers, row)
         else:
-            best = max(range(len(row_probs)), key=row_probs.__getitem__)
-            named = dict(zip(label_names, row_probs, strict=True))
+            probs = softmax(row)
+            best = max(range(len(probs)), key=probs.__getitem__)
+            named = dict(zip(label_names, probs, strict=True))
             prediction = Prediction(
-                label_names[best], row_probs[best], named, None, layer, num_layers, row
+                label_names[best], probs[best], named, None, layer, num_layers, row
             )
         prediction.tokens_kept = None if row_kept is None else row_kept[:layer]
         prediction.flops = flop_counter.executed(length, layer, token_pruning)
@@ -86,9 +87,18 @@ def predictions_from(
     return predictions
 
 
+def softmax(logits: Sequence[float]) -> list[float]:
+    """Class probabilities of one row of finite logits, in float64 (a few classes: plain
+    Python costs less than a tensor op here, measured at batch 1)."""
+    top = max(logits)
+    exps = [math.exp(value - top) for value in logits]
+    total = sum(exps)
+    return [value / total for value in exps]
+
+
 def predictions_in_order(
     batches: Sequence[Sequence[int]],
-    outs: Sequence[ExitOutput],
+    outs: Sequence[HostExits],
     lengths: Sequence[int],
     offset: int,
     label_names: Sequence[str] | None,
@@ -99,7 +109,7 @@ def predictions_in_order(
 
     Args:
         batches: the indices of the inputs in each batch (every input in exactly one).
-        outs: each batch's exit output, on the host.
+        outs: each batch's exits.
         lengths: every input's token count.
         offset: the index of input 0 among the caller's inputs (errors name
             ``offset + index``).
@@ -110,9 +120,11 @@ def predictions_in_order(
     """
     results: list[Prediction | None] = [None] * len(lengths)
     for indices, out in zip(batches, outs, strict=True):
-        check_finite(out, [offset + i for i in indices])
+        inputs = [offset + i for i in indices]
         batch_lengths = [lengths[i] for i in indices]
-        batch = predictions_from(out, batch_lengths, label_names, flop_counter, token_pruning)
+        batch = predictions_from(
+            out, inputs, batch_lengths, label_names, flop_counter, token_pruning
+        )
         for i, prediction in zip(indices, batch, strict=True):
             results[i] = prediction
     return results

@@ -20,29 +20,28 @@ exits and logits.
 The compaction asks the host how many rows are left, a sync per layer on a GPU, so this loop
 runs on CPU only: on other devices :func:`early_exit_forward` runs the sync-free loop of
 :mod:`eeengine.static_loop` (exited rows padded, not dropped), which :mod:`eeengine.cuda_graph`
-captures in CUDA graphs; :class:`DeviceLoop` picks the loop for a device once.
+captures in CUDA graphs; :class:`eeengine.device_loop.DeviceLoop` picks the loop for a device
+once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from eeengine import _custom_ops
-from eeengine.batching import Encoded, collate
 from eeengine.executors import LayerExecutor, TorchExecutor
+from eeengine.executors.base import RowRunner
 from eeengine.exit_step import exit_head_step_fused, exit_head_step_reference
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import ExitPolicy
 from eeengine.policies.base import State
 from eeengine.token_pruning import TokenPruning, token_prune_reference
-
-if TYPE_CHECKING:
-    from eeengine.cuda_graph import GraphRunner
 
 
 @dataclass
@@ -85,22 +84,23 @@ class NonFiniteLogitsError(RuntimeError):
         )
 
 
-def check_finite(out: ExitOutput, inputs: Sequence[int]) -> None:
-    """Refuse a batch whose latched logits are not all finite: one reduction over
-    (batch_size, num_labels), on the host copy the predictions are read from (no extra device
-    sync), whatever loop or backend latched them.
+def check_finite(
+    logits: Sequence[Sequence[float]], exit_layers: Sequence[int], inputs: Sequence[int]
+) -> None:
+    """Refuse a batch whose latched logits are not all finite, on the host copy the
+    predictions are read from (no extra device sync), whatever loop or backend latched them.
 
     Args:
-        out: a batch's result, on the CPU.
-        inputs: the caller's index of each row of ``out``.
+        logits: each row's logits at its exit, floats.
+        exit_layers: each row's 1-based exit layer.
+        inputs: the caller's index of each row.
 
     Raises:
         NonFiniteLogitsError: names the inputs and the layer each exited at.
     """
-    finite = torch.isfinite(out.logits).all(1)
-    if not bool(finite.all()):
-        bad = (~finite).nonzero().flatten().tolist()
-        raise NonFiniteLogitsError([inputs[row] for row in bad], out.exit_layer[bad].tolist())
+    bad = [row for row, values in enumerate(logits) if not all(map(math.isfinite, values))]
+    if bad:
+        raise NonFiniteLogitsError([inputs[row] for row in bad], [exit_layers[row] for row in bad])
 
 
 @dataclass
@@ -189,20 +189,30 @@ class ExitLoop:
         self.segments = layer_segments(model.num_layers, policy, token_pruning)
         self._single_rows = 0  # one-row batches asked for so far (row_loop)
 
-    @torch.inference_mode()
     def run(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> ExitOutput:
-        """The whole loop on one right-padded batch (see :func:`early_exit_forward`): every
-        layer on the rows still live, exited rows dropped after each.
+        """The whole loop on one right-padded batch (see :func:`early_exit_forward`): the
+        executor's row runner for a batch of one where :meth:`row_loop` gives one, else
+        :meth:`run_layers`.
 
         Args:
             input_ids, attention_mask, token_type_ids: (batch_size, seq_len) int64; the mask
                 is 1 for real tokens.
         """
         row = self.row_loop(input_ids.shape[0])
-        if row is not None:  # one row: the executor runs the whole loop in one call
-            out = ExitOutput(*row(input_ids, attention_mask, token_type_ids))
-            out.tokens_kept = self._tokens_kept(attention_mask, out.exit_layer)
-            return out
+        if row is None:
+            return self.run_layers(input_ids, attention_mask, token_type_ids)
+        logits, exit_layer = row(input_ids, attention_mask, token_type_ids)
+        # In numpy: right after the run, each torch op costs 10-20 us (cold caches).
+        kept = np.zeros((1, self.model.num_layers), dtype=np.int64)
+        kept[0, : exit_layer.numpy()[0]] = attention_mask.numpy().sum()
+        return ExitOutput(logits, exit_layer, torch.from_numpy(kept))
+
+    @torch.inference_mode()
+    def run_layers(
+        self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor
+    ) -> ExitOutput:
+        """The loop layer by layer on one right-padded batch (arguments as :meth:`run`): every
+        layer on the rows still live, exited rows dropped after each."""
         out = self.outputs(input_ids.shape[0], input_ids.device)
         live = self.start(input_ids, attention_mask, token_type_ids)
         for first, last in self.segments:
@@ -217,11 +227,12 @@ class ExitLoop:
             out.tokens_kept = self._tokens_kept(attention_mask, out.exit_layer)
         return out
 
-    def row_loop(self, batch_size: int) -> Callable[..., tuple[Tensor, Tensor]] | None:
+    def row_loop(self, batch_size: int) -> RowRunner | None:
         """The executor's one-row runner (:meth:`LayerExecutor.row_loop`), which :meth:`run`
         takes for a batch of ``batch_size`` rows: for a batch of one with a fused backend and no
         token pruning, where the executor has one, from this loop's second one-row batch on;
-        else None."""
+        else None. Each call with ``batch_size`` 1 counts as a one-row batch: a caller that
+        then runs the batch itself calls :meth:`run_layers`, not :meth:`run`."""
         if batch_size != 1 or self._op is None or self.token_pruning is not None:
             return None
         # Not for the first row: building the graph (0.2-0.5 s for MiniLM) is worth it for a
@@ -375,132 +386,3 @@ def early_exit_forward(
             model, policy, input_ids, attention_mask, token_type_ids, loop.backend, token_pruning
         )
     return loop.run(input_ids, attention_mask, token_type_ids)
-
-
-class DeviceLoop:
-    """The early-exit loop of one model on one device, chosen once (at engine load):
-
-    - CPU: :func:`early_exit_forward`, the compaction loop, through ``executor``;
-    - CUDA, ``graph=True`` (the default): :class:`eeengine.cuda_graph.GraphRunner`, one CUDA
-      graph replay per batch, no host sync; a runner per policy (a new policy, threshold or
-      schedule captures new graphs), batches above the largest bucket run in slices;
-    - CUDA, ``graph=False``: :func:`eeengine.static_loop.static_early_exit_forward`, the same
-      loop eagerly, no host sync.
-
-    Args:
-        model: the multi-exit model, in eval mode, on its device.
-        executor: what runs the layers of the CPU loop.
-        graph: on CUDA, replay CUDA graphs (True) or run eagerly (False); ignored on CPU.
-    """
-
-    def __init__(self, model: MultiExitBert, executor: LayerExecutor, graph: bool = True) -> None:
-        self.model = model
-        self.executor = executor
-        self.device = next(model.parameters()).device
-        self.graph = graph and self.device.type == "cuda"
-        self._runner = None  # the GraphRunner of the last policy, and its key
-        self._runner_key: tuple | None = None
-        self._loop: ExitLoop | None = None  # the CPU ExitLoop of the last policy, and its key
-        self._loop_key: tuple | None = None
-
-    @property
-    def mode(self) -> str:
-        """ "compaction" (CPU), "graph" or "eager" (CUDA)."""
-        if self.device.type == "cpu":
-            return "compaction"
-        return "graph" if self.graph else "eager"
-
-    def __call__(
-        self,
-        policy: ExitPolicy,
-        backend: str,
-        token_pruning: TokenPruning | None,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        token_type_ids: Tensor,
-    ) -> ExitOutput:
-        """Early exit for one batch (inputs on the model's device, right-padded, mask 1 = real
-        token); the result stays on the device (see :meth:`to_host`)."""
-        if self.device.type == "cpu":
-            return self._exit_loop(policy, backend, token_pruning).run(
-                input_ids, attention_mask, token_type_ids
-            )
-        if not self.graph:
-            return early_exit_forward(
-                self.model, policy, input_ids, attention_mask, token_type_ids, backend,
-                token_pruning, self.executor,
-            )  # fmt: skip
-        runner = self._graph_runner(policy, backend, token_pruning)
-        step = runner.batch_buckets[-1]
-        outs = [
-            runner(
-                input_ids[i : i + step], attention_mask[i : i + step], token_type_ids[i : i + step]
-            )
-            for i in range(0, input_ids.shape[0], step)
-        ]
-        if len(outs) == 1:
-            return outs[0]
-        return ExitOutput(
-            *(torch.cat(parts) for parts in zip(*(o.tensors() for o in outs), strict=True))
-        )
-
-    def _exit_loop(
-        self, policy: ExitPolicy, backend: str, token_pruning: TokenPruning | None
-    ) -> ExitLoop:
-        """The CPU loop of a policy, backend and schedule, made once for them (not per batch:
-        at batch 1 making it cost about as much as a layer's exit step)."""
-        key = (repr(policy), backend, token_pruning)
-        if key != self._loop_key:
-            self._loop = ExitLoop(self.model, policy, backend, token_pruning, self.executor)
-            self._loop_key = key
-        return self._loop
-
-    def _graph_runner(
-        self, policy: ExitPolicy, backend: str, token_pruning: TokenPruning | None
-    ) -> GraphRunner:
-        from eeengine.cuda_graph import GraphRunner  # imports this module
-
-        key = (repr(policy), backend, token_pruning)
-        if key != self._runner_key:
-            self._runner = None  # free the old graphs first
-            self._runner = GraphRunner(self.model, policy, backend, token_pruning)
-            self._runner_key = key
-        return self._runner
-
-    def run_batches(
-        self,
-        policy: ExitPolicy,
-        backend: str,
-        token_pruning: TokenPruning | None,
-        encoded: Encoded,
-        batches: list[list[int]],
-        pad_token_id: int,
-    ) -> list[ExitOutput]:
-        """Early exit for each batch of indices into ``encoded`` (collated on the model's
-        device), then the executor's scratch memory released; results on the CPU."""
-        try:
-            outs = [
-                self(
-                    policy, backend, token_pruning, *collate(encoded, i, pad_token_id, self.device)
-                )
-                for i in batches
-            ]
-        finally:
-            self.executor.release_scratch()
-        return self.to_host(outs)
-
-    def to_host(self, outputs: list[ExitOutput]) -> list[ExitOutput]:
-        """``outputs`` on the CPU. On a GPU: one non-blocking copy per tensor into pinned
-        memory, then one wait on an event for all of them (no per-batch sync)."""
-        if self.device.type == "cpu":
-            return outputs
-        copies = [
-            ExitOutput(
-                *(None if t is None else t.to("cpu", non_blocking=True) for t in o.tensors())
-            )
-            for o in outputs
-        ]
-        done = torch.cuda.Event()
-        done.record()
-        done.synchronize()
-        return copies

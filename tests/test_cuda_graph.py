@@ -21,6 +21,7 @@ from transformers import PretrainedConfig
 from eeengine._custom_ops import HAS_C, LOAD_ERROR, _unavailable
 from eeengine.batching import collate, encode
 from eeengine.cuda_graph import GraphRunner, bucket
+from eeengine.device_loop import DeviceLoop
 from eeengine.executors import TorchExecutor
 from eeengine.exit_step import latch
 from eeengine.heads import LteHead
@@ -36,7 +37,7 @@ from eeengine.policies.mpee import MpeePolicy
 from eeengine.policies.none import NoExitPolicy
 from eeengine.policies.patience import PatiencePolicy
 from eeengine.policies.pcee import PceePolicy
-from eeengine.runtime import DeviceLoop, early_exit_forward
+from eeengine.runtime import early_exit_forward
 from eeengine.static_loop import (
     allocate_static_loop,
     read_outputs,

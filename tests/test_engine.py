@@ -10,9 +10,9 @@ from eeengine import Engine, Prediction
 from eeengine._custom_ops import HAS_C, LOAD_ERROR
 from eeengine.batching import collate, encode, length_sorted_batches
 from eeengine.checkpoint import load_checkpoint
+from eeengine.device_loop import DeviceLoop
 from eeengine.evaluation import all_exit_logits
 from eeengine.policies import make_policy, run_policy
-from eeengine.runtime import DeviceLoop
 from tests.conftest import SENTENCES
 
 

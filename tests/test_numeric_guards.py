@@ -16,12 +16,12 @@ def test_check_sees_what_the_loop_latched(tiny_bert_dir, tokenizer, backend, val
     model = make_tiny_model(tiny_bert_dir)
     batch = collate(encode(tokenizer, SENTENCES[:3], None, 64), [0, 1, 2], 0)
     out = early_exit_forward(model, make_policy("none"), *batch, backend=backend)
-    check_finite(out, [7, 8, 9])  # finite: no error
+    check_finite(out.logits.tolist(), out.exit_layer.tolist(), [7, 8, 9])  # finite: no error
     with torch.no_grad():
         model.exit_heads[3].classifier.bias[1] = value  # the last exit overflows
     out = early_exit_forward(model, make_policy("none"), *batch, backend=backend)
     with pytest.raises(NonFiniteLogitsError, match="3 input.*: input 7 at layer 4, input 8") as e:
-        check_finite(out, [7, 8, 9])
+        check_finite(out.logits.tolist(), out.exit_layer.tolist(), [7, 8, 9])
     assert (e.value.inputs, e.value.layers) == ([7, 8, 9], [4, 4, 4])
 
 

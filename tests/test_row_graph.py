@@ -120,6 +120,49 @@ def test_the_loop_runs_a_single_row_through_the_row_graph(setup, tokenizer, monk
     assert len(calls) == 3
 
 
+def test_run_tokens_equals_the_tensor_call(setup, tokenizer):
+    """The token-list entry point runs the same graph: the same logits (float32 values) and
+    exit layer as the tensor call on the collated row."""
+    model, executor = setup
+    name, params = policy_cases(model.num_labels)[1]
+    row = executor.row_loop(make_policy(name, **params))
+    encoded = encode(tokenizer, SENTENCES, None, 64)
+    for i, batch in enumerate(rows(tokenizer)):
+        logits, exit_layer = row.run_tokens(encoded.input_ids[i], encoded.token_type_ids[i])
+        expected_logits, expected_layer = row(*batch)
+        assert logits == expected_logits[0].tolist()
+        assert exit_layer == int(expected_layer)
+
+
+def test_engine_predicts_lone_inputs_through_the_row_graph(tiny_ckpt, monkeypatch):
+    """``Engine.predict`` of one input: the first runs layer by layer and builds no graph (a
+    one-off prediction), later ones run the row graph's token-list entry point; every answer
+    equals the same input's in a batch of all (exit layer exactly, probabilities to 1e-5)."""
+    from eeengine import Engine
+    from eeengine.executors.onnxruntime import RowLoop
+
+    settings = {"executor": "onnxruntime", "policy": "entropy", "threshold": 0.5}
+    batched = Engine(tiny_ckpt, **settings).predict(SENTENCES)
+    engine = Engine(tiny_ckpt, **settings)
+    calls = []
+    run_tokens = RowLoop.run_tokens
+    monkeypatch.setattr(
+        RowLoop, "run_tokens", lambda self, *a: calls.append(a) or run_tokens(self, *a)
+    )
+    alone = [engine.predict(SENTENCES[0])]
+    assert engine._executor._row is None and calls == []
+    alone += [engine.predict(text) for text in SENTENCES[1:]]
+    assert len(calls) == len(SENTENCES) - 1
+    assert len({p.exit_layer for p in batched}) > 1  # the rows exit at several layers
+    for one, expected in zip(alone, batched, strict=True):
+        assert (one.label, one.exit_layer, one.flops) == (
+            expected.label,
+            expected.exit_layer,
+            expected.flops,
+        )
+        assert one.probs == pytest.approx(expected.probs, abs=1e-5)
+
+
 def test_one_row_graph_per_policy(setup):
     _, executor = setup
     first = make_policy("budget", layer=2)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
@@ -11,6 +11,24 @@ from torch import Tensor
 
 from eeengine.policies import ExitPolicy
 from eeengine.token_pruning import TokenPruneOutput
+
+
+class RowRunner(Protocol):
+    """The whole early-exit loop of one row (:meth:`LayerExecutor.row_loop`)."""
+
+    def __call__(
+        self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """(1, seq_len) int64 each (mask 1 = real token) -> logits (1, num_labels) float32, the
+        policy's output logits at the exit, and exit_layer (1,) int64, 1-based."""
+        ...
+
+    def run_tokens(
+        self, input_ids: Sequence[int], token_type_ids: Sequence[int]
+    ) -> tuple[list[float], int]:
+        """One unpadded row as token lists -> its logits at the exit (float32 values) and its
+        1-based exit layer, with no torch op."""
+        ...
 
 
 class LayerExecutor(Protocol):
@@ -60,10 +78,9 @@ class LayerExecutor(Protocol):
             hidden_states = self.layer(index, hidden_states, mask)
         return hidden_states
 
-    def row_loop(self, policy: ExitPolicy) -> Callable[..., tuple[Tensor, Tensor]] | None:
-        """A runner of the whole early-exit loop for a batch of one row under ``policy``,
-        (input_ids, attention_mask, token_type_ids) -> (logits, exit_layer), as the loop would
-        compute them; None (the default): the loop runs layer by layer."""
+    def row_loop(self, policy: ExitPolicy) -> RowRunner | None:
+        """A runner of the whole early-exit loop for a batch of one row under ``policy``, as
+        the loop would compute it; None (the default): the loop runs layer by layer."""
         return None
 
     def host_ops(self) -> AbstractContextManager[None]:

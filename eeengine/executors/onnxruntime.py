@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -424,8 +424,10 @@ class RowLoop:
         self._state = {f"state.{key}": value.contiguous() for key, value in state.items()}
         for name, tensor in {**embedding_weights, **self._state}.items():
             _bind(self._binding.bind_input, name, tensor)
-        self._logits = torch.empty(1, num_labels)
-        self._exit_layer = torch.empty(1, dtype=torch.long)
+        # numpy buffers: copied out and wrapped with torch.from_numpy, cheaper than two torch
+        # clones in the cold cache right after a run (batch 1).
+        self._logits = np.empty((1, num_labels), dtype=np.float32)
+        self._exit_layer = np.empty(1, dtype=np.int64)
         self._lock = threading.Lock()  # one run at a time: one binding, one pair of outputs
         _bind(self._binding.bind_output, "logits", self._logits)
         _bind(self._binding.bind_output, "exit_layer", self._exit_layer)
@@ -440,11 +442,31 @@ class RowLoop:
             "token_type_ids": token_type_ids.contiguous(),
             "attention_mask": attention_mask.contiguous(),
         }
+        logits, exit_layer = self._run(inputs)
+        return torch.from_numpy(logits), torch.from_numpy(exit_layer)
+
+    def run_tokens(
+        self, input_ids: Sequence[int], token_type_ids: Sequence[int]
+    ) -> tuple[list[float], int]:
+        """One unpadded row as token lists -> its logits at the exit (float32 values) and its
+        1-based exit layer; numpy only (at batch 1, right after a run, a torch op costs
+        10-20 us)."""
+        ids = np.array([input_ids], dtype=np.int64)
+        inputs = {
+            "input_ids": ids,
+            "token_type_ids": np.array([token_type_ids], dtype=np.int64),
+            "attention_mask": np.ones_like(ids),
+        }
+        logits, exit_layer = self._run(inputs)
+        return logits[0].tolist(), int(exit_layer[0])
+
+    def _run(self, inputs: dict[str, Tensor | np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Bind the contiguous ``inputs`` by pointer, run, and copy the outputs out."""
         with self._lock:
-            for name, tensor in inputs.items():
-                _bind(self._binding.bind_input, name, tensor)
+            for name, value in inputs.items():
+                _bind(self._binding.bind_input, name, value)
             self._session.run_with_iobinding(self._binding)
-            return self._logits.clone(), self._exit_layer.clone()
+            return self._logits.copy(), self._exit_layer.copy()
 
 
 def _session(
@@ -457,5 +479,9 @@ def _int32(tensor: Tensor) -> Tensor:
     return tensor.to(torch.int32).contiguous()
 
 
-def _bind(bind: Callable, name: str, tensor: Tensor) -> None:
-    bind(name, "cpu", 0, _NUMPY_DTYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+def _bind(bind: Callable, name: str, value: Tensor | np.ndarray) -> None:
+    """Bind a contiguous CPU tensor or array to an IOBinding input or output by pointer."""
+    if isinstance(value, np.ndarray):
+        bind(name, "cpu", 0, value.dtype, list(value.shape), value.ctypes.data)
+    else:
+        bind(name, "cpu", 0, _NUMPY_DTYPES[value.dtype], list(value.shape), value.data_ptr())

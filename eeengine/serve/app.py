@@ -40,7 +40,7 @@ from transformers import PreTrainedTokenizerBase
 
 from eeengine.engine import Engine
 from eeengine.inputs import char_limit
-from eeengine.runtime import ExitOutput, NonFiniteLogitsError, check_finite
+from eeengine.runtime import NonFiniteLogitsError, check_finite
 from eeengine.serve import BATCHING
 from eeengine.serve.batcher import Batcher, Job, JobResult, StaticBatcher
 from eeengine.serve.layerwise import LayerwiseBatcher
@@ -232,10 +232,7 @@ def create_app(
             metrics.requests.labels("cancelled").inc()
             return Response(status_code=499)  # nobody reads it: the client is gone
         try:  # as Engine.predict: no answer from NaN or infinite logits
-            check_finite(
-                ExitOutput(torch.tensor(result.logits), torch.tensor(result.exit_layer)),
-                range(len(result.logits)),
-            )
+            check_finite(result.logits, result.exit_layer, range(len(result.logits)))
         except NonFiniteLogitsError as error:
             metrics.requests.labels("error").inc()
             raise ServeError(500, "backend", str(error)) from None

@@ -17,12 +17,12 @@ Errors are TEI's ``{"error": message, "error_type": type}`` with TEI's status co
 
 from __future__ import annotations
 
-import torch
 from pydantic import BaseModel, Field, StrictBool, StrictStr
 from transformers import PreTrainedTokenizerBase
 
 from eeengine.batching import encode
 from eeengine.inputs import Example, char_limit, normalize_inputs
+from eeengine.prediction import softmax
 
 
 class ServeError(Exception):
@@ -190,7 +190,7 @@ def predictions(
             [{"score": row[0], "label": "value", "exit_layer": layer}]
             for row, layer in zip(logits, exit_layer, strict=True)
         ]
-    scores = logits if raw_scores else torch.tensor(logits).softmax(-1).tolist()
+    scores = logits if raw_scores else [softmax(row) for row in logits]
     return [
         sorted(
             (
