@@ -37,7 +37,13 @@ from transformers import PreTrainedTokenizerBase
 
 from eeengine.checkpoint import CheckpointError, read_safetensors, write_atomic
 from eeengine.data import Split
-from eeengine.executors.onnx_graphs import as_arrays, attention_inputs, cls_query_nodes, model_of
+from eeengine.executors.onnx_graphs import (
+    as_arrays,
+    attention_inputs,
+    cls_query_nodes,
+    model_of,
+    skip_layer_norm,
+)
 from eeengine.modeling_bert import BertLayer
 from eeengine.modeling_multiexit import MultiExitBert
 
@@ -278,14 +284,12 @@ class _StaticLayer:
     def norm(
         self, x: str, residual: str, ln: torch.nn.LayerNorm, bias: Tensor, output: str, eps: float
     ) -> None:
-        """``output = LayerNorm(x + bias + residual)``, one fused node."""
+        """``output = LayerNorm(x + bias + residual)`` (:func:`skip_layer_norm`)."""
         for name, value in (("gamma", ln.weight), ("beta", ln.bias), ("dense_bias", bias)):
             self.tensors[f"{output}_{name}"] = value.detach().float().numpy()
-        self.nodes.append(helper.make_node(
-            "SkipLayerNormalization",
-            [x, residual, f"{output}_gamma", f"{output}_beta", f"{output}_dense_bias"],
-            [output], domain=_MS, epsilon=eps,
-        ))  # fmt: skip
+        self.nodes += skip_layer_norm(
+            x, residual, f"{output}_dense_bias", f"{output}_gamma", f"{output}_beta", output, eps
+        )
 
     def attention(self, num_heads: int, eps: float, present_key: str = "") -> None:
         """``hidden_states``, ``attention_mask`` -> ``attention_output`` (and the keys in
