@@ -435,12 +435,13 @@ class RowLoop:
     def __call__(
         self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """One row, (1, seq_len) int64 each (mask 1 = real token) -> logits (1, num_labels)
-        float32 (the policy's output logits at the exit) and exit_layer (1,) int64, 1-based."""
+        """One row, (1, seq_len) int64 each, right-padded (mask 1 = real token) -> logits
+        (1, num_labels) float32 (the policy's output logits at the exit) and exit_layer (1,)
+        int64, 1-based. The graph takes the real tokens only."""
+        length = int(attention_mask.sum())
         inputs = {  # bound by pointer: contiguous, and referenced until the run
-            "input_ids": input_ids.contiguous(),
-            "token_type_ids": token_type_ids.contiguous(),
-            "attention_mask": attention_mask.contiguous(),
+            "input_ids": input_ids[:, :length].contiguous(),
+            "token_type_ids": token_type_ids[:, :length].contiguous(),
         }
         logits, exit_layer = self._run(inputs)
         return torch.from_numpy(logits), torch.from_numpy(exit_layer)
@@ -451,11 +452,9 @@ class RowLoop:
         """One unpadded row as token lists -> its logits at the exit (float32 values) and its
         1-based exit layer; numpy only (at batch 1, right after a run, a torch op costs
         10-20 us)."""
-        ids = np.array([input_ids], dtype=np.int64)
         inputs = {
-            "input_ids": ids,
+            "input_ids": np.array([input_ids], dtype=np.int64),
             "token_type_ids": np.array([token_type_ids], dtype=np.int64),
-            "attention_mask": np.ones_like(ids),
         }
         logits, exit_layer = self._run(inputs)
         return logits[0].tolist(), int(exit_layer[0])

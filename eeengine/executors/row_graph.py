@@ -43,7 +43,7 @@ from eeengine.policies import ExitPolicy
 from eeengine.policies.base import State
 
 _OPSET = 17
-_IDS = ("input_ids", "token_type_ids", "attention_mask")  # (1, seq_len) int64 inputs
+_IDS = ("input_ids", "token_type_ids")  # (1, seq_len) int64 inputs: one row, no padding
 
 
 def row_graph_support(policy: ExitPolicy) -> str | None:
@@ -118,11 +118,11 @@ def row_exit_model(
         num_labels: classes of the heads (1: regression).
 
     Returns:
-        A model with inputs ``input_ids``, ``token_type_ids`` and ``attention_mask`` (1, seq)
-        int64 (mask 1 = real token), the embeddings' weights and the policy's initial state
-        ``state.{key}`` (:meth:`ExitPolicy.init_state` for one row); outputs ``logits``
-        (1, num_labels) float32 (:meth:`ExitPolicy.output_logits` at the exit) and
-        ``exit_layer`` (1,) int64, 1-based.
+        A model with inputs ``input_ids`` and ``token_type_ids`` (1, seq) int64, one row
+        without padding (every token attended and pooled), the embeddings' weights and the
+        policy's initial state ``state.{key}`` (:meth:`ExitPolicy.init_state` for one row);
+        outputs ``logits`` (1, num_labels) float32 (:meth:`ExitPolicy.output_logits` at the
+        exit) and ``exit_layer`` (1,) int64, 1-based.
 
     Raises:
         ValueError: a policy the graph cannot run (:func:`row_graph_support`).
@@ -133,12 +133,17 @@ def row_exit_model(
     builder = _Builder()
     # The loop's int64 ids, cast here for ONNX Runtime's ops (int32): no conversion per call.
     nodes = [helper.make_node("Cast", [n], [f"{n}.int32"], to=TensorProto.INT32) for n in _IDS]
+    # No padding: the layers' mask is all ones, and the heads' mean pooling a plain mean.
+    ones = helper.make_tensor("one_int32", TensorProto.INT32, [1], [1])
+    nodes += [
+        helper.make_node("Shape", ["input_ids"], ["ids_shape"]),
+        helper.make_node("ConstantOfShape", ["ids_shape"], ["attention_mask.int32"], value=ones),
+    ]
     weights = [i.name for i in embeddings.graph.input if i.name not in _IDS]
     names = {"output": "hidden_0", **{n: f"{n}.int32" for n in _IDS}}
     nodes += builder.inline(embeddings.graph, "embeddings/", names, keep=weights)
     state = policy.init_state(1, torch.device("cpu"), num_labels)
     state_names = {key: f"state.{key}" for key in sorted(state)}
-    nodes += builder.mask_nodes()
     nodes += builder.chain(1, layers, heads, policy, num_labels, state, state_names)
     inputs = [
         *(helper.make_tensor_value_info(n, TensorProto.INT64, [1, "seq"]) for n in _IDS),
@@ -229,28 +234,11 @@ class _Builder:
         self.initializers.append(initializer(name, value))
         return name
 
-    def mask_nodes(self) -> list[onnx.NodeProto]:
-        """``mask_float`` (1, seq, 1) and ``token_count`` (1, 1), max(real tokens, 1): mean
-        pooling's weights and divisor (:func:`eeengine.heads.mean_pool`)."""
-        self.add("axis_1", np.array([1], np.int64))
-        self.add("axis_last", np.array([-1], np.int64))
-        self.add("one", np.array(1.0, np.float32))
-        return [
-            helper.make_node("Cast", ["attention_mask"], ["mask_2d"], to=TensorProto.FLOAT),
-            helper.make_node("Unsqueeze", ["mask_2d", "axis_last"], ["mask_float"]),
-            helper.make_node("ReduceSum", ["mask_2d", "axis_1"], ["mask_count"], keepdims=1),
-            helper.make_node("Max", ["mask_count", "one"], ["token_count"]),
-        ]
-
     def head_nodes(self, head: ExitHead, layer: int) -> list[onnx.NodeProto]:
         """``hidden_{layer}`` -> ``logits_{layer}`` (1, num_labels): the head in eval mode."""
         p, hidden = f"head{layer}/", f"hidden_{layer}"
-        if head.pooling == "mean":
-            nodes = [
-                helper.make_node("Mul", [hidden, "mask_float"], [p + "masked"]),
-                helper.make_node("ReduceSum", [p + "masked", "axis_1"], [p + "sum"], keepdims=0),
-                helper.make_node("Div", [p + "sum", "token_count"], [p + "pooled"]),
-            ]
+        if head.pooling == "mean":  # every token real (one row, no padding)
+            nodes = [helper.make_node("ReduceMean", [hidden], [p + "pooled"], axes=[1], keepdims=0)]
         else:  # the [CLS] pooler: tanh(dense(hidden[:, 0]))
             pooler = head.pooler if head.pooler is not None else head._shared_pooler[0]
             self.add(p + "index_0", np.array(0, np.int64))
