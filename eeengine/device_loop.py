@@ -147,7 +147,14 @@ class DeviceLoop:
         A call of one row on the CPU, where the loop has a row runner
         (:meth:`ExitLoop.row_loop`), runs it on the token lists, with no torch op on the way
         in or out: at batch 1, right after a forward pass, each costs 10-20 us (cold caches).
+        The executor's :meth:`~eeengine.executors.base.LayerExecutor.host_ops` context is
+        entered around the loops that run torch ops only.
         """
+
+        def run(indices: list[int]) -> ExitOutput:
+            return self(policy, backend, token_pruning,
+                        *collate(encoded, indices, pad_token_id, self.device))  # fmt: skip
+
         try:
             if self.device.type == "cpu" and len(batches) == 1 and len(batches[0]) == 1:
                 loop = self._exit_loop(policy, backend, token_pruning)
@@ -156,13 +163,12 @@ class DeviceLoop:
                     (i,) = batches[0]
                     logits, layer = row.run_tokens(encoded.input_ids[i], encoded.token_type_ids[i])
                     return [HostExits([logits], [layer])]
-                outs = [loop.run_layers(*collate(encoded, batches[0], pad_token_id))]
-            else:
-                outs = [
-                    self(policy, backend, token_pruning,
-                         *collate(encoded, i, pad_token_id, self.device))
-                    for i in batches
-                ]  # fmt: skip
+
+                def run(indices: list[int]) -> ExitOutput:  # the row asked for: no second ask
+                    return loop.run_layers(*collate(encoded, indices, pad_token_id))
+
+            with self.executor.host_ops():  # e.g. torch on one thread beside ORT's pool
+                outs = [run(indices) for indices in batches]
         finally:
             self.executor.release_scratch()
         return [HostExits.of(out) for out in self.to_host(outs)]

@@ -225,9 +225,8 @@ class Engine:
         texts, pairs = split_examples(examples)
         predictions: list[Prediction] = []
         chunk = batch_size * _CHUNK_BATCHES
-        with self._executor.host_ops():  # e.g. torch on one thread beside ONNX Runtime's pool
-            for start in range(0, len(texts), chunk):
-                predictions += self._predict_chunk(texts, pairs, start, chunk, batch_size)
+        for start in range(0, len(texts), chunk):
+            predictions += self._predict_chunk(texts, pairs, start, chunk, batch_size)
         return predictions[0] if single else predictions
 
     def _predict_chunk(

@@ -24,6 +24,7 @@ without pruning has ρ slightly above 1.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -94,23 +95,12 @@ class FlopCounter:
         as the papers count. (Policies ``none`` and ``budget`` skip the heads before their
         layer, :meth:`eeengine.policies.ExitPolicy.decides_at`: 2·H·C + n·H each, under 0.1 %
         of a layer; not subtracted.)"""
-        return self.cumulative(length, token_pruning)[exit_layer - 1]
+        return _cumulative(self, length, token_pruning)[exit_layer - 1]
 
     def cumulative(self, length: int, token_pruning: TokenPruning | None) -> list[int]:
         """:meth:`executed` for every exit layer: entry l - 1 is what a sample of ``length``
         tokens costs when it exits at layer l (layers 1..l, their pruning and their heads)."""
-        if token_pruning is None:
-            tokens = [length] * self.num_layers
-        else:
-            tokens = token_pruning.tokens_per_layer(length, self.num_layers)
-        flops, total = [], 0
-        layers = zip([length, *tokens], tokens, strict=False)
-        for layer, (tokens_in, tokens_out) in enumerate(layers, start=1):
-            if token_pruning is not None and layer in token_pruning.layers:
-                total += self.token_prune(tokens_in, token_pruning.keep_ratio)
-            total += self.layer(tokens_in, tokens_out) + self.head(tokens_out)
-            flops.append(total)
-        return flops
+        return list(_cumulative(self, length, token_pruning))
 
     def tables(
         self, lengths: Sequence[int], token_pruning: TokenPruning | None
@@ -127,3 +117,23 @@ class FlopCounter:
         )
         full = torch.tensor([self.full(n) for n in lengths], dtype=torch.float64)
         return executed.reshape(len(lengths), self.num_layers).T, full
+
+
+@functools.lru_cache(maxsize=4096)
+def _cumulative(
+    counter: FlopCounter, length: int, token_pruning: TokenPruning | None
+) -> tuple[int, ...]:
+    """:meth:`FlopCounter.cumulative`, computed once per length and schedule (a prediction
+    asks for it per input)."""
+    if token_pruning is None:
+        tokens = [length] * counter.num_layers
+    else:
+        tokens = token_pruning.tokens_per_layer(length, counter.num_layers)
+    flops, total = [], 0
+    layers = zip([length, *tokens], tokens, strict=False)
+    for layer, (tokens_in, tokens_out) in enumerate(layers, start=1):
+        if token_pruning is not None and layer in token_pruning.layers:
+            total += counter.token_prune(tokens_in, token_pruning.keep_ratio)
+        total += counter.layer(tokens_in, tokens_out) + counter.head(tokens_out)
+        flops.append(total)
+    return tuple(flops)
