@@ -46,12 +46,8 @@ def encode(
     """
     rust = rust_tokenizer(tokenizer, max_length)
     if rust is not None:
-        if len(texts) == 1:  # no batch machinery around one input
-            pair = None if text_pairs is None else text_pairs[0]
-            encodings = [rust.encode(texts[0], pair)]
-        else:
-            pairs = list(texts) if text_pairs is None else list(zip(texts, text_pairs, strict=True))
-            encodings = rust.encode_batch(pairs)
+        inputs = list(texts) if text_pairs is None else list(zip(texts, text_pairs, strict=True))
+        encodings = rust.encode_batch(inputs)
         return Encoded([e.ids for e in encodings], [e.type_ids for e in encodings])
     enc = tokenizer(
         list(texts),

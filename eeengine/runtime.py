@@ -30,7 +30,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -202,10 +201,7 @@ class ExitLoop:
         if row is None:
             return self.run_layers(input_ids, attention_mask, token_type_ids)
         logits, exit_layer = row(input_ids, attention_mask, token_type_ids)
-        # In numpy: right after the run, each torch op costs 10-20 us (cold caches).
-        kept = np.zeros((1, self.model.num_layers), dtype=np.int64)
-        kept[0, : exit_layer.numpy()[0]] = attention_mask.numpy().sum()
-        return ExitOutput(logits, exit_layer, torch.from_numpy(kept))
+        return ExitOutput(logits, exit_layer, self._tokens_kept(attention_mask, exit_layer))
 
     @torch.inference_mode()
     def run_layers(

@@ -198,10 +198,11 @@ def skip_layer_norm(
     torch), as standard ops: what ONNX Runtime's fused ``SkipLayerNormalization`` computes.
 
     The fused op's CPU kernel (ONNX Runtime 1.32, here) takes about 1.8 us per token of 384
-    values on one thread, 2.6-3x the eleven vectorized ops below at 25-512 tokens (and no more
-    accurate: both within 2e-6 of a float64 LayerNorm; BENCHMARKS.md, "LayerNorm").
-    ``Mul(c, c)``, not ``Pow``: ONNX Runtime's LayerNorm fusion matches the ``Pow`` form and
-    would put the slow kernel back.
+    values on one thread: 1.3-3.2x the time of the ops below alone at 25-512 tokens, one or two
+    threads, and further from a float64 LayerNorm (up to 3.7e-6 against 1.5e-6;
+    ``benchmarks/layer_norm.py``, BENCHMARKS.md "LayerNorm as standard ops").
+    ``Mul(c, c)``, not ``Pow(c, 2)``: ONNX Runtime's optimizer fuses the ``Pow`` form back into
+    ``SkipLayerNormalization`` (checked), the ``Mul`` form it leaves alone.
     """
     p = f"{output}/ln/"
     epsilon = helper.make_tensor(p + "eps", TensorProto.FLOAT, [], [eps])

@@ -80,7 +80,7 @@ def _global_thread_pool(num_threads: int) -> bool:
     One pool for every session means one set of workers, which spin between the layer
     sessions of a forward pass, as the workers of a single ONNX Runtime session do, instead of
     sleeping and being woken for every operator, as each session's own non-spinning pool must
-    (see :func:`_session_options`). Measured on the default SST-2 checkpoint at int8, batch 1,
+    (see :func:`session_options`). Measured on the default SST-2 checkpoint at int8, batch 1,
     two threads: full depth 3.44 -> 2.09 ms, the default policy 2.19 -> 1.49 ms; batch 32
     unchanged or faster (BENCHMARKS.md, "Issue 12").
     """
