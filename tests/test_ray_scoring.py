@@ -1,5 +1,10 @@
-"""eeengine score --ray: Ray Data with 2 actors on a local Ray instance writes the same output
-as the single-process run, byte for byte, and resumes its interrupted job."""
+"""eeengine score --ray: Ray Data with 2 actors on a local Ray instance writes the same rows as
+the single-process run, and resumes its interrupted job.
+
+"The same" is: row numbers, ids, labels and exit layers equal, scores equal to float32 rounding.
+Not byte for byte: each actor runs torch on one thread, and a matrix product's rounding may
+depend on the thread count together with the batch's shape (a one-row batch on 2 threads gave
+0.959458239 where the same row on 1 thread gave 0.959458258)."""
 
 from __future__ import annotations
 
@@ -7,10 +12,17 @@ import pytest
 
 from eeengine.score_parts import Parts, parts_dir
 from eeengine.scoring import ScoreJob, score_file
-from tests.test_scoring import _settings, _texts, _write_input
+from tests.test_scoring import _read_output, _settings, _texts, _write_input
 
 ray = pytest.importorskip("ray")
 from eeengine.ray_scoring import score_file_ray  # noqa: E402
+
+
+def _assert_same_rows(output, reference) -> None:
+    rows, expected = _read_output(output), _read_output(reference)
+    for column in ("row", "id", "label", "exit_layer"):
+        assert [r[column] for r in rows] == [r[column] for r in expected], column
+    assert [r["score"] for r in rows] == pytest.approx([r["score"] for r in expected], rel=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +44,7 @@ def test_ray_output_equals_single_process(local_ray, tiny_ckpt, tmp_path, source
     job = ScoreJob(tmp_path / f"in.{source}", tmp_path / f"ray.{target}", "text", None, "id", 8)
     summary = score_file_ray(job, settings, batch_size=4, progress=False, actors=2)
     assert summary.rows == len(texts)
-    assert job.output.read_bytes() == local.output.read_bytes()
+    _assert_same_rows(job.output, local.output)
 
 
 def test_ray_resumes_a_single_process_job(local_ray, tiny_ckpt, tmp_path, monkeypatch):
@@ -51,4 +63,4 @@ def test_ray_resumes_a_single_process_job(local_ray, tiny_ckpt, tmp_path, monkey
 
     summary = score_file_ray(job, _settings(tiny_ckpt), progress=False, actors=2)
     assert summary.resumed_rows == 24
-    assert job.output.read_bytes() == whole.output.read_bytes()
+    _assert_same_rows(job.output, whole.output)
