@@ -41,7 +41,12 @@ from peers import INPUT_NAMES, engine_provider, tokenize
 from eeengine import Engine
 from eeengine.data import get_task, load_split
 from eeengine.defaults import default_checkpoint
-from eeengine.executors.onnx_graphs import embeddings_graph, layer_graph, quantize_int8
+from eeengine.executors.onnx_graphs import (
+    DISABLED_OPTIMIZERS,
+    embeddings_graph,
+    layer_graph,
+    quantize_int8,
+)
 from eeengine.executors.ort_environment import neighbour_session_options
 
 ENGINES = {  # provider -> Engine keyword arguments
@@ -92,7 +97,10 @@ def one_session_provider(engine: Engine, precision: str, threads: int):
         path = Path(tmp) / "model.onnx"
         quantize_int8(model, path) if precision == "int8" else onnx.save(model, path)
         session = onnxruntime.InferenceSession(
-            str(path), options, providers=["CPUExecutionProvider"]
+            str(path),
+            options,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=DISABLED_OPTIMIZERS,  # the executor's sessions' passes
         )
     head = engine.model.exit_heads[-1]
     output = session.get_outputs()[0].name

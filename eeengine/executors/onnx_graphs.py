@@ -5,7 +5,7 @@ The graphs are built directly from the torch weights with ONNX Runtime's fused t
 (domain ``com.microsoft``), the same ops its BERT graph optimizer produces. One layer:
 
     ctx  = Attention(x, [Wq|Wk|Wv], [bq|bk|bv], mask)          # fused QKV + softmax(QKᵀ/√d)V
-    a    = LayerNorm(ctx @ Woᵀ + bo + x; γ1, β1)                # skip_layer_norm: standard ops
+    a    = LayerNorm(ctx @ Woᵀ + bo + x; γ1, β1)                # skip_layer_norm: Add, Add, LN
     h    = BiasGelu(a @ Wiᵀ, bi)                               # exact (erf) GELU, not FastGelu
     out  = LayerNorm(h @ Wo2ᵀ + bo2 + a; γ2, β2)
 
@@ -195,31 +195,28 @@ def skip_layer_norm(
     x: str, residual: str, bias: str, gamma: str, beta: str, output: str, eps: float
 ) -> list[onnx.NodeProto]:
     """``output = LayerNorm(x + bias + residual)`` over the last axis (biased variance, as
-    torch), as standard ops: what ONNX Runtime's fused ``SkipLayerNormalization`` computes.
+    torch): what ONNX Runtime's fused ``SkipLayerNormalization`` computes, as two ``Add`` and
+    the standard ``LayerNormalization`` (opset 17).
 
-    The fused op's CPU kernel (ONNX Runtime 1.32, here) takes about 1.8 us per token of 384
-    values on one thread: 1.3-3.2x the time of the ops below alone at 25-512 tokens, one or two
-    threads, and further from a float64 LayerNorm (up to 3.7e-6 against 1.5e-6;
-    ``benchmarks/layer_norm.py``, BENCHMARKS.md "LayerNorm as standard ops").
-    ``Mul(c, c)``, not ``Pow(c, 2)``: ONNX Runtime's optimizer fuses the ``Pow`` form back into
-    ``SkipLayerNormalization`` (checked), the ``Mul`` form it leaves alone.
+    The fused op's CPU kernel (ONNX Runtime 1.32, here) takes about 2 us per token of 384
+    values: at 25 tokens, alone in a session, 55 us against 18 us for these three nodes, and
+    further from a float64 LayerNorm (``benchmarks/layer_norm.py``, BENCHMARKS.md "LayerNorm
+    as standard ops"). ONNX Runtime's optimizer would fuse them back into the slow op: the
+    executor's sessions disable that pass (:data:`DISABLED_OPTIMIZERS`).
     """
     p = f"{output}/ln/"
-    epsilon = helper.make_tensor(p + "eps", TensorProto.FLOAT, [], [eps])
     return [
         helper.make_node("Add", [x, bias], [p + "biased"]),
         helper.make_node("Add", [p + "biased", residual], [p + "sum"]),
-        helper.make_node("ReduceMean", [p + "sum"], [p + "mean"], axes=[-1]),
-        helper.make_node("Sub", [p + "sum", p + "mean"], [p + "centered"]),
-        helper.make_node("Mul", [p + "centered", p + "centered"], [p + "squared"]),
-        helper.make_node("ReduceMean", [p + "squared"], [p + "variance"], axes=[-1]),
-        helper.make_node("Constant", [], [p + "eps"], value=epsilon),
-        helper.make_node("Add", [p + "variance", p + "eps"], [p + "shifted"]),
-        helper.make_node("Sqrt", [p + "shifted"], [p + "std"]),
-        helper.make_node("Div", [p + "centered", p + "std"], [p + "normalized"]),
-        helper.make_node("Mul", [p + "normalized", gamma], [p + "scaled"]),
-        helper.make_node("Add", [p + "scaled", beta], [output]),
+        helper.make_node(
+            "LayerNormalization", [p + "sum", gamma, beta], [output], axis=-1, epsilon=eps
+        ),
     ]
+
+
+# ONNX Runtime graph passes the executor's sessions skip: Add + LayerNormalization would become
+# the slower fused SkipLayerNormalization (skip_layer_norm).
+DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
 
 
 def _hidden_shape(layer: BertLayer) -> list[str | int]:

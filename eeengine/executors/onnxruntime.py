@@ -70,6 +70,7 @@ from eeengine.executors.int8_static import (
     int8_static_layer_graph,
 )
 from eeengine.executors.onnx_graphs import (
+    DISABLED_OPTIMIZERS,
     attention_graph,
     embeddings_graph,
     feed_forward_graph,
@@ -471,7 +472,12 @@ class RowLoop:
 def _session(
     model: bytes | str, options: onnxruntime.SessionOptions
 ) -> onnxruntime.InferenceSession:
-    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(
+        model,
+        options,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=DISABLED_OPTIMIZERS,
+    )
 
 
 def _int32(tensor: Tensor) -> Tensor:
