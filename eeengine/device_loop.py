@@ -114,7 +114,7 @@ class DeviceLoop:
     ) -> ExitLoop:
         """The CPU loop of a policy, backend and schedule, made once for them (not per batch:
         at batch 1 making it cost about as much as a layer's exit step)."""
-        key = (repr(policy), backend, token_pruning)
+        key = (policy.key(), backend, token_pruning)
         if key != self._loop_key:
             self._loop = ExitLoop(self.model, policy, backend, token_pruning, self.executor)
             self._loop_key = key
@@ -125,7 +125,7 @@ class DeviceLoop:
     ) -> GraphRunner:
         from eeengine.cuda_graph import GraphRunner  # imports this module
 
-        key = (repr(policy), backend, token_pruning)
+        key = (policy.key(), backend, token_pruning)
         if key != self._runner_key:
             self._runner = None  # free the old graphs first
             self._runner = GraphRunner(self.model, policy, backend, token_pruning)

@@ -169,6 +169,14 @@ def test_one_row_graph_per_policy(setup):
     runner = executor.row_loop(first)
     assert executor.row_loop(make_policy("budget", layer=2)) is runner  # same parameters
     assert executor.row_loop(make_policy("budget", layer=3)) is not runner
+    changed = make_policy("entropy", threshold=0.3)
+    runner = executor.row_loop(changed)
+    changed.threshold = 0.2  # changed in place: its graph is stale
+    rebuilt = executor.row_loop(changed)
+    assert rebuilt is not runner
+    assert executor.row_loop(changed) is rebuilt
+    # the same parameters under another policy are another policy
+    assert executor.row_loop(make_policy("normalized_entropy", threshold=0.2)) is not rebuilt
 
 
 def test_no_row_graph_where_it_cannot_run(tiny_bert_dir):

@@ -157,7 +157,7 @@ class OnnxRuntimeExecutor(LayerExecutor):
         # (deleted with the executor) for the row graph (row_loop).
         self._graph_dir = tempfile.TemporaryDirectory(prefix="eeengine-onnx-")
         self._threads, self._embeddings_model = threads, embeddings
-        self._row: tuple[str, RowLoop] | None = None  # the row graph of the last policy
+        self._row: tuple[tuple, RowLoop] | None = None  # the row graph of the last policy
         # One session run at a time: the bindings (and what _bound remembers of them) are the
         # executor's, so two threads' runs would overwrite each other's pointers.
         self._lock = threading.Lock()
@@ -219,7 +219,7 @@ class OnnxRuntimeExecutor(LayerExecutor):
         """
         if self._feed_forward or row_graph_support(policy) is not None:
             return None
-        key = repr(policy)
+        key = policy.key()
         with self._lock:  # one build, and no thread runs a session being replaced
             if self._row is None or self._row[0] != key:
                 self._row = None  # free the old session first

