@@ -31,7 +31,7 @@ from eeengine import Engine
 from eeengine.data import get_task, load_split
 from eeengine.defaults import default_checkpoint
 from eeengine.executors.int8_static import activation_absmax, int8_static_layer_graph
-from eeengine.executors.onnx_graphs import layer_graph, quantize_int8
+from eeengine.executors.onnx_graphs import DISABLED_OPTIMIZERS, layer_graph, quantize_int8
 from eeengine.training.calibration_slice import calibration_slice
 
 
@@ -48,7 +48,12 @@ class LayerStack:
             path = workdir / f"layer{i}.onnx"
             onnx.save(graph, path)
             self.sessions.append(
-                onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                onnxruntime.InferenceSession(
+                    str(path),
+                    options,
+                    providers=["CPUExecutionProvider"],
+                    disabled_optimizers=DISABLED_OPTIMIZERS,  # as the executor's sessions
+                )
             )
 
     @torch.inference_mode()

@@ -300,3 +300,33 @@ def test_onnxruntime_engine_answers_threads_as_one_caller(tiny_ckpt):
     for thread in threads:
         thread.join()
     assert wrong == []
+
+
+def test_layer_sessions_keep_layer_norm_as_the_standard_op(model, tmp_path):
+    """The layer graphs' ``Add`` + ``LayerNormalization`` stay apart in the executor's sessions:
+    ONNX Runtime's own pass would make them its slower ``SkipLayerNormalization``
+    (BENCHMARKS.md, "LayerNorm as standard ops")."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from eeengine.executors.onnx_graphs import layer_graph
+    from eeengine.executors.onnxruntime import _session
+
+    config = model.config
+    graph = layer_graph(
+        model.bert.encoder.layer[0], config.num_attention_heads, config.layer_norm_eps
+    ).SerializeToString()
+
+    def optimized_ops(make_session) -> list[str]:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        make_session(graph, options)
+        return [node.op_type for node in onnx.load(tmp_path / "optimized.onnx").graph.node]
+
+    ops = optimized_ops(_session)
+    assert ops.count("LayerNormalization") == 2 and "SkipLayerNormalization" not in ops
+    default = optimized_ops(
+        lambda graph, options: ort.InferenceSession(
+            graph, options, providers=["CPUExecutionProvider"]
+        )
+    )
+    assert default.count("SkipLayerNormalization") == 2  # what the disabled pass does
