@@ -150,28 +150,42 @@ class DeviceLoop:
         The executor's :meth:`~eeengine.executors.base.LayerExecutor.host_ops` context is
         entered around the loops that run torch ops only.
         """
-
-        def run(indices: list[int]) -> ExitOutput:
-            return self(policy, backend, token_pruning,
-                        *collate(encoded, indices, pad_token_id, self.device))  # fmt: skip
-
         try:
             if self.device.type == "cpu" and len(batches) == 1 and len(batches[0]) == 1:
-                loop = self._exit_loop(policy, backend, token_pruning)
-                row = loop.row_loop(1)
-                if row is not None:
-                    (i,) = batches[0]
-                    logits, layer = row.run_tokens(encoded.input_ids[i], encoded.token_type_ids[i])
-                    return [HostExits([logits], [layer])]
-
-                def run(indices: list[int]) -> ExitOutput:  # the row asked for: no second ask
-                    return loop.run_layers(*collate(encoded, indices, pad_token_id))
-
+                (index,) = batches[0]
+                return [self._one_row(policy, backend, token_pruning, encoded, index, pad_token_id)]
             with self.executor.host_ops():  # e.g. torch on one thread beside ORT's pool
-                outs = [run(indices) for indices in batches]
+                outs = [
+                    self(
+                        policy,
+                        backend,
+                        token_pruning,
+                        *collate(encoded, indices, pad_token_id, self.device),
+                    )
+                    for indices in batches
+                ]
         finally:
             self.executor.release_scratch()
         return [HostExits.of(out) for out in self.to_host(outs)]
+
+    def _one_row(
+        self,
+        policy: ExitPolicy,
+        backend: str,
+        token_pruning: TokenPruning | None,
+        encoded: Encoded,
+        index: int,
+        pad_token_id: int,
+    ) -> HostExits:
+        """A call of one row on the CPU: the loop's row runner on its token lists where it
+        has one (:meth:`ExitLoop.row_loop`), else the layer loop."""
+        loop = self._exit_loop(policy, backend, token_pruning)
+        row = loop.row_loop(1)
+        if row is not None:
+            logits, layer = row.run_tokens(encoded.input_ids[index], encoded.token_type_ids[index])
+            return HostExits([logits], [layer])
+        with self.executor.host_ops():  # the row was asked for: run_layers, not run
+            return HostExits.of(loop.run_layers(*collate(encoded, [index], pad_token_id)))
 
     def to_host(self, outputs: list[ExitOutput]) -> list[ExitOutput]:
         """``outputs`` on the CPU. On a GPU: one non-blocking copy per tensor into pinned
