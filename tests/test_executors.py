@@ -11,6 +11,10 @@ activation; ATOL = 1e-5 covers it with margin (measured: <= 6e-6 on all-MiniLM-L
 activations reach ~10). Exit decisions must be equal.
 """
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -331,3 +335,39 @@ def test_layer_sessions_keep_layer_norm_as_the_standard_op(model, tmp_path):
         )
     )
     assert default.count("SkipLayerNormalization") == 2  # what the disabled pass does
+
+
+@pytest.mark.skipif(os.name != "posix", reason="open files outlive their names on POSIX only")
+def test_onnxruntime_executor_leaves_no_files_even_when_killed(tiny_ckpt, tmp_path):
+    """The layer graphs the row graph is built from are kept as open files whose names are
+    gone once loaded: a process killed with SIGKILL leaves none of eeengine's files in the
+    temp directory."""
+    pytest.importorskip("onnxruntime")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    script = (
+        "import sys\n"
+        "from eeengine import Engine\n"
+        f"engine = Engine({str(tiny_ckpt)!r}, executor='onnxruntime')\n"
+        "first = engine.predict('a gorgeous, witty film')\n"
+        "again = engine.predict('a gorgeous, witty film')  # builds the row graph\n"
+        "assert engine._executor._row is not None and again.label == first.label\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    env = {**os.environ, "TMPDIR": str(temp)}
+
+    def ours() -> list[str]:  # ONNX Runtime and torch keep files of their own there
+        return [path.name for path in temp.iterdir() if path.name.startswith("eeengine-")]
+
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    ) as child:
+        try:
+            assert child.stdout.readline() == b"ready\n"
+            assert ours() == []  # nothing named while it runs, either
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=60)
+        finally:
+            child.kill()
+    assert ours() == []

@@ -50,11 +50,14 @@ batch 32 ran 1.48x (fp32) / 1.62x (int8) slower under OpenMP's default waiting
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -153,15 +156,20 @@ class OnnxRuntimeExecutor(LayerExecutor):
         # self._feed_forward[i], after the layers.
         self._feed_forward: dict[int, int] = {}
         # Layer sessions load from files: one from bytes keeps the bytes (a second copy of
-        # the weights) referenced for its lifetime. Without pruning layers the files stay
-        # (deleted with the executor) for the row graph (row_loop).
+        # the weights) referenced for its lifetime. Without pruning layers the layer graphs
+        # are kept for the row graph (row_loop): on POSIX as open files whose names are
+        # removed once loaded, so nothing is left on disk even after kill -9; elsewhere in
+        # the directory, deleted with the executor.
         self._graph_dir = tempfile.TemporaryDirectory(prefix="eeengine-onnx-")
+        self._layer_files: list[BinaryIO] = []
+        weakref.finalize(self, _close_all, self._layer_files)  # closed with the executor
         self._threads, self._embeddings_model = threads, embeddings
         self._row: tuple[tuple, RowLoop] | None = None  # the row graph of the last policy
         # One session run at a time: the bindings (and what _bound remembers of them) are the
         # executor's, so two threads' runs would overwrite each other's pointers.
         self._lock = threading.Lock()
         tmp = self._graph_dir.name
+        keep_open = not pruning_layers and os.name == "posix"
 
         def load(graph: onnx.ModelProto, name: str) -> onnxruntime.InferenceSession:
             path = Path(tmp) / f"{name}.onnx"
@@ -169,7 +177,10 @@ class OnnxRuntimeExecutor(LayerExecutor):
                 quantize_int8(graph, path)
             else:
                 onnx.save(graph, path)
-            return _session(str(path), options)
+            session = _session(str(path), options)
+            if keep_open:
+                self._layer_files.append(path.open("rb"))
+            return session
 
         layers = model.backbone.layers
         static = precision == "int8_static"
@@ -195,7 +206,7 @@ class OnnxRuntimeExecutor(LayerExecutor):
                 else feed_forward_graph(layer, eps)
             )
             sessions.append(load(graph, f"feed_forward{index}"))
-        if pruning_layers:
+        if pruning_layers or keep_open:
             self._graph_dir.cleanup()
         release_freed_heap()
         self._sessions = sessions
@@ -226,22 +237,29 @@ class OnnxRuntimeExecutor(LayerExecutor):
                 self._row = (key, self._build_row_loop(policy))
             return self._row[1]
 
+    def _layer_model(self, index: int) -> onnx.ModelProto:
+        """Layer ``index``'s graph, as its session was built from it."""
+        if self._layer_files:
+            file = self._layer_files[index]
+            file.seek(0)
+            return onnx.load(file)
+        return onnx.load(Path(self._graph_dir.name) / f"layer{index}.onnx")
+
     def _build_row_loop(self, policy: ExitPolicy) -> RowLoop:
         model = self.model
-        directory = Path(self._graph_dir.name)
-        layers = [onnx.load(directory / f"layer{i}.onnx") for i in range(model.num_layers)]
+        layers = [self._layer_model(i) for i in range(model.num_layers)]
         heads = [model.exit_head(i) for i in range(model.num_layers)]
         graph = row_exit_model(self._embeddings_model, layers, heads, policy, model.num_labels)
         del layers
-        path = directory / "row.onnx"
-        onnx.save(graph, path)
-        del graph
         options = session_options(self._threads)
         # Errors only: ORT's graph optimizer warns where it cannot rename a value an If branch
         # reads (an Identity it would remove), an optimization missed, not a problem.
         options.log_severity_level = 3
-        session = _session(str(path), options)
-        path.unlink()
+        with tempfile.TemporaryDirectory(prefix="eeengine-onnx-") as directory:
+            path = Path(directory) / "row.onnx"
+            onnx.save(graph, path)
+            del graph
+            session = _session(str(path), options)
         release_freed_heap()  # the transient graphs: 40 MiB of RSS at int8 without the trim
         state = policy.init_state(1, torch.device("cpu"), model.num_labels)
         return RowLoop(session, self._embedding_weights, state, model.num_labels)
@@ -478,6 +496,11 @@ def _session(
         providers=["CPUExecutionProvider"],
         disabled_optimizers=DISABLED_OPTIMIZERS,
     )
+
+
+def _close_all(files: list[BinaryIO]) -> None:
+    for file in files:
+        file.close()
 
 
 def _int32(tensor: Tensor) -> Tensor:
