@@ -32,7 +32,6 @@ import tempfile
 from pathlib import Path
 
 import onnx
-import onnxruntime
 import torch
 from compare import environment, latency_batch1, throughput
 from onnx import helper, numpy_helper
@@ -42,7 +41,7 @@ from eeengine import Engine
 from eeengine.data import get_task, load_split
 from eeengine.defaults import default_checkpoint
 from eeengine.executors.onnx_graphs import (
-    DISABLED_OPTIMIZERS,
+    cpu_session,
     embeddings_graph,
     layer_graph,
     quantize_int8,
@@ -96,12 +95,7 @@ def one_session_provider(engine: Engine, precision: str, threads: int):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         quantize_int8(model, path) if precision == "int8" else onnx.save(model, path)
-        session = onnxruntime.InferenceSession(
-            str(path),
-            options,
-            providers=["CPUExecutionProvider"],
-            disabled_optimizers=DISABLED_OPTIMIZERS,  # the executor's sessions' passes
-        )
+        session = cpu_session(str(path), options)  # as the executor's sessions
     head = engine.model.exit_heads[-1]
     output = session.get_outputs()[0].name
 

@@ -31,7 +31,7 @@ from eeengine import Engine
 from eeengine.data import get_task, load_split
 from eeengine.defaults import default_checkpoint
 from eeengine.executors.int8_static import activation_absmax, int8_static_layer_graph
-from eeengine.executors.onnx_graphs import DISABLED_OPTIMIZERS, layer_graph, quantize_int8
+from eeengine.executors.onnx_graphs import cpu_session, layer_graph, quantize_int8
 from eeengine.training.calibration_slice import calibration_slice
 
 
@@ -47,14 +47,7 @@ class LayerStack:
         for i, graph in enumerate(graphs):
             path = workdir / f"layer{i}.onnx"
             onnx.save(graph, path)
-            self.sessions.append(
-                onnxruntime.InferenceSession(
-                    str(path),
-                    options,
-                    providers=["CPUExecutionProvider"],
-                    disabled_optimizers=DISABLED_OPTIMIZERS,  # as the executor's sessions
-                )
-            )
+            self.sessions.append(cpu_session(str(path), options))  # as the executor's
 
     @torch.inference_mode()
     def __call__(self, texts: list[str]) -> torch.Tensor:

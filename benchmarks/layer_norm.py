@@ -20,7 +20,7 @@ import onnxruntime
 from compare import environment
 from onnx import TensorProto, helper
 
-from eeengine.executors.onnx_graphs import DISABLED_OPTIMIZERS, model_of, skip_layer_norm
+from eeengine.executors.onnx_graphs import cpu_session, model_of, skip_layer_norm
 
 HIDDEN = 384
 EPS = 1e-12
@@ -58,12 +58,7 @@ def main() -> None:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         sessions = {
-            name: onnxruntime.InferenceSession(
-                graph(name == "fused", params),
-                options,
-                providers=["CPUExecutionProvider"],
-                disabled_optimizers=DISABLED_OPTIMIZERS,
-            )
+            name: cpu_session(graph(name == "fused", params), options)
             for name in ("fused", "standard_ops")
         }
         for tokens in args.tokens:

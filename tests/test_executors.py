@@ -312,8 +312,7 @@ def test_layer_sessions_keep_layer_norm_as_the_standard_op(model, tmp_path):
     (BENCHMARKS.md, "LayerNorm as standard ops")."""
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
-    from eeengine.executors.onnx_graphs import layer_graph
-    from eeengine.executors.onnxruntime import _session
+    from eeengine.executors.onnx_graphs import cpu_session, layer_graph
     from eeengine.executors.ort_environment import neighbour_session_options
 
     config = model.config
@@ -327,7 +326,7 @@ def test_layer_sessions_keep_layer_norm_as_the_standard_op(model, tmp_path):
         make_session(graph, options)
         return [node.op_type for node in onnx.load(tmp_path / "optimized.onnx").graph.node]
 
-    ops = optimized_ops(_session)
+    ops = optimized_ops(cpu_session)
     assert ops.count("LayerNormalization") == 2 and "SkipLayerNormalization" not in ops
     default = optimized_ops(
         lambda graph, options: ort.InferenceSession(

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -39,6 +40,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor
 
 from eeengine.modeling_bert import BertEmbeddings, BertLayer
+
+if TYPE_CHECKING:
+    from onnxruntime import InferenceSession, SessionOptions
 
 _OPSET = 17
 _MS = "com.microsoft"  # ONNX Runtime's contrib ops
@@ -201,8 +205,8 @@ def skip_layer_norm(
     The fused op's CPU kernel (ONNX Runtime 1.32, here) takes about 2 us per token of 384
     values: at 25 tokens, alone in a session, 55 us against 18 us for these three nodes, and
     further from a float64 LayerNorm (``benchmarks/layer_norm.py``, BENCHMARKS.md "LayerNorm
-    as standard ops"). ONNX Runtime's optimizer would fuse them back into the slow op: the
-    executor's sessions disable that pass (:data:`DISABLED_OPTIMIZERS`).
+    as standard ops"). ONNX Runtime's optimizer would fuse them back into the slow op:
+    :func:`cpu_session` disables that pass.
     """
     p = f"{output}/ln/"
     return [
@@ -214,9 +218,18 @@ def skip_layer_norm(
     ]
 
 
-# ONNX Runtime graph passes the executor's sessions skip: Add + LayerNormalization would become
-# the slower fused SkipLayerNormalization (skip_layer_norm).
-DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
+def cpu_session(model: bytes | str, options: SessionOptions) -> InferenceSession:
+    """An ONNX Runtime CPU session of a model built here (bytes or a path), with ``options``,
+    without the ``SkipLayerNormFusion`` pass, which would turn :func:`skip_layer_norm`'s
+    ``Add`` + ``LayerNormalization`` back into the slower fused op."""
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(
+        model,
+        options,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=["SkipLayerNormFusion"],
+    )
 
 
 def _hidden_shape(layer: BertLayer) -> list[str | int]:

@@ -73,8 +73,8 @@ from eeengine.executors.int8_static import (
     int8_static_layer_graph,
 )
 from eeengine.executors.onnx_graphs import (
-    DISABLED_OPTIMIZERS,
     attention_graph,
+    cpu_session,
     embeddings_graph,
     feed_forward_graph,
     layer_graph,
@@ -150,7 +150,7 @@ class OnnxRuntimeExecutor(LayerExecutor):
         threads = num_threads or torch.get_num_threads()
         options = session_options(threads)
         embeddings, self._embedding_weights = embeddings_graph(model.backbone.embeddings)
-        sessions = [_session(embeddings.SerializeToString(), options)]
+        sessions = [cpu_session(embeddings.SerializeToString(), options)]
         heads, eps = config.num_attention_heads, config.layer_norm_eps
         # Session of layer i: i + 1; of a pruning layer's feed-forward sublayer:
         # self._feed_forward[i], after the layers.
@@ -177,7 +177,7 @@ class OnnxRuntimeExecutor(LayerExecutor):
                 quantize_int8(graph, path)
             else:
                 onnx.save(graph, path)
-            session = _session(str(path), options)
+            session = cpu_session(str(path), options)
             if keep_open:
                 self._layer_files.append(path.open("rb"))
             return session
@@ -259,7 +259,7 @@ class OnnxRuntimeExecutor(LayerExecutor):
             path = Path(directory) / "row.onnx"
             onnx.save(graph, path)
             del graph
-            session = _session(str(path), options)
+            session = cpu_session(str(path), options)
         release_freed_heap()  # the transient graphs: 40 MiB of RSS at int8 without the trim
         state = policy.init_state(1, torch.device("cpu"), model.num_labels)
         return RowLoop(session, self._embedding_weights, state, model.num_labels)
@@ -485,17 +485,6 @@ class RowLoop:
                 _bind(self._binding.bind_input, name, value)
             self._session.run_with_iobinding(self._binding)
             return self._logits.copy(), self._exit_layer.copy()
-
-
-def _session(
-    model: bytes | str, options: onnxruntime.SessionOptions
-) -> onnxruntime.InferenceSession:
-    return onnxruntime.InferenceSession(
-        model,
-        options,
-        providers=["CPUExecutionProvider"],
-        disabled_optimizers=DISABLED_OPTIMIZERS,
-    )
 
 
 def _close_all(files: list[BinaryIO]) -> None:
