@@ -33,7 +33,8 @@ from pathlib import Path
 
 import onnx
 import torch
-from compare import environment, latency_batch1, throughput
+from compare import latency_batch1, throughput
+from environment import environment
 from onnx import helper, numpy_helper
 from peers import INPUT_NAMES, engine_provider, tokenize
 

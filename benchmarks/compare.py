@@ -73,6 +73,7 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
 import torch
 import transformers
 from compare_report import BASELINES, markdown, plot
+from environment import environment
 from peers import (
     FullDepth,
     Predict,
@@ -340,46 +341,6 @@ def throughput(
             best[name] = max(best[name], len(texts) / (time.perf_counter() - start))
             labels.setdefault(name, predicted)
     return best, labels
-
-
-def environment() -> dict:
-    """What the timings depend on besides the code: threads, OpenMP waiting, versions, CPU."""
-    import platform
-
-    import onnxruntime
-    import transformers
-
-    return {
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "machine": platform.processor() or platform.machine(),
-        **_cpu_model(),
-        "load_average": os.getloadavg(),
-        **{name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")},
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "onnxruntime": onnxruntime.__version__,
-    }
-
-
-# CPU features the int8 and bf16 kernels dispatch on.
-_KERNEL_FLAGS = ("avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-
-
-def _cpu_model() -> dict:
-    """The CPU's model name and which of :data:`_KERNEL_FLAGS` it has, from /proc/cpuinfo
-    (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            fields = dict(line.split(":", 1) for line in cpuinfo if ":" in line)
-    except OSError:
-        return {}
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
-    flags = set(fields.get("flags", "").split())
-    return {
-        "cpu_model": fields.get("model name"),
-        "cpu_flags": [flag for flag in _KERNEL_FLAGS if flag in flags],
-    }
 
 
 def prepare(threads: int | None, ckpt: Path | None) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
-from compare import environment
+from environment import environment
 from onnx import TensorProto, helper
 
 from eeengine.executors.onnx_graphs import cpu_session, model_of, skip_layer_norm

@@ -29,13 +29,13 @@ from pathlib import Path
 
 from compare import (
     EngineRecorder,
-    environment,
     latency_batch1,
     load_workload,
     operating_points,
     prepare,
     throughput,
 )
+from environment import environment
 from results_io import markdown_table, write_results
 
 from eeengine import Engine

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from compare import environment
+from environment import environment
 
 from eeengine import Engine
 from eeengine.batching import collate, encode_truncating

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 import torch
-from compare import EXECUTORS, environment
+from compare import EXECUTORS
+from environment import environment
 from peers import FullDepth, Predict, engine_provider, torch_provider
 from results_io import markdown_table, write_results
 

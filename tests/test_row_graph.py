@@ -139,7 +139,7 @@ def test_engine_predicts_lone_inputs_through_the_row_graph(tiny_ckpt, monkeypatc
     one-off prediction), later ones run the row graph's token-list entry point; every answer
     equals the same input's in a batch of all (exit layer exactly, probabilities to 1e-5)."""
     from eeengine import Engine
-    from eeengine.executors.onnxruntime import RowLoop
+    from eeengine.executors.row_loop import RowLoop
 
     settings = {"executor": "onnxruntime", "policy": "entropy", "threshold": 0.5}
     batched = Engine(tiny_ckpt, **settings).predict(SENTENCES)

@@ -23,8 +23,10 @@ rule reads) and its feed-forward sublayer (:func:`feed_forward_graph`; at "int8_
 ``token_prune`` runs between them, so pruning layers run at the executor's precision too.
 
 A batch of one row can run the whole early-exit loop as one more session, the row graph
-(:meth:`OnnxRuntimeExecutor.row_loop`, :mod:`eeengine.executors.row_graph`), built from the
-layer graphs the executor keeps on disk (in a temporary directory deleted with it).
+(:meth:`OnnxRuntimeExecutor.row_loop`, :mod:`eeengine.executors.row_graph`, run by
+:class:`eeengine.executors.row_loop.RowLoop`), built from the layer graphs the executor keeps:
+on POSIX as open files whose names are removed once the sessions load (nothing is left in
+``$TMPDIR`` even by a killed process), elsewhere in a temporary directory deleted with it.
 
 Several threads may use one executor: its session runs take turns (the bindings and the row
 graph's buffers are the executor's own), each run on all the pool's threads.
@@ -54,12 +56,11 @@ import os
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
 import onnx
 import onnxruntime
 import torch
@@ -72,6 +73,7 @@ from eeengine.executors.int8_static import (
     int8_static_feed_forward_graph,
     int8_static_layer_graph,
 )
+from eeengine.executors.io_binding import bind_pointer
 from eeengine.executors.onnx_graphs import (
     attention_graph,
     cpu_session,
@@ -82,16 +84,11 @@ from eeengine.executors.onnx_graphs import (
 )
 from eeengine.executors.ort_environment import session_options, single_threaded_torch
 from eeengine.executors.row_graph import row_exit_model, row_graph_support
+from eeengine.executors.row_loop import RowLoop
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.policies import ExitPolicy
 from eeengine.token_pruning import TokenPruneOutput
 
-_NUMPY_DTYPES = {
-    torch.float32: np.float32,
-    torch.int32: np.int32,
-    torch.int64: np.int64,
-    torch.bool: np.bool_,
-}
 PRECISIONS = ("fp32", "int8", "int8_static")
 # Batches up to this many tokens (batch_size x seq_len) leave their scratch memory in the shared
 # arena for the next call (MiniLM: about 25 MB at 4,096 tokens); larger ones give it back at
@@ -214,7 +211,7 @@ class OnnxRuntimeExecutor(LayerExecutor):
         self._bound: list[dict[str, tuple]] = [{} for _ in self._sessions]
         # Bound once: IOBinding keeps them for every run (the torch tensors outlive it).
         for key, value in self._embedding_weights.items():
-            _bind(self._bindings[0].bind_input, key, value)
+            bind_pointer(self._bindings[0].bind_input, key, value)
         self._hidden_size = config.hidden_size
         self._largest_batch_tokens = 0  # batch_size x seq_len, since release_scratch
 
@@ -411,80 +408,12 @@ class OnnxRuntimeExecutor(LayerExecutor):
                 # (the attention mask, bound once for the layers between two compactions).
                 key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
                 if bound.get(name) != key:
-                    _bind(binding.bind_input, name, tensor)
+                    bind_pointer(binding.bind_input, name, tensor)
                     bound[name] = key
             for name, tensor in outputs.items():
-                _bind(binding.bind_output, name, tensor)
+                bind_pointer(binding.bind_output, name, tensor)
             self._sessions[session].run_with_iobinding(binding, options)
         return list(outputs.values())
-
-
-class RowLoop:
-    """Runs a row graph (:func:`eeengine.executors.row_graph.row_exit_model`) on one row,
-    inputs and outputs bound by pointer.
-
-    Args:
-        session: the row graph's session.
-        embedding_weights: the embeddings' weights, bound once.
-        state: the policy's initial state for one row (:meth:`ExitPolicy.init_state`), bound
-            once (the graph reads it and never writes it).
-        num_labels: classes of the exit heads (1: regression).
-    """
-
-    def __init__(
-        self,
-        session: onnxruntime.InferenceSession,
-        embedding_weights: dict[str, Tensor],
-        state: dict[str, Tensor],
-        num_labels: int,
-    ) -> None:
-        self._session = session
-        self._binding = session.io_binding()
-        self._state = {f"state.{key}": value.contiguous() for key, value in state.items()}
-        for name, tensor in {**embedding_weights, **self._state}.items():
-            _bind(self._binding.bind_input, name, tensor)
-        # numpy buffers: copied out and wrapped with torch.from_numpy, cheaper than two torch
-        # clones in the cold cache right after a run (batch 1).
-        self._logits = np.empty((1, num_labels), dtype=np.float32)
-        self._exit_layer = np.empty(1, dtype=np.int64)
-        self._lock = threading.Lock()  # one run at a time: one binding, one pair of outputs
-        _bind(self._binding.bind_output, "logits", self._logits)
-        _bind(self._binding.bind_output, "exit_layer", self._exit_layer)
-
-    def __call__(
-        self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """One row, (1, seq_len) int64 each, right-padded (mask 1 = real token) -> logits
-        (1, num_labels) float32 (the policy's output logits at the exit) and exit_layer (1,)
-        int64, 1-based. The graph takes the real tokens only."""
-        length = int(attention_mask.sum())
-        inputs = {  # bound by pointer: contiguous, and referenced until the run
-            "input_ids": input_ids[:, :length].contiguous(),
-            "token_type_ids": token_type_ids[:, :length].contiguous(),
-        }
-        logits, exit_layer = self._run(inputs)
-        return torch.from_numpy(logits), torch.from_numpy(exit_layer)
-
-    def run_tokens(
-        self, input_ids: Sequence[int], token_type_ids: Sequence[int]
-    ) -> tuple[list[float], int]:
-        """One unpadded row as token lists -> its logits at the exit (float32 values) and its
-        1-based exit layer; numpy only (at batch 1, right after a run, a torch op costs
-        10-20 us)."""
-        inputs = {
-            "input_ids": np.array([input_ids], dtype=np.int64),
-            "token_type_ids": np.array([token_type_ids], dtype=np.int64),
-        }
-        logits, exit_layer = self._run(inputs)
-        return logits[0].tolist(), int(exit_layer[0])
-
-    def _run(self, inputs: dict[str, Tensor | np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Bind the contiguous ``inputs`` by pointer, run, and copy the outputs out."""
-        with self._lock:
-            for name, value in inputs.items():
-                _bind(self._binding.bind_input, name, value)
-            self._session.run_with_iobinding(self._binding)
-            return self._logits.copy(), self._exit_layer.copy()
 
 
 def _close_all(files: list[BinaryIO]) -> None:
@@ -494,11 +423,3 @@ def _close_all(files: list[BinaryIO]) -> None:
 
 def _int32(tensor: Tensor) -> Tensor:
     return tensor.to(torch.int32).contiguous()
-
-
-def _bind(bind: Callable, name: str, value: Tensor | np.ndarray) -> None:
-    """Bind a contiguous CPU tensor or array to an IOBinding input or output by pointer."""
-    if isinstance(value, np.ndarray):
-        bind(name, "cpu", 0, value.dtype, list(value.shape), value.ctypes.data)
-    else:
-        bind(name, "cpu", 0, _NUMPY_DTYPES[value.dtype], list(value.shape), value.data_ptr())
