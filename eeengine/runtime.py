@@ -238,6 +238,15 @@ class ExitLoop:
             return None
         return self.executor.row_loop(self.policy)
 
+    def row_loop_unavailable(self) -> str | None:
+        """Why a batch of one row never runs through a one-row runner (:meth:`row_loop`), or
+        None where it does (from the second one-row batch on). Builds nothing."""
+        if self._op is None:
+            return "the reference backend runs every batch layer by layer"
+        if self.token_pruning is not None:
+            return "token pruning runs every batch layer by layer"
+        return self.executor.row_loop_unavailable(self.policy)
+
     def _tokens_kept(self, attention_mask: Tensor, exit_layer: Tensor) -> Tensor:
         """``ExitOutput.tokens_kept`` without pruning: each row's length up to its exit."""
         layers = torch.arange(1, self.model.num_layers + 1, device=attention_mask.device)

@@ -180,13 +180,23 @@ def test_one_row_graph_per_policy(setup):
 
 
 def test_no_row_graph_where_it_cannot_run(tiny_bert_dir):
+    """No runner, and the reason says why (``GET /info`` reports it), where the row graph
+    cannot run; a runner and no reason where it can."""
     model = make_tiny_model(tiny_bert_dir)
     policy = make_policy("entropy", threshold=0.5)
-    assert TorchExecutor(model).row_loop(policy) is None
+    torch_executor = TorchExecutor(model)
+    assert torch_executor.row_loop(policy) is None
+    assert "torch executor" in torch_executor.row_loop_unavailable(policy)
     pruning = TokenPruning(layers=(2,), keep_ratio=0.5, beta=(1.0,))
-    assert make_executor("onnxruntime", model, token_pruning=pruning).row_loop(policy) is None
+    pruned = make_executor("onnxruntime", model, token_pruning=pruning)
+    assert pruned.row_loop(policy) is None
+    assert "token-pruning" in pruned.row_loop_unavailable(policy)
     executor = make_executor("onnxruntime", model)
-    assert executor.row_loop(make_policy("lte", threshold=0.5)) is None
+    lte = make_policy("lte", threshold=0.5)
+    assert executor.row_loop(lte) is None
+    assert "lte_score" in executor.row_loop_unavailable(lte)
+    assert executor.row_loop_unavailable(policy) is None
+    assert executor.row_loop(policy) is not None
 
 
 @pytest.mark.parametrize("layout", ["per_layer", "shared"])

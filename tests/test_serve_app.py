@@ -145,6 +145,8 @@ def test_info_metrics_and_docs(client, engine) -> None:
     assert info["policy"] == repr(engine.policy) and info["precision"] == "fp32"
     assert info["max_input_length"] == engine.max_length
     assert info["batching"] in ("continuous", "static")
+    assert engine.executor == "onnxruntime"  # the CPU default for a BERT checkpoint
+    assert info["row_graph"] == {"available": True, "reason": None}
 
     before = _exit_counts(client)
     texts = SENTENCES[:6]
@@ -270,8 +272,17 @@ def test_serve_command_runs_the_precision_it_is_given(tiny_ckpt, monkeypatch) ->
         info = _ready(client).get("/info").json()
         answer = client.post("/predict", json={"inputs": SENTENCES[0]}).json()
     assert info["precision"] == "int8" and info["executor"] == "onnxruntime"
+    assert info["row_graph"] == {"available": True, "reason": None}
     engine = Engine(tiny_ckpt, precision="int8")
     _check_prediction(answer, engine.predict(SENTENCES[0]), engine.label_names)
+
+
+def test_info_says_why_lone_requests_run_layer_by_layer(tiny_ckpt) -> None:
+    engine = Engine(tiny_ckpt, executor="torch")
+    with TestClient(engine_app(engine, ServeConfig())) as client:
+        info = _ready(client).get("/info").json()
+    reason = "the torch executor runs every batch layer by layer"
+    assert info["row_graph"] == {"available": False, "reason": reason}
 
 
 @pytest.mark.parametrize("batching", ["continuous", "static"])

@@ -83,6 +83,11 @@ class LayerExecutor(Protocol):
         the loop would compute it; None (the default): the loop runs layer by layer."""
         return None
 
+    def row_loop_unavailable(self, policy: ExitPolicy) -> str | None:
+        """Why :meth:`row_loop` gives no runner for ``policy`` (a sentence), or None where it
+        gives one. Builds nothing."""
+        return f"the {self.name} executor runs every batch layer by layer"
+
     def host_ops(self) -> AbstractContextManager[None]:
         """A context for the torch operations between this executor's layers (exit heads,
         policy steps, batch compaction, results) and the layers themselves: nothing to set by

@@ -225,7 +225,7 @@ class OnnxRuntimeExecutor(LayerExecutor):
         +54 MiB at fp32, BENCHMARKS.md), built only for a process that predicts one row at a
         time.
         """
-        if self._feed_forward or row_graph_support(policy) is not None:
+        if self.row_loop_unavailable(policy) is not None:
             return None
         key = policy.key()
         with self._lock:  # one build, and no thread runs a session being replaced
@@ -233,6 +233,12 @@ class OnnxRuntimeExecutor(LayerExecutor):
                 self._row = None  # free the old session first
                 self._row = (key, self._build_row_loop(policy))
             return self._row[1]
+
+    def row_loop_unavailable(self, policy: ExitPolicy) -> str | None:
+        """Why :meth:`row_loop` gives no row graph for ``policy``, or None where it gives one."""
+        if self._feed_forward:
+            return "token-pruning layers run as two sessions each"
+        return row_graph_support(policy)
 
     def _layer_model(self, index: int) -> onnx.ModelProto:
         """Layer ``index``'s graph, as its session was built from it."""

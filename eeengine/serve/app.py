@@ -9,7 +9,8 @@ Face full-depth model through the same app); :func:`engine_app` builds the app o
   ``x-queue-time``, ``x-inference-time``, in ms).
 - ``GET /health``: 200 once the model has run a warm-up request, 503 before (and if its worker
   thread died).
-- ``GET /info``: model, labels, policy, backend, executor, precision, limits.
+- ``GET /info``: model, labels, policy, backend, executor, precision, limits, and whether a
+  lone request runs as one row graph (``row_graph``: ``available``, ``reason``).
 - ``GET /metrics``: Prometheus (:mod:`eeengine.serve.metrics`).
 - ``GET /docs``: OpenAPI (FastAPI).
 
@@ -40,7 +41,7 @@ from transformers import PreTrainedTokenizerBase
 
 from eeengine.engine import Engine
 from eeengine.inputs import char_limit
-from eeengine.runtime import NonFiniteLogitsError, check_finite
+from eeengine.runtime import ExitLoop, NonFiniteLogitsError, check_finite
 from eeengine.serve import BATCHING
 from eeengine.serve.batcher import Batcher, Job, JobResult, StaticBatcher
 from eeengine.serve.layerwise import LayerwiseBatcher
@@ -346,9 +347,17 @@ def engine_app(engine: Engine, config: ServeConfig) -> FastAPI:
             "token_pruning": None
             if engine.token_pruning is None
             else engine.token_pruning.to_json(),
+            "row_graph": _row_graph_info(loop),
         },
     )
     return create_app(model, config, make_batcher)
+
+
+def _row_graph_info(loop: ExitLoop) -> dict:
+    """Whether a lone request runs the whole loop as one graph
+    (:meth:`eeengine.runtime.ExitLoop.row_loop`), and if not, why."""
+    reason = loop.row_loop_unavailable()
+    return {"available": reason is None, "reason": reason}
 
 
 def _logits_and_layers(out: object) -> tuple[torch.Tensor, torch.Tensor]:
