@@ -20,7 +20,6 @@ from eeengine.token_pruning import DEFAULT_TOKEN_PRUNING
 from eeengine.training import TrainConfig
 from eeengine.training.calibration_slice import CALIBRATION_SPLIT
 from eeengine.training.contrastive import EXITS
-from eeengine.training.plan import HOLDOUTS
 from eeengine.training.recipes import BASE_RECIPES, RECIPES
 
 
@@ -199,7 +198,6 @@ _CHOICES = {
     "layout": LAYOUTS,
     "pooling": POOLINGS,
     "contrastive_exits": EXITS,
-    "calibration_holdout": HOLDOUTS,
 }
 
 

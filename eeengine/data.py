@@ -36,10 +36,6 @@ class Task:
     Columns are header names, or 0-based indices for files without a header. ``metric`` is the
     task's primary metric (operating points are picked by it); ``extra_metrics`` are the other
     official GLUE metrics reported beside it (keys of :data:`eeengine.metrics.METRICS`).
-    ``phrase_tree``: the training rows are every phrase of the parse trees of the training
-    sentences, the sentences among them (SST-2; Socher et al. 2013), while dev holds whole
-    sentences; the calibration slice then holds out whole sentences
-    (:mod:`eeengine.training.sentence_holdout`).
     """
 
     name: str
@@ -52,22 +48,12 @@ class Task:
     has_header: bool = True
     metric: str = "accuracy"
     extra_metrics: tuple[str, ...] = ()
-    phrase_tree: bool = False
 
 
 TASKS = {
     task.name: task
     for task in (
-        Task(
-            "sst2",
-            "SST-2",
-            "sentence",
-            "label",
-            None,
-            ("negative", "positive"),
-            ("0", "1"),
-            phrase_tree=True,
-        ),
+        Task("sst2", "SST-2", "sentence", "label", None, ("negative", "positive"), ("0", "1")),
         Task(
             "mrpc",
             "MRPC",
@@ -453,36 +439,25 @@ def holdout_split(split: Split, size: int, seed: int, stratify: bool) -> tuple[S
     Raises:
         ValueError: ``size`` is not in [1, len(split) - 1].
     """
-    held = held_out_rows(split.labels, size, seed, stratify)
     n = len(split.texts)
-    return subset(split, [i for i in range(n) if i not in held]), subset(split, sorted(held))
-
-
-def held_out_rows(
-    labels: Sequence[int] | Sequence[float], size: int, seed: int, stratify: bool
-) -> set[int]:
-    """Indices of the ``size`` rows :func:`holdout_split` holds out of rows with ``labels``.
-
-    Raises:
-        ValueError: ``size`` is not in [1, len(labels) - 1].
-    """
-    n = len(labels)
     if not 0 < size < n:
         raise ValueError(f"cannot hold out {size} of {n} rows for calibration")
     rng = random.Random(seed)
-    if not stratify:
-        return set(rng.sample(range(n), size))
-    by_class: dict[int, list[int]] = {}
-    for i, label in enumerate(labels):
-        by_class.setdefault(int(label), []).append(i)
-    quotas = {c: size * len(rows) / n for c, rows in by_class.items()}
-    counts = {c: math.floor(q) for c, q in quotas.items()}
-    for c in sorted(quotas, key=lambda c: counts[c] - quotas[c])[: size - sum(counts.values())]:
-        counts[c] += 1
-    return {i for c, rows in sorted(by_class.items()) for i in rng.sample(rows, counts[c])}
+    if stratify:
+        by_class: dict[int, list[int]] = {}
+        for i, label in enumerate(split.labels):
+            by_class.setdefault(int(label), []).append(i)
+        quotas = {c: size * len(rows) / n for c, rows in by_class.items()}
+        counts = {c: math.floor(q) for c, q in quotas.items()}
+        for c in sorted(quotas, key=lambda c: counts[c] - quotas[c])[: size - sum(counts.values())]:
+            counts[c] += 1
+        held = {i for c, rows in sorted(by_class.items()) for i in rng.sample(rows, counts[c])}
+    else:
+        held = set(rng.sample(range(n), size))
 
+    def subset(keep: bool) -> Split:
+        rows = [i for i in range(n) if (i in held) != keep]
+        pairs = None if split.text_pairs is None else [split.text_pairs[i] for i in rows]
+        return Split([split.texts[i] for i in rows], pairs, [split.labels[i] for i in rows])
 
-def subset(split: Split, rows: Sequence[int]) -> Split:
-    """The rows ``rows`` of ``split``, in that order."""
-    pairs = None if split.text_pairs is None else [split.text_pairs[i] for i in rows]
-    return Split([split.texts[i] for i in rows], pairs, [split.labels[i] for i in rows])
+    return subset(True), subset(False)

@@ -52,9 +52,7 @@ def calibration_slice(manifest: dict, checkpoint: str | Path) -> tuple[Split, st
             "in-domain texts with --unlabeled FILE"
         )
     known = {f.name for f in fields(TrainConfig)}
-    # Fields of older or newer trainers that this one lacks do not choose the rows; trainers
-    # before ``calibration_holdout`` held out rows.
-    stored = {"calibration_holdout": "rows", **stored}
+    # Fields of older or newer trainers that this one lacks do not choose the rows.
     config = TrainConfig(**{k: v for k, v in stored.items() if k in known})
     _, calib, source = split_calibration(config, load_dataset(config))
     if (source, len(calib.texts)) != (recorded["source"], recorded["examples"]):

@@ -14,12 +14,10 @@ from eeengine.data import (
     calibration_size,
     file_dataset,
     file_split,
-    get_task,
     glue_dataset,
     holdout_split,
 )
 from eeengine.training.contrastive import contrastive_steps
-from eeengine.training.sentence_holdout import sentence_holdout_split
 
 if TYPE_CHECKING:
     from eeengine.training.trainer import TrainConfig
@@ -30,8 +28,6 @@ TRAIN_LENGTH = 64
 # undid what the stage learnt (SST-2, 600 rows, on the calibration slice; RESULTS.md).
 LR = 1e-4
 LR_AFTER_CONTRASTIVE = 2e-5
-# TrainConfig.calibration_holdout's values.
-HOLDOUTS = ("auto", "rows", "sentences")
 
 
 def load_dataset(config: TrainConfig) -> Dataset:
@@ -61,14 +57,10 @@ def load_dataset(config: TrainConfig) -> Dataset:
 def split_calibration(config: TrainConfig, data: Dataset) -> tuple[Split, Split, str]:
     """(training rows, calibration rows, where the calibration rows come from): the user's
     ``calib_file``, or :func:`eeengine.data.calibration_size` rows held out of the training
-    split (stratified by class, seeded), or for phrase-tree data (SST-2; ``calibration_holdout``)
-    that many whole sentences, their phrases left out of training
-    (:func:`eeengine.training.sentence_holdout.sentence_holdout_split`). The dev split is never
-    among them.
+    split (stratified by class, seeded). The dev split is never among them.
 
     Raises:
-        ValueError: ``calib_file`` without ``train_file``, a bad calibration file, an unknown
-            ``calibration_holdout``, or too few rows (or sentences) to hold any out.
+        ValueError: ``calib_file`` without ``train_file``, or a bad calibration file.
     """
     if config.calib_file:
         if config.train_file is None:
@@ -82,31 +74,11 @@ def split_calibration(config: TrainConfig, data: Dataset) -> tuple[Split, Split,
             f"the labels of {config.train_file}",
         )
         return data.train, calib, str(config.calib_file)
-    stratify = data.label_names is not None
-    how = "stratified, " if stratify else ""
-    if _holds_out_sentences(config):
-        train, calib, dropped = sentence_holdout_split(data.train, config.seed, stratify)
-        return (
-            train,
-            calib,
-            f"{len(calib.texts)} whole training sentences held out ({how}seed {config.seed}), "
-            f"{dropped} training phrases inside them not trained on",
-        )
     size = calibration_size(len(data.train.texts))
+    stratify = data.label_names is not None
     train, calib = holdout_split(data.train, size, config.seed, stratify)
+    how = "stratified, " if stratify else ""
     return train, calib, f"{size} training rows held out ({how}seed {config.seed})"
-
-
-def _holds_out_sentences(config: TrainConfig) -> bool:
-    """``calibration_holdout`` resolved: "auto" is "sentences" for a GLUE task whose training
-    rows are phrase trees (SST-2), "rows" otherwise."""
-    if config.calibration_holdout not in HOLDOUTS:
-        raise ValueError(
-            f"unknown calibration_holdout {config.calibration_holdout!r}; use one of {HOLDOUTS}"
-        )
-    if config.calibration_holdout != "auto":
-        return config.calibration_holdout == "sentences"
-    return config.train_file is None and get_task(config.task).phrase_tree
 
 
 def schedule(

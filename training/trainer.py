@@ -95,11 +95,6 @@ class TrainConfig:
         calib_file: the user's labelled file (same columns as ``train_file``) to select the
             best step and calibrate thresholds on; None: hold out
             :func:`eeengine.data.calibration_size` training rows (stratified, seeded).
-        calibration_holdout: what that hold-out draws: "rows"; "sentences", whole sentences
-            of phrase-tree data, their phrases left out of training
-            (:mod:`eeengine.training.sentence_holdout`); "auto": "sentences" for SST-2,
-            whose training rows are the phrases of its sentences' parse trees, "rows"
-            otherwise.
         early_stopping: stop after this many evaluations on the calibration slice without a
             better mean metric over the exits (0: never stop early).
         probe_init, probe_l2: before fine-tuning, set every exit head's classifier to an
@@ -188,7 +183,6 @@ class TrainConfig:
     max_drop: float = 0.5
     token_pruning: dict | None = None
     calib_file: str | None = None
-    calibration_holdout: str = "auto"
     early_stopping: int = 2
     probe_init: bool = False
     probe_l2: float = 0.1
