@@ -50,16 +50,9 @@ def worker(kind: str, root: Path, start: int, count: int, seed: int) -> dict:
     import warnings
 
     from eeengine import Engine
-    from tests.fuzz_harness import (
-        DiskGuard,
-        KnownAnswer,
-        cli_case,
-        damage,
-        load_case,
-        predict_case,
-        random_argv,
-        random_input,
-    )
+    from tests.fuzz_damage import damage
+    from tests.fuzz_harness import DiskGuard, KnownAnswer, cli_case, load_case, predict_case
+    from tests.fuzz_inputs import random_argv, random_input
 
     warnings.simplefilter("ignore")
     checkpoints = root / "checkpoints"

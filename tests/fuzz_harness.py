@@ -1,4 +1,5 @@
-"""Damage, random inputs and the property every fuzz case must satisfy (issue 16).
+"""The property every fuzz case must satisfy (issue 16), the checkpoints and the cases; the
+damage is :mod:`tests.fuzz_damage`, the random inputs :mod:`tests.fuzz_inputs`.
 
 Shared by the CI suite (``tests/test_fuzz.py``, hypothesis) and the long campaign
 (``benchmarks/fuzz_campaign.py``). Every case ends in one *outcome*, a short string; those
@@ -24,11 +25,9 @@ import json
 import math
 import random
 import re
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 from transformers import BertModel as HFBertModel
 
@@ -47,14 +46,6 @@ from tests.conftest import (
     tiny_roberta_config,
 )
 
-FILES = (
-    "eeengine.json",
-    "config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    CALIBRATION,
-)
 KNOWN = "a gorgeous, witty, seductive movie."
 ENGINE_ARGS = ({}, {"policy": "max_prob"}, {"max_drop": 50.0})
 
@@ -100,231 +91,6 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
     paths["small_vocab"] = small
     Engine(small, executor="torch")  # the cut tokenizer and the 2,000 rows agree
     return paths
-
-
-# --------------------------------------------------------------------------- damage
-
-
-KINDS = ("missing", "truncated", "bit-flipped", "swapped", "json-edit", "non-finite")
-JSON_EDITED = ("eeengine.json", "config.json", CALIBRATION, "tokenizer_config.json")
-
-
-def damage(path: Path, others: list[Path], rng: random.Random) -> str:
-    """Damage the checkpoint at ``path`` in one of :data:`KINDS` (one file); returns what was
-    done, as ``"file: kind: detail"``. ``others``: checkpoints to take a file from for a swap."""
-    kind = rng.choice(KINDS)
-    if kind == "json-edit":
-        name = rng.choice(JSON_EDITED[:2] * 3 + JSON_EDITED)
-        return f"{name}: json edit: " + edit_json(path / name, rng)
-    if kind == "non-finite":
-        state = load_file(path / "model.safetensors")
-        key = rng.choice(sorted(state))
-        value = rng.choice((float("nan"), float("inf"), float("-inf")))
-        state[key].view(-1)[rng.randrange(state[key].numel())] = value
-        save_file(state, path / "model.safetensors")
-        return f"model.safetensors: non-finite: {value} in {key}"
-    name = rng.choice(FILES)
-    file = path / name
-    if kind == "missing":
-        file.unlink()
-        return f"{name}: missing:"
-    if kind == "swapped":
-        other = rng.choice(others)
-        if (other / name).exists():
-            shutil.copyfile(other / name, file)
-        else:
-            file.unlink()
-        return f"{name}: swapped: with {other.name}'s"
-    data = file.read_bytes()
-    if kind == "truncated":
-        offset = rng.randrange(len(data))
-        file.write_bytes(data[:offset])
-        return f"{name}: truncated: at {offset} of {len(data)}"
-    flipped = bytearray(data)
-    flips = []
-    for _ in range(rng.randint(1, 8)):
-        # Half the flips in the first 16 KiB: the safetensors header, the JSON structure.
-        end = min(len(data), 16384) if rng.random() < 0.5 else len(data)
-        offset = rng.randrange(end)
-        bit = rng.randrange(8)
-        flipped[offset] ^= 1 << bit
-        flips.append(f"{offset}:{bit}")
-    file.write_bytes(bytes(flipped))
-    return f"{name}: bit-flipped: at {' '.join(flips)}"
-
-
-def random_json_value(rng: random.Random, depth: int = 0) -> object:
-    """A JSON-representable value of a random kind (NaN and infinities included: Python's json
-    writes them)."""
-    kinds = ["null", "bool", "int", "big", "float", "special", "str"]
-    if depth < 2:
-        kinds += ["list", "dict"]
-    kind = rng.choice(kinds)
-    if kind == "null":
-        return None
-    if kind == "bool":
-        return rng.random() < 0.5
-    if kind == "int":
-        return rng.randint(-3, 70)
-    if kind == "big":
-        return rng.choice((-1, 1)) * 10 ** rng.randint(3, 30)
-    if kind == "float":
-        return rng.uniform(-2, 2) * 10 ** rng.randint(-8, 8)
-    if kind == "special":
-        return rng.choice((float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1e-300))
-    if kind == "str":
-        return random_text(rng, max_size=12)
-    if kind == "list":
-        return [random_json_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
-    return {
-        random_text(rng, 6): random_json_value(rng, depth + 1) for _ in range(rng.randint(0, 3))
-    }
-
-
-def edit_json(file: Path, rng: random.Random) -> str:
-    """1 to 3 random edits of a JSON file (set a value, delete a key, add a key, replace the
-    whole document); a missing or non-JSON file gets random JSON."""
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError):
-        data = random_json_value(rng)
-        file.write_text(json.dumps(data))
-        return "replaced by random JSON"
-    done = []
-    for _ in range(rng.randint(1, 3)):
-        containers = _containers(data)
-        parent, key = rng.choice(containers) if containers else (None, None)
-        action = rng.choice(("set", "set", "set", "delete", "add", "document"))
-        if parent is None or action == "document":
-            data = random_json_value(rng)
-            done.append("document replaced")
-            continue
-        if action == "delete" and isinstance(parent, dict):
-            del parent[key]
-            done.append(f"deleted {key!r}")
-        elif action == "add" and isinstance(parent, dict):
-            new = random_text(rng, 8)
-            parent[new] = random_json_value(rng)
-            done.append(f"added {new!r}")
-        else:
-            parent[key] = random_json_value(rng)
-            done.append(f"set {key!r} = {parent[key]!r}"[:80])
-    file.write_text(json.dumps(data))
-    return ", ".join(done)
-
-
-def _containers(data: object) -> list[tuple[object, object]]:
-    """(container, key) of every value in a JSON tree; big lists (tokenizer vocabularies)
-    contribute a sample of their entries."""
-    found = []
-    stack = [data]
-    while stack:
-        node = stack.pop()
-        items = (
-            list(node.items())
-            if isinstance(node, dict)
-            else list(enumerate(node))
-            if isinstance(node, list)
-            else []
-        )
-        for key, value in items[:50]:
-            found.append((node, key))
-            stack.append(value)
-    return found
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-_RANGES = (
-    (0x20, 0x7E),  # ASCII
-    (0x00, 0x1F),  # control
-    (0x80, 0x24F),  # Latin
-    (0x300, 0x36F),  # combining marks
-    (0x590, 0x6FF),  # Hebrew, Arabic
-    (0x2000, 0x206F),  # punctuation, zero-width, bidi controls
-    (0x3000, 0x30FF),  # CJK punctuation, kana
-    (0x4E00, 0x9FFF),  # CJK
-    (0xE000, 0xF8FF),  # private use
-    (0xFFF0, 0xFFFF),  # specials, non-characters
-    (0x1F300, 0x1FAFF),  # emoji
-    (0x10000, 0x10FFFF),  # anything astral
-)
-
-
-def random_text(rng: random.Random, max_size: int = 40) -> str:
-    """A random string: words, whitespace runs, code points from every corner of Unicode
-    (a lone surrogate in one string of ten), or empty."""
-    kind = rng.random()
-    if kind < 0.05:
-        return ""
-    if kind < 0.1:
-        return rng.choice((" ", "\t", "\n", "\u3000", "\u200b", "\x00")) * rng.randint(1, 5)
-    if kind < 0.4:
-        return " ".join(rng.choice(SENTENCES).split()[: rng.randint(1, 12)])
-    chars = []
-    for _ in range(rng.randint(1, max_size)):
-        low, high = rng.choice(_RANGES)
-        chars.append(chr(rng.randint(low, high)))
-    if rng.random() < 0.1:  # a lone surrogate, invalid in UTF-8
-        chars.insert(rng.randrange(len(chars) + 1), chr(rng.randint(0xD800, 0xDFFF)))
-    return "".join(chars)
-
-
-def random_input(rng: random.Random, depth: int = 0) -> object:
-    """Anything a caller might pass to ``Engine.predict``: texts, pairs, lists of them, and
-    values of every other Python type, nested."""
-    kind = rng.random()
-    if kind < 0.35:
-        return random_text(rng)
-    if kind < 0.45:
-        return (random_text(rng), random_text(rng))
-    if kind < 0.6 and depth == 0:
-        return [random_input(rng, depth + 1) for _ in range(rng.randint(0, 12))]
-    if kind < 0.63:
-        return rng.choice(("word " * 20_000, "x" * 200_000, "\u00e9" * 50_000))
-    return rng.choice(
-        (
-            None,
-            True,
-            0,
-            -1,
-            3.5,
-            float("nan"),
-            b"bytes",
-            bytearray(b"x"),
-            ("one",),
-            ("a", "b", "c"),
-            ("a", 1),
-            {"text": "a"},
-            {"a", "b"},
-            object(),
-            torch.tensor([1, 2]),
-            range(3),
-            iter(["a"]),
-            [["nested"]],
-            random_json_value(rng),
-        )
-    )
-
-
-def random_argv(rng: random.Random, ckpt: Path) -> list[str]:
-    """``eeengine predict`` arguments: random texts and options, some of them invalid."""
-    argv = ["predict", "--ckpt", str(ckpt), "--executor", "torch"]
-    if rng.random() < 0.5:
-        argv.append("--json")
-    for option, values in (
-        ("--batch-size", ("1", "0", "-3", "2.5", "x", "100")),
-        ("--threshold", ("0.3", "-1", "nan", "inf", "1e9", "abc", "0")),
-        ("--policy", ("entropy", "pcee", "max_prob", "nope", "", "budget")),
-        ("--patience", ("1", "0", "-2", "x")),
-        ("--param", ("layer=2", "layer=99", "window=x", "=", "junk")),
-    ):
-        if rng.random() < 0.2:
-            argv += [option, rng.choice(values)]
-    texts = [random_text(rng).replace("\x00", "") for _ in range(rng.randint(0, 4))]
-    # argv never holds NUL (the OS cannot pass it); a leading '-' is an option to argparse.
-    return argv + ["--", *texts] if rng.random() < 0.5 else argv + texts
 
 
 # --------------------------------------------------------------------------- the property
@@ -495,9 +261,3 @@ class DiskGuard:
             for name in now.keys() | self.snapshot.keys()
             if (now.get(name) or ())[:keep] != (self.snapshot.get(name) or ())[:keep]
         )
-
-
-def damaged_copy(source: Path, target: Path, others: list[Path], rng: random.Random) -> str:
-    """Copy ``source`` to ``target`` and damage the copy (see :func:`damage`)."""
-    shutil.copytree(source, target)
-    return damage(target, others, rng)

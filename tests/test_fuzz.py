@@ -1,7 +1,8 @@
 """Fuzzing (issue 16): broken checkpoints and random inputs end in a documented exception or a
 valid prediction; the engine keeps answering; nothing on disk changes.
 
-The property and the damage are in :mod:`tests.fuzz_harness`; ``benchmarks/fuzz_campaign.py``
+The property is in :mod:`tests.fuzz_harness`, the damage in :mod:`tests.fuzz_damage`, the inputs in
+:mod:`tests.fuzz_inputs`; ``benchmarks/fuzz_campaign.py``
 runs the same cases by the hundred thousand.
 """
 
@@ -17,20 +18,18 @@ from hypothesis import strategies as st
 
 from eeengine import Engine
 from eeengine.checkpoint import CALIBRATION
+from tests.fuzz_damage import damage, edit_json
 from tests.fuzz_harness import (
     DiskGuard,
     KnownAnswer,
     build_checkpoints,
     cli_case,
-    damage,
-    edit_json,
     is_failure,
     load_case,
     outcome_kind,
     predict_case,
-    random_argv,
-    random_input,
 )
+from tests.fuzz_inputs import random_argv, random_input
 
 
 def fuzz(examples: int) -> settings:
