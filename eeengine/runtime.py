@@ -229,7 +229,7 @@ class ExitLoop:
         token pruning, where the executor has one, from this loop's second one-row batch on;
         else None. Each call with ``batch_size`` 1 counts as a one-row batch: a caller that
         then runs the batch itself calls :meth:`run_layers`, not :meth:`run`."""
-        if batch_size != 1 or self._op is None or self.token_pruning is not None:
+        if batch_size != 1 or self._layer_by_layer() is not None:
             return None
         # Not for the first row: building the graph (0.2-0.5 s for MiniLM) is worth it for a
         # caller that sends rows one at a time, not for a one-off prediction (the CLI's).
@@ -241,11 +241,15 @@ class ExitLoop:
     def row_loop_unavailable(self) -> str | None:
         """Why a batch of one row never runs through a one-row runner (:meth:`row_loop`), or
         None where it does (from the second one-row batch on). Builds nothing."""
+        return self._layer_by_layer() or self.executor.row_loop_unavailable(self.policy)
+
+    def _layer_by_layer(self) -> str | None:
+        """Why this loop, whatever its executor, runs every batch layer by layer, or None."""
         if self._op is None:
             return "the reference backend runs every batch layer by layer"
         if self.token_pruning is not None:
             return "token pruning runs every batch layer by layer"
-        return self.executor.row_loop_unavailable(self.policy)
+        return None
 
     def _tokens_kept(self, attention_mask: Tensor, exit_layer: Tensor) -> Tensor:
         """``ExitOutput.tokens_kept`` without pruning: each row's length up to its exit."""

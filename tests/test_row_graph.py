@@ -118,6 +118,16 @@ def test_the_loop_runs_a_single_row_through_the_row_graph(setup, tokenizer, monk
     batch = collate(encode(tokenizer, SENTENCES[:2], None, 64), [0, 1], 0, torch.device("cpu"))
     loop.run(*batch)
     assert len(calls) == 3
+    # and the loop says so, building nothing
+    assert loop.row_loop_unavailable() is None
+    reference = ExitLoop(model, policy, "reference", None, executor)
+    reason = reference.row_loop_unavailable()
+    assert reason == "the reference backend runs every batch layer by layer"
+    pruning = TokenPruning(layers=(2,), keep_ratio=0.5, beta=(1.0,))
+    pruned = ExitLoop(model, policy, "cpp", pruning, executor)
+    assert pruned.row_loop(1) is None and pruned.row_loop(1) is None
+    assert pruned.row_loop_unavailable() == "token pruning runs every batch layer by layer"
+    assert len(calls) == 3
 
 
 def test_run_tokens_equals_the_tensor_call(setup, tokenizer):
