@@ -131,6 +131,12 @@ def test_schedule_adapts_to_the_data_size(rows, pairs, overrides, expected):
             "(all layer's embeddings, lr 2e-05), then 10 epoch",
         ),
         (65349, False, {}, "(stratified); 1 epoch"),
+        (
+            65349,
+            False,
+            {"label_smoothing": 0.1, "ema_decay": 0.998},
+            "label smoothing 0.1; the moving average of the weights (decay 0.998) kept",
+        ),
     ],
 )
 def test_the_plan_says_what_it_chose(rows, pairs, overrides, says):

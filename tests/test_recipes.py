@@ -162,3 +162,40 @@ def test_unknown_recipe():
         "lte",
         "mpee",
     }
+
+
+def _smoothed_ce(logits, labels, eps):
+    """Szegedy et al. 2016, Sec. 7: target q' = (1 − ε)·onehot + ε/C, loss −Σ q' log p."""
+    log_p = torch.log_softmax(logits, -1)
+    target = (1 - eps) * F.one_hot(labels, logits.shape[-1]).float() + eps / logits.shape[-1]
+    return [-(target * log_p[i]).sum(-1).mean().item() for i in range(logits.shape[0])]
+
+
+@pytest.mark.parametrize("name", ["joint", "weighted", "alternating", "lte"])
+def test_label_smoothing_reaches_every_exit_loss(batch, name):
+    all_logits, labels = batch
+    ce = _smoothed_ce(all_logits, labels, 0.1)
+    expected = {
+        "joint": sum(ce),
+        "weighted": (ce[0] + 2 * ce[1] + 3 * ce[2]) / 6,
+        "alternating": ce[-1],  # step 0: the last exit alone
+    }
+    recipe, loss = _loss(name, all_logits, labels, signals=_lte_signals(), label_smoothing=0.1)
+    if name == "lte":  # its base, alternating, smooths; the LTE term is unchanged
+        base = recipe.base.loss(0, 0, all_logits, labels, {})
+        assert recipe.base.label_smoothing == 0.1
+        assert base.item() == pytest.approx(ce[-1], rel=1e-6)
+        return
+    assert loss.item() == pytest.approx(expected[name], rel=1e-6)
+    assert loss.item() != pytest.approx(_loss(name, all_logits, labels)[1].item(), rel=1e-3)
+
+
+def _lte_signals():
+    return {"lte_score": torch.full((L, B), 0.5)}
+
+
+def test_label_smoothing_refused_outside_0_1_and_on_regression():
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\), got 1.0"):
+        make_recipe("weighted", L, 2, "per_layer", label_smoothing=1.0)
+    with pytest.raises(ValueError, match="label_smoothing applies to classification"):
+        make_recipe("weighted", L, 1, "per_layer", label_smoothing=0.1)

@@ -103,6 +103,32 @@ def test_freeze_word_embeddings_keeps_the_table_and_trains_the_rest(
     assert changed, "the encoder must have trained"
 
 
+def test_ema_saves_the_moving_average_of_the_trained_weights(
+    tiny_bert_dir, tiny_csv_task, tmp_path, monkeypatch
+):
+    """With ema_decay d the saved weights are a_t = d·a_(t−1) + (1 − d)·w_t over the raw
+    weights w_t after each step (a_1 = w_1), computed here from snapshots of the raw model."""
+    raw = []
+    real_step = loop_module.TrainLoop.train_step
+
+    def spy(loop, batch, labels):
+        loss = real_step(loop, batch, labels)
+        raw.append({k: v.detach().clone() for k, v in loop.model.named_parameters()})
+        return loss
+
+    monkeypatch.setattr(loop_module.TrainLoop, "train_step", spy)
+    config = csv_config(tiny_bert_dir, tiny_csv_task, batch_size=4, ema_decay=0.6)  # one eval
+    path = train(config, tmp_path / "ema", progress=False)
+    assert len(raw) >= 3
+    average = raw[0]
+    for weights in raw[1:]:
+        average = {k: 0.6 * average[k] + 0.4 * weights[k] for k in average}
+    saved = load_file(path / "model.safetensors")
+    for key, value in average.items():
+        torch.testing.assert_close(saved[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert any(not torch.equal(saved[k], raw[-1][k]) for k in average), "not the raw weights"
+
+
 def test_optimizer_is_fused_where_supported():
     params = [torch.nn.Parameter(torch.randn(3))]
     assert loop_module.adamw([{"params": params}]).defaults["fused"]
@@ -202,8 +228,9 @@ class Interrupted(Exception):
     pass
 
 
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
 def test_resume_after_an_interruption_equals_an_uninterrupted_run(
-    tiny_bert_dir, tiny_csv_task, tmp_path, monkeypatch
+    ema_decay, tiny_bert_dir, tiny_csv_task, tmp_path, monkeypatch
 ):
     config = csv_config(
         tiny_bert_dir,
@@ -213,6 +240,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(
         save_every=2,
         eval_every=2,
         early_stopping=0,
+        ema_decay=ema_decay,
     )
     reference = train(config, tmp_path / "reference", progress=False)
 

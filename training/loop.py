@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import PreTrainedTokenizerBase
 
 from eeengine.batching import Encoded, bucketed_batches
@@ -160,6 +161,9 @@ class TrainLoop:
         self.stale = 0  # evaluations since the best one
         self.best_model: dict | None = None
         self.best_recipe: dict | None = None
+        self.ema = None
+        if config.ema_decay is not None:
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
         self.device = next(model.parameters()).device
         self.bf16 = uses_bf16(self.device, config.mixed_precision)
         self.frozen = frozen_parameters(model, config)
@@ -189,15 +193,23 @@ class TrainLoop:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         self.step += 1
         return loss.item()
+
+    @property
+    def weights(self) -> MultiExitBert:
+        """The model that is evaluated, selected and saved: the moving average of the weights
+        with ``ema_decay``, else the trained model itself."""
+        return self.model if self.ema is None else self.ema.module
 
     def offer(self, evaluation: Evaluation) -> Evaluation:
         """Keep ``evaluation`` and the current weights if they beat the best so far; return
         the best. Ties go to the later step."""
         if self.best is None or evaluation.score >= self.best.score:
             self.best, self.stale = evaluation, 0
-            self.best_model, self.best_recipe = _cpu_state(self.model), _cpu_state(self.recipe)
+            self.best_model, self.best_recipe = _cpu_state(self.weights), _cpu_state(self.recipe)
         else:
             self.stale += 1
         return self.best
@@ -215,6 +227,7 @@ class TrainLoop:
             "recipe": self.recipe.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
             "best": self.best,
             "stale": self.stale,
             "best_model": self.best_model,
@@ -231,5 +244,7 @@ class TrainLoop:
         self.recipe.load_state_dict(state["recipe"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.best, self.stale = state["best"], state["stale"]
         self.best_model, self.best_recipe = state["best_model"], state["best_recipe"]

@@ -143,6 +143,10 @@ def describe_plan(
     if config.max_seq_length is None and plan["max_seq_length"] != TRAIN_LENGTH:
         length += f" (chosen for sentence pairs, fewer than {config.small_data} training rows)"
     heads = "; exit heads from a linear probe" if config.probe_init else ""
+    if config.label_smoothing:
+        heads += f"; label smoothing {config.label_smoothing:g}"
+    if config.ema_decay is not None:
+        heads += f"; the moving average of the weights (decay {config.ema_decay:g}) kept"
     first = ""
     if plan["contrastive_steps"]:
         why = f" (chosen for classification, fewer than {config.small_data} training rows)"

@@ -135,6 +135,13 @@ class TrainConfig:
         warmup_ratio: share of the optimizer steps over which the learning rate warms up
             linearly from 0; it then decays linearly to 0.
         max_grad_norm: gradients are clipped to this L2 norm (over all trained parameters).
+        label_smoothing: ε of every cross-entropy against the labels: the target is the
+            one-hot label times 1 − ε plus ε / num_labels on every class (Szegedy et al. 2016,
+            Sec. 7; 0: plain cross-entropy). Classification only.
+        ema_decay: keep an exponential moving average of the weights, updated after every
+            optimizer step with this decay (e.g. 0.998: about the last 500 steps), and
+            evaluate, select and save the average instead of the raw weights (Polyak
+            averaging; ``torch.optim.swa_utils``). None: the raw weights.
         seed: seeds the calibration hold-out, the batch order, dropout and new weights.
         device: "cpu" or "cuda[:N]".
         mixed_precision: bf16 autocast where it is faster (CUDA with bf16; CPUs with AMX);
@@ -172,6 +179,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
+    label_smoothing: float = 0.0
+    ema_decay: float | None = None
     max_seq_length: int | None = None
     eval_max_seq_length: int = 128
     seed: int = 42
@@ -275,7 +284,14 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(config.base_model)
     num_labels = len(data.label_names) if data.label_names else 1
     num_layers = backbone_config.num_hidden_layers
-    recipe = make_recipe(config.recipe, num_layers, num_labels, config.layout, config.lte_base)
+    recipe = make_recipe(
+        config.recipe,
+        num_layers,
+        num_labels,
+        config.layout,
+        config.lte_base,
+        config.label_smoothing,
+    )
     model = MultiExitBert(
         backbone_config, num_labels, config.pooling, config.layout, lte=recipe.needs_lte
     )
@@ -334,7 +350,14 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
 
     def evaluate(step: int) -> Evaluation:
         return evaluate_exits(
-            model, tokenizer, calib, data.metric, eval_max_seq_length, step, progress, token_pruning
+            loop.weights,
+            tokenizer,
+            calib,
+            data.metric,
+            eval_max_seq_length,
+            step,
+            progress,
+            token_pruning,
         )
 
     model.train()
@@ -367,7 +390,7 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     bar.close()
 
     best = loop.best if stopped_early else loop.offer(evaluate(loop.step))
-    if best.step != loop.step:
+    if best.step != loop.step or loop.ema is not None:
         model.load_state_dict(loop.best_model)
         recipe.load_state_dict(loop.best_recipe)
     # Every policy swept on the calibration slice: at fp32 from the best step's logits, then

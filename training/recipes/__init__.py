@@ -40,18 +40,36 @@ RECIPES = (*BASE_RECIPES, LteRecipe.name)
 
 
 def make_recipe(
-    name: str, num_layers: int, num_labels: int, layout: str, lte_base: str = "alternating"
+    name: str,
+    num_layers: int,
+    num_labels: int,
+    layout: str,
+    lte_base: str = "alternating",
+    label_smoothing: float = 0.0,
 ) -> Recipe:
     """Build a recipe for a model with ``num_layers`` exits and ``num_labels`` classes.
 
     Args:
         name: one of :data:`RECIPES`.
         lte_base: the recipe under ``lte`` (ignored for the others).
+        label_smoothing: ε in [0, 1) of every cross-entropy against the labels (Szegedy et al.
+            2016); classification only.
 
     Raises:
-        ValueError: an unknown recipe, ``lte`` as its own base, or a recipe that does not fit
-            the task or layout (``mpee`` on regression, ``two_stage`` with a shared head).
+        ValueError: an unknown recipe, ``lte`` as its own base, a recipe that does not fit the
+            task or layout (``mpee`` on regression, ``two_stage`` with a shared head), or label
+            smoothing outside [0, 1) or on regression.
     """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if label_smoothing and num_labels == 1:
+        raise ValueError("label_smoothing applies to classification; this task is regression")
+    recipe = _build(name, num_layers, num_labels, layout, lte_base)
+    (recipe.base if isinstance(recipe, LteRecipe) else recipe).label_smoothing = label_smoothing
+    return recipe
+
+
+def _build(name: str, num_layers: int, num_labels: int, layout: str, lte_base: str) -> Recipe:
     if name == LteRecipe.name:
         if lte_base not in BASE_RECIPES:
             raise ValueError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from eeengine.training.recipes.base import Recipe, exit_losses
+from eeengine.training.recipes.base import Recipe
 
 
 class AlternatingRecipe(Recipe):
@@ -21,5 +21,5 @@ class AlternatingRecipe(Recipe):
         self, step: int, stage: int, all_logits: Tensor, labels: Tensor, signals: dict[str, Tensor]
     ) -> Tensor:
         """L_L on even steps, Σ_l L_l on odd steps; a scalar float32 tensor."""
-        losses = exit_losses(all_logits, labels)
+        losses = self.exit_losses(all_logits, labels)
         return losses[-1] if step % 2 == 0 else losses.sum()

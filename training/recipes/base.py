@@ -8,8 +8,9 @@ module in the model (the LTE module). The trainer asks it, at every step:
     stage = recipe.stage(step, total_steps)  # `name` trains if recipe.trains(name, stage)
     loss = recipe.loss(step, stage, all_logits, labels, signals)
 
-Per-exit loss L_l is the cross-entropy of exit l (classification) or its mean squared error
-(regression, num_labels = 1), averaged over the batch.
+Per-exit loss L_l is the cross-entropy of exit l (classification; with label smoothing ε the
+target is the one-hot label times 1 − ε plus ε/C on every class, Szegedy et al. 2016, Sec. 7)
+or its mean squared error (regression, num_labels = 1), averaged over the batch.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def exit_losses(all_logits: Tensor, labels: Tensor) -> Tensor:
+def exit_losses(all_logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Per-exit loss L_l.
 
     Args:
         all_logits: (num_layers, batch_size, num_labels).
         labels: (batch_size,) int64 class indices, or float targets when num_labels == 1.
+        label_smoothing: ε of the cross-entropy's smoothed target (ignored for regression).
 
     Returns:
         (num_layers,) float32: mean cross-entropy (or MSE) of each exit over the batch.
@@ -33,7 +35,10 @@ def exit_losses(all_logits: Tensor, labels: Tensor) -> Tensor:
         return ((all_logits[..., 0].float() - labels.float()) ** 2).mean(1)
     return (
         F.cross_entropy(
-            all_logits.float().reshape(-1, num_labels), labels.repeat(num_layers), reduction="none"
+            all_logits.float().reshape(-1, num_labels),
+            labels.repeat(num_layers),
+            reduction="none",
+            label_smoothing=label_smoothing,
         )
         .view(num_layers, batch_size)
         .mean(1)
@@ -55,17 +60,24 @@ class Recipe(nn.Module):
         name: the registry name, recorded in ``eeengine.json`` (``training.recipe``).
         needs_lte: the model must carry the LTE module.
         lr: learning rate of the recipe's own parameters.
+        label_smoothing: ε of every cross-entropy against the labels (set by
+            :func:`~eeengine.training.recipes.make_recipe`).
     """
 
     name: str = ""
     needs_lte: bool = False
     lr: float | None = None
+    label_smoothing: float = 0.0
 
     def __init__(self, num_layers: int, num_labels: int, layout: str) -> None:
         super().__init__()
         self.num_layers = num_layers
         self.num_labels = num_labels
         self.layout = layout
+
+    def exit_losses(self, all_logits: Tensor, labels: Tensor) -> Tensor:
+        """:func:`exit_losses` with this recipe's label smoothing; (num_layers,) float32."""
+        return exit_losses(all_logits, labels, self.label_smoothing)
 
     def stage(self, step: int, total_steps: int) -> int:
         """The stage of 0-based ``step`` out of ``total_steps`` (always 0 unless overridden)."""

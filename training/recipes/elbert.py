@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from eeengine.training.recipes.base import Recipe, exit_losses
+from eeengine.training.recipes.base import Recipe
 
 
 class ElbertRecipe(Recipe):
@@ -38,7 +38,7 @@ class ElbertRecipe(Recipe):
         self, step: int, stage: int, all_logits: Tensor, labels: Tensor, signals: dict[str, Tensor]
     ) -> Tensor:
         """Σ_l w_l·L_l; a scalar float32 tensor."""
-        return (self.weights() * exit_losses(all_logits, labels)).sum()
+        return (self.weights() * self.exit_losses(all_logits, labels)).sum()
 
     def hyperparameters(self) -> dict:
         return {"init": self.init, "lr": self.lr}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from eeengine.training.recipes.base import Recipe, exit_losses
+from eeengine.training.recipes.base import Recipe
 
 
 class JointRecipe(Recipe):
@@ -20,4 +20,4 @@ class JointRecipe(Recipe):
         self, step: int, stage: int, all_logits: Tensor, labels: Tensor, signals: dict[str, Tensor]
     ) -> Tensor:
         """Σ_l L_l; a scalar float32 tensor."""
-        return exit_losses(all_logits, labels).sum()
+        return self.exit_losses(all_logits, labels).sum()

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eeengine.training.recipes.base import Recipe, exit_losses
+from eeengine.training.recipes.base import Recipe
 
 
 class MpeeRecipe(Recipe):
@@ -70,9 +70,9 @@ class MpeeRecipe(Recipe):
         # KL(p_l ‖ p_t) = Σ_c p_l (log p_l − log p_t), per row, summed over exits.
         kl = (log_students.exp() * (log_students - log_teacher)).sum(-1).mean(-1).sum()
         return (
-            (1 - gamma) * exit_losses(all_logits, labels).sum()
+            (1 - gamma) * self.exit_losses(all_logits, labels).sum()
             + gamma * temperature**2 * kl
-            + gamma * F.cross_entropy(teacher, labels)
+            + gamma * F.cross_entropy(teacher, labels, label_smoothing=self.label_smoothing)
         )
 
     def hyperparameters(self) -> dict:

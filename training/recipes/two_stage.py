@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from eeengine.training.recipes.base import Recipe, exit_losses
+from eeengine.training.recipes.base import Recipe
 
 
 class TwoStageRecipe(Recipe):
@@ -50,7 +50,7 @@ class TwoStageRecipe(Recipe):
         self, step: int, stage: int, all_logits: Tensor, labels: Tensor, signals: dict[str, Tensor]
     ) -> Tensor:
         """Stage 1: L_L; stage 2: Σ_{l<L} L_l. A scalar float32 tensor."""
-        losses = exit_losses(all_logits, labels)
+        losses = self.exit_losses(all_logits, labels)
         return losses[-1] if stage == 0 else losses[:-1].sum()
 
     def hyperparameters(self) -> dict:
