@@ -14,6 +14,7 @@ import eeengine.training.loop as loop_module
 import eeengine.training.trainer as trainer_module
 from eeengine import Engine
 from eeengine._custom_ops import HAS_C
+from eeengine.calibration import select_operating_point
 from eeengine.cli import build_parser
 from eeengine.data import calibration_size, file_dataset, holdout_split
 from eeengine.evaluation import evaluate
@@ -127,6 +128,27 @@ def test_ema_saves_the_moving_average_of_the_trained_weights(
     for key, value in average.items():
         torch.testing.assert_close(saved[key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert any(not torch.equal(saved[k], raw[-1][k]) for k in average), "not the raw weights"
+
+
+def test_default_policy_at_a_confidence_is_the_certified_point(
+    tiny_bert_dir, tiny_csv_task, tmp_path
+):
+    """max_drop_confidence: the default policy is the point select_operating_point certifies on
+    the saved sweep, or every layer when none is certified; a bad value fails before training."""
+    config = csv_config(tiny_bert_dir, tiny_csv_task, max_drop=5.0, max_drop_confidence=0.9)
+    path = train(config, tmp_path / "conf", progress=False)
+    manifest = json.loads((path / "eeengine.json").read_text())
+    sweep = json.loads((path / "calibration.json").read_text())
+    try:
+        expected = select_operating_point(sweep, max_drop=5.0, confidence=0.9).to_json()
+    except ValueError:
+        expected = {"name": "none"}
+    assert manifest["policy"] == expected
+    # On the tiny slice the confidence changes the choice, so ignoring it would fail here.
+    assert expected != select_operating_point(sweep, max_drop=5.0).to_json()
+    with pytest.raises(ValueError, match="confidence"):
+        train(csv_config(tiny_bert_dir, tiny_csv_task, max_drop_confidence=1.5), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 def test_optimizer_is_fused_where_supported():

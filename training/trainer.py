@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from eeengine.batching import collate, encode
-from eeengine.calibration import OperatingPoint, measure_trade_off
+from eeengine.calibration import OperatingPoint, check_confidence, measure_trade_off
 from eeengine.checkpoint import save_checkpoint
 from eeengine.data import Dataset
 from eeengine.evaluation import predictions_of
@@ -152,6 +152,12 @@ class TrainConfig:
         resume: continue from a saved training state of the same config, if there is one.
         max_drop: the default policy is the fastest within this many metric points of full
             depth on the calibration slice.
+        max_drop_confidence: with a value in (0, 1), the default policy's drop must stay within
+            ``max_drop`` at this confidence, allowing for the slice's sampling noise and for
+            the number of points searched (:func:`eeengine.selection.choose_operating_point`);
+            no point qualifies: the default policy runs every layer. None: as measured on the
+            slice (the fastest point there is often one that was lucky on it: RESULTS.md,
+            "Calibration at a confidence").
         token_pruning: an MPEE token-pruning schedule (``{"layers", "keep_ratio", "beta"}``,
             e.g. :data:`eeengine.token_pruning.DEFAULT_TOKEN_PRUNING` for 6 layers) to train,
             evaluate and save with; None: no pruning.
@@ -190,6 +196,7 @@ class TrainConfig:
     save_every: int = 200
     resume: bool = True
     max_drop: float = 0.5
+    max_drop_confidence: float | None = None
     token_pruning: dict | None = None
     calib_file: str | None = None
     early_stopping: int = 2
@@ -269,10 +276,12 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
 
     Raises:
         ValueError: unknown task, recipe, layout or pooling; bad user data (file, line and
-            column named); a saved training state of another config.
+            column named); a saved training state of another config; a
+            ``max_drop_confidence`` outside (0, 1) (before any work is done).
         FileNotFoundError: missing base model or data.
     """
     started = time.time()
+    check_confidence(config.max_drop_confidence, config.max_drop)
     data = load_dataset(config)
     train_split, calib, calib_source = split_calibration(config, data)
     random.seed(config.seed)
@@ -409,7 +418,9 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     )
     trade_off = sweep_slice(outputs=(best.logits, best.signals))
     try:
-        point: OperatingPoint | None = trade_off.select(max_drop=config.max_drop)
+        point: OperatingPoint | None = trade_off.select(
+            max_drop=config.max_drop, confidence=config.max_drop_confidence
+        )
     except ValueError:
         point = None
     dev = evaluate_exits(
