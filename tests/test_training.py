@@ -128,6 +128,9 @@ def test_ema_saves_the_moving_average_of_the_trained_weights(
     for key, value in average.items():
         torch.testing.assert_close(saved[key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert any(not torch.equal(saved[k], raw[-1][k]) for k in average), "not the raw weights"
+    with pytest.raises(ValueError, match=r"ema_decay must be in \(0, 1\), got 1.0"):
+        train(csv_config(tiny_bert_dir, tiny_csv_task, ema_decay=1.0), tmp_path / "bad", False)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_default_policy_at_a_confidence_is_the_certified_point(
