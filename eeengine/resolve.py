@@ -34,8 +34,9 @@ def resolve_policy(
 
     Without ``target_speedup`` / ``max_drop``: ``policy`` (default: the checkpoint's
     ``eeengine.json`` policy) with its stored parameters (the default policy's, or the fastest
-    calibrated point of that policy within 0.5 points of full depth), overridden by the
-    parameters in ``given`` that are not None. With a target: the point
+    calibrated point of that policy within the ``max_drop`` the trainer chose the default by,
+    at its ``max_drop_confidence``: 0.5 points as measured where the checkpoint records
+    neither), overridden by the parameters in ``given`` that are not None. With a target: the point
     :func:`eeengine.calibration.select_operating_point` picks in ``calibration``.
 
     Args:
@@ -63,7 +64,10 @@ def resolve_policy(
         if name == default["name"] and default_params:
             stored = policy_params(default)
         elif calibration:
-            chosen = choose_operating_point(calibration, policy=name)
+            max_drop_trained, confidence_trained = _trained_target(manifest)
+            chosen = choose_operating_point(
+                calibration, max_drop_trained, policy=name, confidence=confidence_trained
+            )
             stored = policy_params(chosen[1]) if chosen else {}
         return validated_policy(make_policy(name, **{**stored, **given}), model), None
     if given:
@@ -80,6 +84,14 @@ def resolve_policy(
         )
     point = select_operating_point(calibration, target_speedup, max_drop, policy, confidence)
     return validated_policy(point.policy(), model), point
+
+
+def _trained_target(manifest: dict) -> tuple[float, float | None]:
+    """(max_drop, confidence) the trainer chose the default policy by (``training.config``:
+    ``max_drop``, ``max_drop_confidence``); 0.5 points as measured for a checkpoint that does
+    not record them."""
+    config = manifest.get("training", {}).get("config", {})
+    return config.get("max_drop", 0.5), config.get("max_drop_confidence")
 
 
 def validated_policy(policy: ExitPolicy, model: MultiExitBert) -> ExitPolicy:

@@ -194,3 +194,23 @@ def test_trainer_writes_the_int8_calibration(trained_csv_ckpt, recwarn):
     assert engine.policy.params() == expected.params()
     # the atomic write left no temporary directory beside the checkpoint
     assert [p.name for p in trained_csv_ckpt.parent.iterdir()] == [trained_csv_ckpt.name]
+
+
+def test_int8_default_policy_is_chosen_as_the_trainer_chose(trained_csv_ckpt, tmp_path):
+    """At int8 the default policy's parameters are picked in the int8 sweep by the max_drop and
+    max_drop_confidence the training run recorded, not by 0.5 points as measured."""
+    import shutil
+
+    ckpt = shutil.copytree(trained_csv_ckpt, tmp_path / "ckpt")
+    manifest = json.loads((ckpt / "eeengine.json").read_text())
+    manifest["training"]["config"].update(max_drop=20.0, max_drop_confidence=0.6)
+    (ckpt / "eeengine.json").write_text(json.dumps(manifest))
+    sweep = json.loads((ckpt / "calibration-int8.json").read_text())
+    name = manifest["policy"]["name"]
+
+    def params(chosen):
+        return make_policy(name, **(policy_params(chosen[1]) if chosen else {})).params()
+
+    expected = params(choose_operating_point(sweep, 20.0, policy=name, confidence=0.6))
+    assert expected != params(choose_operating_point(sweep, 0.5, policy=name))  # can fail
+    assert Engine(ckpt, precision="int8").policy.params() == expected
