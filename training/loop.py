@@ -214,6 +214,13 @@ class TrainLoop:
             self.stale += 1
         return self.best
 
+    def load_best(self) -> None:
+        """Put the kept weights into the model and the recipe, where the live ones are not
+        them: an earlier step's, or the moving average's with ``ema_decay``."""
+        if self.best.step != self.step or self.ema is not None:
+            self.model.load_state_dict(self.best_model)
+            self.recipe.load_state_dict(self.best_recipe)
+
     def state(self) -> dict:
         """What :meth:`restore` needs to continue exactly from this step."""
         return {

@@ -142,11 +142,11 @@ def describe_plan(
     length = f"truncated to {plan['max_seq_length']} tokens"
     if config.max_seq_length is None and plan["max_seq_length"] != TRAIN_LENGTH:
         length += f" (chosen for sentence pairs, fewer than {config.small_data} training rows)"
-    heads = "; exit heads from a linear probe" if config.probe_init else ""
+    options = "; exit heads from a linear probe" if config.probe_init else ""
     if config.label_smoothing:
-        heads += f"; label smoothing {config.label_smoothing:g}"
+        options += f"; label smoothing {config.label_smoothing:g}"
     if config.ema_decay is not None:
-        heads += f"; the moving average of the weights (decay {config.ema_decay:g}) kept"
+        options += f"; the moving average of the weights (decay {config.ema_decay:g}) kept"
     first = ""
     if plan["contrastive_steps"]:
         why = f" (chosen for classification, fewer than {config.small_data} training rows)"
@@ -166,7 +166,7 @@ def describe_plan(
     return (
         f"eeengine train: {num_examples} training rows, calibration on {calib_source}; "
         f"{first}{plan['epochs']:g} epoch(s){chosen}, {plan['total_steps']} steps of "
-        f"{config.batch_size}, {length}{heads}; best step by the calibration slice, "
+        f"{config.batch_size}, {length}{options}; best step by the calibration slice, "
         f"evaluated {every}{stop}; "
         f"{'bf16 autocast' if bf16 else 'fp32'}"
     )

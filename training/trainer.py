@@ -401,9 +401,7 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     bar.close()
 
     best = loop.best if stopped_early else loop.offer(evaluate(loop.step))
-    if best.step != loop.step or loop.ema is not None:
-        model.load_state_dict(loop.best_model)
-        recipe.load_state_dict(loop.best_recipe)
+    loop.load_best()
     # Every policy swept on the calibration slice: at fp32 from the best step's logits, then
     # (below) with int8 layers.
     sweep_slice = partial(
