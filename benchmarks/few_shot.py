@@ -8,6 +8,9 @@ scored by accuracy on the task's full dev set, which neither saw.
 
     python benchmarks/few_shot.py --tasks sst2 mrpc rte --rows 600 --out results/few_shot
 
+``--score-on heldout`` scores on 1,000 whole training sentences instead (:func:`heldout_sentences`),
+so that a change to the defaults can be chosen without looking at dev.
+
 ``--config '{"lr": 3e-5, "early_stopping": 0}'`` changes TrainConfig fields from their
 defaults (to try a rule before making it the default); the JSON records them.
 """
@@ -29,6 +32,8 @@ from eeengine.defaults import minilm_dir
 from eeengine.training import TrainConfig, train
 from eeengine.training.baseline import linear_probe
 
+HELDOUT_ROWS = 1000
+
 
 def balanced_subset(split: Split, rows: int, num_classes: int, seed: int) -> Split:
     """``rows // num_classes`` rows of every class, drawn with ``seed``, in file order."""
@@ -42,6 +47,50 @@ def balanced_subset(split: Split, rows: int, num_classes: int, seed: int) -> Spl
     return Split([split.texts[i] for i in chosen], pairs, [split.labels[i] for i in chosen])
 
 
+def heldout_sentences(split: Split, subset: Split, rows: int, seed: int) -> Split:
+    """``rows`` whole training sentences that share no text with ``subset``, drawn with ``seed``.
+
+    SST-2's training rows are every phrase of the parse trees of its sentences, while dev holds
+    whole sentences; a sentence here is a row that is no other row's word n-gram (SST-2: 6,885
+    of 67,349 rows, 19.4 words on average, dev's 19.5), and it qualifies when none of its word
+    n-grams, itself included, is a text of ``subset``. Sentence pairs: rows whose first text is
+    not in ``subset``.
+
+    Raises:
+        ValueError: fewer than ``rows`` sentences qualify.
+    """
+    seen = set(subset.texts)
+    texts = {text.strip() for text in split.texts}
+    if split.text_pairs is None:
+        inside = set()
+        for text in texts:
+            words = text.split()
+            for i in range(len(words)):
+                for j in range(i + 1, len(words) + 1 - (i == 0)):
+                    inside.add(" ".join(words[i:j]))
+        trained = {text.strip() for text in seen}
+
+        def qualifies(text: str) -> bool:
+            words = text.split()
+            return text not in inside and not any(
+                " ".join(words[i:j]) in trained
+                for i in range(len(words))
+                for j in range(i + 1, len(words) + 1)
+            )
+    else:
+
+        def qualifies(text: str) -> bool:
+            return text not in seen
+
+    first = {text.strip(): i for i, text in reversed(list(enumerate(split.texts)))}
+    candidates = sorted(i for text, i in first.items() if qualifies(text))
+    if len(candidates) < rows:
+        raise ValueError(f"only {len(candidates)} held-out sentences qualify, {rows} asked")
+    chosen = sorted(random.Random(seed).sample(candidates, rows))
+    pairs = None if split.text_pairs is None else [split.text_pairs[i] for i in chosen]
+    return Split([split.texts[i] for i in chosen], pairs, [split.labels[i] for i in chosen])
+
+
 def write_csv(path: Path, split: Split, label_names: tuple[str, ...]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -51,12 +100,19 @@ def write_csv(path: Path, split: Split, label_names: tuple[str, ...]) -> None:
             writer.writerow([text, *pair, label_names[split.labels[i]]])
 
 
-def run_task(name: str, rows: int, seed: int, workdir: Path, overrides: dict) -> dict:
+def run_task(
+    name: str, rows: int, seed: int, workdir: Path, overrides: dict, score_on: str = "dev"
+) -> dict:
     """Train on a ``rows``-row subset of ``name`` (TrainConfig defaults but ``overrides``)
-    and fit the linear probe on it; both scored on the full dev set (points)."""
+    and fit the linear probe on it; both scored (points) on the full dev set, or with
+    ``score_on="heldout"`` on :func:`heldout_sentences` (1,000 of them)."""
     task = get_task(name)
-    subset = balanced_subset(load_split(task, "train"), rows, len(task.label_names), seed)
-    dev = load_split(task, "dev")
+    train_split = load_split(task, "train")
+    subset = balanced_subset(train_split, rows, len(task.label_names), seed)
+    if score_on == "heldout":
+        dev = heldout_sentences(train_split, subset, HELDOUT_ROWS, seed)
+    else:
+        dev = load_split(task, "dev")
     write_csv(workdir / f"{name}-train.csv", subset, task.label_names)
     write_csv(workdir / f"{name}-dev.csv", dev, task.label_names)
     config = TrainConfig(
@@ -80,6 +136,7 @@ def run_task(name: str, rows: int, seed: int, workdir: Path, overrides: dict) ->
         "task": name,
         "rows": rows,
         "seed": seed,
+        "scored_on": score_on,
         "fine_tuned_full_depth": training["dev_exit_metrics"][-1],
         "fine_tuned_exits": training["dev_exit_metrics"],
         "calibration_exits": training["calibration_exit_metrics"],
@@ -117,6 +174,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/few_shot")
     parser.add_argument(
+        "--score-on",
+        choices=("dev", "heldout"),
+        default="dev",
+        help="dev: the task's dev set; heldout: 1,000 whole training sentences the subset "
+        "does not contain (to choose a change without looking at dev)",
+    )
+    parser.add_argument(
         "--config",
         type=json.loads,
         default={},
@@ -125,7 +189,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         results = [
-            run_task(name, args.rows, args.seed, Path(tmp), args.config) for name in args.tasks
+            run_task(name, args.rows, args.seed, Path(tmp), args.config, args.score_on)
+            for name in args.tasks
         ]
     write_results(args.out, results, markdown(results))
     print(markdown(results))
