@@ -87,6 +87,14 @@ def test_holdout_regression_and_bad_sizes():
         (500, False, {"contrastive": False}, {"contrastive_steps": 0, "lr": 1e-4}),
         (500, False, {"contrastive_rounds": 2, "small_data": 400}, {"contrastive_steps": 0}),
         (65349, False, {"contrastive": True, "contrastive_rounds": 1}, {"contrastive_steps": 8169}),
+        # label smoothing for classification below small_data rows, unless set
+        (500, False, {}, {"label_smoothing": 0.1}),
+        (500, True, {}, {"max_seq_length": 128, "label_smoothing": 0.1}),
+        (1999, False, {}, {"label_smoothing": 0.1}),
+        (2000, False, {}, {"label_smoothing": 0.0}),
+        (65349, False, {}, {"label_smoothing": 0.0}),
+        (500, False, {"label_smoothing": 0.0}, {"label_smoothing": 0.0}),
+        (65349, False, {"label_smoothing": 0.2}, {"label_smoothing": 0.2}),
         # explicit epochs win
         (
             500,
@@ -110,12 +118,14 @@ def test_schedule_adapts_to_the_data_size(rows, pairs, overrides, expected):
             True,
             {},
             "32, truncated to 128 tokens (chosen for sentence pairs, fewer than 2000 training "
+            "rows); label smoothing 0.1 (chosen for classification, fewer than 2000 training "
             "rows); best step",
         ),
-        (500, False, {}, "32, truncated to 64 tokens; best step"),
+        (500, False, {"label_smoothing": 0.0}, "32, truncated to 64 tokens; best step"),
         (3301, True, {}, "32, truncated to 64 tokens; best step"),
-        (500, True, {"max_seq_length": 128}, "32, truncated to 128 tokens; best step"),
-        (500, False, {"probe_init": True}, "64 tokens; exit heads from a linear probe; best"),
+        (3301, True, {"label_smoothing": 0.1}, "64 tokens; label smoothing 0.1; best step"),
+        (500, True, {"max_seq_length": 128}, "32, truncated to 128 tokens; label smoothing"),
+        (500, False, {"probe_init": True}, "64 tokens; exit heads from a linear probe; label"),
         (
             500,
             False,
@@ -145,8 +155,9 @@ def test_the_plan_says_what_it_chose(rows, pairs, overrides, says):
     assert says in describe_plan(plan, rows, "x (stratified)", False, config)
 
 
-def test_no_contrastive_stage_for_regression():
-    assert schedule(TrainConfig(base_model=""), 500, classification=False)["contrastive_steps"] == 0
+def test_no_contrastive_stage_nor_label_smoothing_for_regression():
+    plan = schedule(TrainConfig(base_model=""), 500, classification=False)
+    assert plan["contrastive_steps"] == 0 and plan["label_smoothing"] == 0.0
     with pytest.raises(ValueError, match="--contrastive needs class labels"):
         schedule(TrainConfig(base_model="", contrastive=True), 500, classification=False)
 

@@ -243,6 +243,26 @@ def test_contrastive_stage_runs_on_small_classification_data_unless_turned_off(
     assert not torch.equal(weights[None][key], weights[False][key])
 
 
+@pytest.mark.parametrize(("overrides", "smoothing"), [({}, 0.1), ({"label_smoothing": 0.0}, 0.0)])
+def test_small_classification_data_trains_with_label_smoothing_unless_set(
+    overrides, smoothing, tiny_bert_dir, tiny_csv_task, tmp_path, monkeypatch
+):
+    """30 training rows are small data: every exit's loss gets ε = 0.1 unless it is set."""
+    real_make_recipe = trainer_module.make_recipe
+    seen = []
+
+    def spy(*args):
+        recipe = real_make_recipe(*args)
+        seen.append(recipe.label_smoothing)
+        return recipe
+
+    monkeypatch.setattr(trainer_module, "make_recipe", spy)
+    config = csv_config(tiny_bert_dir, tiny_csv_task, contrastive=False, epochs=1.0, **overrides)
+    path = train(config, tmp_path / "ckpt", False)
+    schedule = json.loads((path / "eeengine.json").read_text())["training"]["schedule"]
+    assert seen == [smoothing] and schedule["label_smoothing"] == smoothing
+
+
 def test_contrastive_refused_for_regression(tiny_bert_dir, tmp_path):
     config = TrainConfig(base_model=str(tiny_bert_dir), task="stsb", contrastive=True)
     with pytest.raises(ValueError, match="--contrastive needs class labels"):

@@ -26,7 +26,8 @@ sets get more epochs (at least ``min_steps`` optimizer steps, up to ``max_auto_e
 sentence pairs below ``small_data`` training rows train at the inference length instead of 64
 tokens; the run says what it chose. Classification below ``small_data`` rows first tunes the
 encoder contrastively on pairs of rows (SetFit's first stage,
-:mod:`eeengine.training.contrastive`); it runs before the resumable loop (a resumed run starts
+:mod:`eeengine.training.contrastive`) and smooths its labels (0.1); the stage runs before the
+resumable loop (a resumed run starts
 from the saved weights, after it). ``probe_init`` starts the exit heads as linear probes of the
 backbone (LP-FT, :mod:`eeengine.training.probe_init`).
 The checkpoint is written atomically, so a failed run never damages an existing one.
@@ -137,7 +138,10 @@ class TrainConfig:
         max_grad_norm: gradients are clipped to this L2 norm (over all trained parameters).
         label_smoothing: ε of every cross-entropy against the labels: the target is the
             one-hot label times 1 − ε plus ε / num_labels on every class (Szegedy et al. 2016,
-            Sec. 7; 0: plain cross-entropy). Classification only.
+            Sec. 7; 0: plain cross-entropy). Classification only. None:
+            :data:`eeengine.training.plan.SMALL_DATA_LABEL_SMOOTHING` (0.1) for classification
+            with fewer than ``small_data`` training rows, else 0 (SST-2, 600 rows: chosen on
+            held-out training sentences; RESULTS.md, "Few-shot").
         ema_decay: keep an exponential moving average of the weights, updated after every
             optimizer step with this decay (e.g. 0.998: about the last 500 steps), and
             evaluate, select and save the average instead of the raw weights (Polyak
@@ -185,7 +189,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
-    label_smoothing: float = 0.0
+    label_smoothing: float | None = None
     ema_decay: float | None = None
     max_seq_length: int | None = None
     eval_max_seq_length: int = 128
@@ -295,13 +299,20 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(config.base_model)
     num_labels = len(data.label_names) if data.label_names else 1
     num_layers = backbone_config.num_hidden_layers
+    order = list(range(len(train_split.texts)))
+    rng.shuffle(order)
+    order = order[: config.max_train_examples]
+    texts = [train_split.texts[i] for i in order]
+    pairs = [train_split.text_pairs[i] for i in order] if train_split.text_pairs else None
+    labels = torch.tensor([train_split.labels[i] for i in order])
+    plan = schedule(config, len(texts), pairs is not None, data.label_names is not None)
     recipe = make_recipe(
         config.recipe,
         num_layers,
         num_labels,
         config.layout,
         config.lte_base,
-        config.label_smoothing,
+        plan["label_smoothing"],
     )
     model = MultiExitBert(
         backbone_config, num_labels, config.pooling, config.layout, lte=recipe.needs_lte
@@ -314,13 +325,6 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     recipe.to(device)
     eval_max_seq_length = min(config.eval_max_seq_length, model.backbone.max_positions)
 
-    order = list(range(len(train_split.texts)))
-    rng.shuffle(order)
-    order = order[: config.max_train_examples]
-    texts = [train_split.texts[i] for i in order]
-    pairs = [train_split.text_pairs[i] for i in order] if train_split.text_pairs else None
-    labels = torch.tensor([train_split.labels[i] for i in order])
-    plan = schedule(config, len(texts), pairs is not None, data.label_names is not None)
     max_seq_length = min(plan["max_seq_length"], model.backbone.max_positions)
     encoded = encode(tokenizer, texts, pairs, max_seq_length)
 
