@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Callable
 from dataclasses import fields
+from typing import Any
 
 import docstring_parser
 
@@ -204,7 +206,8 @@ _CHOICES = {
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """One option per :class:`TrainConfig` field but ``base_model``: ``--epochs 2``,
     ``--text-column sentence``; a boolean is ``--regression`` / ``--no-resume`` (an optional
-    one, ``bool | None``, stays None, automatic, unless given). Each option's help is its
+    one, ``bool | None``, stays None, automatic, unless given); an optional value takes
+    ``none`` for None (``--max-drop-confidence none``). Each option's help is its
     field's entry in :class:`TrainConfig`'s docstring (:func:`config_help`)."""
     defaults = TrainConfig(base_model="")
     helps = config_help()
@@ -219,8 +222,20 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=action, default=default, help=text)
         else:
             kind = _ARG_TYPES[f.type.split(" | ")[0]]
+            if f.type.endswith(" | None"):
+                kind = _or_none(kind)
             choices = _CHOICES.get(f.name)
             parser.add_argument(flag, type=kind, default=default, choices=choices, help=text)
+
+
+def _or_none(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``kind``, or None for the word "none" (``--max-drop-confidence none``: as measured)."""
+
+    def parse(value: str) -> Any:
+        return None if value.lower() == "none" else kind(value)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
 
 
 def config_help() -> dict[str, str]:

@@ -46,7 +46,6 @@ def default_config() -> TrainConfig:
         lr=2e-4,
         freeze_word_embeddings=True,
         ema_decay=0.998,
-        max_drop_confidence=0.9,
     )
 
 

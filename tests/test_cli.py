@@ -229,6 +229,25 @@ def test_every_train_option_is_documented_from_the_config_docstring(capsys):
     assert all(helps.values())
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], 0.9),
+        (["--max-drop-confidence", "0.8"], 0.8),
+        (["--max-drop-confidence", "none"], None),
+        (["--max-drop-confidence", "None"], None),
+    ],
+)
+def test_an_optional_train_value_takes_none(args, expected):
+    assert build_parser().parse_args(["train", "--out", "x", *args]).max_drop_confidence == expected
+
+
+def test_a_bad_optional_train_value_is_named(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--out", "x", "--ema-decay", "nan-ish"])
+    assert "argument --ema-decay: invalid float value: 'nan-ish'" in capsys.readouterr().err
+
+
 def test_every_option_of_every_command_has_help():
     subparsers = next(a for a in build_parser()._actions if a.dest == "command")
     undocumented = {

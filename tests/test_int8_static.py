@@ -14,7 +14,9 @@ import torch
 
 pytest.importorskip("onnxruntime")
 import onnxruntime  # noqa: E402
+from onnx import TensorProto, numpy_helper  # noqa: E402
 
+import eeengine.executors.int8_static as int8_static_module  # noqa: E402
 from eeengine import Engine  # noqa: E402
 from eeengine.checkpoint import CheckpointError  # noqa: E402
 from eeengine.cli import main  # noqa: E402
@@ -63,6 +65,21 @@ def test_statistics_cover_every_point_of_every_layer(fp32, stats, tmp_path):
         torch.testing.assert_close(one_by_one[key], value, rtol=1e-5, atol=1e-6)
     write_activations(tmp_path, stats)
     assert read_activations(tmp_path, fp32.model).keys() == stats.keys()
+
+
+@pytest.mark.parametrize(("vnni", "levels"), [(True, 127), (False, 63)])
+def test_weights_use_7_bits_without_vnni(fp32, stats, monkeypatch, vnni, levels):
+    """Without VNNI, u8·s8 products are summed in pairs in int16 and saturate: weights then
+    span ±63, as ``reduce_range`` makes them for "int8"; with it, ±127."""
+    monkeypatch.setattr(int8_static_module, "cpu_has_vnni", lambda: vnni)
+    config = fp32.model.config
+    graph = int8_static_layer_graph(
+        fp32.model.backbone.layers[0], config.num_attention_heads, config.layer_norm_eps, stats, 0
+    )
+    weights = [
+        numpy_helper.to_array(t) for t in graph.graph.initializer if t.data_type == TensorProto.INT8
+    ]
+    assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == levels
 
 
 def test_layer_rows_alone_equal_rows_batched_and_close_to_torch(fp32, stats):

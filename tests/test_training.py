@@ -154,6 +154,23 @@ def test_default_policy_at_a_confidence_is_the_certified_point(
     assert not (tmp_path / "x").exists()
 
 
+def test_default_policy_needs_a_certified_point(tiny_bert_dir, tiny_csv_task, tmp_path, capsys):
+    """By default the policy must keep max_drop at 90 % confidence: 10 calibration rows certify
+    no point (the margin alone is over 30 points), so the checkpoint runs every layer, and the
+    run says why and what to do; ``max_drop_confidence=None`` picks as measured."""
+    path = train(csv_config(tiny_bert_dir, tiny_csv_task), tmp_path / "c", progress=True)
+    manifest = json.loads((path / "eeengine.json").read_text())
+    assert manifest["training"]["config"]["max_drop_confidence"] == 0.9
+    assert manifest["policy"] == {"name": "none"}
+    err = capsys.readouterr().err
+    assert "the default policy runs every layer: no" in err and "--unlabeled" in err
+    measured = csv_config(tiny_bert_dir, tiny_csv_task, max_drop_confidence=None)
+    path = train(measured, tmp_path / "m", progress=False)
+    sweep = json.loads((path / "calibration.json").read_text())
+    expected = select_operating_point(sweep, max_drop=0.5)
+    assert json.loads((path / "eeengine.json").read_text())["policy"] == expected.to_json()
+
+
 def test_optimizer_is_fused_where_supported():
     params = [torch.nn.Parameter(torch.randn(3))]
     assert loop_module.adamw([{"params": params}]).defaults["fused"]

@@ -41,6 +41,7 @@ from eeengine.executors.onnx_graphs import (
     as_arrays,
     attention_inputs,
     cls_query_nodes,
+    cpu_has_vnni,
     model_of,
     skip_layer_norm,
 )
@@ -231,6 +232,15 @@ def int8_static_feed_forward_graph(
     return graph.model("bert_feed_forward_int8_static", inputs, {"output": hidden})
 
 
+def weight_levels() -> int:
+    """Largest int8 weight magnitude: 127, or 63 (7 bits) on CPUs without VNNI, whose u8·s8
+    dot products add pairs of products in int16 and saturate with full-range weights (what
+    ``reduce_range`` does for "int8"; :func:`eeengine.executors.onnx_graphs.quantize_int8`).
+    On an AVX2-only CPU (AMD EPYC), the tiny test model's keys through the int8 projection
+    were off by 3.7 % of their magnitude on average with 127 levels, 1.3 % with 63."""
+    return 127 if cpu_has_vnni() else 63
+
+
 class _StaticLayer:
     """The nodes and initializers of one layer's quantized sublayers, built in order."""
 
@@ -252,12 +262,13 @@ class _StaticLayer:
             1 - self.alpha
         )
         weight = weight * smooth[:, None]
-        w_scale = weight.abs().amax(0).clamp_min(1e-12) / 127.0
+        levels = weight_levels()
+        w_scale = weight.abs().amax(0).clamp_min(1e-12) / levels
         self.tensors.update({
             f"{point}_inv_smooth": (1.0 / smooth).numpy(),
             f"{point}_x_scale": np.array(float((absmax / smooth).max()) / 127.0, np.float32),
             f"{point}_x_zero": np.array(128, np.uint8),
-            f"{point}_w": (weight / w_scale).round().clamp(-127, 127).to(torch.int8).numpy(),
+            f"{point}_w": (weight / w_scale).round().clamp(-levels, levels).to(torch.int8).numpy(),
             f"{point}_w_scale": w_scale.numpy(),
         })  # fmt: skip
         x = POINTS[point][1]
