@@ -60,23 +60,14 @@ def heldout_sentences(split: Split, subset: Split, rows: int, seed: int) -> Spli
         ValueError: fewer than ``rows`` sentences qualify.
     """
     seen = set(subset.texts)
-    texts = {text.strip() for text in split.texts}
     if split.text_pairs is None:
-        inside = set()
-        for text in texts:
-            words = text.split()
-            for i in range(len(words)):
-                for j in range(i + 1, len(words) + 1 - (i == 0)):
-                    inside.add(" ".join(words[i:j]))
+        inside = set()  # every row's n-grams but the row itself
+        for text in {text.strip() for text in split.texts}:
+            inside |= word_ngrams(text) - {" ".join(text.split())}
         trained = {text.strip() for text in seen}
 
         def qualifies(text: str) -> bool:
-            words = text.split()
-            return text not in inside and not any(
-                " ".join(words[i:j]) in trained
-                for i in range(len(words))
-                for j in range(i + 1, len(words) + 1)
-            )
+            return text not in inside and trained.isdisjoint(word_ngrams(text))
     else:
 
         def qualifies(text: str) -> bool:
@@ -89,6 +80,12 @@ def heldout_sentences(split: Split, subset: Split, rows: int, seed: int) -> Spli
     chosen = sorted(random.Random(seed).sample(candidates, rows))
     pairs = None if split.text_pairs is None else [split.text_pairs[i] for i in chosen]
     return Split([split.texts[i] for i in chosen], pairs, [split.labels[i] for i in chosen])
+
+
+def word_ngrams(text: str) -> set[str]:
+    """Every run of consecutive words of ``text`` (itself included), joined by single spaces."""
+    words = text.split()
+    return {" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1)}
 
 
 def write_csv(path: Path, split: Split, label_names: tuple[str, ...]) -> None:
