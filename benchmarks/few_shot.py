@@ -59,15 +59,14 @@ def heldout_sentences(split: Split, subset: Split, rows: int, seed: int) -> Spli
     Raises:
         ValueError: fewer than ``rows`` sentences qualify.
     """
-    seen = set(subset.texts)
+    seen = {text.strip() for text in subset.texts}
     if split.text_pairs is None:
         inside = set()  # every row's n-grams but the row itself
         for text in {text.strip() for text in split.texts}:
             inside |= word_ngrams(text) - {" ".join(text.split())}
-        trained = {text.strip() for text in seen}
 
         def qualifies(text: str) -> bool:
-            return text not in inside and trained.isdisjoint(word_ngrams(text))
+            return text not in inside and seen.isdisjoint(word_ngrams(text))
     else:
 
         def qualifies(text: str) -> bool:
