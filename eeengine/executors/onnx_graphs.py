@@ -29,6 +29,7 @@ reads) and :func:`feed_forward_graph`.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -360,9 +361,11 @@ def quantize_int8(model: onnx.ModelProto, output: Path) -> None:
         logging.disable(previous)
 
 
+@functools.cache
 def cpu_has_vnni() -> bool:
     """Whether this CPU has VNNI int8 dot products (AVX512-VNNI or AVX-VNNI), from
-    ``/proc/cpuinfo``; False where that cannot be read."""
+    ``/proc/cpuinfo`` (read once: every quantized matmul of every layer asks); False where that
+    cannot be read."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
