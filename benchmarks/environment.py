@@ -10,6 +10,8 @@ import onnxruntime
 import torch
 import transformers
 
+from eeengine.cpu_flags import cpu_flags, cpu_info
+
 
 def environment() -> dict:
     """What the timings depend on besides the code: threads, OpenMP waiting, versions, CPU."""
@@ -31,16 +33,12 @@ _KERNEL_FLAGS = ("avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16"
 
 
 def _cpu_model() -> dict:
-    """The CPU's model name and which of :data:`_KERNEL_FLAGS` it has, from /proc/cpuinfo
-    (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            fields = dict(line.split(":", 1) for line in cpuinfo if ":" in line)
-    except OSError:
+    """The CPU's model name and which of :data:`_KERNEL_FLAGS` it has (empty where unknown)."""
+    info = cpu_info()
+    if not info:
         return {}
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
-    flags = set(fields.get("flags", "").split())
+    flags = cpu_flags()
     return {
-        "cpu_model": fields.get("model name"),
+        "cpu_model": info.get("model name"),
         "cpu_flags": [flag for flag in _KERNEL_FLAGS if flag in flags],
     }

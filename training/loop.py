@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from eeengine.batching import Encoded, bucketed_batches
+from eeengine.cpu_flags import cpu_has_amx_bf16
 from eeengine.data import Split
 from eeengine.evaluation import all_exit_outputs, exit_metrics
 from eeengine.modeling_multiexit import MultiExitBert
@@ -84,15 +84,6 @@ def uses_bf16(device: torch.device, mixed_precision: bool) -> bool:
     return cpu_has_amx_bf16()
 
 
-def cpu_has_amx_bf16() -> bool:
-    """Whether /proc/cpuinfo lists AMX-BF16 (False where it cannot be read)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags.split()
-
-
 @dataclass
 class Evaluation:
     step: int
@@ -144,16 +135,15 @@ class TrainLoop:
         model: MultiExitBert,
         recipe: Recipe,
         optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
         rng: random.Random,
         total_steps: int,
         token_pruning: TokenPruning | None,
     ) -> None:
         self.config, self.model, self.recipe = config, model, recipe
         self.token_pruning = token_pruning
-        self.optimizer, self.scheduler, self.rng = optimizer, scheduler, rng
-        self.total_steps = total_steps
+        self.optimizer, self.rng = optimizer, rng
         self.step = 0
+        self.planned_steps = total_steps
         self.batches: list[list[int]] = []
         self.position = 0
         self.stage: int | None = None
@@ -163,10 +153,37 @@ class TrainLoop:
         self.best_recipe: dict | None = None
         self.ema = None
         if config.ema_decay is not None:
-            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
+            self.ema = AveragedModel(model)
         self.device = next(model.parameters()).device
         self.bf16 = uses_bf16(self.device, config.mixed_precision)
         self.frozen = frozen_parameters(model, config)
+        self.set_total_steps(total_steps)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Run ``total_steps`` optimizer steps: linear warm-up over ``warmup_ratio`` of them,
+        then linear decay to 0. Called again (a time budget shortened the run), the schedule
+        is rebuilt for the new length and goes on from this step, and the moving average's
+        decay is raised to the power planned / ``total_steps``: its horizon, 1 / (1 - decay)
+        steps, stays the same share of the run (``ema_decay`` 0.998 averages about the last
+        500 of 1,533 planned steps; cut to 453 steps, 0.9932 the last 148), so the start
+        weights keep the weight they had in the planned run (0.998^1533 = 5 %, not
+        0.998^453 = 40 %)."""
+        self.total_steps = total_steps
+        if self.ema is not None:
+            self.ema.multi_avg_fn = get_ema_multi_avg_fn(self.ema_decay)
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer,
+            round(self.config.warmup_ratio * total_steps),
+            total_steps,
+            last_epoch=self.step - 1,
+        )
+
+    @property
+    def ema_decay(self) -> float | None:
+        """The moving average's decay for this run's length (see :meth:`set_total_steps`)."""
+        if self.config.ema_decay is None:
+            return None
+        return self.config.ema_decay ** (self.planned_steps / self.total_steps)
 
     def next_batch(self, encoded: Encoded) -> list[int]:
         """The next batch's indices; a new epoch's batch order when the last one is used up."""
@@ -225,6 +242,7 @@ class TrainLoop:
         """What :meth:`restore` needs to continue exactly from this step."""
         return {
             "step": self.step,
+            "total_steps": self.total_steps,
             "batches": self.batches,
             "position": self.position,
             "rng": self.rng.getstate(),
@@ -249,6 +267,8 @@ class TrainLoop:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.model.load_state_dict(state["model"])
         self.recipe.load_state_dict(state["recipe"])
+        if state["total_steps"] != self.total_steps:
+            self.set_total_steps(state["total_steps"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:

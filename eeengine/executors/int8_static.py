@@ -36,12 +36,12 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from eeengine.checkpoint import CheckpointError, read_safetensors, write_atomic
+from eeengine.cpu_flags import cpu_has_vnni
 from eeengine.data import Split
 from eeengine.executors.onnx_graphs import (
     as_arrays,
     attention_inputs,
     cls_query_nodes,
-    cpu_has_vnni,
     model_of,
     skip_layer_norm,
 )

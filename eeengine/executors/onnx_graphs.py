@@ -29,7 +29,6 @@ reads) and :func:`feed_forward_graph`.
 
 from __future__ import annotations
 
-import functools
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +39,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor
 
+from eeengine.cpu_flags import cpu_has_vnni
 from eeengine.modeling_bert import BertEmbeddings, BertLayer
 
 if TYPE_CHECKING:
@@ -359,15 +359,3 @@ def quantize_int8(model: onnx.ModelProto, output: Path) -> None:
         )
     finally:
         logging.disable(previous)
-
-
-@functools.cache
-def cpu_has_vnni() -> bool:
-    """Whether this CPU has VNNI int8 dot products (AVX512-VNNI or AVX-VNNI), from
-    ``/proc/cpuinfo`` (read once: every quantized matmul of every layer asks); False where that
-    cannot be read."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_vnni" in flags or " avx_vnni" in flags
