@@ -228,8 +228,15 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"loop        {engine.loop}")
     if training:
         metrics = ", ".join(f"{v:.2f}" for v in training.get("dev_exit_metrics", []))
+        steps = f"{training['steps']} steps, " if "steps" in training else ""
+        budget = (training.get("schedule") or {}).get("time_budget")
+        if budget and budget["steps"] < budget["planned_steps"]:
+            steps = (
+                f"{budget['steps']} of {budget['planned_steps']} planned steps (the "
+                f"{budget['max_train_seconds']:g} s time budget), "
+            )
         print(
-            f"training    recipe {training.get('recipe')}, "
+            f"training    recipe {training.get('recipe')}, {steps}"
             f"dev {training.get('dev_metric')} per exit: {metrics}"
         )
     reports = training.get("default_policy")

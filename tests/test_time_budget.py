@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import eeengine.training.loop as loop_module
 import eeengine.training.trainer as trainer_module
+from eeengine.cli import main
 from eeengine.training import train
 from eeengine.training.state import state_dir
 from eeengine.training.time_budget import (
@@ -111,10 +112,11 @@ def linear_lr(peak: float, step: int, total: int, warmup_ratio: float = 0.06) ->
 
 
 def test_a_cut_run_follows_the_shorter_schedule_and_average(
-    tiny_bert_dir, tiny_csv_task, tmp_path, monkeypatch
+    tiny_bert_dir, tiny_csv_task, tmp_path, monkeypatch, capsys
 ):
     """Up to the timed steps the planned 24-step schedule and decay d; from the cut on the
-    learning rate of an 18-step schedule at the same step and decay d^(24/18)."""
+    learning rate of an 18-step schedule at the same step and decay d^(24/18). ``eeengine
+    info`` says the run was cut."""
     lrs, raw = [], []
     real_step = loop_module.TrainLoop.train_step
 
@@ -150,6 +152,8 @@ def test_a_cut_run_follows_the_shorter_schedule_and_average(
         "steps": CUT,
         "ema_decay": pytest.approx(decay),
     }
+    assert main(["info", str(path)]) == 0
+    assert "18 of 24 planned steps (the 5 s time budget)" in capsys.readouterr().out
 
 
 def test_a_budget_the_run_fits_changes_nothing(tiny_bert_dir, tiny_csv_task, tmp_path):
