@@ -4,6 +4,7 @@ that meets a target) and its MPEE token-pruning schedule."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -36,8 +37,9 @@ def resolve_policy(
     ``eeengine.json`` policy) with its stored parameters (the default policy's, or the fastest
     calibrated point of that policy within the ``max_drop`` the trainer chose the default by,
     at its ``max_drop_confidence``: 0.5 points as measured where the checkpoint records
-    neither), overridden by the parameters in ``given`` that are not None. With a target: the point
-    :func:`eeengine.calibration.select_operating_point` picks in ``calibration``.
+    neither; where no point of that policy qualifies, its most conservative swept point, with
+    a warning), overridden by the parameters in ``given`` that are not None. With a target:
+    the point :func:`eeengine.calibration.select_operating_point` picks in ``calibration``.
 
     Args:
         model: the loaded model (labels, layers and signals the policy must fit).
@@ -64,11 +66,7 @@ def resolve_policy(
         if name == default["name"] and default_params:
             stored = policy_params(default)
         elif calibration:
-            max_drop_trained, confidence_trained = _trained_target(manifest)
-            chosen = choose_operating_point(
-                calibration, max_drop_trained, policy=name, confidence=confidence_trained
-            )
-            stored = policy_params(chosen[1]) if chosen else {}
+            stored = _calibrated_params(calibration, manifest, name, path, warn=not given)
         return validated_policy(make_policy(name, **{**stored, **given}), model), None
     if given:
         raise ValueError(
@@ -84,6 +82,38 @@ def resolve_policy(
         )
     point = select_operating_point(calibration, target_speedup, max_drop, policy, confidence)
     return validated_policy(point.policy(), model), point
+
+
+def _calibrated_params(
+    calibration: dict, manifest: dict, name: str, path: Path, warn: bool
+) -> dict:
+    """The parameters of the fastest point of policy ``name`` in ``calibration`` within the
+    target the trainer chose the default policy by (:func:`_trained_target`). Where none
+    qualifies, the most conservative swept point of ``name`` (the most layers on average; ties
+    to the higher metric), with a warning when ``warn``: an uncalibrated guess could lose
+    far more than the target. {} where ``name`` was not swept (its built-in parameters)."""
+    max_drop, confidence = _trained_target(manifest)
+    chosen = choose_operating_point(calibration, max_drop, policy=name, confidence=confidence)
+    if chosen is not None:
+        return policy_params(chosen[1])
+    points = calibration.get("policies", {}).get(name)
+    if not points:
+        return {}
+    safest = max(points, key=lambda point: (point["avg_exit_layer"], point["metric"]))
+    params = policy_params(safest)
+    if warn:
+        at = f" at {confidence:g} confidence" if confidence else ""
+        shown = ", ".join(f"{k}={v}" for k, v in params.items())
+        drop = calibration["full_depth"] - safest["metric"]
+        warnings.warn(
+            f"{path}: no calibrated point of {name!r} keeps within {max_drop:g} points of full "
+            f"depth{at} on its {calibration['num_examples']} calibration examples, so it runs "
+            f"its most conservative swept point ({shown}: drop {drop:.2f} at "
+            f"{safest['avg_exit_layer']:.2f} layers there); calibrate on more in-domain text "
+            "(eeengine calibrate --unlabeled FILE --write) to exit earlier safely",
+            stacklevel=4,
+        )
+    return params
 
 
 def _trained_target(manifest: dict) -> tuple[float, float | None]:

@@ -4,6 +4,7 @@ it is computed with, and choosing operating points at a confidence."""
 import json
 import re
 import shutil
+import warnings
 from statistics import NormalDist
 
 import pytest
@@ -12,8 +13,9 @@ import torch
 from eeengine import Engine
 from eeengine.calibration import select_operating_point
 from eeengine.cli import main
-from eeengine.evaluation import predictions_of, sweep
+from eeengine.evaluation import policy_params, predictions_of, sweep
 from eeengine.metrics import METRICS, agreement, bootstrap_weights
+from eeengine.policies import make_policy
 from eeengine.selection import choose_operating_point
 
 
@@ -180,3 +182,40 @@ def _stored_spread(calibration: dict, point) -> float:
         if all(candidate.get(k) == v for k, v in point.params.items()):
             return candidate["drop_std"]
     raise AssertionError("the chosen point is not in the calibration")
+
+
+def test_a_policy_with_no_certified_point_runs_its_safest_swept_point_and_warns(
+    trained_csv_ckpt, tmp_path
+):
+    """A checkpoint trained at 90 % confidence whose 10 calibration rows certify no point of
+    the asked policy: the engine runs that policy's point with the most layers on average in
+    the sweep (not its uncalibrated built-in parameters, which ``normalized_entropy`` does not
+    even have) and says so; with its parameters given, or where a point qualifies, silently."""
+    path = shutil.copytree(trained_csv_ckpt, tmp_path / "ckpt")
+    manifest = json.loads((path / "eeengine.json").read_text())
+    manifest["training"]["config"]["max_drop_confidence"] = 0.9
+    (path / "eeengine.json").write_text(json.dumps(manifest))
+    calibration = json.loads((path / "calibration.json").read_text())
+    uncertified = [
+        p
+        for p in calibration["policies"]
+        if p != manifest["policy"]["name"]
+        and choose_operating_point(calibration, 0.5, policy=p, confidence=0.9) is None
+        and choose_operating_point(calibration, 0.5, policy=p) is not None
+    ]
+    assert "normalized_entropy" in uncertified
+    for name in uncertified:
+        points = calibration["policies"][name]
+        most_layers = max(point["avg_exit_layer"] for point in points)
+        safest = max(
+            (point for point in points if point["avg_exit_layer"] == most_layers),
+            key=lambda point: point["metric"],
+        )
+        expected = make_policy(name, **policy_params(safest))
+        with pytest.warns(UserWarning, match=rf"no calibrated point of '{name}' .* 0.9 confid"):
+            engine = Engine(path, policy=name)
+        assert repr(engine.policy) == repr(expected), name
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Engine(path, policy="normalized_entropy", threshold=0.3)
+        Engine(trained_csv_ckpt, policy=uncertified[0])  # chosen as measured: a point qualifies
