@@ -202,3 +202,13 @@ def test_a_cut_run_resumes_to_the_same_weights(tiny_bert_dir, tiny_csv_task, tmp
         assert torch.equal(actual[key], expected[key]), key
     training = json.loads((resumed / "eeengine.json").read_text())["training"]
     assert training["steps"] == CUT and training["schedule"]["time_budget"]["steps"] == CUT
+
+
+@pytest.mark.parametrize("seconds", [0.0, -5.0, float("nan")])
+def test_a_budget_that_is_not_positive_is_refused_before_any_work(
+    seconds, tiny_bert_dir, tiny_csv_task, tmp_path
+):
+    config = budget_config(tiny_bert_dir, tiny_csv_task, max_train_seconds=seconds)
+    with pytest.raises(ValueError, match="max_train_seconds must be > 0, got"):
+        train(config, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()

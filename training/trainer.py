@@ -297,13 +297,16 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     Raises:
         ValueError: unknown task, recipe, layout or pooling; bad user data (file, line and
             column named); a saved training state of another config; a
-            ``max_drop_confidence`` or ``ema_decay`` outside (0, 1) (before any work is done).
+            ``max_drop_confidence`` or ``ema_decay`` outside (0, 1), a ``max_train_seconds``
+            that is not positive (before any work is done).
         FileNotFoundError: missing base model or data.
     """
     started = time.time()
     check_confidence(config.max_drop_confidence, config.max_drop)
     if config.ema_decay is not None and not 0.0 < config.ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in (0, 1), got {config.ema_decay}")
+    if config.max_train_seconds is not None and not config.max_train_seconds > 0:
+        raise ValueError(f"max_train_seconds must be > 0, got {config.max_train_seconds}")
     data = load_dataset(config)
     train_split, calib, calib_source = split_calibration(config, data)
     random.seed(config.seed)
