@@ -29,7 +29,9 @@ encoder contrastively on pairs of rows (SetFit's first stage,
 :mod:`eeengine.training.contrastive`) and smooths its labels (0.1); the stage runs before the
 resumable loop (a resumed run starts
 from the saved weights, after it). ``probe_init`` starts the exit heads as linear probes of the
-backbone (LP-FT, :mod:`eeengine.training.probe_init`).
+backbone (LP-FT, :mod:`eeengine.training.probe_init`). ``max_train_seconds`` gives the steps
+a time budget: the run is cut where the planned steps do not fit it
+(:mod:`eeengine.training.time_budget`).
 The checkpoint is written atomically, so a failed run never damages an existing one.
 """
 
