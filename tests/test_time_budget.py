@@ -129,7 +129,10 @@ def test_a_cut_run_follows_the_shorter_schedule_and_average(
     monkeypatch.setattr(loop_module.TrainLoop, "train_step", spy)
     monkeypatch.setattr(trainer_module, "fit_to_budget", cut_at(CUT))
     config = budget_config(tiny_bert_dir, tiny_csv_task, ema_decay=0.9, max_train_seconds=5.0)
-    path = train(config, tmp_path / "cut", progress=False)
+    path = train(config, tmp_path / "cut", progress=True)
+    err = capsys.readouterr().err
+    assert "at most 5 s of steps (max_train_seconds)" in err  # the plan, before training
+    assert "18 of the 24 planned steps fit the 5 s training budget" in err  # the cut
 
     timed = WARMUP_STEPS + TIMED_STEPS
     assert len(lrs) == CUT

@@ -160,6 +160,8 @@ def describe_plan(
             options += f" (chosen for classification, fewer than {config.small_data} training rows)"
     if config.ema_decay is not None:
         options += f"; the moving average of the weights (decay {config.ema_decay:g}) kept"
+    if config.max_train_seconds is not None:
+        options += f"; at most {config.max_train_seconds:g} s of steps (max_train_seconds)"
     first = ""
     if plan["contrastive_steps"]:
         why = f" (chosen for classification, fewer than {config.small_data} training rows)"
