@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 
 import eeengine.training.loop as loop_module
-import eeengine.training.trainer as trainer_module
 from eeengine.cli import main
 from eeengine.training import train
 from eeengine.training.state import state_dir
@@ -127,7 +126,7 @@ def test_a_cut_run_follows_the_shorter_schedule_and_average(
         return loss
 
     monkeypatch.setattr(loop_module.TrainLoop, "train_step", spy)
-    monkeypatch.setattr(trainer_module, "fit_to_budget", cut_at(CUT))
+    monkeypatch.setattr(loop_module, "fit_to_budget", cut_at(CUT))
     config = budget_config(tiny_bert_dir, tiny_csv_task, ema_decay=0.9, max_train_seconds=5.0)
     path = train(config, tmp_path / "cut", progress=True)
     err = capsys.readouterr().err
@@ -180,7 +179,7 @@ class Interrupted(Exception):
 def test_a_cut_run_resumes_to_the_same_weights(tiny_bert_dir, tiny_csv_task, tmp_path, monkeypatch):
     """Interrupted after the cut, a resumed run keeps the shorter schedule and average (from
     the saved state, not a new timing) and ends where the uninterrupted cut run ends."""
-    monkeypatch.setattr(trainer_module, "fit_to_budget", cut_at(CUT))
+    monkeypatch.setattr(loop_module, "fit_to_budget", cut_at(CUT))
     config = budget_config(
         tiny_bert_dir, tiny_csv_task, ema_decay=0.9, max_train_seconds=5.0, save_every=2
     )
@@ -198,7 +197,7 @@ def test_a_cut_run_resumes_to_the_same_weights(tiny_bert_dir, tiny_csv_task, tmp
         train(config, out, progress=False)
     assert (state_dir(out) / "state.pt").is_file()
     monkeypatch.setattr(loop_module.TrainLoop, "train_step", real_step)
-    monkeypatch.setattr(trainer_module, "fit_to_budget", cut_at(PLANNED))  # must not be asked
+    monkeypatch.setattr(loop_module, "fit_to_budget", cut_at(PLANNED))  # must not be asked
     resumed = train(config, out, progress=False)
     expected, actual = (load_file(p / "model.safetensors") for p in (reference, resumed))
     for key in expected:

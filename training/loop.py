@@ -7,6 +7,7 @@ state a resumed run needs to continue exactly.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ from eeengine.evaluation import all_exit_outputs, exit_metrics
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.token_pruning import TokenPruning
 from eeengine.training.recipes import Recipe
+from eeengine.training.time_budget import StepTimer, fit_to_budget
 
 if TYPE_CHECKING:
     from eeengine.training.trainer import TrainConfig
@@ -177,6 +179,20 @@ class TrainLoop:
             total_steps,
             last_epoch=self.step - 1,
         )
+
+    def fit_to_budget(self, seconds: float, timer: StepTimer, lengths: Sequence[int]) -> dict:
+        """Apply a time budget of ``seconds`` after the timed steps: project the cost of this
+        epoch's batches (rows' token ``lengths``) from ``timer`` and shorten the run where the
+        planned steps do not fit (:func:`eeengine.training.time_budget.fit_to_budget`).
+
+        Returns:
+            The fit, with the shortened run's ``ema_decay`` where it was cut.
+        """
+        fit = fit_to_budget(seconds, timer, self.batches, lengths, self.total_steps, self.step)
+        if fit["steps"] < self.total_steps:
+            self.set_total_steps(fit["steps"])
+            fit["ema_decay"] = self.ema_decay
+        return fit
 
     @property
     def ema_decay(self) -> float | None:

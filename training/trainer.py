@@ -71,7 +71,7 @@ from eeengine.training.precision_calibration import int8_calibration, int8_stati
 from eeengine.training.probe_init import probe_init
 from eeengine.training.recipes import Recipe, make_recipe
 from eeengine.training.state import load_state, remove_state, save_state
-from eeengine.training.time_budget import StepTimer, describe_cut, fit_to_budget, padded_tokens
+from eeengine.training.time_budget import StepTimer, describe_cut, padded_tokens
 
 # Config fields that do not change the trained weights: a resumed run may change them.
 RESUMABLE_CHANGES = ("resume", "save_every", "device")
@@ -410,22 +410,14 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
         batch = collate(encoded, indices, tokenizer.pad_token_id, device)
         loss = loop.train_step(batch, labels[indices].to(device))
         now = time.perf_counter()
-        tokens = padded_tokens(indices, encoded.lengths)
-        if timer is not None and timer.add(loop.step - 1, now - step_started, tokens):
-            budget = fit_to_budget(
-                config.max_train_seconds,
-                timer,
-                loop.batches,
-                encoded.lengths,
-                loop.total_steps,
-                loop.step,
-            )
-            if budget["steps"] < loop.total_steps:
-                loop.set_total_steps(budget["steps"])
-                budget["ema_decay"] = loop.ema_decay
-                bar.total = budget["steps"]
-            if progress:
-                tqdm.write(describe_cut(budget, plan["steps_per_epoch"]), file=sys.stderr)
+        if timer is not None:
+            tokens = padded_tokens(indices, encoded.lengths)
+            if timer.add(loop.step - 1, now - step_started, tokens):
+                budget = loop.fit_to_budget(config.max_train_seconds, timer, encoded.lengths)
+                timer = None  # timed once; the rest of the run is not timed
+                bar.total = loop.total_steps
+                if progress:
+                    tqdm.write(describe_cut(budget, plan["steps_per_epoch"]), file=sys.stderr)
         seen += len(indices)
         rate = seen / max(now - loop_started, 1e-9)
         bar.set_postfix(loss=f"{loss:.3f}", ex_per_s=f"{rate:.0f}")
