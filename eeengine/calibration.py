@@ -396,10 +396,13 @@ def select_operating_point(
         best = max(points, key=lambda p: p.metric)
         reference = reference_full_depth(calibration)
         at = "" if confidence is None else f" at confidence {confidence:g}"
+        loss = reference - best.metric
+        # Only a confidence can refuse a point that beats full depth: too few rows to bound it.
+        best_is = f"loses {loss:.2f}" if loss > 0 else f"scores {-loss:.2f} above full depth"
         raise ValueError(
             f"no calibrated point of {which} is within {max_drop:g} points of full depth "
             f"({calibration['metric']} {reference:.2f}){at}; the most accurate "
-            f"loses {reference - best.metric:.2f} ({best.describe()})"
+            f"{best_is} ({best.describe()})"
         )
     return OperatingPoint.from_sweep(*chosen)
 

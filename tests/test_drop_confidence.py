@@ -154,6 +154,15 @@ def test_confidence_needs_max_drop_and_a_sweep_with_drop_std():
         select_operating_point(calibration, max_drop=0.5, confidence=0.9)
 
 
+def test_a_refused_point_that_beats_full_depth_is_called_a_gain():
+    """On 100 rows (1 point a row) a point 0.5 above full depth is not certified at 0.9
+    (-0.5 + 1.28 * max(0, 100 / 100) > 0.5); the message says it scores above full depth,
+    not that it "loses -0.50"."""
+    calibration = _calibration([_point(0.5, 90.5, 2.0, 0.0)], num_examples=100)
+    with pytest.raises(ValueError, match="the most accurate scores 0.50 above full depth"):
+        select_operating_point(calibration, max_drop=0.5, confidence=0.9)
+
+
 def test_engine_and_cli_calibrate_at_a_confidence(tiny_ckpt, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_ckpt, ckpt)
