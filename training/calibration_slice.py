@@ -15,8 +15,8 @@ from pathlib import Path
 
 from eeengine.checkpoint import MANIFEST
 from eeengine.data import Split
+from eeengine.training.config import TrainConfig
 from eeengine.training.plan import load_dataset, split_calibration
-from eeengine.training.trainer import TrainConfig
 
 CALIBRATION_SPLIT = "calibration"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -21,11 +20,9 @@ from eeengine.data import Split
 from eeengine.evaluation import all_exit_outputs, exit_metrics
 from eeengine.modeling_multiexit import MultiExitBert
 from eeengine.token_pruning import TokenPruning
+from eeengine.training.config import TrainConfig
 from eeengine.training.recipes import Recipe
 from eeengine.training.time_budget import StepTimer, fit_to_budget
-
-if TYPE_CHECKING:
-    from eeengine.training.trainer import TrainConfig
 
 # Parameters trained at head_lr (everything else but the recipe's own is the backbone).
 HEAD_PREFIXES = ("exit_heads.", "exit_pooler.", "lte.")

@@ -6,7 +6,6 @@ training length, contrastive stage, learning rate), with the one line that tells
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 from eeengine.data import (
     Dataset,
@@ -17,10 +16,8 @@ from eeengine.data import (
     glue_dataset,
     holdout_split,
 )
+from eeengine.training.config import TrainConfig
 from eeengine.training.contrastive import contrastive_steps
-
-if TYPE_CHECKING:
-    from eeengine.training.trainer import TrainConfig
 
 # Training truncation length (tokens) of ``max_seq_length=None``, but for small pair data.
 TRAIN_LENGTH = 64
