@@ -79,7 +79,9 @@ class TrainConfig:
             with fewer than ``small_data`` training rows, else 0 (SST-2, 600 rows: chosen on
             held-out training sentences; RESULTS.md, "Few-shot").
         max_train_seconds: a time budget (s) for the fine-tuning steps: after the first 12
-            steps the trainer projects the cost of a step over the epoch's batches and, where
+            steps the trainer projects the cost of a step over the epoch's batches (the median
+            seconds per padded token of steps 3-12, so one slow step does not cut a run whose
+            steps fit) and, where
             the planned steps do not fit, ends the run at the last step that does (the
             learning-rate schedule and ``ema_decay`` rebuilt for the shorter run; the run says
             so, and ``eeengine.json`` records it under ``training.schedule.time_budget``).
