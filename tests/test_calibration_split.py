@@ -125,7 +125,7 @@ def test_schedule_adapts_to_the_data_size(rows, pairs, overrides, expected):
         (3301, True, {}, "32, truncated to 64 tokens; best step"),
         (3301, True, {"label_smoothing": 0.1}, "64 tokens; label smoothing 0.1; best step"),
         (500, True, {"max_seq_length": 128}, "32, truncated to 128 tokens; label smoothing"),
-        (500, False, {"probe_init": True}, "64 tokens; exit heads from a linear probe; label"),
+        (500, False, {"probe_init": True}, "heads from a linear probe of 500 rows; label"),
         (
             500,
             False,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from eeengine.batching import collate, encode
-from eeengine.training.probe_init import fit_linear_heads, pooled_features, probe_init
+from eeengine.training.probe_init import PROBE_ROWS, fit_linear_heads, pooled_features, probe_init
 from tests.conftest import SENTENCES, make_tiny_model
 
 
@@ -31,10 +31,13 @@ def test_fit_regression_and_the_penalty_shrinks():
     assert shrunk.norm() < weight.norm()
 
 
-@pytest.mark.parametrize("layout", ["per_layer", "shared"])
-def test_probe_init_heads_give_the_probe_logits(tiny_bert_dir, tokenizer, layout):
-    """After probe_init, every exit of the model computes exactly the fitted probe of its
-    layer's features (``shared``: the last layer's probe); the backbone is untouched."""
+@pytest.mark.parametrize(
+    "layout,max_rows", [("per_layer", PROBE_ROWS), ("shared", PROBE_ROWS), ("per_layer", 3)]
+)
+def test_probe_init_heads_give_the_probe_logits(tiny_bert_dir, tokenizer, layout, max_rows):
+    """After probe_init, every exit of the model computes exactly the probe fitted on its
+    layer's features of the first ``max_rows`` rows (``shared``: the last layer's probe); the
+    backbone is untouched."""
     model = make_tiny_model(tiny_bert_dir)
     if layout == "shared":
         model.exit_heads = model.exit_heads[:1]
@@ -43,12 +46,12 @@ def test_probe_init_heads_give_the_probe_logits(tiny_bert_dir, tokenizer, layout
     backbone = {k: v.clone() for k, v in model.bert.state_dict().items()}
     encoded = encode(tokenizer, SENTENCES, None, 64)
     labels = torch.tensor([i % 2 for i in range(len(SENTENCES))])
-    probe_init(model, encoded, labels, tokenizer.pad_token_id, l2=0.1)
+    probe_init(model, encoded, labels, tokenizer.pad_token_id, l2=0.1, max_rows=max_rows)
 
     assert model.training  # left as it was
     assert all(torch.equal(v, backbone[k]) for k, v in model.bert.state_dict().items())
     features = pooled_features(model, encoded, tokenizer.pad_token_id)
-    weight, bias = fit_linear_heads(features, labels, 2, l2=0.1)
+    weight, bias = fit_linear_heads(features[:, :max_rows], labels[:max_rows], 2, l2=0.1)
     model.eval()
     with torch.no_grad():
         logits, _ = model.exits(*collate(encoded, range(len(SENTENCES)), tokenizer.pad_token_id))

@@ -36,10 +36,12 @@ class TrainConfig:
             better mean metric over the exits (0: never stop early).
         probe_init, probe_l2: before fine-tuning, set every exit head's classifier to an
             L2-regularised linear probe (penalty ``probe_l2``) of its layer's frozen features on
-            the training rows (LP-FT, :mod:`eeengine.training.probe_init`), after the
-            contrastive stage if it runs. Off by default: on 600 rows, without the stage, it
-            gave SST-2 80.05 % on dev instead of 79.13 but MRPC 61.03 instead of 65.44; after a
-            10-round stage (then lr 1e-4), SST-2 77.52.
+            the first :data:`~eeengine.training.probe_init.PROBE_ROWS` training rows (LP-FT,
+            :mod:`eeengine.training.probe_init`), after the contrastive stage if it runs. Off by
+            default: on 600 rows, without the stage, it gave SST-2 80.05 % on dev instead of
+            79.13 but MRPC 61.03 instead of 65.44; after a 10-round stage (then lr 1e-4), SST-2
+            77.52. The default checkpoint turns it on
+            (:func:`eeengine.defaults.default_config`; chosen on held-out training sentences).
         freeze_word_embeddings: keep the word-embedding table (MiniLM: 11.7M of 22.7M
             parameters) at its pre-trained values. Off by default; the default checkpoint
             turns it on (:func:`eeengine.defaults.default_config`): the table gets no gradient

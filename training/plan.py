@@ -18,6 +18,7 @@ from eeengine.data import (
 )
 from eeengine.training.config import TrainConfig
 from eeengine.training.contrastive import contrastive_steps
+from eeengine.training.probe_init import PROBE_ROWS
 
 # Training truncation length (tokens) of ``max_seq_length=None``, but for small pair data.
 TRAIN_LENGTH = 64
@@ -150,7 +151,9 @@ def describe_plan(
     length = f"truncated to {plan['max_seq_length']} tokens"
     if config.max_seq_length is None and plan["max_seq_length"] != TRAIN_LENGTH:
         length += f" (chosen for sentence pairs, fewer than {config.small_data} training rows)"
-    options = "; exit heads from a linear probe" if config.probe_init else ""
+    options = ""
+    if config.probe_init:
+        options = f"; exit heads from a linear probe of {min(num_examples, PROBE_ROWS)} rows"
     if plan["label_smoothing"]:
         options += f"; label smoothing {plan['label_smoothing']:g}"
         if config.label_smoothing is None:
