@@ -88,11 +88,11 @@ class TrainConfig:
             learning-rate schedule and ``ema_decay`` rebuilt for the shorter run; the run says
             so, and ``eeengine.json`` records it under ``training.schedule.time_budget``).
             The cut depends on the measured speed, so two runs on one CPU may differ by a few
-            steps; a run whose steps fit is unchanged. The contrastive stage, the evaluations
-            and the sweeps are outside the budget. None: no budget. The first-run default
-            checkpoint sets 720 (:func:`eeengine.defaults.default_config`): its 1,533 steps
-            took 7 minutes in bf16 on 2 CPU cores with AMX and take about 35 in fp32 on 2
-            AVX2 cores.
+            steps; a run whose steps fit is unchanged. The contrastive stage, the linear probes
+            (``probe_init``), the evaluations and the sweeps are outside the budget. None: no
+            budget. The first-run default checkpoint sets 720
+            (:func:`eeengine.defaults.default_config`): its 1,533 steps took 7 minutes in
+            bf16 on 2 CPU cores with AMX and take about 35 in fp32 on 2 AVX2 cores.
         ema_decay: keep an exponential moving average of the weights, updated after every
             optimizer step with this decay (e.g. 0.998: about the last 500 steps; a run cut
             by ``max_train_seconds`` raises it to the power planned / run steps), and
