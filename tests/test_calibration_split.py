@@ -95,6 +95,12 @@ def test_holdout_regression_and_bad_sizes():
         (65349, False, {}, {"label_smoothing": 0.0}),
         (500, False, {"label_smoothing": 0.0}, {"label_smoothing": 0.0}),
         (65349, False, {"label_smoothing": 0.2}, {"label_smoothing": 0.2}),
+        # no early stopping below small_data rows (regression too), unless set
+        (500, False, {}, {"early_stopping": 0}),
+        (1999, True, {}, {"max_seq_length": 128, "early_stopping": 0}),
+        (2000, False, {}, {"early_stopping": 2}),
+        (500, False, {"early_stopping": 3}, {"early_stopping": 3}),
+        (65349, False, {"early_stopping": 0}, {"early_stopping": 0}),
         # explicit epochs win
         (
             500,
@@ -141,6 +147,16 @@ def test_schedule_adapts_to_the_data_size(rows, pairs, overrides, expected):
             "(all layer's embeddings, lr 2e-05), then 10 epoch",
         ),
         (65349, False, {}, "(stratified); 1 epoch"),
+        (
+            500,
+            False,
+            {},
+            "evaluated every 16 steps, no early stopping (chosen for fewer than 2000 training "
+            "rows); fp32",
+        ),
+        (2000, False, {}, "evaluated every 63 steps, stopping after 2 evaluations without a gain;"),
+        (500, False, {"early_stopping": 0}, "evaluated every 16 steps; fp32"),
+        (500, False, {"early_stopping": 1}, "stopping after 1 evaluations without a gain"),
         (
             65349,
             False,

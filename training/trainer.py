@@ -15,7 +15,8 @@ Model selection and threshold calibration never see the dev set: a stratified, s
 the training data (:func:`eeengine.data.calibration_size` rows, or ``calib_file``) is held out.
 Every ``eval_every`` steps (by default every epoch of a multi-epoch run), and at the end, every
 exit is evaluated on that slice; the weights with the best mean metric over the exits are kept,
-and training stops early after ``early_stopping`` evaluations without a gain. Then a sweep of
+and training stops early after ``early_stopping`` evaluations without a gain (from
+``small_data`` training rows up by default). Then a sweep of
 every exit policy on the slice (``calibration.json``) and the default policy: the fastest within
 ``max_drop`` points of full depth there. Dev is only reported: every exit, and the default
 policy's metric and drop beside the drop promised on the slice. Where the int8 layers can run
@@ -270,7 +271,7 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
         if loop.step < loop.total_steps:
             if plan["eval_every"] and loop.step % plan["eval_every"] == 0:
                 loop.offer(evaluate(loop.step))
-                if config.early_stopping and loop.stale >= config.early_stopping:
+                if plan["early_stopping"] and loop.stale >= plan["early_stopping"]:
                     stopped_early = True
                     break
             if config.save_every and loop.step % config.save_every == 0:
