@@ -354,13 +354,23 @@ def test_resume_refuses_a_state_of_another_config(
         )
 
 
-def test_best_evaluation_is_kept_and_training_stops_early(
-    tiny_bert_dir, tiny_csv_task, tmp_path, monkeypatch
+@pytest.mark.parametrize(
+    ("overrides", "steps"),
+    [
+        ({"early_stopping": 2}, 3),  # patience set
+        ({"small_data": 1}, 3),  # early_stopping=None from small_data rows up: patience 2
+        ({}, 6),  # early_stopping=None below small_data rows: no early stopping
+    ],
+)
+def test_best_evaluation_is_kept_and_early_stopping_follows_the_plan(
+    tiny_bert_dir, tiny_csv_task, tmp_path, monkeypatch, overrides, steps
 ):
-    """Evaluations on the calibration slice at steps 1, 2, 3 score 90, 10, 20: two without a
-    gain stop the run at step 3 of 6, the weights of step 1 are saved, and dev (scored 55
-    afterwards) is only reported."""
-    scores = iter([[90.0] * 4, [10.0] * 4, [20.0] * 4, [55.0] * 4])
+    """Evaluations on the calibration slice at steps 1, 2, 3, ... score 90, 10, 20, 10, 20
+    and 30 at the end: with patience 2 two evaluations without a gain stop the run at step 3
+    of 6; without early stopping it takes all 6. Either way the weights of step 1 are saved,
+    and dev (scored 55 afterwards) is only reported."""
+    slice_scores = [90.0, 10.0, 20.0, 10.0, 20.0, 30.0][:steps]
+    scores = iter([[score] * 4 for score in slice_scores] + [[55.0] * 4])
 
     def fake_metrics(logits, labels, metric):
         return next(scores)
@@ -374,35 +384,16 @@ def test_best_evaluation_is_kept_and_training_stops_early(
         return real_offer(loop, evaluation)
 
     monkeypatch.setattr(loop_module.TrainLoop, "offer", spy)
-    config = csv_config(tiny_bert_dir, tiny_csv_task, epochs=3.0, eval_every=1, early_stopping=2)
+    config = csv_config(tiny_bert_dir, tiny_csv_task, epochs=3.0, eval_every=1, **overrides)
     path = train(config, tmp_path / "best", progress=False)
     training = json.loads((path / "eeengine.json").read_text())["training"]
     assert training["best_step"] == 1 and training["calibration_exit_metrics"] == [90.0] * 4
-    assert training["steps"] == 3 and training["schedule"]["stopped_early"]
+    assert training["steps"] == steps and training["schedule"]["stopped_early"] == (steps < 6)
     assert training["schedule"]["total_steps"] == 6
     assert training["dev_exit_metrics"] == [55.0] * 4
     saved = load_file(path / "model.safetensors")
     for key, value in saved.items():
         torch.testing.assert_close(value, weights[1][key], rtol=0, atol=0)
-
-
-@pytest.mark.parametrize(("small_data", "steps"), [(2000, 6), (1, 3)])
-def test_early_stopping_follows_the_data_size(
-    tiny_bert_dir, tiny_csv_task, tmp_path, monkeypatch, small_data, steps
-):
-    """``early_stopping=None``: below ``small_data`` rows no early stopping, so with the
-    slice scoring 90 at step 1 and 10-30 after, the run takes all 6 steps (evaluations at
-    steps 1-5 and at the end, then dev); from ``small_data`` rows up, patience 2 stops it at
-    step 3. Either way step 1's weights are kept."""
-    scores = iter([[90.0] * 4] + [[10.0] * 4, [20.0] * 4] * 2 + [[30.0] * 4, [55.0] * 4])
-    monkeypatch.setattr(loop_module, "exit_metrics", lambda logits, labels, metric: next(scores))
-    config = csv_config(
-        tiny_bert_dir, tiny_csv_task, epochs=3.0, eval_every=1, small_data=small_data
-    )
-    path = train(config, tmp_path / "run", progress=False)
-    training = json.loads((path / "eeengine.json").read_text())["training"]
-    assert training["steps"] == steps and training["schedule"]["stopped_early"] == (steps < 6)
-    assert training["best_step"] == 1 and training["calibration_exit_metrics"] == [90.0] * 4
 
 
 def test_failed_training_leaves_existing_checkpoint(tiny_ckpt, tiny_bert_dir, tmp_path):
